@@ -1,0 +1,1 @@
+"""The admin console: database "pgleap", a simple-query console over the PostgreSQL protocol."""

@@ -1,0 +1,189 @@
+"""The admin console's commands, each answering with a table."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import platform
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pgleap import __version__
+
+if TYPE_CHECKING:
+    from pgleap.proxy.server import Proxy
+    from pgleap.proxy.session import Session
+
+
+@dataclass
+class Result:
+    """What a command answers: optional columns and rows, and a command tag."""
+
+    tag: str
+    columns: Sequence[str] = ()
+    rows: list[Sequence[Any]] = field(default_factory=list)
+
+
+class AdminCommandError(Exception):
+    """A command that is unknown or cannot run now."""
+
+    def __init__(self, message: str, *, syntax: bool = False, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.syntax = syntax
+        self.hint = hint
+
+
+Handler = Callable[["Proxy", "Session"], Awaitable[Result]]
+_COMMANDS: dict[str, Handler] = {}
+
+_SECRET_KEYS = ("password", "scram_verifier", "md5_hash")
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    """Register an admin command under its normalised text."""
+
+    def register(handler: Handler) -> Handler:
+        _COMMANDS[name] = handler
+        return handler
+
+    return register
+
+
+def valid_commands() -> list[str]:
+    """Every command the console understands."""
+    return sorted(_COMMANDS)
+
+
+async def run_command(proxy: Proxy, session: Session, statement: str) -> Result:
+    """Run one admin statement."""
+    normalised = " ".join(statement.upper().split())
+    handler = _COMMANDS.get(normalised)
+    if handler is None:
+        raise AdminCommandError(
+            f"unknown admin command: {statement}",
+            syntax=True,
+            hint="valid commands: " + ", ".join(valid_commands()),
+        )
+    return await handler(proxy, session)
+
+
+def _ts(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S+00")
+
+
+@command("SHOW CLIENTS")
+async def show_clients(proxy: Proxy, _session: Session) -> Result:
+    """One row per client connection."""
+    columns = ["id", "user", "database", "addr", "port", "tls", "state", "server_role", "application_name", "connected_at"]
+    rows = [
+        [
+            s.id,
+            s.user,
+            s.client_params.get("database") or s.user,
+            s.client_addr,
+            s.client_port,
+            s.tls,
+            s.state,
+            s.server_role,
+            s.client_params.get("application_name", ""),
+            _ts(s.connected_at),
+        ]
+        for s in sorted(proxy.sessions.values(), key=lambda s: s.id)
+    ]
+    return Result(f"SHOW {len(rows)}", columns, rows)
+
+
+@command("SHOW SERVERS")
+async def show_servers(proxy: Proxy, _session: Session) -> Result:
+    """One row per server connection pgleap holds for a client."""
+    columns = ["client_id", "role", "host", "port", "database", "user", "backend_pid", "server_version", "state"]
+    rows = []
+    for s in sorted(proxy.sessions.values(), key=lambda s: s.id):
+        f = s.forwarder
+        if f is None or f.closed.done():
+            continue
+        b = f.backend
+        rows.append(
+            [s.id, s.server_role, b.server.host, b.server.port, b.server.database, b.server.user, b.pid, b.server_version, s.state]
+        )
+    return Result(f"SHOW {len(rows)}", columns, rows)
+
+
+def _flatten(prefix: str, value: Any, out: list[list[str]]) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _flatten(f"{prefix}.{f.name}" if prefix else f.name, getattr(value, f.name), out)
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _flatten(f"{prefix}[{i}]", item, out)
+    else:
+        secret = prefix.rsplit(".", 1)[-1] in _SECRET_KEYS and value is not None
+        out.append([prefix, "********" if secret else ("" if value is None else str(value))])
+
+
+@command("SHOW CONFIG")
+async def show_config(proxy: Proxy, _session: Session) -> Result:
+    """The running configuration, secrets masked."""
+    rows: list[list[str]] = []
+    config = proxy.config
+    _flatten("pgleap", config.proxy, rows)
+    rows.append(["pgleap.admin_user", config.admin.user])
+    _flatten("users", config.users, rows)
+    _flatten("auto_upgrade", config.upgrades, rows)
+    return Result(f"SHOW {len(rows)}", ["key", "value"], rows)
+
+
+@command("SHOW VERSION")
+async def show_version(_proxy: Proxy, _session: Session) -> Result:
+    """pgleap's version."""
+    return Result("SHOW 1", ["version"], [[f"pgleap {__version__} (Python {platform.python_version()})"]])
+
+
+@command("SHOW STATS")
+async def show_stats(proxy: Proxy, _session: Session) -> Result:
+    """Totals per database."""
+    columns = [
+        "database", "route", "clients", "total_xact_count", "total_query_count", "total_errors",
+        "total_received", "total_sent", "avg_query_time_us",
+    ]
+    rows = []
+    for name, db in sorted(proxy.databases.items()):
+        st = db.stats
+        count = st.latency.count
+        avg = int(st.latency.total / count * 1e6) if count else 0
+        clients = sum(1 for s in proxy.sessions.values() if s.database is db)
+        rows.append([name, db.route.role, clients, st.transactions, st.queries, st.errors, st.bytes_in, st.bytes_out, avg])
+    return Result(f"SHOW {len(rows)}", columns, rows)
+
+
+@command("PAUSE")
+async def pause(proxy: Proxy, _session: Session) -> Result:
+    """Hold new transactions and wait until running ones have finished."""
+    await proxy.pause()
+    return Result("PAUSE")
+
+
+@command("RESUME")
+async def resume(proxy: Proxy, _session: Session) -> Result:
+    """Release held transactions."""
+    proxy.resume()
+    return Result("RESUME")
+
+
+@command("RELOAD")
+async def reload(proxy: Proxy, _session: Session) -> Result:
+    """Re-read the config file."""
+    try:
+        notes = proxy.reload()
+    except Exception as exc:
+        raise AdminCommandError(f"RELOAD failed, the running config is unchanged: {exc}") from exc
+    return Result("RELOAD", ["note"], [[n] for n in notes])
+
+
+@command("SHUTDOWN")
+async def shutdown(proxy: Proxy, _session: Session) -> Result:
+    """Shut pgleap down gracefully (running transactions finish first)."""
+    asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(proxy.shutdown()))
+    return Result("SHUTDOWN")

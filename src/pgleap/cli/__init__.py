@@ -1,0 +1,1 @@
+"""The `pgleap` command line."""

@@ -1,0 +1,262 @@
+"""Read a TOML file into `Config`, failing with errors that name the key and the problem."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pgleap.config.schema import (
+    ADMIN_DATABASE,
+    AdminConfig,
+    Config,
+    ProxyConfig,
+    ServerConfig,
+    SyncConfig,
+    UpgradeConfig,
+    UserConfig,
+    ValidationConfig,
+)
+from pgleap.errors import ConfigError
+
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+AUTH_METHODS = ("scram-sha-256", "md5")
+
+
+class _Table:
+    """A TOML table being read: remembers its path and which keys were used."""
+
+    def __init__(self, path: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a table, got {type(data).__name__}")
+        self.path = path
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type[T], default: T | None = None, *, required: bool = False) -> T | None:
+        self.used.add(name)
+        if name not in self.data:
+            if required:
+                raise ConfigError(f"{self.key(name)}: required key is missing")
+            return default
+        value = self.data[name]
+        # TOML integers are acceptable where a float is expected; bools are not ints here.
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{self.key(name)}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return value  # type: ignore[return-value]
+
+    def require(self, name: str, kind: type[T]) -> T:
+        value = self.get(name, kind, required=True)
+        assert value is not None
+        return value
+
+    def port(self, name: str, default: int | None = None, *, allow_zero: bool = False) -> int | None:
+        value = self.get(name, int, default)
+        if value is None:
+            return None
+        low = 0 if allow_zero else 1
+        if not low <= value <= 65535:
+            raise ConfigError(f"{self.key(name)}: {value} is not a TCP port ({low}-65535)")
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION.match(value)):
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        else:
+            raise ConfigError(
+                f"{self.key(name)}: {value!r} is not a duration; write seconds (30) or a string like \"500ms\", \"30s\", \"5m\", \"24h\""
+            )
+        if seconds < 0:
+            raise ConfigError(f"{self.key(name)}: a duration cannot be negative")
+        return seconds
+
+    def positive(self, name: str, default: int) -> int:
+        value = self.get(name, int, default)
+        assert value is not None
+        if value < 1:
+            raise ConfigError(f"{self.key(name)}: must be at least 1, got {value}")
+        return value
+
+    def fraction(self, name: str, default: float) -> float:
+        value = self.get(name, float, default)
+        assert value is not None
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{self.key(name)}: must be between 0 and 1, got {value}")
+        return value
+
+    def sub(self, name: str) -> _Table:
+        self.used.add(name)
+        return _Table(self.key(name), self.data.get(name, {}))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            where = self.path or "the top level"
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(self.used))}"
+            )
+
+
+def _server(table: _Table, prefix: str, *, required: bool, default_database: str | None = None) -> ServerConfig | None:
+    present = [k for k in table.data if k.startswith(prefix + "_")]
+    if not present and not required:
+        return None
+    host = table.get(f"{prefix}_host", str, required=True)
+    port = table.port(f"{prefix}_port", 5432)
+    database = table.get(f"{prefix}_database", str, default_database, required=default_database is None)
+    user = table.get(f"{prefix}_user", str, required=True)
+    password = table.get(f"{prefix}_password", str)
+    assert host is not None and port is not None and database is not None and user is not None
+    return ServerConfig(host=host, port=port, database=database, user=user, password=password)
+
+
+def _upgrade(table: _Table) -> UpgradeConfig:
+    source_database = table.get("source_database", str, required=True)
+    assert source_database is not None
+    database = table.get("database", str, source_database)
+    assert database is not None
+    if database == ADMIN_DATABASE:
+        raise ConfigError(f"{table.key('database')}: {ADMIN_DATABASE!r} is reserved for the admin console")
+    source = _server(table, "source", required=True)
+    assert source is not None
+    replica = _server(table, "replica", required=False, default_database=source.database)
+    target = _server(table, "target", required=False, default_database=source.database)
+
+    v = table.sub("validation")
+    validation = ValidationConfig(
+        error_threshold=v.fraction("error_threshold", ValidationConfig.error_threshold),
+        validation_duration=v.duration("validation_duration", ValidationConfig.validation_duration),
+        compare_results=bool(v.get("compare_results", bool, True)),
+        sample_rate=v.fraction("sample_rate", ValidationConfig.sample_rate),
+    )
+    v.finish()
+    s = table.sub("sync")
+    sync = SyncConfig(
+        parallel_workers=s.positive("parallel_workers", SyncConfig.parallel_workers),
+        copy_batch_size=s.positive("copy_batch_size", SyncConfig.copy_batch_size),
+        resync_on_error=bool(s.get("resync_on_error", bool, True)),
+        max_resync_attempts=s.positive("max_resync_attempts", SyncConfig.max_resync_attempts),
+    )
+    s.finish()
+    table.finish()
+    return UpgradeConfig(
+        database=database, source=source, replica=replica, target=target, validation=validation, sync=sync
+    )
+
+
+def _user(table: _Table) -> UserConfig:
+    name = table.require("name", str)
+    password = table.get("password", str)
+    verifier = table.get("scram_verifier", str)
+    md5_hash = table.get("md5_hash", str)
+    default_method = "md5" if (md5_hash and not password and not verifier) else "scram-sha-256"
+    method = table.get("auth_method", str, default_method)
+    table.finish()
+    if method not in AUTH_METHODS:
+        raise ConfigError(f"{table.key('auth_method')}: {method!r} is not one of {', '.join(AUTH_METHODS)}")
+    if method == "scram-sha-256" and not (password or verifier):
+        raise ConfigError(f"{table.path} ({name}): scram-sha-256 needs password or scram_verifier")
+    if method == "md5" and not (password or md5_hash):
+        raise ConfigError(f"{table.path} ({name}): md5 needs password or md5_hash")
+    if verifier and not verifier.startswith("SCRAM-SHA-256$"):
+        raise ConfigError(
+            f"{table.key('scram_verifier')}: expected 'SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>' "
+            "(as in pg_authid.rolpassword)"
+        )
+    if md5_hash and not re.fullmatch(r"md5[0-9a-f]{32}", md5_hash):
+        raise ConfigError(f"{table.key('md5_hash')}: expected 'md5' followed by 32 hex digits (as in pg_authid.rolpassword)")
+    return UserConfig(name=name, auth_method=method, password=password, scram_verifier=verifier, md5_hash=md5_hash)
+
+
+def _proxy(table: _Table, base: Path | None) -> tuple[ProxyConfig, AdminConfig]:
+    def path(name: str) -> Path | None:
+        value = table.get(name, str)
+        if value is None:
+            return None
+        p = Path(value)
+        return p if p.is_absolute() or base is None else base / p
+
+    proxy = ProxyConfig(
+        listen_addr=table.get("listen_addr", str, ProxyConfig.listen_addr) or ProxyConfig.listen_addr,
+        listen_port=table.port("listen_port", ProxyConfig.listen_port, allow_zero=True) or 0,
+        max_client_connections=table.positive("max_client_connections", ProxyConfig.max_client_connections),
+        shutdown_timeout=table.duration("shutdown_timeout", ProxyConfig.shutdown_timeout),
+        connect_timeout=table.duration("connect_timeout", ProxyConfig.connect_timeout),
+        max_message_size=table.positive("max_message_size", ProxyConfig.max_message_size),
+        tls_cert=path("tls_cert"),
+        tls_key=path("tls_key"),
+        metrics_addr=table.get("metrics_addr", str, ProxyConfig.metrics_addr) or ProxyConfig.metrics_addr,
+        metrics_port=table.port("metrics_port", 0, allow_zero=True) or 0,
+    )
+    admin = AdminConfig(user=table.require("admin_user", str), password=table.require("admin_password", str))
+    table.finish()
+    if (proxy.tls_cert is None) != (proxy.tls_key is None):
+        raise ConfigError("pgleap.tls_cert and pgleap.tls_key: set both or neither")
+    for key, p in (("tls_cert", proxy.tls_cert), ("tls_key", proxy.tls_key)):
+        if p is not None and not p.is_file():
+            raise ConfigError(f"pgleap.{key}: file {p} does not exist")
+    return proxy, admin
+
+
+def parse_config(text: str, path: Path | None = None) -> Config:
+    """Parse and validate configuration text."""
+    where = str(path) if path else "config"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+    root = _Table("", data)
+    proxy, admin = _proxy(root.sub("pgleap"), path.parent if path else None)
+
+    users_raw = root.get("users", list, [])
+    assert users_raw is not None
+    users = tuple(_user(_Table(f"users[{i}]", raw)) for i, raw in enumerate(users_raw))
+    upgrades_raw = root.get("auto_upgrade", list, required=True)
+    assert upgrades_raw is not None
+    if not upgrades_raw:
+        raise ConfigError("auto_upgrade: at least one [[auto_upgrade]] entry is required")
+    upgrades = tuple(_upgrade(_Table(f"auto_upgrade[{i}]", raw)) for i, raw in enumerate(upgrades_raw))
+    root.finish()
+
+    _unique("users", [u.name for u in users] + [admin.user], "user name (admin_user counts too)")
+    _unique("auto_upgrade", [u.database for u in upgrades], "database")
+    if not users:
+        raise ConfigError("users: no [[users]] entry; clients could not log in (add one with name and password)")
+    return Config(proxy=proxy, admin=admin, users=users, upgrades=upgrades, path=path)
+
+
+def _unique(where: str, names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{where}: {what} {name!r} appears twice")
+        seen.add(name)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file (see pgleap.example.toml)") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from exc
+    return parse_config(text, p.resolve())

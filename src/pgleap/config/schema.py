@@ -1,0 +1,115 @@
+"""The configuration records. Field names follow the plan's `[[auto_upgrade]]` block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ADMIN_DATABASE = "pgleap"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where a PostgreSQL server is and how pgleap logs in to it."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str | None = None
+
+    def describe(self) -> str:
+        """host:port/database as user, for messages (never the password)."""
+        return f"{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """When the target counts as validated (used by the upgrade engine)."""
+
+    error_threshold: float = 0.001
+    validation_duration: float = 24 * 3600.0
+    compare_results: bool = True
+    sample_rate: float = 0.01
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """How data is copied and re-synced (used by the upgrade engine)."""
+
+    parallel_workers: int = 4
+    copy_batch_size: int = 10000
+    resync_on_error: bool = True
+    max_resync_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class UpgradeConfig:
+    """One `[[auto_upgrade]]` entry: a database clients reach through pgleap, and its upgrade."""
+
+    database: str
+    source: ServerConfig
+    target: ServerConfig | None = None
+    replica: ServerConfig | None = None
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    """A client user pgleap authenticates itself."""
+
+    name: str
+    auth_method: str  # "scram-sha-256" or "md5"
+    password: str | None = None
+    scram_verifier: str | None = None
+    md5_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """Credentials of the admin console (database `pgleap`)."""
+
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The listener and its limits."""
+
+    listen_addr: str = "127.0.0.1"
+    listen_port: int = 6432
+    max_client_connections: int = 1000
+    shutdown_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    max_message_size: int = 256 * 1024 * 1024
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_addr: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: no metrics endpoint
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    proxy: ProxyConfig
+    admin: AdminConfig
+    users: tuple[UserConfig, ...]
+    upgrades: tuple[UpgradeConfig, ...]
+    path: Path | None = None
+
+    def upgrade_for(self, database: str) -> UpgradeConfig | None:
+        """The `[[auto_upgrade]]` entry clients reach with this database name."""
+        for upgrade in self.upgrades:
+            if upgrade.database == database:
+                return upgrade
+        return None
+
+    def user(self, name: str) -> UserConfig | None:
+        """The client user of this name."""
+        for user in self.users:
+            if user.name == name:
+                return user
+        return None

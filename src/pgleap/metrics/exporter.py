@@ -1,0 +1,58 @@
+"""A Prometheus collector that reads the proxy's counters at scrape time (nothing on the hot path)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pgleap.proxy.server import Proxy
+
+
+class ProxyCollector(Collector):
+    """Reports connections, queries, transactions, bytes, errors and query latency per database."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        proxy = self.proxy
+        sessions = list(proxy.sessions.values())
+        clients = GaugeMetricFamily("pgleap_client_connections", "Client connections open", labels=["database"])
+        servers = GaugeMetricFamily("pgleap_server_connections", "Server connections open", labels=["database", "role"])
+        families = {
+            "queries": CounterMetricFamily("pgleap_queries", "Requests answered (simple queries, syncs, function calls)", labels=["database"]),
+            "transactions": CounterMetricFamily("pgleap_transactions", "Transactions completed", labels=["database"]),
+            "errors": CounterMetricFamily("pgleap_server_errors", "ErrorResponses sent by servers", labels=["database"]),
+            "client_errors": CounterMetricFamily("pgleap_client_errors", "Client connections refused or closed with an error", labels=["database"]),
+            "bytes_in": CounterMetricFamily("pgleap_received_bytes", "Bytes received from clients", labels=["database"]),
+            "bytes_out": CounterMetricFamily("pgleap_sent_bytes", "Bytes sent to clients", labels=["database"]),
+        }
+        latency = HistogramMetricFamily("pgleap_query_duration_seconds", "Request latency seen by pgleap", labels=["database"])
+        for name, db in sorted(proxy.databases.items()):
+            stats = db.stats
+            mine = [s for s in sessions if s.database is db]
+            clients.add_metric([name], len(mine))
+            live = [s for s in mine if s.forwarder is not None and not s.forwarder.closed.done()]
+            for role in ("source", "target"):
+                servers.add_metric([name, role], sum(1 for s in live if s.server_role == role))
+            for attr, family in families.items():
+                family.add_metric([name], getattr(stats, attr))
+            latency.add_metric([name], stats.latency.cumulative(), stats.latency.total)
+        yield clients
+        yield servers
+        yield from families.values()
+        yield latency
+        yield GaugeMetricFamily("pgleap_paused", "1 while PAUSE holds new transactions", value=int(proxy.gate.paused))
+
+
+def start_metrics_server(proxy: Proxy, addr: str, port: int) -> CollectorRegistry:
+    """Serve /metrics on addr:port from a background thread."""
+    registry = CollectorRegistry()
+    registry.register(ProxyCollector(proxy))
+    start_http_server(port, addr=addr, registry=registry)
+    return registry

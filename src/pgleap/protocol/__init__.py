@@ -1,0 +1,1 @@
+"""PostgreSQL v3 protocol: message codes, builders, parsers and authentication."""

@@ -1,0 +1,1 @@
+"""The asyncio proxy: client sessions, backend connections, routing, pause/resume."""

@@ -1,0 +1,37 @@
+"""Where a database's sessions send their transactions; the upgrade engine switches it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pgleap.config import ServerConfig, UpgradeConfig
+from pgleap.proxy.stats import DatabaseStats
+
+
+@dataclass
+class Route:
+    """The server sessions of one database use; sessions move at their next transaction boundary."""
+
+    server: ServerConfig
+    role: str = "source"  # "source" or "target"
+    version: int = 0
+
+    def switch(self, server: ServerConfig, role: str) -> None:
+        """Send every session's next transaction to `server`."""
+        self.server = server
+        self.role = role
+        self.version += 1
+
+
+@dataclass
+class Database:
+    """A client-facing database: its upgrade entry, its route and its counters."""
+
+    upgrade: UpgradeConfig
+    route: Route
+    stats: DatabaseStats
+
+    @classmethod
+    def from_config(cls, upgrade: UpgradeConfig) -> Database:
+        """A database routed to its source."""
+        return cls(upgrade=upgrade, route=Route(server=upgrade.source), stats=DatabaseStats())

@@ -1,0 +1,27 @@
+"""Running a proxy until told to stop: signals, the metrics endpoint, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Iterable
+
+from pgleap.config import Config
+from pgleap.metrics import start_metrics_server
+from pgleap.proxy.server import Proxy
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: Config, install_signals: Iterable[signal.Signals] = ()) -> None:
+    """Start a proxy for `config` and run it until SHUTDOWN or a signal."""
+    proxy = Proxy(config)
+    await proxy.start()
+    if config.proxy.metrics_port:
+        start_metrics_server(proxy, config.proxy.metrics_addr, config.proxy.metrics_port)
+        log.info("metrics on http://%s:%s/metrics", config.proxy.metrics_addr, config.proxy.metrics_port)
+    loop = asyncio.get_running_loop()
+    for sig in install_signals:
+        loop.add_signal_handler(sig, lambda s=sig: (log.info("received %s, shutting down", s.name), asyncio.ensure_future(proxy.shutdown())))
+    await proxy.wait_stopped()

@@ -1,0 +1,159 @@
+"""The listener: accepts clients, owns sessions, the pause gate, cancel keys and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from typing import TYPE_CHECKING
+
+from pgleap.config import Config, load_config
+from pgleap.protocol import codes
+from pgleap.protocol.messages import error_response
+from pgleap.proxy.backend import send_cancel
+from pgleap.proxy.gate import PauseGate
+from pgleap.proxy.route import Database
+from pgleap.proxy.session import Session
+
+if TYPE_CHECKING:
+    from pgleap.admin.console import AdminConsole
+
+log = logging.getLogger(__name__)
+
+
+def make_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server-side TLS context for clients, or None when no certificate is configured."""
+    proxy = config.proxy
+    if proxy.tls_cert is None or proxy.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(proxy.tls_cert), str(proxy.tls_key))
+    return context
+
+
+class Proxy:
+    """pgleap's listening server and everything connected to it."""
+
+    def __init__(self, config: Config) -> None:
+        from pgleap.admin.console import AdminConsole  # the console reads the proxy; import late
+
+        self.config = config
+        self.databases: dict[str, Database] = {u.database: Database.from_config(u) for u in config.upgrades}
+        self.gate = PauseGate()
+        self.sessions: dict[int, Session] = {}
+        self.admin: AdminConsole = AdminConsole(self)
+        self.tls_context = make_tls_context(config)
+        self.shutting_down = False
+        self.port = 0
+        self._cancel_keys: dict[tuple[int, int], Session] = {}
+        self._ids = itertools.count(1)
+        self._server: asyncio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start listening."""
+        proxy = self.config.proxy
+        self._server = await asyncio.start_server(
+            self._accept, proxy.listen_addr, proxy.listen_port, limit=2**20, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("pgleap listening on %s:%s", proxy.listen_addr, self.port)
+
+    async def wait_stopped(self) -> None:
+        """Return once `shutdown` has finished."""
+        await self._stopped.wait()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(self, reader, writer, next(self._ids))
+        self.sessions[session.id] = session
+        try:
+            await session.run()
+        except Exception:
+            log.exception("session %s failed", session.id)
+            if session.forwarder is not None:
+                session.forwarder.close()
+            writer.close()
+        finally:
+            self.sessions.pop(session.id, None)
+            self._cancel_keys.pop(session.key, None)
+
+    def client_count(self) -> int:
+        """Client connections now open (admin sessions included)."""
+        return len(self.sessions)
+
+    def busy_sessions(self) -> int:
+        """Sessions in the middle of a transaction."""
+        return sum(1 for s in self.sessions.values() if s.forwarder is not None and s.forwarder.in_transaction and not s.forwarder.closed.done())
+
+    def register_cancel_key(self, session: Session) -> tuple[int, int]:
+        """Give `session` a BackendKeyData key unique among live sessions."""
+        key = session.new_key()
+        while key in self._cancel_keys:
+            key = session.new_key()
+        self._cancel_keys[key] = session
+        return key
+
+    async def forward_cancel(self, pid: int, secret: int) -> None:
+        """Pass a client's CancelRequest to the server its session is connected to."""
+        session = self._cancel_keys.get((pid, secret))
+        if session is None or session.forwarder is None:
+            log.info("cancel request with an unknown key ignored")
+            return
+        backend = session.forwarder.backend
+        await send_cancel(backend.server, backend.pid, backend.secret)
+
+    async def pause(self, timeout: float | None = None) -> int:
+        """Hold new transactions; wait for running ones to finish. Returns how many are still running."""
+        self.gate.pause()
+        return await self.gate.wait_drained(self.busy_sessions, timeout)
+
+    def resume(self) -> None:
+        """Release held transactions."""
+        self.gate.resume()
+
+    def reload(self) -> list[str]:
+        """Re-read the config file; apply what can change live and say what needs a restart."""
+        if self.config.path is None:
+            return ["no config file to reload (started from an in-memory config)"]
+        new = load_config(self.config.path)
+        notes: list[str] = []
+        if (new.proxy.listen_addr, new.proxy.listen_port) != (self.config.proxy.listen_addr, self.config.proxy.listen_port):
+            notes.append("listen address changed: takes effect after a restart")
+        if (new.proxy.tls_cert, new.proxy.tls_key) != (self.config.proxy.tls_cert, self.config.proxy.tls_key):
+            self.tls_context = make_tls_context(new)
+            notes.append("TLS certificate reloaded")
+        for upgrade in new.upgrades:
+            if upgrade.database not in self.databases:
+                self.databases[upgrade.database] = Database.from_config(upgrade)
+                notes.append(f"database {upgrade.database} added")
+            else:
+                self.databases[upgrade.database].upgrade = upgrade
+        for name in set(self.databases) - {u.database for u in new.upgrades}:
+            notes.append(f"database {name} removed from the config: its connected sessions stay until they close")
+            del self.databases[name]
+        self.config = new
+        notes.append("users, admin credentials and limits reloaded")
+        return notes
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let running transactions finish (bounded), then close every session."""
+        if self.shutting_down:
+            await self._stopped.wait()
+            return
+        self.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        timeout = self.config.proxy.shutdown_timeout
+        still = await self.pause(timeout)
+        if still:
+            log.warning("shutdown: %d transactions still running after %.0fs; closing them", still, timeout)
+        goodbye = error_response("terminating connection: pgleap is shutting down", codes.ADMIN_SHUTDOWN, "FATAL")
+        for session in list(self.sessions.values()):
+            if session.forwarder is not None:
+                session.forwarder.close(goodbye)
+            else:
+                session.writer.close()
+        await asyncio.sleep(0)
+        self._stopped.set()
+        log.info("pgleap stopped")
