@@ -49,6 +49,7 @@ class AdminConsole:
             ready_for_query(),
         ]
         writer.write(b"".join(greeting))
+        skipping_to_sync = False
         while True:
             try:
                 kind, body = await read_message(session.reader, _MAX_ADMIN_MESSAGE)
@@ -60,13 +61,18 @@ class AdminConsole:
             if kind == codes.TERMINATE:
                 break
             if kind != codes.QUERY:
-                writer.write(
-                    error_response(
-                        "the pgleap admin console accepts only simple queries (no extended protocol)",
-                        codes.FEATURE_NOT_SUPPORTED,
+                # Like PostgreSQL after an error: one ErrorResponse, then skip until Sync.
+                if not skipping_to_sync:
+                    writer.write(
+                        error_response(
+                            "the pgleap admin console accepts only simple queries (no extended protocol)",
+                            codes.FEATURE_NOT_SUPPORTED,
+                        )
                     )
-                    + (ready_for_query() if kind == codes.SYNC else b"")
-                )
+                    skipping_to_sync = True
+                if kind == codes.SYNC:
+                    writer.write(ready_for_query())
+                    skipping_to_sync = False
                 continue
             text = body.rstrip(b"\0").decode(errors="replace")
             await self._answer(session, text)

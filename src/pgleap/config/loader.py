@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import tomllib
 from pathlib import Path
@@ -175,14 +176,24 @@ def _user(table: _Table) -> UserConfig:
         raise ConfigError(f"{table.path} ({name}): scram-sha-256 needs password or scram_verifier")
     if method == "md5" and not (password or md5_hash):
         raise ConfigError(f"{table.path} ({name}): md5 needs password or md5_hash")
-    if verifier and not verifier.startswith("SCRAM-SHA-256$"):
-        raise ConfigError(
-            f"{table.key('scram_verifier')}: expected 'SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>' "
-            "(as in pg_authid.rolpassword)"
-        )
+    if verifier:
+        _check_scram_verifier(table.key("scram_verifier"), verifier)
     if md5_hash and not re.fullmatch(r"md5[0-9a-f]{32}", md5_hash):
         raise ConfigError(f"{table.key('md5_hash')}: expected 'md5' followed by 32 hex digits (as in pg_authid.rolpassword)")
     return UserConfig(name=name, auth_method=method, password=password, scram_verifier=verifier, md5_hash=md5_hash)
+
+
+def _check_scram_verifier(key: str, verifier: str) -> None:
+    form = "'SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>' (as in pg_authid.rolpassword)"
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$:]+)\$([^$:]+):([^$:]+)", verifier)
+    if match is None or int(match.group(1)) < 1:
+        raise ConfigError(f"{key}: expected {form}")
+    try:
+        salt, stored, server = (base64.b64decode(match.group(i), validate=True) for i in (2, 3, 4))
+    except ValueError:
+        raise ConfigError(f"{key}: salt and keys must be base64; expected {form}") from None
+    if not salt or len(stored) != 32 or len(server) != 32:
+        raise ConfigError(f"{key}: StoredKey and ServerKey must be 32-byte SHA-256 values; expected {form}")
 
 
 def _proxy(table: _Table, base: Path | None) -> tuple[ProxyConfig, AdminConfig]:
@@ -223,6 +234,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
     root = _Table("", data)
+    unknown = sorted(set(data) - {"pgleap", "users", "auto_upgrade"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)}; valid are [pgleap], [[users]], [[auto_upgrade]]")
     proxy, admin = _proxy(root.sub("pgleap"), path.parent if path else None)
 
     users_raw = root.get("users", list, [])

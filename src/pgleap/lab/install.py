@@ -47,7 +47,7 @@ class PgInstall:
             "use pgleap.lab.client_tool(name) for client tools, which picks the newest full toolset "
             "(fetch it with `python -m pgleap.lab fetch --major 18`)"
             if name not in SERVER_TOOLS
-            else f"the install looks incomplete; delete {self.bindir} and run `python -m pgleap.lab fetch --major {self.major}`"
+            else f"the install looks incomplete; delete it and run `python -m pgleap.lab fetch --major {self.major}`"
         )
         raise MissingBinaryError(
             f"{name} is not part of PostgreSQL {self.version} in {self.bindir} (from {origin}); {hint}"

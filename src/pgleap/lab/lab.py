@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from pgleap.lab.binaries import find_install
 from pgleap.lab.errors import LabError
@@ -27,7 +28,7 @@ class Lab:
         self.servers: list[LabServer] = []
         self._counter = 0
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

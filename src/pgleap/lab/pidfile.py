@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -64,13 +65,24 @@ def kill_server_processes(pid: int, timeout: float = 10) -> bool:
     """SIGKILL a postmaster and its children, as a crash would; True once all are gone."""
     victims = [pid, *children(pid)]  # collect first: children are reparented once the parent dies
     for victim in victims:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not any(alive(v) for v in victims):
             return True
         time.sleep(0.05)
     return False
+
+
+def remove_stale_lockfiles(datadir: Path, socket_dir: Path, killed_pid: int) -> None:
+    """Remove postmaster.pid and socket lock files that still name the postmaster we just killed."""
+    if alive(killed_pid):
+        return
+    for lockfile in [datadir / "postmaster.pid", *socket_dir.glob(".s.PGSQL.*.lock")]:
+        try:
+            first = lockfile.read_text().split("\n", 1)[0].strip()
+        except OSError:
+            continue
+        if first == str(killed_pid):
+            lockfile.unlink(missing_ok=True)

@@ -24,8 +24,12 @@ def _replay_column(version_num: int) -> str:
     return "replay_lsn" if version_num >= _PG10 else "replay_location"
 
 
-def _current_lsn_sql(version_num: int) -> str:
-    return "SELECT pg_current_wal_lsn()" if version_num >= _PG10 else "SELECT pg_current_xlog_location()"
+def _insert_lsn_sql(version_num: int) -> str:
+    # The insert position, not the write position: under asynchronous commit the last
+    # commit record may not be written yet, and it is the one we want replayed.
+    if version_num >= _PG10:
+        return "SELECT pg_current_wal_insert_lsn()"
+    return "SELECT pg_current_xlog_insert_location()"
 
 
 def _replay_lsn_sql(version_num: int) -> str:
@@ -85,7 +89,7 @@ def wait_streaming(primary: LabServer, replica: LabServer, timeout: float = 60) 
 
 def wait_for_replay(primary: LabServer, replica: LabServer, timeout: float = 30) -> None:
     """Wait until the replica has replayed everything the primary had written when called."""
-    target = parse_lsn(primary.psql(_current_lsn_sql(primary.install.version_num)))
+    target = parse_lsn(primary.psql(_insert_lsn_sql(primary.install.version_num)))
     deadline = time.monotonic() + timeout
     replayed = 0
     while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ from pgleap.lab.errors import LabError, ServerStartError
 from pgleap.lab.install import PgInstall
 from pgleap.lab.layout import prepare_rundir, write_owned
 from pgleap.lab.osuser import check_server_user_can_reach, run
-from pgleap.lab.pidfile import kill_server_processes, postmaster_pid
+from pgleap.lab.pidfile import kill_server_processes, postmaster_pid, remove_stale_lockfiles
 from pgleap.lab.ports import free_port
 
 __all__ = ["LabError", "LabServer", "init_server"]
@@ -128,8 +128,13 @@ class LabServer:
     def kill(self) -> None:
         """SIGKILL the postmaster and its children (a crash, for recovery tests)."""
         pid = self.pid()
-        if pid is not None and not kill_server_processes(pid):
+        if pid is None:
+            return
+        if not kill_server_processes(pid):
             raise LabError(f"processes of server {self.name!r} (postmaster {pid}) survived SIGKILL")
+        # A killed postmaster can stay a zombie until init reaps it, and postgres treats a
+        # zombie's pid as "another postmaster is running"; its lock files are provably stale.
+        remove_stale_lockfiles(self.datadir, self.socket_dir, pid)
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run SQL with psql -At (ON_ERROR_STOP) over TCP; LabError carries psql's stderr."""

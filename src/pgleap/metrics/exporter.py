@@ -50,9 +50,22 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("pgleap_paused", "1 while PAUSE holds new transactions", value=int(proxy.gate.paused))
 
 
-def start_metrics_server(proxy: Proxy, addr: str, port: int) -> CollectorRegistry:
-    """Serve /metrics on addr:port from a background thread."""
-    registry = CollectorRegistry()
-    registry.register(ProxyCollector(proxy))
-    start_http_server(port, addr=addr, registry=registry)
-    return registry
+class MetricsServer:
+    """The /metrics HTTP endpoint, served from a background thread."""
+
+    def __init__(self, proxy: Proxy, addr: str, port: int) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(ProxyCollector(proxy))
+        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        self.port: int = self._server.server_port
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def start_metrics_server(proxy: Proxy, addr: str, port: int) -> MetricsServer:
+    """Serve /metrics on addr:port (0: a free port) until `stop()`."""
+    return MetricsServer(proxy, addr, port)

@@ -57,8 +57,9 @@ def command_complete(tag: str) -> bytes:
 
 
 def negotiate_protocol_version(newest_minor: int, unsupported: Sequence[str]) -> bytes:
-    """A NegotiateProtocolVersion message."""
-    body = _I32.pack(newest_minor) + _I32.pack(len(unsupported)) + b"".join(cstr(o) for o in unsupported)
+    """A NegotiateProtocolVersion message offering protocol 3.<newest_minor>."""
+    # PostgreSQL sends the whole version number here, and libpq 18 reads it that way.
+    body = _I32.pack(codes.PROTOCOL_3_0 | newest_minor) + _I32.pack(len(unsupported)) + b"".join(cstr(o) for o in unsupported)
     return message(codes.NEGOTIATE_PROTOCOL_VERSION, body)
 
 
@@ -96,6 +97,8 @@ def data_row(values: Iterable[object]) -> bytes:
     for value in cells:
         if value is None:
             parts.append(_I32.pack(-1))
+        elif isinstance(value, bool):
+            parts.append(_I32.pack(1) + (b"t" if value else b"f"))
         else:
             encoded = str(value).encode()
             parts.append(_I32.pack(len(encoded)) + encoded)

@@ -18,10 +18,20 @@ async def serve(config: Config, install_signals: Iterable[signal.Signals] = ()) 
     """Start a proxy for `config` and run it until SHUTDOWN or a signal."""
     proxy = Proxy(config)
     await proxy.start()
+    metrics = None
     if config.proxy.metrics_port:
-        start_metrics_server(proxy, config.proxy.metrics_addr, config.proxy.metrics_port)
-        log.info("metrics on http://%s:%s/metrics", config.proxy.metrics_addr, config.proxy.metrics_port)
+        metrics = start_metrics_server(proxy, config.proxy.metrics_addr, config.proxy.metrics_port)
+        log.info("metrics on http://%s:%s/metrics", config.proxy.metrics_addr, metrics.port)
     loop = asyncio.get_running_loop()
     for sig in install_signals:
-        loop.add_signal_handler(sig, lambda s=sig: (log.info("received %s, shutting down", s.name), asyncio.ensure_future(proxy.shutdown())))
-    await proxy.wait_stopped()
+        loop.add_signal_handler(sig, _on_signal, sig, proxy)
+    try:
+        await proxy.wait_stopped()
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+def _on_signal(sig: signal.Signals, proxy: Proxy) -> None:
+    log.info("received %s, shutting down gracefully", sig.name)
+    asyncio.ensure_future(proxy.shutdown())

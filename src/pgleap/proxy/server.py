@@ -128,7 +128,11 @@ class Proxy:
                 self.databases[upgrade.database] = Database.from_config(upgrade)
                 notes.append(f"database {upgrade.database} added")
             else:
-                self.databases[upgrade.database].upgrade = upgrade
+                database = self.databases[upgrade.database]
+                database.upgrade = upgrade
+                if database.route.role == "source" and database.route.server != upgrade.source:
+                    database.route.switch(upgrade.source, "source")
+                    notes.append(f"database {upgrade.database}: sessions move to source {upgrade.source.describe()} at their next transaction")
         for name in set(self.databases) - {u.database for u in new.upgrades}:
             notes.append(f"database {name} removed from the config: its connected sessions stay until they close")
             del self.databases[name]

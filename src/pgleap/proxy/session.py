@@ -178,7 +178,7 @@ class Session:
         """idle, active, in transaction, held (by PAUSE or a route switch) or closed."""
         f = self.forwarder
         if f is None:
-            return "login"
+            return "admin" if self.server_role == "admin" else "login"
         if f.closed.done():
             return "closed"
         if f.held is not None:

@@ -1,0 +1,80 @@
+"""Fixtures: real PostgreSQL servers from the lab, and pgleap proxies in front of them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pgleap.lab import Lab, LabServer, client_tool
+from pgleap.testing import ProxyThread, render_config
+
+# The old major every test can get from the registries (9.x binaries cannot be had here) and the newest.
+OLD_MAJOR = 10
+NEW_MAJOR = 18
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """One lab per test run; every server it starts is stopped at the end."""
+    with Lab() as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def pg_old(lab: Lab) -> LabServer:
+    """A PG 10 server that, like 9.x servers, only offers md5 to pgleap."""
+    return lab.primary(OLD_MAJOR, auth="md5")
+
+
+@pytest.fixture(scope="session")
+def pg_new(lab: Lab) -> LabServer:
+    """A PG 18 server offering SCRAM-SHA-256."""
+    return lab.primary(NEW_MAJOR, auth="scram-sha-256")
+
+
+@pytest.fixture(params=["pg_old", "pg_new"], ids=[f"pg{OLD_MAJOR}", f"pg{NEW_MAJOR}"])
+def backend(request: pytest.FixtureRequest) -> LabServer:
+    """Each test using this runs once against the old and once against the new major."""
+    server: LabServer = request.getfixturevalue(request.param)
+    return server
+
+
+def start_proxy(tmp_path: Path, sources: dict[str, LabServer], **kwargs: object) -> ProxyThread:
+    """Write a config for `sources` into tmp_path and start a proxy on a free port."""
+    path = tmp_path / "pgleap.toml"
+    path.write_text(render_config(sources, **kwargs))  # type: ignore[arg-type]
+    return ProxyThread(path).start()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, backend: LabServer) -> Iterator[ProxyThread]:
+    """pgleap in front of `backend`, database "app"; stopped after the test."""
+    p = start_proxy(tmp_path, {"app": backend})
+    yield p
+    p.stop()
+
+
+def tool(name: str) -> str:
+    """Path of a PostgreSQL client program; fails the test with how to get it."""
+    try:
+        return str(client_tool(name))
+    except Exception as exc:  # MissingBinaryError carries the advice
+        found = shutil.which(name)
+        if found:
+            return found
+        pytest.fail(f"{name} not found ({exc}); run scripts/setup")
+
+
+def run_tool(argv: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a client program, failing the test with its output if it fails."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
