@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import platform
@@ -23,7 +22,7 @@ class Result:
 
     tag: str
     columns: Sequence[str] = ()
-    rows: list[Sequence[Any]] = field(default_factory=list)
+    rows: Sequence[Sequence[Any]] = field(default_factory=list)
 
 
 class AdminCommandError(Exception):
@@ -70,13 +69,24 @@ async def run_command(proxy: Proxy, session: Session, statement: str) -> Result:
 
 
 def _ts(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S+00")
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S+00")
 
 
 @command("SHOW CLIENTS")
 async def show_clients(proxy: Proxy, _session: Session) -> Result:
     """One row per client connection."""
-    columns = ["id", "user", "database", "addr", "port", "tls", "state", "server_role", "application_name", "connected_at"]
+    columns = [
+        "id",
+        "user",
+        "database",
+        "addr",
+        "port",
+        "tls",
+        "state",
+        "server_role",
+        "application_name",
+        "connected_at",
+    ]
     rows = [
         [
             s.id,
@@ -106,7 +116,17 @@ async def show_servers(proxy: Proxy, _session: Session) -> Result:
             continue
         b = f.backend
         rows.append(
-            [s.id, s.server_role, b.server.host, b.server.port, b.server.database, b.server.user, b.pid, b.server_version, s.state]
+            [
+                s.id,
+                s.server_role,
+                b.server.host,
+                b.server.port,
+                b.server.database,
+                b.server.user,
+                b.pid,
+                b.server_version,
+                s.state,
+            ]
         )
     return Result(f"SHOW {len(rows)}", columns, rows)
 
@@ -145,8 +165,15 @@ async def show_version(_proxy: Proxy, _session: Session) -> Result:
 async def show_stats(proxy: Proxy, _session: Session) -> Result:
     """Totals per database."""
     columns = [
-        "database", "route", "clients", "total_xact_count", "total_query_count", "total_errors",
-        "total_received", "total_sent", "avg_query_time_us",
+        "database",
+        "route",
+        "clients",
+        "total_xact_count",
+        "total_query_count",
+        "total_errors",
+        "total_received",
+        "total_sent",
+        "avg_query_time_us",
     ]
     rows = []
     for name, db in sorted(proxy.databases.items()):
@@ -154,7 +181,9 @@ async def show_stats(proxy: Proxy, _session: Session) -> Result:
         count = st.latency.count
         avg = int(st.latency.total / count * 1e6) if count else 0
         clients = sum(1 for s in proxy.sessions.values() if s.database is db)
-        rows.append([name, db.route.role, clients, st.transactions, st.queries, st.errors, st.bytes_in, st.bytes_out, avg])
+        rows.append(
+            [name, db.route.role, clients, st.transactions, st.queries, st.errors, st.bytes_in, st.bytes_out, avg]
+        )
     return Result(f"SHOW {len(rows)}", columns, rows)
 
 
@@ -185,5 +214,5 @@ async def reload(proxy: Proxy, _session: Session) -> Result:
 @command("SHUTDOWN")
 async def shutdown(proxy: Proxy, _session: Session) -> Result:
     """Shut pgleap down gracefully (running transactions finish first)."""
-    asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(proxy.shutdown()))
+    proxy.spawn(proxy.shutdown())
     return Result("SHUTDOWN")

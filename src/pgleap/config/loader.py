@@ -52,10 +52,8 @@ class _Table:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(
-                f"{self.key(name)}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
-            )
-        return value  # type: ignore[return-value]
+            raise ConfigError(f"{self.key(name)}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return value
 
     def require(self, name: str, kind: type[T]) -> T:
         value = self.get(name, kind, required=True)
@@ -82,7 +80,8 @@ class _Table:
             seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         else:
             raise ConfigError(
-                f"{self.key(name)}: {value!r} is not a duration; write seconds (30) or a string like \"500ms\", \"30s\", \"5m\", \"24h\""
+                f"{self.key(name)}: {value!r} is not a duration; "
+                'write seconds (30) or a string like "500ms", "30s", "5m", "24h"'
             )
         if seconds < 0:
             raise ConfigError(f"{self.key(name)}: a duration cannot be negative")
@@ -179,7 +178,9 @@ def _user(table: _Table) -> UserConfig:
     if verifier:
         _check_scram_verifier(table.key("scram_verifier"), verifier)
     if md5_hash and not re.fullmatch(r"md5[0-9a-f]{32}", md5_hash):
-        raise ConfigError(f"{table.key('md5_hash')}: expected 'md5' followed by 32 hex digits (as in pg_authid.rolpassword)")
+        raise ConfigError(
+            f"{table.key('md5_hash')}: expected 'md5' followed by 32 hex digits (as in pg_authid.rolpassword)"
+        )
     return UserConfig(name=name, auth_method=method, password=password, scram_verifier=verifier, md5_hash=md5_hash)
 
 
@@ -236,7 +237,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     root = _Table("", data)
     unknown = sorted(set(data) - {"pgleap", "users", "auto_upgrade"})
     if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)}; valid are [pgleap], [[users]], [[auto_upgrade]]")
+        raise ConfigError(
+            f"{where}: unknown table(s) {', '.join(unknown)}; valid are [pgleap], [[users]], [[auto_upgrade]]"
+        )
     proxy, admin = _proxy(root.sub("pgleap"), path.parent if path else None)
 
     users_raw = root.get("users", list, [])

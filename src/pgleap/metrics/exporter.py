@@ -25,14 +25,24 @@ class ProxyCollector(Collector):
         clients = GaugeMetricFamily("pgleap_client_connections", "Client connections open", labels=["database"])
         servers = GaugeMetricFamily("pgleap_server_connections", "Server connections open", labels=["database", "role"])
         families = {
-            "queries": CounterMetricFamily("pgleap_queries", "Requests answered (simple queries, syncs, function calls)", labels=["database"]),
+            "queries": CounterMetricFamily(
+                "pgleap_queries", "Requests answered (simple queries, syncs, function calls)", labels=["database"]
+            ),
             "transactions": CounterMetricFamily("pgleap_transactions", "Transactions completed", labels=["database"]),
-            "errors": CounterMetricFamily("pgleap_server_errors", "ErrorResponses sent by servers", labels=["database"]),
-            "client_errors": CounterMetricFamily("pgleap_client_errors", "Client connections refused or closed with an error", labels=["database"]),
-            "bytes_in": CounterMetricFamily("pgleap_received_bytes", "Bytes received from clients", labels=["database"]),
+            "errors": CounterMetricFamily(
+                "pgleap_server_errors", "ErrorResponses sent by servers", labels=["database"]
+            ),
+            "client_errors": CounterMetricFamily(
+                "pgleap_client_errors", "Client connections refused or closed with an error", labels=["database"]
+            ),
+            "bytes_in": CounterMetricFamily(
+                "pgleap_received_bytes", "Bytes received from clients", labels=["database"]
+            ),
             "bytes_out": CounterMetricFamily("pgleap_sent_bytes", "Bytes sent to clients", labels=["database"]),
         }
-        latency = HistogramMetricFamily("pgleap_query_duration_seconds", "Request latency seen by pgleap", labels=["database"])
+        latency = HistogramMetricFamily(
+            "pgleap_query_duration_seconds", "Request latency seen by pgleap", labels=["database"]
+        )
         for name, db in sorted(proxy.databases.items()):
             stats = db.stats
             mine = [s for s in sessions if s.database is db]

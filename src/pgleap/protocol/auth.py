@@ -139,7 +139,9 @@ async def _scram_exchange(
     except (ValueError, struct.error, UnicodeDecodeError):
         raise ProtocolError("malformed SASLInitialResponse") from None
     if mechanism != "SCRAM-SHA-256":
-        raise AuthenticationError(f"client selected unsupported SASL mechanism {mechanism!r}; pgleap offers SCRAM-SHA-256")
+        raise AuthenticationError(
+            f"client selected unsupported SASL mechanism {mechanism!r}; pgleap offers SCRAM-SHA-256"
+        )
     try:
         server_first = exchange.server_first(client_first)
     except ScramFailure as exc:
@@ -168,7 +170,9 @@ async def authenticate_to_server(
         kind, body = await read_message(reader, _MAX_AUTH_MESSAGE)
         if kind == codes.ERROR_RESPONSE:
             error = parse_error(body)
-            raise AuthenticationError(f"{server_name} refused pgleap's login as {user!r}: {error.message} (SQLSTATE {error.sqlstate})")
+            raise AuthenticationError(
+                f"{server_name} refused pgleap's login as {user!r}: {error.message} (SQLSTATE {error.sqlstate})"
+            )
         if kind != codes.AUTHENTICATION:
             raise ProtocolError(f"{server_name} sent message type {chr(kind)!r} during authentication")
         (code,) = struct.unpack_from("!i", body)

@@ -22,7 +22,21 @@ TERMINATE = ord("X")
 PASSWORD = ord("p")  # also SASLInitialResponse / SASLResponse
 
 FRONTEND_TYPES = frozenset(
-    [QUERY, PARSE, BIND, EXECUTE, DESCRIBE, CLOSE, SYNC, FLUSH, FUNCTION_CALL, COPY_DATA, COPY_DONE, COPY_FAIL, TERMINATE]
+    [
+        QUERY,
+        PARSE,
+        BIND,
+        EXECUTE,
+        DESCRIBE,
+        CLOSE,
+        SYNC,
+        FLUSH,
+        FUNCTION_CALL,
+        COPY_DATA,
+        COPY_DONE,
+        COPY_FAIL,
+        TERMINATE,
+    ]
 )
 # Each of these makes the server answer with exactly one ReadyForQuery.
 REQUESTS_READY = frozenset([QUERY, SYNC, FUNCTION_CALL])

@@ -59,7 +59,11 @@ def command_complete(tag: str) -> bytes:
 def negotiate_protocol_version(newest_minor: int, unsupported: Sequence[str]) -> bytes:
     """A NegotiateProtocolVersion message offering protocol 3.<newest_minor>."""
     # PostgreSQL sends the whole version number here, and libpq 18 reads it that way.
-    body = _I32.pack(codes.PROTOCOL_3_0 | newest_minor) + _I32.pack(len(unsupported)) + b"".join(cstr(o) for o in unsupported)
+    body = (
+        _I32.pack(codes.PROTOCOL_3_0 | newest_minor)
+        + _I32.pack(len(unsupported))
+        + b"".join(cstr(o) for o in unsupported)
+    )
     return message(codes.NEGOTIATE_PROTOCOL_VERSION, body)
 
 
@@ -126,7 +130,7 @@ def parse_startup_params(body: bytes) -> dict[str, str]:
         texts = [p.decode() for p in parts[:-2]]
     except UnicodeDecodeError:
         raise ProtocolError("malformed startup packet: parameters are not valid UTF-8") from None
-    return dict(zip(texts[0::2], texts[1::2]))
+    return dict(zip(texts[0::2], texts[1::2], strict=True))
 
 
 @dataclass(frozen=True)

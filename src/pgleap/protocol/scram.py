@@ -74,7 +74,7 @@ class ScramServerExchange:
         signature = hmac.digest(self.stored_key, auth_message, "sha256")
         if len(proof) != len(signature):
             raise ScramFailure("client proof has the wrong length")
-        client_key = bytes(a ^ b for a, b in zip(proof, signature))
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.stored_key):
             raise ScramFailure("wrong password")
         server_signature = hmac.digest(self.server_key, auth_message, "sha256")

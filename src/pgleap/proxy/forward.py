@@ -133,7 +133,7 @@ class Forwarder:
             return
         if self.pending:
             server, pid, secret = self.backend.server, self.backend.pid, self.backend.secret
-            asyncio.ensure_future(send_cancel(server, pid, secret))
+            self.proxy.spawn(send_cancel(server, pid, secret))
         self.close()
 
     def server_lost(self, side: _Side) -> None:
@@ -207,7 +207,7 @@ class Forwarder:
             if not _VALID_FRONTEND[kind] or length < 4 or length > self.max_size:
                 self._protocol_violation(kind, length)
                 return
-            if kind == _Q or kind == _S or kind == _F:
+            if kind == _Q or kind == _S or kind == _F:  # noqa: SIM109 (hot path: no tuple build)
                 pending.append(_now())
                 self.open_batch = False
             elif kind == _X:
@@ -239,7 +239,7 @@ class Forwarder:
         self.held = data[start:]
         self.stats.bytes_in -= len(self.held)  # counted again when released
         self.block_reading(True, "hold")
-        asyncio.ensure_future(self._release())
+        self.proxy.spawn(self._release())
 
     async def _release(self) -> None:
         """Wait for the gate and any route switch, then forward what was held."""

@@ -34,4 +34,4 @@ async def serve(config: Config, install_signals: Iterable[signal.Signals] = ()) 
 
 def _on_signal(sig: signal.Signals, proxy: Proxy) -> None:
     log.info("received %s, shutting down gracefully", sig.name)
-    asyncio.ensure_future(proxy.shutdown())
+    proxy.spawn(proxy.shutdown())

@@ -6,7 +6,8 @@ import asyncio
 import itertools
 import logging
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from pgleap.config import Config, load_config
 from pgleap.protocol import codes
@@ -50,6 +51,13 @@ class Proxy:
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
         """Start listening."""
@@ -84,7 +92,11 @@ class Proxy:
 
     def busy_sessions(self) -> int:
         """Sessions in the middle of a transaction."""
-        return sum(1 for s in self.sessions.values() if s.forwarder is not None and s.forwarder.in_transaction and not s.forwarder.closed.done())
+        return sum(
+            1
+            for s in self.sessions.values()
+            if s.forwarder is not None and s.forwarder.in_transaction and not s.forwarder.closed.done()
+        )
 
     def register_cancel_key(self, session: Session) -> tuple[int, int]:
         """Give `session` a BackendKeyData key unique among live sessions."""
@@ -118,7 +130,10 @@ class Proxy:
             return ["no config file to reload (started from an in-memory config)"]
         new = load_config(self.config.path)
         notes: list[str] = []
-        if (new.proxy.listen_addr, new.proxy.listen_port) != (self.config.proxy.listen_addr, self.config.proxy.listen_port):
+        if (new.proxy.listen_addr, new.proxy.listen_port) != (
+            self.config.proxy.listen_addr,
+            self.config.proxy.listen_port,
+        ):
             notes.append("listen address changed: takes effect after a restart")
         if (new.proxy.tls_cert, new.proxy.tls_key) != (self.config.proxy.tls_cert, self.config.proxy.tls_key):
             self.tls_context = make_tls_context(new)
@@ -132,7 +147,10 @@ class Proxy:
                 database.upgrade = upgrade
                 if database.route.role == "source" and database.route.server != upgrade.source:
                     database.route.switch(upgrade.source, "source")
-                    notes.append(f"database {upgrade.database}: sessions move to source {upgrade.source.describe()} at their next transaction")
+                    notes.append(
+                        f"database {upgrade.database}: sessions move to source {upgrade.source.describe()} "
+                        "at their next transaction"
+                    )
         for name in set(self.databases) - {u.database for u in new.upgrades}:
             notes.append(f"database {name} removed from the config: its connected sessions stay until they close")
             del self.databases[name]

@@ -36,7 +36,9 @@ _HANDSHAKE_TIMEOUT = 60.0  # a client that never finishes logging in is dropped,
 class Session:
     """One client connection to pgleap."""
 
-    def __init__(self, proxy: Proxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session_id: int) -> None:
+    def __init__(
+        self, proxy: Proxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session_id: int
+    ) -> None:
         self.proxy = proxy
         self.id = session_id
         self.reader = reader
@@ -93,7 +95,9 @@ class Session:
         config = self.proxy.config
 
         if database_name == ADMIN_DATABASE:
-            await self._authenticate(Credential("scram-sha-256", password=config.admin.password) if self.user == config.admin.user else None)
+            await self._authenticate(
+                Credential("scram-sha-256", password=config.admin.password) if self.user == config.admin.user else None
+            )
             await self.proxy.admin.serve(self)
             return
 
@@ -101,7 +105,9 @@ class Session:
             raise _Refused("sorry, too many clients already", codes.TOO_MANY_CONNECTIONS)
         user = config.user(self.user)
         credential = (
-            Credential(user.auth_method, user.password, user.scram_verifier, user.md5_hash) if user is not None else None
+            Credential(user.auth_method, user.password, user.scram_verifier, user.md5_hash)
+            if user is not None
+            else None
         )
         await self._authenticate(credential)
         self.database = self.proxy.databases.get(database_name)
@@ -115,7 +121,9 @@ class Session:
             backend = await connect_backend(route.server, params, config.proxy.connect_timeout)
         except (ServerUnavailableError, AuthenticationError) as exc:
             log.error("session %s: %s", self.id, exc)
-            raise _Refused(f"pgleap cannot reach the {route.role} server: {exc}", codes.SQLCLIENT_UNABLE_TO_ESTABLISH) from exc
+            raise _Refused(
+                f"pgleap cannot reach the {route.role} server: {exc}", codes.SQLCLIENT_UNABLE_TO_ESTABLISH
+            ) from exc
         self.server_role = route.role
         self.parameters = dict(backend.parameters)
         self.key = self.proxy.register_cancel_key(self)
@@ -142,7 +150,9 @@ class Session:
                 self.writer.write(b"N")
             elif code == codes.CANCEL_REQUEST:
                 if len(rest) >= 8:
-                    await self.proxy.forward_cancel(int.from_bytes(rest[:4], "big", signed=True), int.from_bytes(rest[4:8], "big"))
+                    await self.proxy.forward_cancel(
+                        int.from_bytes(rest[:4], "big", signed=True), int.from_bytes(rest[4:8], "big")
+                    )
                 self.writer.close()
                 return None
             elif code >> 16 == 3:

@@ -7,7 +7,23 @@ from dataclasses import dataclass, field
 
 # Seconds; fine-grained at the low end where a healthy OLTP query lives.
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 
@@ -28,7 +44,7 @@ class LatencyHistogram:
         """(upper bound, cumulative count) pairs ending with +Inf, as Prometheus wants them."""
         out: list[tuple[str, int]] = []
         running = 0
-        for bound, count in zip(self.bounds, self.counts):
+        for bound, count in zip(self.bounds, self.counts, strict=False):  # counts has the +Inf slot too
             running += count
             out.append((repr(bound), running))
         out.append(("+Inf", running + self.counts[-1]))
