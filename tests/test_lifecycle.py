@@ -16,70 +16,12 @@ import psycopg
 import pytest
 
 from pgleap.lab import LabServer
-from pgleap.testing import render_config
+from pgleap.lab.ports import free_port
+from pgleap.testing import ProxyProcess, accepts, render_config
 
 pytestmark = pytest.mark.integration
 
 PGLEAP = Path(sys.executable).with_name("pgleap")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def accepts(port: int) -> bool:
-    """Whether something accepts TCP connections on 127.0.0.1:port."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-class PgleapProcess:
-    """`pgleap run -c FILE` in a subprocess, its output in a log file."""
-
-    def __init__(self, tmp_path: Path, server: LabServer, extra: str = "") -> None:
-        self.port = free_port()
-        self.config = tmp_path / "pgleap.toml"
-        self.config.write_text(render_config({"app": server}, extra=extra).replace("listen_port = 0", f"listen_port = {self.port}"))
-        self.log = tmp_path / "pgleap.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([str(PGLEAP), "run", "-c", str(self.config)], stdout=out, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_accepting(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not accepts(self.port):
-            if self.proc.poll() is not None:
-                pytest.fail(f"pgleap exited {self.proc.returncode} before listening:\n{self.output()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"pgleap did not listen on {self.port} within {timeout}s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def dsn(self, database: str = "app", user: str = "app", password: str = "app-secret") -> str:
-        return f"host=127.0.0.1 port={self.port} dbname={database} user={user} password={password} connect_timeout=10"
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"pgleap still running {timeout}s later:\n{self.output()}")
-
-    def stop(self) -> None:
-        """Make sure the process is gone (SIGTERM, then SIGKILL)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture
@@ -97,7 +39,7 @@ def count_rows(server: LabServer, table: str) -> int:
 
 def test_sigterm_lets_running_transaction_commit(tmp_path: Path, pg_new: LabServer, table: str) -> None:
     """After SIGTERM new logins fail, a running transaction still commits durably, and pgleap exits 0."""
-    pg = PgleapProcess(tmp_path, pg_new, extra='shutdown_timeout = "60s"')
+    pg = ProxyProcess(tmp_path, {"app": pg_new}, extra='shutdown_timeout = "60s"')
     try:
         pg.wait_accepting()
         with psycopg.connect(pg.dsn(), autocommit=False) as conn:
@@ -126,7 +68,7 @@ def test_sigterm_lets_running_transaction_commit(tmp_path: Path, pg_new: LabServ
 
 def test_sigterm_timeout_ends_endless_transaction(tmp_path: Path, pg_new: LabServer, table: str) -> None:
     """With shutdown_timeout 2s an open transaction is cut: FATAL 57P01 to the client, exit 0, nothing committed."""
-    pg = PgleapProcess(tmp_path, pg_new, extra='shutdown_timeout = "2s"')
+    pg = ProxyProcess(tmp_path, {"app": pg_new}, extra='shutdown_timeout = "2s"')
     try:
         pg.wait_accepting()
         with psycopg.connect(pg.dsn(), autocommit=False) as conn:
@@ -195,7 +137,7 @@ def test_port_in_use_exits_2(tmp_path: Path, pg_old: LabServer) -> None:
 
 def test_admin_shutdown_stops_process(tmp_path: Path, pg_old: LabServer) -> None:
     """SHUTDOWN on the admin console answers, then the process exits 0 and stops listening."""
-    pg = PgleapProcess(tmp_path, pg_old)
+    pg = ProxyProcess(tmp_path, {"app": pg_old})
     try:
         pg.wait_accepting()
         with psycopg.connect(pg.dsn(), autocommit=True) as app:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -16,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgleap.lab import LabServer
-from pgleap.testing import render_config
+from pgleap.testing import ProxyProcess
 
 pytestmark = pytest.mark.integration
 
@@ -25,27 +22,11 @@ ALLOWED_LABELS = {"database", "role", "le"}
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Exporter:
+class Exporter(ProxyProcess):
     """`pgleap run` with a metrics port, in a subprocess."""
 
     def __init__(self, tmp_path: Path, server: LabServer) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        config = tmp_path / "pgleap.toml"
-        text = render_config({"app": server}, extra=f"metrics_port = {self.metrics_port}")
-        config.write_text(text.replace("listen_port = 0", f"listen_port = {self.port}"))
-        self.log = tmp_path / "pgleap.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([str(PGLEAP), "run", "-c", str(config)], stdout=out, stderr=subprocess.STDOUT)
-
-    def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} dbname=app user=app password=app-secret connect_timeout=10"
+        super().__init__(tmp_path, {"app": server}, metrics=True)
 
     def scrape_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
@@ -60,37 +41,13 @@ class Exporter:
                 samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return samples
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"pgleap exited {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                self.scrape_text()
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"pgleap metrics not up within {timeout}s:\n{self.log.read_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
 
 @pytest.fixture
 def exporter(tmp_path: Path, backend: LabServer) -> Iterator[Exporter]:
     """pgleap in front of `backend` with its metrics endpoint up."""
     e = Exporter(tmp_path, backend)
     try:
-        e.wait_ready()
+        e.wait_accepting()
         yield e
     finally:
         e.stop()

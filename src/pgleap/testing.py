@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -11,6 +16,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from pgleap.config import Config, load_config
+from pgleap.lab.ports import free_port
 from pgleap.proxy.server import Proxy
 
 T = TypeVar("T")
@@ -109,3 +115,71 @@ class ProxyThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+class ProxyProcess:
+    """`pgleap run -c FILE` in a subprocess on free ports, its output in a log file."""
+
+    def __init__(self, workdir: Path, sources: dict[str, Any], *, extra: str = "", metrics: bool = False) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port() if metrics else 0
+        if metrics:
+            extra = f"{extra}\nmetrics_port = {self.metrics_port}"
+        self.config = workdir / "pgleap.toml"
+        text = render_config(sources, extra=extra).replace("listen_port = 0", f"listen_port = {self.port}")
+        self.config.write_text(text)
+        self.log = workdir / "pgleap.log"
+        executable = Path(sys.executable).with_name("pgleap")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [str(executable), "run", "-c", str(self.config)], stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def output(self) -> str:
+        """Everything the process logged so far."""
+        return self.log.read_text(errors="replace")
+
+    def wait_accepting(self, timeout: float = 60) -> None:
+        """Wait until the proxy (and its metrics endpoint, if any) accept connections."""
+        deadline = time.monotonic() + timeout
+        while not (accepts(self.port) and (not self.metrics_port or accepts(self.metrics_port))):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pgleap exited {self.proc.returncode} before listening:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pgleap did not listen on {self.port} within {timeout}s:\n{self.output()}")
+            time.sleep(0.05)
+
+    def dsn(self, database: str = "app", user: str = "app", password: str = "app-secret") -> str:
+        """A libpq conninfo for a client of this proxy."""
+        return f"host=127.0.0.1 port={self.port} dbname={database} user={user} password={password} connect_timeout=10"
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code, once the process has exited within `timeout` seconds."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"pgleap still running {timeout}s later:\n{self.output()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Make sure the process is gone: SIGTERM, then SIGKILL."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()

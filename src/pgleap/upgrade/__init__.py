@@ -1,0 +1,1 @@
+"""The upgrade engine: phases, bulk copy, compatibility facts."""

@@ -1,0 +1,146 @@
+"""Per-major facts and function names (DESIGN.md "Version facts"), gated on server_version_num."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pgleap.errors import PgleapError
+
+PG90, PG91, PG92, PG93, PG94, PG96 = 90000, 90100, 90200, 90300, 90400, 90600
+PG10, PG12, PG13, PG14 = 100000, 120000, 130000, 140000
+
+
+class UnsupportedVersionError(PgleapError):
+    """The server is too old for what pgleap needs from it."""
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What one server (by server_version_num) calls things and can do."""
+
+    version_num: int
+
+    @property
+    def major(self) -> int:
+        """10 for 100023, 9 for 90624 (9.x majors share the first number here)."""
+        return self.version_num // 10000
+
+    def _wal(self, new: str, old: str) -> str:
+        # 10 renamed xlog -> wal and location -> lsn in every function name.
+        return new if self.version_num >= PG10 else old
+
+    # -- replay control on a standby -------------------------------------------------------
+
+    def replay_pause_sql(self) -> str:
+        """Pause WAL replay on a hot standby (9.1+)."""
+        self._need(PG91, "pausing replay on a standby")
+        return "SELECT " + self._wal("pg_wal_replay_pause()", "pg_xlog_replay_pause()")
+
+    def replay_resume_sql(self) -> str:
+        """Resume WAL replay on a hot standby."""
+        self._need(PG91, "resuming replay on a standby")
+        return "SELECT " + self._wal("pg_wal_replay_resume()", "pg_xlog_replay_resume()")
+
+    def replay_lsn_sql(self) -> str:
+        """The standby's last replayed position, as text."""
+        return "SELECT " + self._wal("pg_last_wal_replay_lsn()", "pg_last_xlog_replay_location()") + "::text"
+
+    def pause_requested_sql(self) -> str:
+        """Whether a pause was requested (before 14 this says nothing about whether it was reached)."""
+        return "SELECT " + self._wal("pg_is_wal_replay_paused()", "pg_is_xlog_replay_paused()")
+
+    def pause_state_sql(self) -> str | None:
+        """14+: 'not paused' / 'pause requested' / 'paused'; None before 14 (poll the position instead)."""
+        return "SELECT pg_get_wal_replay_pause_state()" if self.version_num >= PG14 else None
+
+    def current_lsn_sql(self) -> str:
+        """The primary's current WAL insert position, as text."""
+        return "SELECT " + self._wal("pg_current_wal_insert_lsn()", "pg_current_xlog_insert_location()") + "::text"
+
+    def replication_state_sql(self) -> str:
+        """Per standby on a primary: application_name, state, replay position (text)."""
+        column = self._wal("replay_lsn", "replay_location")
+        return f"SELECT application_name, state, {column}::text FROM pg_stat_replication"
+
+    # -- snapshots and txids --------------------------------------------------------------
+
+    def snapshot_sql(self) -> str:
+        """S: the current txid snapshot in its text form (8.3+; same form as pg_current_snapshot on 13+)."""
+        return "SELECT txid_current_snapshot()::text"
+
+    @property
+    def can_export_snapshot(self) -> bool:
+        """pg_export_snapshot() exists (9.2+)."""
+        return self.version_num >= PG92
+
+    @property
+    def standby_can_export_snapshot(self) -> bool:
+        """A hot standby can export a snapshot (10+)."""
+        return self.version_num >= PG10
+
+    def export_snapshot_sql(self) -> str:
+        """Export the current transaction's snapshot for other sessions."""
+        self._need(PG92, "exporting a snapshot (pg_export_snapshot) to copy from the primary without a replica")
+        return "SELECT pg_export_snapshot()"
+
+    @property
+    def has_txid_status(self) -> bool:
+        """txid_status(bigint) exists (10+): tells whether a recent transaction committed."""
+        return self.version_num >= PG10
+
+    def txid_status_sql(self) -> str:
+        """'committed' / 'aborted' / 'in progress' / NULL (too old) for $1."""
+        self._need(PG10, "txid_status on the target")
+        return "SELECT txid_status($1::bigint)"
+
+    def backend_of_xid_sql(self) -> str:
+        """pids whose transaction has the 32-bit xid of $1 (a 64-bit txid), to end a stale copy transaction."""
+        self._need(PG96, "finding the backend of a transaction (backend_xid)")
+        return ("SELECT pid FROM pg_stat_activity "
+                "WHERE backend_xid::text::bigint = ($1::bigint % 4294967296) AND pid <> pg_backend_pid()")
+
+    # -- capabilities ---------------------------------------------------------------------
+
+    @property
+    def has_tid_range_scan(self) -> bool:
+        """14+ scans a ctid range without reading the whole table; older servers would scan it per chunk."""
+        return self.version_num >= PG14
+
+    @property
+    def has_matviews(self) -> bool:
+        """Materialized views exist (9.3+)."""
+        return self.version_num >= PG93
+
+    @property
+    def has_partitioning(self) -> bool:
+        """Declarative partitioning (relkind 'p', relispartition) exists (10+)."""
+        return self.version_num >= PG10
+
+    @property
+    def has_generated_columns(self) -> bool:
+        """attgenerated exists (12+); generated columns are not COPYed."""
+        return self.version_num >= PG12
+
+    @property
+    def has_lo_metadata(self) -> bool:
+        """pg_largeobject_metadata exists (9.0+)."""
+        return self.version_num >= PG90
+
+    @property
+    def has_hex_bytea(self) -> bool:
+        """bytea_output = hex exists (9.0+)."""
+        return self.version_num >= PG90
+
+    def _need(self, minimum: int, what: str) -> None:
+        if self.version_num < minimum:
+            raise UnsupportedVersionError(
+                f"{what} needs PostgreSQL {minimum // 10000}.{minimum // 100 % 100} or later; this server is "
+                f"server_version_num {self.version_num}")
+
+
+def facts_for(version_num: int) -> Facts:
+    """The facts of a server, from SHOW server_version_num."""
+    if version_num < PG90:
+        raise UnsupportedVersionError(f"PostgreSQL server_version_num {version_num} is older than 9.0; "
+                                      f"pgleap supports sources from 9.0")
+    return Facts(version_num)
