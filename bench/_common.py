@@ -66,7 +66,7 @@ class ChildProcess:
     def start(self) -> ChildProcess:
         """Start the child with stdout and stderr going to its log file."""
         with self.log_path.open("wb") as log:
-            self._popen = subprocess.Popen(  # noqa: S603 - argv is ours
+            self._popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 user=self.user, group=self.user, extra_groups=[] if self.user else None,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop it in order
@@ -193,7 +193,7 @@ def run_pgbench(argv: Sequence[str], env: Mapping[str, str], log_prefix: Path, t
     """Run pgbench with --log under `log_prefix`; its summary plus every transaction's latency."""
     command = [*argv, "--log", f"--log-prefix={log_prefix}"]
     try:
-        result = subprocess.run(command, env={**os.environ, **env, "LC_ALL": "C"}, capture_output=True,  # noqa: S603
+        result = subprocess.run(command, env={**os.environ, **env, "LC_ALL": "C"}, capture_output=True,
                                 text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"pgbench did not finish within {timeout:g}s: {' '.join(command)}") from exc

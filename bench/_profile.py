@@ -36,13 +36,13 @@ def find_py_spy() -> Path:
 class PySpyRecorder:
     """`py-spy record` of one pid from start() until stop(), written as folded stacks."""
 
-    def __init__(self, py_spy: Path, pid: int, output: Path, *, rate: int = 200, native: bool = True) -> None:
+    def __init__(self, py_spy: Path, pid: int, output: Path, *, rate: int = 200, native: bool = False) -> None:
         self.py_spy = py_spy
         self.pid = pid
         self.output = output
         self.rate = rate
         self.native = native
-        self.log_path = output.with_suffix(".log")
+        self.log_path = output.with_suffix(".py-spy.log")
         self._popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -50,7 +50,7 @@ class PySpyRecorder:
         argv = [str(self.py_spy), "record", "--pid", str(self.pid), "--format", "raw", "--output", str(self.output),
                 "--rate", str(self.rate), "--nonblocking" if not self.native else "--native"]
         with self.log_path.open("wb") as log:
-            self._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603
+            self._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True)
 
     def stop(self, timeout: float = 60.0) -> Counter[str]:
@@ -102,18 +102,32 @@ def _module(function: str) -> str:
     return function[start + 2 : -1] if start >= 0 and function.endswith(")") else function
 
 
-def self_and_inclusive(stacks: Counter[str]) -> tuple[Counter[str], Counter[str], Counter[str]]:
-    """Samples per function as the leaf (self), per function anywhere on the stack, and self per module."""
+def _deepest_in(frames: list[str], marker: str) -> str | None:
+    """The innermost frame (with its line number) whose file contains `marker`, the CLI entry point aside."""
+    for frame in reversed(frames):
+        if marker in frame and f"{marker}cli/" not in frame:
+            return frame
+    return None
+
+
+def rankings(stacks: Counter[str],
+             marker: str = "pgleap/") -> tuple[Counter[str], Counter[str], Counter[str], Counter[str]]:
+    """Samples per function as the leaf (self), per module of the leaf, per function anywhere on the stack,
+    and per innermost source line of `marker` files (where pgleap's own code was when it was sampled)."""
     own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
     modules: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    lines: Counter[str] = Counter()
     for stack, count in stacks.items():
-        functions = [_function(frame) for frame in stack.split(";")]
+        frames = stack.split(";")
+        functions = [_function(frame) for frame in frames]
         own[functions[-1]] += count
         modules[_module(functions[-1])] += count
         for function in set(functions):
             inclusive[function] += count
-    return own, inclusive, modules
+        line = _deepest_in(frames, marker)
+        lines[line or "(outside pgleap's code: the event loop, uvloop/libuv, system calls)"] += count
+    return own, modules, inclusive, lines
 
 
 def _ranking(title: str, counter: Counter[str], total: int, top: int) -> list[str]:
@@ -123,16 +137,20 @@ def _ranking(title: str, counter: Counter[str], total: int, top: int) -> list[st
     return lines
 
 
-def summarize(stacks: Counter[str], *, seconds: float, rate: int, top: int = 25) -> str:
-    """A plain-text report of where the sampled process spent its CPU time."""
+def summarize(stacks: Counter[str], *, seconds: float, rate: int, cpu_percent: float, top: int = 20) -> str:
+    """A plain-text report of where the sampled process spent its time."""
     total = sum(stacks.values())
     if total == 0:
         return "py-spy recorded no busy samples."
-    own, inclusive, modules = self_and_inclusive(stacks)
-    expected = seconds * rate
-    lines = [f"{total} busy samples at {rate} Hz over {seconds:.1f} s "
-             f"(~{100.0 * total / expected:.0f}% of one CPU; idle samples excluded)" if expected else ""]
+    own, modules, inclusive, lines_of_code = rankings(stacks)
+    lines = [
+        f"{total} samples judged busy by py-spy, at {rate} Hz over {seconds:.1f} s; the process really used "
+        f"{cpu_percent:.0f}% of one CPU (/proc), so py-spy also counts time blocked in system calls",
+        "(a transport.write line is mostly the write() system call; time outside pgleap's code is the",
+        "uvloop event loop: epoll, read(), and calling the protocol callbacks)",
+    ]
+    lines += _ranking("by innermost line of pgleap's code:", lines_of_code, total, top)
     lines += _ranking("self time by function (the leaf frame):", own, total, top)
-    lines += _ranking("self time by file / library:", modules, total, 15)
+    lines += _ranking("self time by file / library:", modules, total, 12)
     lines += _ranking("inclusive time by function (anywhere on the stack):", inclusive, total, top)
     return "\n".join(lines)

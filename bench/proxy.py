@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import pgleap
 from _common import (
     LOCALHOST,
     BenchError,
@@ -42,8 +43,6 @@ from _common import (
     run_pgbench,
 )
 from _profile import PySpyRecorder, find_py_spy, summarize, write_folded
-
-import pgleap
 from pgleap.lab import Lab, LabServer, client_tool
 from pgleap.lab.osuser import give_to_server_user, server_user
 
@@ -155,6 +154,7 @@ class Settings:
     workloads: tuple[Workload, ...]
     profile: bool
     profile_rate: int
+    profile_native: bool
 
     @property
     def slice_seconds(self) -> int:
@@ -181,6 +181,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--profile", action="store_true",
                         help=f"sample pgleap with py-spy during {PROFILED_WORKLOAD}; writes to bench/results/")
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--profile-native", action="store_true",
+                        help="py-spy --native: C frames too (uvloop, libc); pauses pgleap at every sample")
     args = parser.parse_args(argv)
     by_name = {w.name: w for w in WORKLOADS}
     unknown = [name for name in args.workloads.split(",") if name not in by_name]
@@ -191,7 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     return Settings(seconds=args.seconds, rounds=args.rounds, clients=args.clients, jobs=args.jobs,
                     scale=args.scale, major=args.major, warmup=args.warmup,
                     workloads=tuple(by_name[name] for name in args.workloads.split(",")),
-                    profile=args.profile, profile_rate=args.profile_rate)
+                    profile=args.profile, profile_rate=args.profile_rate, profile_native=args.profile_native)
 
 
 def progress(message: str) -> None:
@@ -216,7 +218,7 @@ def server_settings(clients: int) -> dict[str, str]:
 def initialise_pgbench(pgbench: Path, server: LabServer, scale: int) -> None:
     """pgbench -i -s <scale>, directly on the server."""
     progress(f"pgbench -i -s {scale} on {server.name} (port {server.port}) ...")
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         [str(pgbench), "-i", "-q", "-s", str(scale), "-h", LOCALHOST, "-p", str(server.port), "-U", server.superuser,
          DATABASE],
         env={**os.environ, "PGPASSWORD": server.password, "LC_ALL": "C"}, capture_output=True, text=True,
@@ -382,7 +384,7 @@ def warm_up(pgbench: Path, targets: Sequence[Target], settings: Settings) -> Non
     for target in targets:
         progress(f"warm-up: {settings.warmup:g} s of -S through {target.name}")
         argv = pgbench_command(pgbench, target, settings, ("-S",), settings.warmup)
-        result = subprocess.run(argv, env={**os.environ, "PGPASSWORD": target.password, "LC_ALL": "C"},  # noqa: S603
+        result = subprocess.run(argv, env={**os.environ, "PGPASSWORD": target.password, "LC_ALL": "C"},
                                 capture_output=True, text=True, timeout=settings.warmup + 300, check=False,
                                 stdin=subprocess.DEVNULL)
         if result.returncode != 0:
@@ -404,7 +406,7 @@ def maybe_profiling(settings: Settings, target: Target, workload: Workload, stac
     assert target.process is not None
     RESULTS_DIR.mkdir(exist_ok=True)
     recorder = PySpyRecorder(find_py_spy(), target.process.pid, RESULTS_DIR / "pgleap-slice.folded",
-                             rate=settings.profile_rate)
+                             rate=settings.profile_rate, native=settings.profile_native)
     recorder.start()
     try:
         yield True
@@ -448,7 +450,7 @@ class Environment:
 
 def pgbouncer_version() -> str:
     """PgBouncer's version line."""
-    result = subprocess.run([str(pgbouncer_executable()), "--version"], capture_output=True, text=True,  # noqa: S603
+    result = subprocess.run([str(pgbouncer_executable()), "--version"], capture_output=True, text=True,
                             check=False, timeout=30)
     return (result.stdout.splitlines() or ["PgBouncer ?"])[0].strip()
 
@@ -516,14 +518,15 @@ def report(settings: Settings, env: Environment, measurements: Sequence[Measurem
 # -- the run ---------------------------------------------------------------------------------
 
 
-def write_profile(stacks: Counter[str], seconds: float, rate: int) -> str:
+def write_profile(stacks: Counter[str], measurements: Sequence[Measurement], rate: int) -> str:
     """Write the merged folded stacks and their summary to bench/results/; return the summary."""
-    if not stacks:
+    profiled = [m for m in measurements if m.profiled]
+    if not stacks or not profiled:
         return ""
     RESULTS_DIR.mkdir(exist_ok=True)
     folded = RESULTS_DIR / f"pgleap-{PROFILED_WORKLOAD}.folded"
     write_folded(stacks, folded)
-    text = summarize(stacks, seconds=seconds, rate=rate)
+    text = summarize(stacks, seconds=profiled[0].wall_seconds, rate=rate, cpu_percent=profiled[0].proxy_cpu_percent)
     (RESULTS_DIR / f"pgleap-{PROFILED_WORKLOAD}-top.txt").write_text(text + "\n")
     progress(f"profile: {folded} (load it into https://www.speedscope.app or flamegraph.pl)")
     return text
@@ -546,23 +549,24 @@ def run_benchmark(settings: Settings) -> tuple[Environment, list[Measurement], s
         ]
         warm_up(pgbench, targets, settings)
         measurements = measure_all(pgbench, targets, settings, workdir, stacks)
-        profiled_seconds = sum(m.wall_seconds for m in measurements if m.profiled)
-    profile_text = write_profile(stacks, profiled_seconds, settings.profile_rate)
+    profile_text = write_profile(stacks, measurements, settings.profile_rate)
     return env, measurements, profile_text
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit, so that everything started is stopped on the way out."""
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt (even when SIGINT was inherited as ignored, as
+    for `cmd &` in a script), so that everything started is stopped on the way out."""
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the report."""
     settings = parse_args(argv)
-    exit_on_sigterm()
+    stop_on_signals()
     try:
         env, measurements, profile_text = run_benchmark(settings)
     except BenchError as exc:

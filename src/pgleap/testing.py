@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from pgleap.config import Config, load_config
+from pgleap.config import Config, ServerConfig, load_config
 from pgleap.lab.ports import free_port
 from pgleap.proxy.server import Proxy
 
@@ -30,7 +30,7 @@ def render_config(
     extra: str = "",
     targets: dict[str, Any] | None = None,
 ) -> str:
-    """TOML for a proxy on a free port in front of `sources` ({database: server with host/port/superuser/password})."""
+    """TOML for a proxy on a free port in front of `sources`: {database: a LabServer (its superuser) or ServerConfig}."""
     lines = [
         "[pgleap]",
         'listen_addr = "127.0.0.1"',
@@ -42,13 +42,14 @@ def render_config(
     for name, (password, method) in (users or {"app": ("app-secret", "scram-sha-256")}).items():
         lines += ["[[users]]", f'name = "{name}"', f'password = "{password}"', f'auth_method = "{method}"']
     for database, server in sources.items():
+        user = server.user if isinstance(server, ServerConfig) else server.superuser
         lines += [
             "[[auto_upgrade]]",
             f'database = "{database}"',
             f'source_host = "{server.host}"',
             f"source_port = {server.port}",
             f'source_database = "{getattr(server, "database", "postgres")}"',
-            f'source_user = "{server.superuser}"',
+            f'source_user = "{user}"',
             f'source_password = "{server.password}"',
         ]
         target = (targets or {}).get(database)

@@ -187,6 +187,19 @@ async def show_stats(proxy: Proxy, _session: Session) -> Result:
     return Result(f"SHOW {len(rows)}", columns, rows)
 
 
+@command("SHOW UPGRADE TABLES")
+async def show_upgrade_tables(proxy: Proxy, _session: Session) -> Result:
+    """Copy progress per table: chunks, rows, bytes, rate, ETA and flags (e.g. no_key)."""
+    from pgleap.upgrade.copy.progress import SHOW_UPGRADE_TABLES_COLUMNS, show_upgrade_tables
+
+    store = proxy.state_store()
+    rows: list[Sequence[Any]] = []
+    if store is not None:
+        for name in sorted(proxy.databases):
+            rows.extend((name, *row) for row in show_upgrade_tables(store, name))
+    return Result(f"SHOW {len(rows)}", ["database", *SHOW_UPGRADE_TABLES_COLUMNS], rows)
+
+
 @command("PAUSE")
 async def pause(proxy: Proxy, _session: Session) -> Result:
     """Hold new transactions and wait until running ones have finished."""

@@ -11,6 +11,7 @@ import typer
 import uvloop
 
 from pgleap import __version__
+from pgleap.cli.copy import copy_command, replica_app
 from pgleap.config import load_config
 from pgleap.errors import PgleapError
 
@@ -48,6 +49,9 @@ def run(
     except OSError as exc:
         _fail(f"cannot listen on {cfg.proxy.listen_addr}:{cfg.proxy.listen_port}: {exc.strerror or exc}")
 
+
+app.command("copy")(copy_command)
+app.add_typer(replica_app, name="replica")
 
 lab_app = typer.Typer(help="Real local PostgreSQL servers for the demo and the tests.", no_args_is_help=True)
 app.add_typer(lab_app, name="lab")

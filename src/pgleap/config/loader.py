@@ -101,6 +101,20 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: must be between 0 and 1, got {value}")
         return value
 
+    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.get(name, str, default)
+        assert value is not None
+        if value not in allowed:
+            raise ConfigError(f"{self.key(name)}: {value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    def size_mb(self, name: str, default: float) -> float:
+        value = self.get(name, float, default)
+        assert value is not None
+        if value <= 0:
+            raise ConfigError(f"{self.key(name)}: must be more than 0 MB, got {value}")
+        return value
+
     def sub(self, name: str) -> _Table:
         self.used.add(name)
         return _Table(self.key(name), self.data.get(name, {}))
@@ -153,6 +167,11 @@ def _upgrade(table: _Table) -> UpgradeConfig:
         copy_batch_size=s.positive("copy_batch_size", SyncConfig.copy_batch_size),
         resync_on_error=bool(s.get("resync_on_error", bool, True)),
         max_resync_attempts=s.positive("max_resync_attempts", SyncConfig.max_resync_attempts),
+        on_schema_error=s.choice("on_schema_error", ("stop", "skip"), SyncConfig.on_schema_error),
+        split_threshold_mb=s.size_mb("split_threshold_mb", SyncConfig.split_threshold_mb),
+        chunk_mb=s.size_mb("chunk_mb", SyncConfig.chunk_mb),
+        copy_roles=bool(s.get("copy_roles", bool, True)),
+        copy_binary=bool(s.get("copy_binary", bool, True)),
     )
     s.finish()
     table.finish()
@@ -216,6 +235,7 @@ def _proxy(table: _Table, base: Path | None) -> tuple[ProxyConfig, AdminConfig]:
         tls_key=path("tls_key"),
         metrics_addr=table.get("metrics_addr", str, ProxyConfig.metrics_addr) or ProxyConfig.metrics_addr,
         metrics_port=table.port("metrics_port", 0, allow_zero=True) or 0,
+        state_path=path("state_path") or (base / "pgleap-state.db" if base else ProxyConfig.state_path),
     )
     admin = AdminConfig(user=table.require("admin_user", str), password=table.require("admin_password", str))
     table.finish()

@@ -41,6 +41,11 @@ class SyncConfig:
     copy_batch_size: int = 10000
     resync_on_error: bool = True
     max_resync_attempts: int = 3
+    on_schema_error: str = "stop"  # or "skip": what to do with an object the target rejects
+    split_threshold_mb: float = 256.0  # tables larger than this are copied as ranges, in parallel
+    chunk_mb: float = 128.0  # the size of one range
+    copy_roles: bool = True
+    copy_binary: bool = True  # binary COPY where every column type allows it
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ class ProxyConfig:
     tls_key: Path | None = None
     metrics_addr: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no metrics endpoint
+    state_path: Path = Path("pgleap-state.db")  # the durable state store (SQLite)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,23 @@ class ProxyCollector(Collector):
         yield servers
         yield from families.values()
         yield latency
+        yield from self._copy_gauges()
         yield GaugeMetricFamily("pgleap_paused", "1 while PAUSE holds new transactions", value=int(proxy.gate.paused))
+
+    def _copy_gauges(self) -> Iterator[Metric]:
+        from pgleap.upgrade.copy.progress import copy_gauges
+
+        store = self.proxy.state_store()
+        if store is None:
+            return
+        families: dict[str, GaugeMetricFamily] = {}
+        for database in sorted(self.proxy.databases):
+            for name, value in copy_gauges(store, database).items():
+                family = families.setdefault(
+                    name, GaugeMetricFamily(name, _COPY_HELP.get(name, name), labels=["database"])
+                )
+                family.add_metric([database], value)
+        yield from families.values()
 
 
 class MetricsServer:
@@ -74,6 +90,19 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+_COPY_HELP = {
+    "pgleap_copy_tables_total": "Tables the bulk copy has to copy",
+    "pgleap_copy_tables_done": "Tables copied completely",
+    "pgleap_copy_rows": "Rows copied so far",
+    "pgleap_copy_bytes": "Bytes copied so far",
+    "pgleap_copy_estimated_bytes": "Estimated bytes to copy in total",
+    "pgleap_copy_rate_bytes_per_second": "Current copy rate",
+    "pgleap_copy_eta_seconds": "Estimated seconds until the data copy ends (-1: unknown)",
+    "pgleap_copy_running": "1 while a copy run is in progress",
+    "pgleap_copy_schema_errors": "Objects the target rejected during the schema copy",
+}
 
 
 def start_metrics_server(proxy: Proxy, addr: str, port: int) -> MetricsServer:

@@ -16,6 +16,7 @@ from pgleap.proxy.backend import send_cancel
 from pgleap.proxy.gate import PauseGate
 from pgleap.proxy.route import Database
 from pgleap.proxy.session import Session
+from pgleap.store import StateStore
 
 if TYPE_CHECKING:
     from pgleap.admin.console import AdminConsole
@@ -52,6 +53,7 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._state: StateStore | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` in the background, keeping a reference until it ends."""
@@ -85,6 +87,12 @@ class Proxy:
         finally:
             self.sessions.pop(session.id, None)
             self._cancel_keys.pop(session.key, None)
+
+    def state_store(self) -> StateStore | None:
+        """The upgrade state store, once an upgrade step has created it (pgleap never creates it just to read)."""
+        if self._state is None and self.config.proxy.state_path.exists():
+            self._state = StateStore(self.config.proxy.state_path)
+        return self._state
 
     def client_count(self) -> int:
         """Client connections now open (admin sessions included)."""

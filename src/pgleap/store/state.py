@@ -240,6 +240,13 @@ class StateStore:
             db.execute("UPDATE copy_chunk SET status = 'inflight', target_txid = ?, snapshot = coalesce(?, snapshot) "
                        "WHERE database = ? AND chunk_id = ?", (target_txid, snapshot, database, chunk_id))
 
+    def mark_chunk_inflight_counts(self, database: str, chunk_id: str, rows: int, nbytes: int,
+                                   seconds: float) -> None:
+        """Record what an inflight chunk copied, just before its target transaction commits."""
+        with self._tx() as db:
+            db.execute("UPDATE copy_chunk SET rows = ?, bytes = ?, seconds = ? WHERE database = ? AND chunk_id = ?",
+                       (rows, nbytes, seconds, database, chunk_id))
+
     def mark_chunk_done(self, database: str, chunk_id: str, rows: int, nbytes: int, seconds: float) -> None:
         """Record a chunk whose target transaction committed."""
         with self._tx() as db:
@@ -249,7 +256,8 @@ class StateStore:
     def mark_chunk_pending(self, database: str, chunk_id: str) -> None:
         """Return a chunk whose target transaction rolled back to the queue."""
         with self._tx() as db:
-            db.execute("UPDATE copy_chunk SET status = 'pending', target_txid = NULL WHERE database = ? "
+            db.execute("UPDATE copy_chunk SET status = 'pending', target_txid = NULL, rows = 0, bytes = 0, "
+                       "seconds = 0 WHERE database = ? "
                        "AND chunk_id = ?", (database, chunk_id))
 
     # -- schema errors -----------------------------------------------------------------------

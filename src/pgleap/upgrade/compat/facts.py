@@ -99,6 +99,11 @@ class Facts:
         return ("SELECT pid FROM pg_stat_activity "
                 "WHERE backend_xid::text::bigint = ($1::bigint % 4294967296) AND pid <> pg_backend_pid()")
 
+    def drop_database_sql(self, quoted_name: str) -> str:
+        """DROP DATABASE, ending its sessions first where the server can (13+)."""
+        force = " WITH (FORCE)" if self.version_num >= PG13 else ""
+        return f"DROP DATABASE IF EXISTS {quoted_name}{force}"
+
     # -- capabilities ---------------------------------------------------------------------
 
     @property

@@ -1,0 +1,270 @@
+"""CopyJob: the bulk copy of one database, resumable, as the upgrade state machine calls it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pgleap.config import UpgradeConfig
+from pgleap.store import SchemaErrorRecord, StateStore
+from pgleap.upgrade.compat import catalog as sql
+from pgleap.upgrade.compat import facts_for
+from pgleap.upgrade.copy import roles, schema
+from pgleap.upgrade.copy.connect import connect, version_num
+from pgleap.upgrade.copy.data import DataCopy
+from pgleap.upgrade.copy.errors import CopyError, SchemaObjectError, SnapshotLostError
+from pgleap.upgrade.copy.largeobjects import copy_large_objects
+from pgleap.upgrade.copy.matviews import refresh_matviews
+from pgleap.upgrade.copy.model import CopyOptions
+from pgleap.upgrade.copy.progress import LiveCounters, total_progress
+from pgleap.upgrade.copy.readside import PrimaryReadSide, ReadSide, ReplicaReadSide
+from pgleap.upgrade.copy.sequences import copy_sequences
+from pgleap.upgrade.copy.target import prepare_target, source_encoding
+from pgleap.upgrade.copy.tools import find_tool
+
+log = logging.getLogger(__name__)
+
+STEPS = ("roles", "dump", "pre_data", "data", "large_objects", "post_data", "matviews", "sequences", "analyze")
+
+
+@dataclass
+class CopyReport:
+    """What a copy did: S, totals, time per step, the objects the target rejected."""
+
+    database: str
+    run_id: int
+    mode: str
+    snapshot: str
+    resumed: bool
+    restart_reason: str | None
+    rows: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    schema_errors: list[SchemaErrorRecord] = field(default_factory=list)
+
+
+def format_schema_errors(errors: list[SchemaErrorRecord]) -> str:
+    """Each rejected object with its error and definition, for the DBA."""
+    return "\n\n".join(f"[{e.section}] {e.object}\n  error: {e.error}\n  definition:\n    "
+                       + e.definition.replace("\n", "\n    ") for e in errors)
+
+
+class CopyJob:
+    """Copies the source database of `upgrade` to its target at one snapshot S; `run()` resumes if interrupted."""
+
+    def __init__(self, upgrade: UpgradeConfig, store: StateStore, options: CopyOptions | None = None, *,
+                 workdir: Path | None = None, bindir: Path | None = None, restart: bool = False,
+                 on_snapshot: Callable[[str], Awaitable[None]] | None = None) -> None:
+        if upgrade.target is None:
+            raise CopyError(f"auto_upgrade {upgrade.database!r} has no target_* settings; set target_host, "
+                            f"target_port and target_user to copy")
+        self.upgrade = upgrade
+        self.target = upgrade.target
+        self.store = store
+        self.options = options or CopyOptions(parallel_workers=upgrade.sync.parallel_workers)
+        self.database = upgrade.database
+        self.workdir = workdir or store.path.parent / f"{store.path.stem}.{upgrade.database}.copy"
+        self.bindir = bindir
+        self.restart = restart
+        self.live = LiveCounters()
+        self.step = "starting"
+        self._read_side: ReadSide | None = None
+        # Called once a new S is recorded, before any data is read (the state machine, tests).
+        self.on_snapshot = on_snapshot
+
+    @property
+    def mode(self) -> str:
+        """'replica' when Bob is configured, else 'primary'."""
+        return "replica" if self.upgrade.replica is not None else "primary"
+
+    def _new_read_side(self) -> ReadSide:
+        if self.upgrade.replica is not None:
+            return ReplicaReadSide(self.upgrade.replica)
+        return PrimaryReadSide(self.upgrade.source)
+
+    async def _open(self) -> CopyReport:
+        """Resume the stored run when its S still holds, else start a new run (and say why)."""
+        run = self.store.run(self.database)
+        reason: str | None = None
+        side = self._new_read_side()
+        if run is not None and run.status != "done" and not self.restart:
+            try:
+                if run.mode != self.mode:
+                    raise SnapshotLostError(f"the previous run read from the {run.mode}, this one reads from "
+                                            f"the {self.mode}")
+                if run.snapshot is None:
+                    raise SnapshotLostError("the previous run stopped before S was recorded")
+                if not isinstance(side, ReplicaReadSide):
+                    raise SnapshotLostError("the snapshot exported on the primary ended with the previous "
+                                            "pgleap process")
+                await side.reuse(run)
+                self._read_side = side
+                log.info("resuming copy run %d at S = %s", run.run_id, run.snapshot)
+                return CopyReport(self.database, run.run_id, run.mode, run.snapshot, True, None)
+            except SnapshotLostError as exc:
+                reason = f"S of run {run.run_id} can no longer be honoured: {exc}"
+                log.warning("%s; starting the copy over", reason)
+        elif run is not None:
+            reason = "restart requested" if self.restart else "the previous copy finished; copying again"
+        # Check (or recreate) the target before recording a run: a run in the store means pgleap
+        # owns the target database's contents and may drop them to start over.
+        await self._prepare_target(recreate=run is not None)
+        new = self.store.start_run(self.database, self.mode, reason)
+        info = await side.take()
+        self._read_side = side
+        self.store.set_snapshot(self.database, info.snapshot, info.lsn, info.replica_start)
+        self._remove_dump()
+        if self.on_snapshot is not None:
+            await self.on_snapshot(info.snapshot)
+        return CopyReport(self.database, new.run_id, self.mode, info.snapshot, False, reason)
+
+    async def _prepare_target(self, *, recreate: bool) -> None:
+        conn = await connect(self.upgrade.source, role="source")
+        try:
+            encoding = await source_encoding(conn)
+        finally:
+            await conn.close()
+        await prepare_target(self.target, encoding, recreate=recreate)
+
+    @property
+    def _dump_path(self) -> Path:
+        return self.workdir / "schema.dump"
+
+    def _remove_dump(self) -> None:
+        self._dump_path.unlink(missing_ok=True)
+
+    async def run(self) -> CopyReport:
+        """Run (or resume) the copy to the end; raises CopyError subclasses with what to do."""
+        started = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        report = await self._open()
+        side = self._read_side
+        assert side is not None
+        success = False
+        try:
+            for step in STEPS:
+                if self.store.step_status(self.database, step) == "done" and not (
+                        step == "dump" and not self._dump_path.exists()):
+                    continue
+                rerun = self.store.step_status(self.database, step) == "started"
+                self.step = step
+                self.store.mark_step(self.database, step, "started")
+                t0 = time.monotonic()
+                await getattr(self, f"_step_{step}")(side, rerun)
+                report.step_seconds[step] = time.monotonic() - t0
+                self.store.mark_step(self.database, step, "done")
+            success = True
+        finally:
+            self.step = "done" if success else "failed"
+            await side.close(success=success and self.options.resume_replay)
+            if not success:
+                self.store.finish_run(self.database, "failed")
+        self.store.finish_run(self.database, "done")
+        total = total_progress(self.store, self.database)
+        report.rows, report.bytes = total.rows, total.bytes
+        report.seconds = time.monotonic() - started
+        report.schema_errors = self.store.schema_errors(self.database)
+        return report
+
+    def _handle(self, errors: list[SchemaErrorRecord]) -> None:
+        for error in errors:
+            self.store.add_schema_error(self.database, error)
+        if errors and self.options.on_schema_error == "stop":
+            raise SchemaObjectError(
+                f"the target rejected {len(errors)} schema object(s); fix them (or set on_schema_error = "
+                f"\"skip\" to copy without them) and run the copy again:\n\n" + format_schema_errors(errors))
+
+    async def _target_major(self) -> int:
+        conn = await connect(self.target, role="target")
+        try:
+            return await version_num(conn) // 10000
+        finally:
+            await conn.close()
+
+    # -- steps -------------------------------------------------------------------------------
+
+    async def _step_roles(self, side: ReadSide, rerun: bool) -> None:
+        del rerun  # applying roles is idempotent
+        if not self.options.copy_roles:
+            return
+        tool = find_tool("pg_dumpall", await self._target_major(), self.bindir)
+        conn = await connect(side.server, role=side.role)
+        try:
+            superuser = bool(await conn.fetchval(sql.is_superuser_sql()))
+        finally:
+            await conn.close()
+        script = await roles.dump_roles(tool, side.server, with_passwords=superuser)
+        statements = roles.adapt(roles.split_statements(script), {self.target.user})
+        self._handle(await roles.apply_roles(self.target, statements))
+
+    async def _step_dump(self, side: ReadSide, rerun: bool) -> None:
+        del rerun
+        tool = find_tool("pg_dump", await self._target_major(), self.bindir)
+        await schema.dump_schema(tool, side.server, self._dump_path, side.dump_args())
+
+    async def _restore(self, section: str, jobs: int, rerun: bool) -> None:
+        tool = find_tool("pg_restore", await self._target_major(), self.bindir)
+        self._handle(await schema.restore_section(tool, self.target, self._dump_path, section, jobs=jobs,
+                                                  stop_on_error=self.options.on_schema_error == "stop",
+                                                  rerun=rerun))
+
+    async def _step_pre_data(self, side: ReadSide, rerun: bool) -> None:
+        del side
+        await self._restore("pre-data", 1, rerun)
+
+    async def _step_data(self, side: ReadSide, rerun: bool) -> None:
+        del rerun
+        await DataCopy(self.store, self.database, side, self.upgrade.source, self.target, self.options,
+                       self.live).run()
+
+    async def _step_large_objects(self, side: ReadSide, rerun: bool) -> None:
+        del rerun
+        source = await side.session()
+        target = await connect(self.target, role="target")
+        try:
+            count = await copy_large_objects(source, side.facts, target)
+            log.info("copied %d large objects", count)
+        finally:
+            await source.close()
+            await target.close()
+
+    async def _step_post_data(self, side: ReadSide, rerun: bool) -> None:
+        del side
+        await self._restore("post-data", self.options.parallel_workers, rerun)
+
+    async def _step_matviews(self, side: ReadSide, rerun: bool) -> None:
+        del rerun
+        source = await side.session()
+        target = await connect(self.target, role="target")
+        try:
+            self._handle(await refresh_matviews(source, side.facts, target))
+        finally:
+            await source.close()
+            await target.close()
+
+    async def _step_sequences(self, side: ReadSide, rerun: bool) -> None:
+        del side, rerun
+        # From the primary, never the standby (a 9.x standby reads sequences up to 32 values ahead).
+        primary = await connect(self.upgrade.source, role="source")
+        target = await connect(self.target, role="target")
+        try:
+            facts = facts_for(await version_num(primary))
+            count = await copy_sequences(primary, facts, target)
+            log.info("set %d sequences from the primary", count)
+        finally:
+            await primary.close()
+            await target.close()
+
+    async def _step_analyze(self, side: ReadSide, rerun: bool) -> None:
+        del side, rerun
+        if not self.options.analyze:
+            return
+        target = await connect(self.target, role="target")
+        try:
+            await target.execute("ANALYZE")  # planner statistics do not travel with a dump
+        finally:
+            await target.close()

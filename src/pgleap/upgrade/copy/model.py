@@ -1,0 +1,80 @@
+"""Records the copy works with: tables, columns and the copy's options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pgleap.upgrade.copy.connect import qualified
+
+INTEGER_KEY_TYPES = frozenset({"int2", "int4", "int8"})
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column COPY carries."""
+
+    name: str
+    type_name: str
+    type_schema: str
+    element_name: str | None
+
+
+@dataclass(frozen=True)
+class Table:
+    """A source table with rows of its own (partitioned parents have none; their leaves are tables here)."""
+
+    schema: str
+    name: str
+    oid: int
+    persistence: str
+    pages: int
+    reltuples: float
+    is_partition: bool
+    has_children: bool
+    columns: tuple[Column, ...] = ()
+    key: tuple[str, ...] = ()
+    key_types: tuple[str, ...] = ()
+    binary: bool = True
+
+    @property
+    def qualified(self) -> str:
+        """"schema"."name"."""
+        return qualified(self.schema, self.name)
+
+    @property
+    def label(self) -> str:
+        """schema.name, unquoted, for humans."""
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def unlogged(self) -> bool:
+        """Unlogged tables are empty on a standby and unreadable there; they are read on the primary."""
+        return self.persistence == "u"
+
+    @property
+    def integer_key(self) -> str | None:
+        """The single integer primary-key column, which splits into value ranges; else None."""
+        if len(self.key) == 1 and self.key_types[0] in INTEGER_KEY_TYPES:
+            return self.key[0]
+        return None
+
+
+@dataclass(frozen=True)
+class CopyOptions:
+    """Knobs of one copy (config keys proposed under [auto_upgrade.sync])."""
+
+    parallel_workers: int = 4
+    split_threshold_bytes: int = 256 * 1024 * 1024  # tables above this are split into ranges
+    chunk_bytes: int = 128 * 1024 * 1024  # target size of one range
+    on_schema_error: str = "stop"  # or "skip"
+    copy_roles: bool = True
+    binary: bool = True  # False forces text COPY everywhere
+    resume_replay: bool = True  # resume replay on the replica once the copy is done
+    analyze: bool = True  # ANALYZE the target at the end (statistics do not travel)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.on_schema_error not in ("stop", "skip"):
+            raise ValueError(f"on_schema_error must be 'stop' or 'skip', got {self.on_schema_error!r}")
+        if self.parallel_workers < 1:
+            raise ValueError("parallel_workers must be at least 1")
