@@ -227,3 +227,98 @@ def median(values: Iterable[float]) -> float:
 def ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator, NaN when the denominator is 0 or NaN."""
     return numerator / denominator if denominator and denominator == denominator else float("nan")
+
+
+# -- timed commands (bench/copy.py) --------------------------------------------------------
+
+
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt (even when SIGINT was inherited as ignored, as
+    for `cmd &` in a script), so that `finally` blocks and context managers stop what was started."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def proc_self_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of one process itself (not its children), from /proc/<pid>/stat; None if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of every child (and their waited-for descendants) this process has reaped."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class TimedRun:
+    """What one timed command did: exit code, wall seconds, its output, and the CPU it used."""
+
+    argv: list[str]
+    returncode: int
+    seconds: float
+    stdout: str
+    stderr: str
+    self_cpu_seconds: float  # the command's own process, sampled from /proc while it ran
+    tree_cpu_seconds: float  # the command and every descendant it waited for (getrusage)
+
+
+def _stop_group(popen: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the process group we started (its id is the child's pid), then SIGKILL."""
+    if popen.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(popen.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            popen.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_timed(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 3600.0,
+              log_path: Path | None = None, cwd: Path | None = None) -> TimedRun:
+    """Run a command in its own process group and time it; stopped (by its group id) on timeout, Ctrl-C or error.
+
+    stdout and stderr go to temporary files (or `log_path` + .out/.err), so a chatty tool never blocks on a pipe.
+    """
+    import tempfile
+
+    command = [str(a) for a in argv]
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        out_path = log_path.with_suffix(".out") if log_path else Path(tmp) / "out"
+        err_path = log_path.with_suffix(".err") if log_path else Path(tmp) / "err"
+        cpu_before = children_cpu_seconds()
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            started = time.monotonic()
+            popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                     env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+            self_cpu = 0.0
+            try:
+                deadline = started + timeout
+                while popen.poll() is None:
+                    sample = proc_self_cpu_seconds(popen.pid)
+                    if sample is not None:
+                        self_cpu = sample
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"{command[0]} did not finish within {timeout:g}s: {' '.join(command)}")
+                    time.sleep(0.05)
+            except BaseException:
+                _stop_group(popen)
+                raise
+            seconds = time.monotonic() - started
+        tree_cpu = children_cpu_seconds() - cpu_before
+        return TimedRun(command, popen.returncode, seconds, out_path.read_text(errors="replace"),
+                        err_path.read_text(errors="replace"), self_cpu, tree_cpu)

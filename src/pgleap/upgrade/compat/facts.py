@@ -136,6 +136,33 @@ class Facts:
         """bytea_output = hex exists (9.0+)."""
         return self.version_num >= PG90
 
+    # -- standbys: configuration of a new replica -------------------------------------------
+
+    @property
+    def uses_recovery_conf(self) -> bool:
+        """Standby settings go in recovery.conf (before 12); 12+ refuses to start with one."""
+        return self.version_num < PG12
+
+    @property
+    def socket_dir_setting(self) -> str:
+        """The setting naming the unix socket directory (plural and a list from 9.3)."""
+        return "unix_socket_directories" if self.version_num >= PG93 else "unix_socket_directory"
+
+    @property
+    def basebackup_wal_method(self) -> str:
+        """pg_basebackup -X: stream needs 9.3+ servers; older ones only hand WAL over at the end (fetch)."""
+        return "stream" if self.version_num >= PG93 else "fetch"
+
+    @property
+    def has_auto_conf(self) -> bool:
+        """postgresql.auto.conf is read (9.4+); before, settings must go in postgresql.conf."""
+        return self.version_num >= PG94
+
+    @property
+    def password_auth_method(self) -> str:
+        """The strongest password method in pg_hba.conf: SCRAM from 10, md5 before."""
+        return "scram-sha-256" if self.version_num >= PG10 else "md5"
+
     def _need(self, minimum: int, what: str) -> None:
         if self.version_num < minimum:
             raise UnsupportedVersionError(

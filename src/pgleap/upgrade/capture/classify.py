@@ -1,0 +1,206 @@
+"""What a statement does to a transaction and to data, decided from its text with pglast.
+
+The capture path asks this for every statement it sees, so results are cached by text.
+When the text cannot be parsed (old syntax such as `WITH OIDS`, or a dialect pglast's
+PostgreSQL 17 grammar rejects) the statement counts as a write: capturing a read costs a
+little, missing a write loses data.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pglast import ast, parse_sql
+from pglast.enums import TransactionStmtKind
+from pglast.parser import ParseError
+from pglast.visitors import Visitor
+
+_CACHE_SIZE = 16_384
+
+
+class Kind(enum.StrEnum):
+    """The role a statement plays for capture."""
+
+    READ = "read"  # cannot change data
+    WRITE = "write"  # changes rows (DML, COPY FROM, SELECT INTO, EXPLAIN ANALYZE of DML)
+    MAYBE_WRITE = "maybe_write"  # calls functions that might write: captured, the probe decides
+    DDL = "ddl"  # changes the schema
+    SESSION = "session"  # changes session state (SET, RESET, DISCARD, PREPARE, LISTEN...)
+    BEGIN = "begin"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    SAVEPOINT = "savepoint"
+    RELEASE = "release"
+    ROLLBACK_TO = "rollback_to"
+    TWO_PHASE = "two_phase"  # PREPARE TRANSACTION / COMMIT PREPARED / ROLLBACK PREPARED
+    UTILITY = "utility"  # changes no data a target needs (VACUUM, ANALYZE, CHECKPOINT, LOCK...)
+
+
+@dataclass(frozen=True)
+class StatementInfo:
+    """One statement of a query string, classified."""
+
+    kind: Kind
+    command: str  # the parse node, e.g. "InsertStmt"; "Unparseable" when pglast failed
+    text: str  # this statement's own text within the query string
+    relations: tuple[str, ...] = ()  # relations it writes, as written in the statement
+    savepoint: str | None = None
+    setting: tuple[str, bool] | None = None  # (name, SET LOCAL?) for SET/RESET
+
+    @property
+    def writes(self) -> bool:
+        """Whether capture must keep this statement for replay."""
+        return self.kind in (Kind.WRITE, Kind.MAYBE_WRITE, Kind.DDL)
+
+
+# Functions that read but never write: a SELECT calling only these is a read. Anything else
+# might write (user functions, nextval, setval, lo_*, dblink...).
+READ_ONLY_FUNCTIONS = frozenset(
+    """
+    abs age array_agg array_length array_position array_to_string avg bool_and bool_or btrim ceil ceiling
+    char_length character_length clock_timestamp coalesce concat concat_ws count current_database
+    current_schema current_setting date_part date_trunc decode encode every exp extract floor format
+    generate_series greatest initcap json_agg json_build_array json_build_object jsonb_agg
+    jsonb_build_array jsonb_build_object jsonb_set least left length ln log lower lpad ltrim make_date
+    make_interval make_timestamp max md5 min mod now nullif octet_length overlaps pg_backend_pid pg_sleep
+    position power quote_ident quote_literal random rank regexp_match regexp_replace regexp_split_to_array
+    repeat replace reverse right round row_number rpad rtrim sign split_part sqrt statement_timestamp
+    string_agg strpos substr substring sum timeofday to_char to_date to_json to_jsonb to_number
+    to_timestamp transaction_timestamp translate trim trunc txid_current txid_current_snapshot
+    txid_snapshot_xmax txid_snapshot_xmin txid_visible_in_snapshot unnest upper version dense_rank
+    lag lead first_value last_value ntile percent_rank cume_dist stddev variance array_remove
+    array_append array_prepend array_cat cardinality
+    """.split()
+)
+
+_WRITE_NODES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt) + ((ast.MergeStmt,) if hasattr(ast, "MergeStmt") else ())
+_SESSION_NODES = tuple(
+    getattr(ast, name)
+    for name in (
+        "VariableSetStmt",
+        "DiscardStmt",
+        "PrepareStmt",
+        "DeallocateStmt",
+        "ListenStmt",
+        "UnlistenStmt",
+        "DeclareCursorStmt",
+        "ClosePortalStmt",
+        "FetchStmt",
+        "LoadStmt",
+    )
+    if hasattr(ast, name)
+)
+_READ_NODES = tuple(getattr(ast, n) for n in ("VariableShowStmt", "ExplainStmt", "NotifyStmt") if hasattr(ast, n))
+_UTILITY_NODES = tuple(
+    getattr(ast, n)
+    for n in ("VacuumStmt", "CheckPointStmt", "LockStmt", "ReindexStmt", "ClusterStmt", "ConstraintsSetStmt")
+    if hasattr(ast, n)
+)
+_TRANSACTION_KINDS = {
+    TransactionStmtKind.TRANS_STMT_BEGIN: Kind.BEGIN,
+    TransactionStmtKind.TRANS_STMT_START: Kind.BEGIN,
+    TransactionStmtKind.TRANS_STMT_COMMIT: Kind.COMMIT,
+    TransactionStmtKind.TRANS_STMT_ROLLBACK: Kind.ROLLBACK,
+    TransactionStmtKind.TRANS_STMT_SAVEPOINT: Kind.SAVEPOINT,
+    TransactionStmtKind.TRANS_STMT_RELEASE: Kind.RELEASE,
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_TO: Kind.ROLLBACK_TO,
+    TransactionStmtKind.TRANS_STMT_PREPARE: Kind.TWO_PHASE,
+    TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED: Kind.TWO_PHASE,
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED: Kind.TWO_PHASE,
+}
+
+
+class _Scan(Visitor):  # type: ignore[misc]
+    """Collects what a statement tree contains that matters for capture."""
+
+    def __init__(self) -> None:
+        self.functions: list[str] = []
+        self.writes: list[str] = []
+
+    def visit_FuncCall(self, _ancestors: object, node: ast.FuncCall) -> None:
+        self.functions.append(node.funcname[-1].sval.lower())
+
+    def visit_InsertStmt(self, _ancestors: object, node: ast.InsertStmt) -> None:
+        self.writes.append(_relation_name(node.relation))
+
+    def visit_UpdateStmt(self, _ancestors: object, node: ast.UpdateStmt) -> None:
+        self.writes.append(_relation_name(node.relation))
+
+    def visit_DeleteStmt(self, _ancestors: object, node: ast.DeleteStmt) -> None:
+        self.writes.append(_relation_name(node.relation))
+
+
+def _relation_name(rangevar: ast.RangeVar | None) -> str:
+    if rangevar is None:
+        return ""
+    return ".".join(p for p in (rangevar.schemaname, rangevar.relname) if p)
+
+
+def _scan(node: ast.Node) -> _Scan:
+    scan = _Scan()
+    scan(node)
+    return scan
+
+
+def _classify_node(node: ast.Node, text: str) -> StatementInfo:
+    command = type(node).__name__
+    if isinstance(node, ast.TransactionStmt):
+        kind = _TRANSACTION_KINDS[TransactionStmtKind(node.kind)]
+        return StatementInfo(kind, command, text, savepoint=node.savepoint_name)
+    if isinstance(node, _WRITE_NODES):
+        return StatementInfo(Kind.WRITE, command, text, tuple(dict.fromkeys(_scan(node).writes)))
+    if isinstance(node, ast.CopyStmt):
+        if node.is_from:
+            return StatementInfo(Kind.WRITE, command, text, (_relation_name(node.relation),))
+        return StatementInfo(Kind.READ, command, text)
+    if isinstance(node, ast.SelectStmt):
+        return _classify_select(node, command, text)
+    if isinstance(node, ast.ExplainStmt):
+        analyze = any(opt.defname == "analyze" for opt in node.options or ())
+        inner = _classify_node(node.query, text)
+        if analyze and inner.writes:  # EXPLAIN ANALYZE runs the statement
+            return StatementInfo(inner.kind, command, text, inner.relations)
+        return StatementInfo(Kind.READ, command, text)
+    if isinstance(node, ast.VariableSetStmt):
+        return StatementInfo(Kind.SESSION, command, text, setting=(node.name or "", bool(node.is_local)))
+    if isinstance(node, _SESSION_NODES):
+        return StatementInfo(Kind.SESSION, command, text)
+    if isinstance(node, _READ_NODES):
+        return StatementInfo(Kind.READ, command, text)
+    if isinstance(node, _UTILITY_NODES):
+        return StatementInfo(Kind.UTILITY, command, text)
+    if isinstance(node, (ast.CallStmt, ast.DoStmt, ast.ExecuteStmt)):
+        return StatementInfo(Kind.MAYBE_WRITE, command, text)
+    # CREATE/ALTER/DROP/GRANT/COMMENT/TRUNCATE... all change what the target must hold.
+    return StatementInfo(Kind.DDL, command, text)
+
+
+def _classify_select(node: ast.SelectStmt, command: str, text: str) -> StatementInfo:
+    if node.intoClause is not None:  # SELECT ... INTO creates a table
+        return StatementInfo(Kind.DDL, command, text)
+    scan = _scan(node)
+    if scan.writes:  # a writable CTE
+        return StatementInfo(Kind.WRITE, command, text, tuple(dict.fromkeys(scan.writes)))
+    if any(f not in READ_ONLY_FUNCTIONS for f in scan.functions):
+        return StatementInfo(Kind.MAYBE_WRITE, command, text)
+    return StatementInfo(Kind.READ, command, text)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def classify(sql: str) -> tuple[StatementInfo, ...]:
+    """Classify every statement of a query string (cached by text)."""
+    try:
+        raw = parse_sql(sql)
+    except ParseError:
+        return (StatementInfo(Kind.WRITE, "Unparseable", sql),)
+    if not raw:
+        return ()
+    infos = []
+    for stmt in raw:
+        # pglast gives character offsets (it converts libpg_query's byte offsets); 0 length = to the end.
+        start = stmt.stmt_location or 0
+        end = start + stmt.stmt_len if stmt.stmt_len else len(sql)
+        infos.append(_classify_node(stmt.stmt, sql[start:end].strip()))
+    return tuple(infos)

@@ -1,0 +1,78 @@
+"""Statement classification for capture (pure logic, no server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgleap.upgrade.capture import Kind, classify
+
+
+@pytest.mark.parametrize(
+    ("sql", "kinds"),
+    [
+        ("select 1", [Kind.READ]),
+        ("select now(), lower(x), count(*) from t where a = $1", [Kind.READ]),
+        ("select * from t for update", [Kind.READ]),
+        ("insert into t values (1) returning id", [Kind.WRITE]),
+        ("update t set a = a + 1 where id = $1", [Kind.WRITE]),
+        ("delete from t", [Kind.WRITE]),
+        ("copy t (a, b) from stdin", [Kind.WRITE]),
+        ("copy t to stdout", [Kind.READ]),
+        ("select nextval('s')", [Kind.MAYBE_WRITE]),
+        ("select my_schema.audit(1)", [Kind.MAYBE_WRITE]),
+        ("call proc()", [Kind.MAYBE_WRITE]),
+        ("do $$ begin perform 1; end $$", [Kind.MAYBE_WRITE]),
+        ("execute prepared_insert(1)", [Kind.MAYBE_WRITE]),
+        ("with gone as (delete from t returning *) select count(*) from gone", [Kind.WRITE]),
+        ("explain analyze update t set a = 1", [Kind.WRITE]),
+        ("explain update t set a = 1", [Kind.READ]),
+        ("select * into t2 from t", [Kind.DDL]),
+        ("create table t2 (a int)", [Kind.DDL]),
+        ("alter table t add column c int", [Kind.DDL]),
+        ("truncate t", [Kind.DDL]),
+        ("create index concurrently i on t (a)", [Kind.DDL]),
+        ("set search_path = app, public", [Kind.SESSION]),
+        ("reset all", [Kind.SESSION]),
+        ("discard all", [Kind.SESSION]),
+        ("listen ch", [Kind.SESSION]),
+        ("notify ch, 'x'", [Kind.READ]),
+        ("vacuum analyze t", [Kind.UTILITY]),
+        ("lock table t in exclusive mode", [Kind.UTILITY]),
+        ("begin", [Kind.BEGIN]),
+        ("start transaction isolation level serializable", [Kind.BEGIN]),
+        ("commit", [Kind.COMMIT]),
+        ("end", [Kind.COMMIT]),
+        ("rollback", [Kind.ROLLBACK]),
+        ("abort", [Kind.ROLLBACK]),
+        ("savepoint a", [Kind.SAVEPOINT]),
+        ("release savepoint a", [Kind.RELEASE]),
+        ("rollback to savepoint a", [Kind.ROLLBACK_TO]),
+        ("prepare transaction 'x'", [Kind.TWO_PHASE]),
+        ("begin; update t set a = 1; commit", [Kind.BEGIN, Kind.WRITE, Kind.COMMIT]),
+        ("", []),
+    ],
+)
+def test_kinds(sql: str, kinds: list[Kind]) -> None:
+    assert [info.kind for info in classify(sql)] == kinds
+
+
+def test_unparseable_counts_as_write() -> None:
+    """Old syntax pglast's grammar rejects (WITH OIDS was removed in 12) is captured, never dropped."""
+    (info,) = classify("create table old_style (a int) with oids")
+    assert info.kind is Kind.WRITE and info.command == "Unparseable" and info.writes
+
+
+def test_statement_texts_and_relations_in_multi_statement_strings() -> None:
+    infos = classify("select 'éé'; insert into app.accounts values (2); update t set a = 1; select 'ü'")
+    assert [i.text for i in infos] == ["select 'éé'", "insert into app.accounts values (2)", "update t set a = 1", "select 'ü'"]
+    assert [i.relations for i in infos] == [(), ("app.accounts",), ("t",), ()]
+
+
+def test_savepoint_names_and_settings() -> None:
+    assert classify("rollback to savepoint sp_1")[0].savepoint == "sp_1"
+    assert classify("set local timezone = 'UTC'")[0].setting == ("timezone", True)
+    assert classify("set datestyle to iso")[0].setting == ("datestyle", False)
+
+
+def test_results_are_cached_by_text() -> None:
+    assert classify("select 42") is classify("select 42")
