@@ -64,7 +64,8 @@ def test_unparseable_counts_as_write() -> None:
 
 def test_statement_texts_and_relations_in_multi_statement_strings() -> None:
     infos = classify("select 'éé'; insert into app.accounts values (2); update t set a = 1; select 'ü'")
-    assert [i.text for i in infos] == ["select 'éé'", "insert into app.accounts values (2)", "update t set a = 1", "select 'ü'"]
+    texts = ["select 'éé'", "insert into app.accounts values (2)", "update t set a = 1", "select 'ü'"]
+    assert [i.text for i in infos] == texts
     assert [i.relations for i in infos] == [(), ("app.accounts",), ("t",), ()]
 
 
