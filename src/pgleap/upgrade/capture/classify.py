@@ -57,7 +57,7 @@ class StatementInfo:
 
 # Functions that read but never write: a SELECT calling only these is a read. Anything else
 # might write (user functions, nextval, setval, lo_*, dblink...).
-READ_ONLY_FUNCTIONS = frozenset(  # noqa: SIM905 (a word list reads better than 130 quoted strings)
+READ_ONLY_FUNCTIONS = frozenset(
     """
     abs age array_agg array_length array_position array_to_string avg bool_and bool_or btrim ceil ceiling
     char_length character_length clock_timestamp coalesce concat concat_ws count current_database
@@ -120,7 +120,8 @@ class _Scan(Visitor):  # type: ignore[misc]
         self.writes: list[str] = []
 
     def visit_FuncCall(self, _ancestors: object, node: ast.FuncCall) -> None:
-        self.functions.append(node.funcname[-1].sval.lower())
+        if node.funcname:
+            self.functions.append(node.funcname[-1].sval.lower())
 
     def visit_InsertStmt(self, _ancestors: object, node: ast.InsertStmt) -> None:
         self.writes.append(_relation_name(node.relation))
@@ -147,7 +148,7 @@ def _scan(node: ast.Node) -> _Scan:
 def _classify_node(node: ast.Node, text: str) -> StatementInfo:
     command = type(node).__name__
     if isinstance(node, ast.TransactionStmt):
-        kind = _TRANSACTION_KINDS[TransactionStmtKind(node.kind)]
+        kind = _TRANSACTION_KINDS[TransactionStmtKind(node.kind or 0)]
         return StatementInfo(kind, command, text, savepoint=node.savepoint_name)
     if isinstance(node, _WRITE_NODES):
         return StatementInfo(Kind.WRITE, command, text, tuple(dict.fromkeys(_scan(node).writes)))
