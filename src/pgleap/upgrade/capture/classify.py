@@ -112,7 +112,7 @@ _TRANSACTION_KINDS = {
 }
 
 
-class _Scan(Visitor):  # type: ignore[misc]
+class _Scan(Visitor):
     """Collects what a statement tree contains that matters for capture."""
 
     def __init__(self) -> None:
