@@ -288,7 +288,7 @@ def _stop_group(popen: subprocess.Popen[bytes], grace: float = 10.0) -> None:
             continue
 
 
-def run_timed(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 3600.0,
+def run_timed(argv: Sequence[str | Path], *, env: Mapping[str, str] | None = None, timeout: float = 3600.0,
               log_path: Path | None = None, cwd: Path | None = None) -> TimedRun:
     """Run a command in its own process group and time it; stopped (by its group id) on timeout, Ctrl-C or error.
 

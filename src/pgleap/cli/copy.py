@@ -161,19 +161,27 @@ def replica_create(
     config: Path = typer.Option(..., "-c", "--config", help="TOML config file (source_* says where Alice is)"),
     datadir: Path = typer.Option(..., "--datadir", help="new, empty data directory for the replica"),
     port: int = typer.Option(..., "--port", help="port the replica listens on"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address the replica listens on (and only there)"),
     database: str | None = typer.Option(
         None, "--database", help="which auto_upgrade entry (by database), if there are several"
     ),
-    bindir: Path | None = typer.Option(None, "--bindir", help="the source major's binaries (pg_basebackup, pg_ctl)"),
-    timeout: float = typer.Option(120, "--timeout", help="seconds to wait for the replica to stream"),
+    bindir: Path | None = typer.Option(
+        None, "--bindir", help="server binaries (postgres, pg_ctl) of the source's major; its pg_basebackup if any"
+    ),
+    timeout: float = typer.Option(120, "--timeout", help="seconds to wait for the replica to start and stream"),
 ) -> None:
     """Provision Bob from Alice with pg_basebackup, configure it as a standby, start it, wait until it streams."""
     from pgleap.upgrade.copy.provision import provision_replica
 
     try:
         _, upgrade = _pick(config, database)
-        replica = asyncio.run(provision_replica(upgrade.source, datadir, port, bindir=bindir, timeout=timeout))
+        replica = asyncio.run(
+            provision_replica(upgrade.source, datadir, port, bindir=bindir, host=host, timeout=timeout)
+        )
     except PgleapError as exc:
         _fail(str(exc))
-    typer.echo(f"replica streaming from {upgrade.source.describe()}: {replica.describe()} (data in {datadir})")
-    typer.echo(f'add to the [[auto_upgrade]] entry: replica_host = "{replica.host}", replica_port = {replica.port}')
+    typer.echo(f"replica streaming from {upgrade.source.describe()}: {replica.server.describe()} "
+               f"(PostgreSQL {replica.version_num}, data in {replica.datadir}, log {replica.logfile})")
+    typer.echo(f'add to the [[auto_upgrade]] entry: replica_host = "{replica.server.host}", '
+               f"replica_port = {replica.server.port}")
+    typer.echo(f"stop it with: {replica.bindir / 'pg_ctl'} stop -D {replica.datadir}")

@@ -1,0 +1,125 @@
+"""Change-log records: captured statements and transactions, and their versioned msgpack encoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+
+from pgleap.errors import PgleapError
+
+# The first byte of every encoded record names its layout, so a newer pgleap can still read the records an
+# older one wrote (a log may outlive an upgrade of pgleap itself). Add a new constant and decoder per layout;
+# never change what an existing one means.
+FORMAT_V1 = 1
+CURRENT_FORMAT = FORMAT_V1
+
+
+class RecordFormatError(PgleapError):
+    """A change-log record cannot be decoded (unknown format byte, or damaged bytes)."""
+
+
+class LogState(StrEnum):
+    """Where a logged transaction stands: written before its COMMIT was forwarded, then settled."""
+
+    PENDING = "pending"          # durable before COMMIT went to the source; outcome not known yet
+    COMMITTED = "committed"      # the source answered COMMIT; replay applies it
+    ABORTED = "aborted"          # ROLLBACK or an error; never replayed
+    UNRESOLVED = "unresolved"    # outcome could not be determined after a crash (9.x); kept and reported
+
+
+@dataclass(frozen=True)
+class CapturedStatement:
+    """One write statement as the client sent it, with what replay needs to send it again."""
+
+    sql: str
+    params: tuple[bytes | None, ...] = ()      # Bind parameter values as sent (None = SQL NULL)
+    param_formats: tuple[int, ...] = ()        # Bind parameter format codes (0 text, 1 binary)
+    param_types: tuple[int, ...] = ()          # Parse parameter type OIDs (0 = unspecified)
+    copy_data: bytes | None = None             # the COPY FROM STDIN payload, concatenated CopyData
+    tag: str = ""                              # the source's command tag, e.g. "INSERT 0 1"
+    images: bytes | None = None                # opaque row images (RETURNING rows), encoded by capture
+
+
+@dataclass(frozen=True)
+class CapturedTransaction:
+    """A transaction that wrote on the source, with the context that fixes what its statements mean."""
+
+    database: str
+    txid: int | None                           # the source's txid_current(), from the probe
+    source_now: str | None                     # the source's now() text, pinned into statement replay
+    settings: tuple[tuple[str, str], ...]      # session settings in effect (search_path, TimeZone, ...)
+    statements: tuple[CapturedStatement, ...]
+    session_id: int
+    captured_at: float = field(default=0.0)
+
+
+@dataclass(frozen=True)
+class LoggedTransaction:
+    """A transaction as the log holds it: its commit-order position, its state and its content."""
+
+    log_id: int
+    position: int | None                       # commit order within its database; None unless committed
+    state: LogState
+    transaction: CapturedTransaction
+
+
+def encode_transaction(tx: CapturedTransaction) -> bytes:
+    """The record's bytes: a format byte, then a msgpack array (positional, so small)."""
+    body = [
+        tx.database, tx.txid, tx.source_now, [list(pair) for pair in tx.settings],
+        [_statement_fields(s) for s in tx.statements], tx.session_id, tx.captured_at,
+    ]
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return bytes([CURRENT_FORMAT]) + packed
+
+
+def decode_transaction(data: bytes) -> CapturedTransaction:
+    """Decode a record written by `encode_transaction` of this or an older pgleap."""
+    if not data:
+        raise RecordFormatError("empty change-log record; the log file is damaged")
+    if data[0] != FORMAT_V1:
+        raise RecordFormatError(f"change-log record in format {data[0]}, which this pgleap cannot read; "
+                                f"run the pgleap version that wrote the log (or a newer one)")
+    try:
+        return _decode_v1(msgpack.unpackb(data[1:], raw=False, use_list=True, strict_map_key=True))
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        raise RecordFormatError(f"damaged change-log record (format 1): {exc}") from exc
+
+
+def _statement_fields(s: CapturedStatement) -> list[Any]:
+    return [s.sql, list(s.params), list(s.param_formats), list(s.param_types), s.copy_data, s.tag, s.images]
+
+
+def _decode_v1(body: list[Any]) -> CapturedTransaction:
+    database, txid, source_now, settings, statements, session_id, captured_at = body
+    return CapturedTransaction(
+        database=str(database),
+        txid=None if txid is None else int(txid),
+        source_now=None if source_now is None else str(source_now),
+        settings=tuple((str(k), str(v)) for k, v in settings),
+        statements=tuple(_decode_statement_v1(s) for s in statements),
+        session_id=int(session_id),
+        captured_at=float(captured_at),
+    )
+
+
+def _decode_statement_v1(fields: list[Any]) -> CapturedStatement:
+    sql, params, formats, types, copy_data, tag, images = fields
+    return CapturedStatement(
+        sql=str(sql),
+        params=tuple(_optional_bytes(p) for p in params),
+        param_formats=tuple(int(f) for f in formats),
+        param_types=tuple(int(t) for t in types),
+        copy_data=_optional_bytes(copy_data),
+        tag=str(tag),
+        images=_optional_bytes(images),
+    )
+
+
+def _optional_bytes(value: object) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    raise TypeError(f"expected bytes or nil, found {type(value).__name__}")
