@@ -273,7 +273,9 @@ def fingerprint_sql(server: LabServer, table: str) -> str:
         if type_name in NUMBER_TYPES or type_name.startswith("numeric"):
             parts.append(f"coalesce(sum({col}::numeric), 0)::text")
         elif type_name.startswith("timestamp"):
-            parts.append(f"coalesce(sum(extract(epoch FROM {col})::numeric), 0)::text")
+            # extract() is float8 on 10 and numeric on 14+: whole seconds and microseconds as integers.
+            parts.append(f"coalesce(sum(extract(epoch FROM date_trunc('second', {col}))::bigint), 0)::text")
+            parts.append(f"coalesce(sum(extract(microseconds FROM {col})::bigint), 0)::text")
         elif type_name in ("text", "bytea") or type_name.startswith("character"):
             parts.append(f"coalesce(sum(octet_length({col})), 0)::text")
         else:
@@ -517,8 +519,9 @@ def run_pgcopydb(env: Env) -> Result:
     binary = find_pgcopydb()
     if binary is None:
         return Result("pgcopydb", unavailable="pgcopydb is not installed (Debian: apt-get install -y pgcopydb)")
-    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30,
-                             check=False).stdout.strip().splitlines()
+    version = [line for line in subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                                               timeout=30, check=False).stdout.splitlines()
+               if line.startswith("pgcopydb version")]
     workdir = env.workdir / "pgcopydb"
     shutil.rmtree(workdir, ignore_errors=True)
     bindir = _tool("pg_dump", env.settings.target_major).parent

@@ -57,7 +57,8 @@ def _streaming(primary: LabServer, application_name: str) -> str:
 
 
 def _replicates(primary: LabServer, replica: LabServer, table: str) -> None:
-    primary.psql(f"CREATE TABLE {table} (id int PRIMARY KEY, v text); INSERT INTO {table} VALUES (1, 'one'), (2, 'two')")
+    primary.psql(f"CREATE TABLE {table} (id int PRIMARY KEY, v text); "
+                 f"INSERT INTO {table} VALUES (1, 'one'), (2, 'two')")
     wait_for_replay(primary, replica)
     assert replica.psql("SELECT pg_is_in_recovery()") == "t"
     assert replica.psql(f"SELECT string_agg(v, ',' ORDER BY id) FROM {table}") == "one,two"
@@ -168,7 +169,7 @@ def test_error_datadir_not_empty(module_lab: Lab, pg17_primary: LabServer) -> No
     datadir = _datadir(module_lab, "notempty")
     datadir.mkdir(parents=True)
     (datadir / "PG_VERSION").write_text("17\n")
-    with pytest.raises(DatadirNotEmptyError, match="is not empty .*'PG_VERSION'"):
+    with pytest.raises(DatadirNotEmptyError, match=r"is not empty .*'PG_VERSION'"):
         _provision(pg17_primary, datadir, free_port())
 
 

@@ -171,6 +171,7 @@ def replica_create(
     timeout: float = typer.Option(120, "--timeout", help="seconds to wait for the replica to start and stream"),
 ) -> None:
     """Provision Bob from Alice with pg_basebackup, configure it as a standby, start it, wait until it streams."""
+    from pgleap.lab.osuser import as_server_user
     from pgleap.upgrade.copy.provision import provision_replica
 
     try:
@@ -184,4 +185,5 @@ def replica_create(
                f"(PostgreSQL {replica.version_num}, data in {replica.datadir}, log {replica.logfile})")
     typer.echo(f'add to the [[auto_upgrade]] entry: replica_host = "{replica.server.host}", '
                f"replica_port = {replica.server.port}")
-    typer.echo(f"stop it with: {replica.bindir / 'pg_ctl'} stop -D {replica.datadir}")
+    stop = as_server_user([str(replica.bindir / "pg_ctl"), "stop", "-D", str(replica.datadir)])
+    typer.echo("stop it with: " + " ".join(stop))

@@ -353,11 +353,13 @@ class SQLiteChangeLog(ChangeLog):
         try:
             self._init_schema()
             self._reader = self._connect()
+            self._load_counts()
         except ChangeLogError:
+            with contextlib.suppress(AttributeError):
+                self._reader.close()
             self._db.close()
             self._lock_file.close()
             raise
-        self._load_counts()
         self._writer = threading.Thread(target=self._write_loop, name=f"changelog-writer:{self.path.name}",
                                         daemon=True)
         self._writer.start()
@@ -394,18 +396,28 @@ class SQLiteChangeLog(ChangeLog):
             # check_same_thread=False: built here, then used by the writer thread (the writer connection)
             # or by whichever thread reads (the reader, under _read_lock).
             db = sqlite3.connect(str(self.path), timeout=5, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._storage_error(exc, "open") from exc
+        try:
+            self._configure(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _configure(self, db: sqlite3.Connection) -> None:
+        try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise ChangeLogError(
-                    f"the change log {self.path} cannot use SQLite's WAL mode (got {mode!r}): its filesystem "
-                    f"lacks shared-memory support (network filesystems often do); put it on a local disk")
             db.execute("PRAGMA synchronous=FULL")   # WAL + FULL: a committed transaction survives power loss
             if self.max_bytes is not None:
                 page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
                 db.execute(f"PRAGMA max_page_count={max(1, self.max_bytes // page_size)}")
-            return db
         except sqlite3.Error as exc:
             raise self._storage_error(exc, "open") from exc
+        if str(mode).lower() != "wal":
+            raise ChangeLogError(
+                f"the change log {self.path} cannot use SQLite's WAL mode (got {mode!r}): its filesystem lacks "
+                f"shared-memory support (network filesystems often do); put the change log on a local disk")
 
     def _init_schema(self) -> None:
         try:
@@ -753,7 +765,7 @@ class SQLiteChangeLog(ChangeLog):
         directory = self.path.resolve().parent
         return ChangeLogReadOnlyError(f"cannot {action} the change log {self.path}: {exc.strerror or exc}. Check "
                                       f"that the directory {directory} exists and is writable by the user "
-                                      f"running pgleap.")
+                                      f"running pgleap, and that its filesystem is not mounted read-only.")
 
     def _full_reason(self, directory: Path) -> str:
         free = _free_bytes(directory)

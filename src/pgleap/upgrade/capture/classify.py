@@ -9,7 +9,7 @@ little, missing a write loses data.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from pglast import ast, parse_sql
@@ -48,6 +48,7 @@ class StatementInfo:
     relations: tuple[str, ...] = ()  # relations it writes, as written in the statement
     savepoint: str | None = None
     setting: tuple[str, bool] | None = None  # (name, SET LOCAL?) for SET/RESET
+    start: int = 0  # character offset of the statement within its query string
 
     @property
     def writes(self) -> bool:
@@ -204,5 +205,6 @@ def classify(sql: str) -> tuple[StatementInfo, ...]:
         start = stmt.stmt_location or 0
         end = start + stmt.stmt_len if stmt.stmt_len else len(sql)
         if stmt.stmt is not None:
-            infos.append(_classify_node(stmt.stmt, sql[start:end].strip()))
+            info = _classify_node(stmt.stmt, sql[start:end].strip())
+            infos.append(replace(info, start=start + len(sql[start:end]) - len(sql[start:end].lstrip())))
     return tuple(infos)
