@@ -21,6 +21,7 @@ from pgleap.store import (
     CapturedTransaction,
     ChangeLogClosedError,
     ChangeLogCorruptError,
+    ChangeLogError,
     ChangeLogFullError,
     ChangeLogLockedError,
     ChangeLogReadOnlyError,
@@ -95,8 +96,8 @@ def test_positions_are_gap_free_and_aborted_records_are_never_read(tmp_path: Pat
             assert log.read_committed("other", 0, 100) == []
             assert log.backlog("app", 5) == (2, sum(len(encode_transaction(make_tx(n))) for n in (8, 10)))
             stats = log.stats()
-            assert (stats["committed"], stats["aborted"], stats["pending"]) == (7, 3, 0)
-            assert stats["healthy"] is True and log.healthy and log.last_error is None
+            assert (stats.committed, stats.aborted, stats.pending) == (7, 3, 0)
+            assert stats.healthy is True and log.healthy and log.last_error is None
 
     asyncio.run(run())
 
@@ -148,7 +149,7 @@ def test_recovery_sees_pending_records_and_resolves_them(tmp_path: Path) -> None
     async def after_restart(ids: list[int]) -> None:
         with SQLiteChangeLog(path) as log:
             assert [(log_id, tx.txid) for log_id, tx in log.pending()] == [(ids[1], 2), (ids[2], 3), (ids[3], 4)]
-            assert log.stats()["pending"] == 3
+            assert log.stats().pending == 3
             await log.resolve(ids[1], LogState.UNRESOLVED)   # e.g. 9.x: the outcome cannot be known
             await log.resolve(ids[2], LogState.COMMITTED)    # txid_status() said committed
             await log.resolve(ids[3], LogState.ABORTED)
@@ -160,7 +161,7 @@ def test_recovery_sees_pending_records_and_resolves_them(tmp_path: Path) -> None
             assert [(r.position, r.transaction.txid) for r in log.read_committed("app", 0, 10)] == [
                 (1, 1), (2, 3), (3, 2)]
             stats = log.stats()
-            assert (stats["committed"], stats["aborted"], stats["unresolved"], stats["pending"]) == (3, 1, 0, 0)
+            assert (stats.committed, stats.aborted, stats.unresolved, stats.pending) == (3, 1, 0, 0)
 
     asyncio.run(after_restart(asyncio.run(before_crash())))
 
@@ -179,7 +180,7 @@ def test_truncate_keeps_unapplied_and_unresolved_records(tmp_path: Path) -> None
             assert log.last_position("app") == 6
             assert [r.log_id for r in log.unresolved()] == [ids[0]]
             stats = log.stats()
-            assert (stats["committed"], stats["aborted"], stats["unresolved"]) == (3, 0, 1)
+            assert (stats.committed, stats.aborted, stats.unresolved) == (3, 0, 1)
             assert await log.truncate_before("app", 7) == 3
             assert await log.truncate_before("app", 7) == 0
         with SQLiteChangeLog(tmp_path / "log.db") as log:   # positions continue after truncation and reopen
@@ -353,9 +354,10 @@ def test_a_full_filesystem_is_a_loud_actionable_error(tiny_fs: Path, caplog: pyt
             message = str(error)
             assert str(path) in message and "is full" in message
             assert f"Free space on the filesystem holding {tiny_fs}" in message
+            assert isinstance(error.__cause__, sqlite3.OperationalError)
             assert "re-copy" in message
             assert not log.healthy and log.last_error == message
-            assert log.stats()["healthy"] is False and log.stats()["errors"] >= 1
+            assert log.stats().healthy is False and log.stats().errors >= 1
             assert any(r.levelno == logging.ERROR and str(path) in r.getMessage() for r in caplog.records)
             # reads keep working: what was logged before the disk filled is still there for recovery
             assert len(log.pending()) > 0
@@ -371,7 +373,7 @@ def test_the_size_limit_is_reported_like_a_full_disk(tmp_path: Path, caplog: pyt
     async def run() -> None:
         with SQLiteChangeLog(path, max_bytes=128 * 1024) as log:
             error = await _fill(log, 8000)
-            assert "size limit of 131072 bytes" in str(error) and "raise the change log's max_bytes" in str(error)
+            assert "size limit of 131072 bytes" in str(error) and "Raise the change log's max_bytes" in str(error)
             assert not log.healthy and log.last_error == str(error)
             assert caplog.records and caplog.records[-1].levelno == logging.ERROR
 
@@ -418,3 +420,20 @@ def test_a_closed_log_refuses_writes(tmp_path: Path) -> None:
         asyncio.run(log.prepare(make_tx(1)))
     with pytest.raises(ChangeLogClosedError):
         log.pending()
+
+
+def test_an_unexpected_writer_failure_fails_the_callers_instead_of_hanging(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db") as log:
+            def broken(*args: object) -> int:
+                raise RuntimeError("boom")
+
+            monkeypatch.setattr(log, "_insert", broken)
+            with pytest.raises(ChangeLogError, match=r"internal error .*boom"):
+                await asyncio.wait_for(log.prepare(make_tx(1)), timeout=5)
+            assert not log.healthy
+            monkeypatch.undo()
+            await log.prepare(make_tx(2))   # the writer is still alive
+
+    asyncio.run(run())

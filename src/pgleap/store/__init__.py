@@ -10,6 +10,7 @@ from pgleap.store.changelog import (
     ChangeLogLockedError,
     ChangeLogReadOnlyError,
     ChangeLogStateError,
+    ChangeLogStats,
     Durability,
     SQLiteChangeLog,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ChangeLogLockedError",
     "ChangeLogReadOnlyError",
     "ChangeLogStateError",
+    "ChangeLogStats",
     "ChunkRecord",
     "CopyRun",
     "Durability",

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -86,6 +86,8 @@ _MAX_GROUP = 1024
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR = 5, 6, 8, 10
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 13, 14, 26
 
+_LOW_SPACE = 4 * 1024 * 1024   # below this much free space, SQLITE_FULL is the disk, not max_bytes
+
 _CONSEQUENCE = ("Clients keep working against the source, but transactions are missing from the change log "
                 "from now on, so this upgrade must re-copy once the log can be written again.")
 
@@ -123,6 +125,26 @@ class ChangeLogClosedError(ChangeLogError):
 
 class ChangeLogStateError(ChangeLogError):
     """A settle or resolve names an unknown record or asks for a transition that is not allowed."""
+
+
+@dataclass(frozen=True)
+class ChangeLogStats:
+    """A snapshot of the log for status and metrics: records per state, size, writer activity, health."""
+
+    pending: int
+    committed: int
+    aborted: int
+    unresolved: int
+    bytes: int              # encoded size of every record still in the log
+    queued: int             # ops waiting for the writer thread
+    sqlite_commits: int     # SQLite transactions committed since open (one fsync each)
+    errors: int             # storage errors since open
+    healthy: bool
+    last_error: str | None
+
+    def as_dict(self) -> dict[str, int | bool | str | None]:
+        """The fields by name, for status output."""
+        return dict(asdict(self))
 
 
 # -- the interface ----------------------------------------------------------------------------------
@@ -172,7 +194,7 @@ class ChangeLog(abc.ABC):
         """Committed records of `database` after `after_position`: (count, bytes), for lag."""
 
     @abc.abstractmethod
-    def stats(self) -> dict[str, int | float | bool | str | None]:
+    def stats(self) -> ChangeLogStats:
         """Counts per state, sizes, commits and health, for status and metrics."""
 
     @property
@@ -510,7 +532,19 @@ class SQLiteChangeLog(ChangeLog):
         window = self.batch_interval if self.durability == "batch" else 0.0
         one_prepare = self.durability == "commit"
         while (group := self._queue.take(window, one_prepare)) is not None:
-            self._write_group(group)
+            try:
+                self._write_group(group)
+            except Exception as exc:
+                # A bug here must not leave callers awaiting forever with their COMMIT held: fail this
+                # group loudly and keep serving the next ones.
+                self._rollback()
+                error = ChangeLogError(f"internal error writing the change log {self.path}: {exc!r}; "
+                                       f"please report it. {_CONSEQUENCE}")
+                error.__cause__ = exc
+                log.exception("change log writer failed")
+                self._report(error)
+                for op in group:
+                    self._fail_op(op, error)
 
     def _write_group(self, group: list[_Op]) -> None:
         fx = _Effects()
@@ -523,6 +557,7 @@ class SQLiteChangeLog(ChangeLog):
         except sqlite3.Error as exc:
             self._rollback()
             error = self._storage_error(exc, "write")
+            error.__cause__ = exc   # raised in the callers' tasks, far from here: keep SQLite's own error
             self._report(error)
             for op in group:
                 self._fail_op(op, error)
@@ -691,18 +726,15 @@ class SQLiteChangeLog(ChangeLog):
         rows = self._read("SELECT min(prepared_at) FROM change_log WHERE state = 'pending'")
         return max(0.0, time.time() - float(rows[0][0])) if rows and rows[0][0] is not None else 0.0
 
-    def stats(self) -> dict[str, int | float | bool | str | None]:
+    def stats(self) -> ChangeLogStats:
         """Counts per state, sizes, commits and health, for status and metrics."""
         with self._counts_lock:
             records, size = dict(self._counts.records), dict(self._counts.size)
-        result: dict[str, int | float | bool | str | None] = {state: n for state, n in records.items()}
-        result["bytes"] = sum(size.values())
-        result["queued"] = len(self._queue)
-        result["sqlite_commits"] = self.sqlite_commits
-        result["errors"] = self.error_count
-        result["healthy"] = self._healthy
-        result["last_error"] = self._last_error
-        return result
+        return ChangeLogStats(
+            pending=records[LogState.PENDING.value], committed=records[LogState.COMMITTED.value],
+            aborted=records[LogState.ABORTED.value], unresolved=records[LogState.UNRESOLVED.value],
+            bytes=sum(size.values()), queued=len(self._queue), sqlite_commits=self.sqlite_commits,
+            errors=self.error_count, healthy=self._healthy, last_error=self._last_error)
 
     # -- closing ---------------------------------------------------------------------------------
 
@@ -734,8 +766,8 @@ class SQLiteChangeLog(ChangeLog):
         where = f"the change log {self.path}"
         directory = self.path.resolve().parent
         if code == _SQLITE_FULL:
-            return ChangeLogFullError(f"cannot {action} {where}: {self._full_reason(directory)} ({name}: {exc}). "
-                                      f"{self._full_remedy(directory)} {_CONSEQUENCE}")
+            reason, remedy = self._full_reason_and_remedy(directory)
+            return ChangeLogFullError(f"cannot {action} {where}: {reason} ({name}: {exc}). {remedy} {_CONSEQUENCE}")
         if code == _SQLITE_IOERR:
             return ChangeLogIOError(
                 f"cannot {action} {where}: the operating system reported a disk I/O error ({name}: {exc}). Check "
@@ -767,17 +799,14 @@ class SQLiteChangeLog(ChangeLog):
                                       f"that the directory {directory} exists and is writable by the user "
                                       f"running pgleap, and that its filesystem is not mounted read-only.")
 
-    def _full_reason(self, directory: Path) -> str:
+    def _full_reason_and_remedy(self, directory: Path) -> tuple[str, str]:
         free = _free_bytes(directory)
-        if self.max_bytes is not None and (free is None or free > 4 * 1024 * 1024):
-            return f"it reached its size limit of {self.max_bytes} bytes (max_bytes)"
-        return f"the filesystem holding {directory} is full ({_describe_free(free)})"
-
-    def _full_remedy(self, directory: Path) -> str:
-        remedy = f"Free space on the filesystem holding {directory}"
-        if self.max_bytes is not None:
-            remedy += " or raise the change log's max_bytes"
-        return remedy + ", or move the change log to a larger filesystem."
+        # SQLITE_FULL means either: tell which, from the free space actually left.
+        if self.max_bytes is not None and (free is None or free > _LOW_SPACE):
+            return (f"it reached its size limit of {self.max_bytes} bytes (max_bytes)",
+                    "Raise the change log's max_bytes, or let replay catch up so applied records can be truncated.")
+        return (f"the filesystem holding {directory} is full ({_describe_free(free)})",
+                f"Free space on the filesystem holding {directory}, or move the change log to a larger one.")
 
 
 def _logged(row: tuple[Any, ...]) -> LoggedTransaction:
@@ -807,6 +836,7 @@ __all__ = [
     "ChangeLogLockedError",
     "ChangeLogReadOnlyError",
     "ChangeLogStateError",
+    "ChangeLogStats",
     "Durability",
     "SQLiteChangeLog",
 ]

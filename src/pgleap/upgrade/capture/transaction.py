@@ -1,0 +1,155 @@
+"""Assembling one session's statements into the transactions the source committed.
+
+The forwarder tells the assembler what the client sent (query strings; Parse, Bind, Execute)
+and what the server answered (each statement's CommandComplete, errors, ReadyForQuery, the
+probe's txid). The assembler keeps the statements of the open transaction, drops what a
+ROLLBACK TO SAVEPOINT undid, discards failed and rolled-back transactions, and hands out
+each committed transaction exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pgleap.store.records import CapturedStatement, CapturedTransaction
+from pgleap.upgrade.capture.classify import Kind, StatementInfo
+
+_IDLE = ord("I")
+
+
+@dataclass
+class Pending:
+    """A statement sent to the server and not yet answered."""
+
+    info: StatementInfo
+    params: tuple[bytes | None, ...] = ()
+    param_formats: tuple[int, ...] = ()
+    param_types: tuple[int, ...] = ()
+    copy_data: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class _Savepoint:
+    name: str
+    statements: int  # how many statements the transaction had when it was set
+
+
+class TransactionAssembler:
+    """One session's view of its transactions, as far as capture is concerned."""
+
+    def __init__(self, database: str, session_id: int) -> None:
+        self.database = database
+        self.session_id = session_id
+        self.explicit = False  # inside BEGIN ... COMMIT/ROLLBACK
+        self.failed = False  # an error happened in the current (implicit) transaction
+        self.statements: list[CapturedStatement] = []
+        self.savepoints: list[_Savepoint] = []
+        self.txid: int | None = None
+        self.source_now: str | None = None
+        self.settings: tuple[tuple[str, str], ...] = ()
+        self.committed: list[CapturedTransaction] = []  # ready to log, oldest first
+        self.may_write = False  # a write was sent in the current transaction (the probe is needed)
+
+    # -- what the client sent -------------------------------------------------------------
+
+    def sending(self, info: StatementInfo) -> None:
+        """A statement is about to be forwarded."""
+        if info.writes:
+            self.may_write = True
+
+    def needs_probe(self) -> bool:
+        """Whether the transaction about to end may have written and so needs its txid."""
+        return self.may_write and not self.failed
+
+    # -- what the server answered ---------------------------------------------------------
+
+    def completed(self, pending: Pending, tag: str) -> None:
+        """A statement finished with CommandComplete `tag`."""
+        info = pending.info
+        kind = info.kind
+        if kind is Kind.BEGIN:
+            self.explicit = True
+        elif kind is Kind.SAVEPOINT and info.savepoint:
+            self.savepoints.append(_Savepoint(info.savepoint, len(self.statements)))
+        elif kind is Kind.RELEASE and info.savepoint:
+            self._pop_savepoints(info.savepoint, keep=False)
+        elif kind is Kind.ROLLBACK_TO and info.savepoint:
+            kept = self._pop_savepoints(info.savepoint, keep=True)
+            if kept is not None:
+                del self.statements[kept:]
+            self.failed = False
+        elif kind is Kind.COMMIT:
+            # COMMIT of a failed transaction answers ROLLBACK: nothing was committed.
+            self._end(committed=tag.startswith("COMMIT"))
+        elif kind is Kind.ROLLBACK:
+            self._end(committed=False)
+        elif info.writes or (kind is Kind.SESSION and self.explicit and info.setting and info.setting[1]):
+            data = b"".join(pending.copy_data) if pending.copy_data else None
+            self.statements.append(
+                CapturedStatement(
+                    sql=info.text,
+                    params=pending.params,
+                    param_formats=pending.param_formats,
+                    param_types=pending.param_types,
+                    copy_data=data,
+                    tag=tag,
+                )
+            )
+
+    def failed_statement(self) -> None:
+        """An ErrorResponse ended the current statement."""
+        self.failed = True
+
+    def probe(self, txid: int, source_now: str, settings: tuple[tuple[str, str], ...]) -> None:
+        """The probe answered inside the transaction: its txid, now() and settings."""
+        self.txid = txid
+        self.source_now = source_now
+        self.settings = settings
+
+    def ready(self, status: int) -> None:
+        """ReadyForQuery with transaction status `status` ('I', 'T' or 'E')."""
+        if status == _IDLE:
+            if self.explicit:
+                # The session left a transaction block without a COMMIT we saw complete
+                # (e.g. the whole string failed): nothing to log.
+                self._end(committed=False)
+            else:
+                self._end(committed=not self.failed)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _pop_savepoints(self, name: str, keep: bool) -> int | None:
+        for i in range(len(self.savepoints) - 1, -1, -1):
+            if self.savepoints[i].name == name:
+                statements = self.savepoints[i].statements
+                # ROLLBACK TO keeps the savepoint itself; RELEASE removes it.
+                del self.savepoints[i + 1 if keep else i :]
+                return statements
+        return None
+
+    def _end(self, committed: bool) -> None:
+        if committed and self.statements:
+            self.committed.append(
+                CapturedTransaction(
+                    database=self.database,
+                    txid=self.txid,
+                    source_now=self.source_now,
+                    settings=self.settings,
+                    statements=tuple(self.statements),
+                    session_id=self.session_id,
+                    captured_at=time.time(),
+                )
+            )
+        self.explicit = False
+        self.failed = False
+        self.statements = []
+        self.savepoints = []
+        self.txid = None
+        self.source_now = None
+        self.may_write = False
+
+    def take_committed(self) -> list[CapturedTransaction]:
+        """The committed transactions not handed out yet, oldest first."""
+        out, self.committed = self.committed, []
+        return out

@@ -1,0 +1,117 @@
+"""The transaction assembler: which statements of a session end up committed (pure logic)."""
+
+from __future__ import annotations
+
+from pgleap.upgrade.capture import classify
+from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
+
+I, T, E = ord("I"), ord("T"), ord("E")
+
+
+def run(assembler: TransactionAssembler, sql: str, tags: list[str | None], status: int) -> None:
+    """Send a query string; each statement gets its tag (None = it failed, and the rest are skipped)."""
+    infos = classify(sql)
+    for info in infos:
+        assembler.sending(info)
+    for info, tag in zip(infos, tags, strict=False):
+        if tag is None:
+            assembler.failed_statement()
+            break
+        assembler.completed(Pending(info), tag)
+    assembler.ready(status)
+
+
+def committed_sql(assembler: TransactionAssembler) -> list[list[str]]:
+    return [[s.sql for s in tx.statements] for tx in assembler.take_committed()]
+
+
+def test_implicit_single_statement_commits() -> None:
+    a = TransactionAssembler("app", 1)
+    run(a, "insert into t values (1)", ["INSERT 0 1"], I)
+    assert committed_sql(a) == [["insert into t values (1)"]]
+
+
+def test_reads_are_not_logged() -> None:
+    a = TransactionAssembler("app", 1)
+    run(a, "select * from t", ["SELECT 3"], I)
+    assert committed_sql(a) == []
+
+
+def test_failed_implicit_multi_statement_string_logs_nothing() -> None:
+    """An error in a multi-statement string rolls back the statements before it too."""
+    a = TransactionAssembler("app", 1)
+    run(a, "insert into t values (1); insert into t values (1/0)", ["INSERT 0 1", None], I)
+    assert committed_sql(a) == []
+
+
+def test_explicit_transaction_across_queries_with_savepoint_rollback() -> None:
+    a = TransactionAssembler("app", 1)
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "insert into t values (1)", ["INSERT 0 1"], T)
+    run(a, "savepoint s1", ["SAVEPOINT"], T)
+    run(a, "insert into t values (2)", ["INSERT 0 1"], T)
+    run(a, "insert into t values (2)", [None], E)  # a duplicate key, say
+    run(a, "rollback to savepoint s1", ["ROLLBACK"], T)
+    run(a, "insert into t values (3)", ["INSERT 0 1"], T)
+    assert committed_sql(a) == []  # nothing before COMMIT
+    run(a, "commit", ["COMMIT"], I)
+    assert committed_sql(a) == [["insert into t values (1)", "insert into t values (3)"]]
+
+
+def test_release_keeps_statements() -> None:
+    a = TransactionAssembler("app", 1)
+    run(a, "begin; savepoint a; insert into t values (1); release savepoint a; commit",
+        ["BEGIN", "SAVEPOINT", "INSERT 0 1", "RELEASE", "COMMIT"], I)
+    assert committed_sql(a) == [["insert into t values (1)"]]
+
+
+def test_nested_savepoints_rollback_to_outer() -> None:
+    a = TransactionAssembler("app", 1)
+    run(a, "begin; insert into t values (1); savepoint a; insert into t values (2); savepoint b; "
+           "insert into t values (3); rollback to savepoint a; insert into t values (4); commit",
+        ["BEGIN", "INSERT 0 1", "SAVEPOINT", "INSERT 0 1", "SAVEPOINT", "INSERT 0 1", "ROLLBACK", "INSERT 0 1",
+         "COMMIT"], I)
+    assert committed_sql(a) == [["insert into t values (1)", "insert into t values (4)"]]
+
+
+def test_rollback_and_failed_commit_log_nothing() -> None:
+    a = TransactionAssembler("app", 1)
+    run(a, "begin; insert into t values (1); rollback", ["BEGIN", "INSERT 0 1", "ROLLBACK"], I)
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "insert into t values (1/0)", [None], E)
+    run(a, "commit", ["ROLLBACK"], I)  # COMMIT of an aborted transaction answers ROLLBACK
+    assert committed_sql(a) == []
+
+
+def test_commit_inside_a_string_then_implicit_statement() -> None:
+    """'begin; ...; commit; insert ...': two transactions, the second implicit."""
+    a = TransactionAssembler("app", 1)
+    run(a, "begin; insert into t values (1); commit; insert into t values (2)",
+        ["BEGIN", "INSERT 0 1", "COMMIT", "INSERT 0 1"], I)
+    assert committed_sql(a) == [["insert into t values (1)"], ["insert into t values (2)"]]
+
+
+def test_probe_values_travel_with_the_transaction() -> None:
+    a = TransactionAssembler("app", 7)
+    run(a, "begin; insert into t values (1)", ["BEGIN", "INSERT 0 1"], T)
+    assert a.needs_probe()
+    a.probe(12345, "2026-11-25 04:00:00+00", (("TimeZone", "UTC"),))
+    run(a, "commit", ["COMMIT"], I)
+    (tx,) = a.take_committed()
+    assert (tx.txid, tx.source_now, tx.settings, tx.session_id, tx.database) == (
+        12345, "2026-11-25 04:00:00+00", (("TimeZone", "UTC"),), 7, "app")
+    assert tx.statements[0].tag == "INSERT 0 1"
+    assert not a.needs_probe()  # a new transaction starts clean
+
+
+def test_extended_parameters_and_copy_data_are_kept() -> None:
+    a = TransactionAssembler("app", 1)
+    (insert,) = classify("insert into t values ($1, $2)")
+    a.sending(insert)
+    a.completed(Pending(insert, params=(b"1", None), param_formats=(0,), param_types=(23, 25)), "INSERT 0 1")
+    (copy,) = classify("copy t from stdin")
+    a.completed(Pending(copy, copy_data=[b"1\n", b"2\n"]), "COPY 2")
+    a.ready(I)
+    (tx,) = a.take_committed()
+    assert tx.statements[0].params == (b"1", None) and tx.statements[0].param_types == (23, 25)
+    assert tx.statements[1].copy_data == b"1\n2\n" and tx.statements[1].tag == "COPY 2"
