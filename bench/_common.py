@@ -322,3 +322,21 @@ def run_timed(argv: Sequence[str | Path], *, env: Mapping[str, str] | None = Non
         tree_cpu = children_cpu_seconds() - cpu_before
         return TimedRun(command, popen.returncode, seconds, out_path.read_text(errors="replace"),
                         err_path.read_text(errors="replace"), self_cpu, tree_cpu)
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process, of its reaped children (cutime/cstime) and of its live children: for a postmaster,
+    all the CPU its backends used, including backends that already exited. 0.0 when the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime (fields 14-17)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            child = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if child[1] == str(pid):  # ppid (field 4)
+            total += int(child[11]) + int(child[12])
+    return total / _CLOCK_TICKS

@@ -57,6 +57,7 @@ from _common import (
     TimedRun,
     children_cpu_seconds,
     median,
+    process_tree_cpu_seconds,
     ratio,
     run_timed,
     stop_on_signals,
@@ -109,6 +110,7 @@ class Settings:
     floor_format: str
     profile: bool
     profile_rate: int
+    pgleap_options: tuple[str, ...] = ()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
@@ -131,6 +133,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                         help="after the measured rounds, copy once more with pgleap under py-spy; "
                              "writes bench/results/copy-pgleap.folded and copy-pgleap-top.txt")
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--pgleap-option", action="append", default=[], metavar="ARG",
+                        help="extra argument for `pgleap copy` (repeat it), e.g. --pgleap-option=--split-threshold-mb "
+                             "--pgleap-option=100000 to copy every table whole")
     args = parser.parse_args(argv)
     contenders = tuple(c for c in args.contenders.split(",") if c)
     unknown = [c for c in contenders if c not in CONTENDERS]
@@ -140,7 +145,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         parser.error("--scale, --workers and --rounds must be positive, --wide-rows not negative")
     return Settings(scale=args.scale, wide_rows=args.wide_rows, workers=args.workers, rounds=args.rounds,
                     source_major=args.source_major, target_major=args.target_major, contenders=contenders,
-                    floor_format=args.floor_format, profile=args.profile, profile_rate=args.profile_rate)
+                    floor_format=args.floor_format, profile=args.profile, profile_rate=args.profile_rate,
+                    pgleap_options=tuple(args.pgleap_option))
 
 
 def progress(message: str) -> None:
@@ -348,6 +354,8 @@ class Result:
     client_cpu: float = float("nan")
     own_cpu: float = float("nan")  # the contender's main process alone (pgleap: the Python process)
     host_busy: float = float("nan")
+    source_cpu: float = float("nan")  # CPU of the source-side servers' processes (primary + replica)
+    target_cpu: float = float("nan")  # CPU of the target server's processes
     details: list[str] = field(default_factory=list)
     check: str = ""
     ok: bool = False
@@ -408,7 +416,7 @@ def pgleap_argv(env: Env, tag: str) -> tuple[list[str], Path]:
         else:
             path.unlink()
     return [str(pgleap_executable()), "copy", "-c", str(config), "--state", str(state), "--no-progress",
-            "--workers", str(env.settings.workers)], state
+            "--workers", str(env.settings.workers), *env.settings.pgleap_options], state
 
 
 def read_store(state: Path) -> tuple[dict[str, float], list[tuple[str, str, int, int, float]]]:
@@ -666,7 +674,11 @@ def run_contender(env: Env, name: str) -> Result:
     reset_target(env.target, env.primary)
     progress(f"{LABELS[name]} ...")
     host_before = HostCpu.read()
+    source_before, target_before = server_cpu(env.primary, env.replica), server_cpu(env.target)
     result = RUNNERS[name](env)
+    time.sleep(0.2)  # let the contender's backends exit, so that their CPU is counted in the postmaster's
+    result.source_cpu = server_cpu(env.primary, env.replica) - source_before
+    result.target_cpu = server_cpu(env.target) - target_before
     if result.unavailable:
         progress(f"{name}: n/a: {result.unavailable}")
         return result
@@ -676,6 +688,11 @@ def run_contender(env: Env, name: str) -> Result:
     progress(f"{name}: {result.seconds:.2f}s (data {result.data_seconds:.2f}s, indexes {result.index_seconds:.2f}s); "
              f"{result.check}")
     return result
+
+
+def server_cpu(*servers: LabServer) -> float:
+    """CPU seconds the servers' postmasters and all their backends (live or exited) have used so far."""
+    return sum(process_tree_cpu_seconds(pid) for pid in (server.pid() for server in servers) if pid is not None)
 
 
 def rotated(items: Sequence[str], shift: int) -> list[str]:
@@ -771,15 +788,18 @@ def report(outcome: Outcome) -> tuple[str, bool]:
         f"data set: pgbench -i -s {s.scale} + wide ({s.wide_rows:,} rows: text, numeric, timestamptz, float8, json, "
         f"bytea, int[]): {len(src.tables)} tables, {src.rows:,} rows, {src.table_mb:.1f} MB of tables (heap + TOAST), "
         f"{src.index_bytes / 1e6:.1f} MB of indexes ({src.indexes}), database {src.database_bytes / 1e6:.1f} MB",
-        f"parallelism {s.workers} for every contender; {s.rounds} round(s), order rotating (times: the median "
-        f"round); each copy into a fresh empty database on the same target; all servers: "
+        f"parallelism {s.workers} for every contender"
+        + (f" (pgleap copy {' '.join(s.pgleap_options)})" if s.pgleap_options else "")
+        + f"; {s.rounds} round(s), order rotating (times: the median round); each copy into a fresh empty "
+        "database on the same target; all servers: "
         + ", ".join(f"{k}={v}" for k, v in bulk_settings().items()) + ", fsync=off (lab)",
         "MB/s = source table MB / wall; data = COPY phase, index = index/constraint builds, other = schema, "
-        "roles, sequences, ANALYZE, start-up; client CPU = CPU of the contender's processes (not the servers')",
+        "roles, sequences, ANALYZE, start-up; CPU s = CPU seconds used by the contender's own processes "
+        "(client), by the source servers' processes (primary + replica) and by the target server's",
         "",
     ]
     header = (f"{'contender':<40} {'wall s':>8} {'rows/s':>11} {'MB/s':>7} {'data s':>7} {'index s':>7} "
-              f"{'other s':>7} {'client CPU s':>12} {'host busy%':>10}")
+              f"{'other s':>7} {'CPU s: client':>13} {'source':>6} {'target':>6} {'host busy%':>10}")
     lines += [header, "-" * len(header)]
     chosen: dict[str, Result] = {}
     all_ok = True
@@ -797,7 +817,8 @@ def report(outcome: Outcome) -> tuple[str, bool]:
         lines.append(
             f"{label:<40} {fmt(wall):>8} {fmt(src.rows / wall, 0):>11} {fmt(src.table_mb / wall, 1):>7} "
             f"{fmt(median(r.data_seconds for r in runs)):>7} {fmt(median(r.index_seconds for r in runs)):>7} "
-            f"{fmt(median(r.other_seconds for r in runs)):>7} {fmt(median(r.client_cpu for r in runs)):>12} "
+            f"{fmt(median(r.other_seconds for r in runs)):>7} {fmt(median(r.client_cpu for r in runs)):>13} "
+            f"{fmt(median(r.source_cpu for r in runs), 1):>6} {fmt(median(r.target_cpu for r in runs), 1):>6} "
             f"{fmt(median(r.host_busy for r in runs), 1):>10}"
             + (f"  (rounds: {', '.join(fmt(r.seconds) for r in runs)})" if len(runs) > 1 else ""))
     lines += ["", "details (median round):"]

@@ -437,3 +437,20 @@ def test_an_unexpected_writer_failure_fails_the_callers_instead_of_hanging(tmp_p
             await log.prepare(make_tx(2))   # the writer is still alive
 
     asyncio.run(run())
+
+
+def test_a_prepare_cancelled_before_it_returned_is_aborted_not_left_pending(tmp_path: Path) -> None:
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db", durability="batch", batch_interval=0.3) as log:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(log.prepare(make_tx(1)), timeout=0.05)
+            kept = await log.prepare(make_tx(2))
+            await log.settle(kept, committed=True, wait=True)
+            await asyncio.sleep(0.05)   # let the cancelled prepare's abort land
+            await log.flush()
+            assert log.pending() == []
+            assert (log.stats().aborted, log.stats().committed) == (1, 1)
+            # the orphan did not hold txid 2 back
+            assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [2]
+
+    asyncio.run(run())

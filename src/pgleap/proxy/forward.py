@@ -19,6 +19,7 @@ from pgleap.protocol.messages import error_response, message
 from pgleap.proxy.backend import BackendConnection, connect_backend, send_cancel
 
 if TYPE_CHECKING:
+    from pgleap.proxy.route import Database
     from pgleap.proxy.session import Session
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,8 @@ class Forwarder:
     def __init__(self, session: Session, backend: BackendConnection, client_transport: Any) -> None:
         self.session = session
         self.proxy = session.proxy
-        self.database = session.database
-        assert self.database is not None
+        assert session.database is not None
+        self.database: Database = session.database
         self.stats = self.database.stats
         self.gate = self.proxy.gate
         self.route = self.database.route
@@ -75,12 +76,14 @@ class Forwarder:
         self.client_transport = client_transport
         self.server_transport: Any = None
         self._server_side: _Side | None = None
+        self._client_side: _Side
         self.closed = asyncio.get_running_loop().create_future()
 
         self.pending: deque[float] = deque()  # start times of requests still awaiting ReadyForQuery
         self.tx_status = _IDLE
         self.open_batch = False  # extended-protocol messages sent since the last Sync
         self.held: bytes | None = None  # client bytes held at a transaction boundary
+        self.capture: Any = None  # the Capture this session feeds (set by the capture path)
         self.last_server_type = 0
         self.terminating = False
         self._c_skip = 0
@@ -93,7 +96,10 @@ class Forwarder:
 
     def start(self, client_leftover: bytes, server_leftover: bytes) -> None:
         """Take over both transports from the handshake's streams."""
-        self.client_transport.set_protocol(_Side(self, client=True))
+        self._client_side = _Side(self, client=True)
+        if self.database.capture is not None:
+            self._switch_capture(self.database.capture)
+        self.client_transport.set_protocol(self._client_side)
         self._attach_server(self.backend)
         self.client_transport.resume_reading()
         if server_leftover:
@@ -193,7 +199,11 @@ class Forwarder:
                 not pending
                 and self.tx_status == _IDLE
                 and not self.open_batch
-                and (self.gate.paused or self.route.version != self.route_version)
+                and (
+                    self.gate.paused
+                    or self.route.version != self.route_version
+                    or self.database.capture is not self.capture
+                )
             ):
                 self._hold(data, i)
                 return
@@ -224,6 +234,10 @@ class Forwarder:
         if data:
             self.server_transport.write(data)
 
+    def _must_hold(self) -> bool:
+        """At a boundary: must the next transaction wait (PAUSE), move (route switch) or switch capture?"""
+        return self.gate.paused or self.route.version != self.route_version or self.database.capture is not self.capture
+
     def _protocol_violation(self, kind: int, length: int) -> None:
         if not _VALID_FRONTEND[kind]:
             text = f"invalid frontend message type {kind}"
@@ -248,6 +262,8 @@ class Forwarder:
                 await self.gate.wait_resumed()
                 if self.route.version != self.route_version:
                     await self._switch_backend()
+                if self.database.capture is not self.capture:
+                    self._switch_capture(self.database.capture)
                 if not self.gate.paused or self.closed.done():
                     break
         except Exception as exc:  # the new server is unreachable: the client must hear why
@@ -259,6 +275,20 @@ class Forwarder:
         held, self.held = self.held or b"", None
         self.unblock_reading(True, "hold")
         self.from_client(held)
+
+    def _switch_capture(self, capture: Any) -> None:
+        """Start or stop capturing this session (at a transaction boundary, so no transaction is split)."""
+        from pgleap.upgrade.capture.forwarding import CapturingForwarder  # the proxy does not need it otherwise
+
+        if capture is None:
+            self.__class__ = Forwarder
+            self.capture = None
+        else:
+            self.__class__ = CapturingForwarder
+            self.init_capture(capture)  # type: ignore[attr-defined]
+        self._client_side.data_received = self.from_client  # type: ignore[method-assign]
+        if self._server_side is not None:
+            self._server_side.data_received = self.from_server  # type: ignore[method-assign]
 
     async def _switch_backend(self) -> None:
         """Move this session to the route's current server at a transaction boundary."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.proxy.stats import DatabaseStats
@@ -30,6 +31,7 @@ class Database:
     upgrade: UpgradeConfig
     route: Route
     stats: DatabaseStats
+    capture: Any = None  # a pgleap.upgrade.capture.Capture while the upgrade captures writes
 
     @classmethod
     def from_config(cls, upgrade: UpgradeConfig) -> Database:

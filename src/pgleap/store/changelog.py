@@ -32,6 +32,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -227,9 +228,10 @@ class _Kind(Enum):
 class _Waiter:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    on_cancelled: Callable[[Any], None] | None = None   # called with the result nobody waits for any more
 
     def done(self, result: object) -> None:
-        self._call(_set_result, result)
+        self._call(self._set_result, result)
 
     def fail(self, exc: BaseException) -> None:
         self._call(_set_exception, exc)
@@ -239,10 +241,11 @@ class _Waiter:
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(fn, self.future, value)
 
-
-def _set_result(future: asyncio.Future[Any], value: object) -> None:
-    if not future.done():
-        future.set_result(value)
+    def _set_result(self, future: asyncio.Future[Any], value: object) -> None:
+        if future.cancelled() and self.on_cancelled is not None:
+            self.on_cancelled(value)
+        elif not future.done():
+            future.set_result(value)
 
 
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
@@ -487,8 +490,16 @@ class SQLiteChangeLog(ChangeLog):
     async def prepare(self, tx: CapturedTransaction) -> int:
         """Durably record `tx` as pending (before its COMMIT is forwarded); return its log id."""
         record = encode_transaction(tx)
-        log_id: int = await self._submit(_Op(_Kind.PREPARE, tx=tx, record=record), wait=True)
+        log_id: int = await self._submit(_Op(_Kind.PREPARE, tx=tx, record=record), wait=True,
+                                         on_cancelled=self._abort_orphan)
         return log_id
+
+    def _abort_orphan(self, log_id: int) -> None:
+        # The caller was cancelled before it learned the log id, so it cannot have forwarded the COMMIT
+        # (the proxy forwards only after prepare returns): abort the record rather than leave it pending,
+        # holding back every later record of its database until the next restart's recovery.
+        with contextlib.suppress(ChangeLogClosedError):
+            self._queue.put(_Op(_Kind.SETTLE, log_id=log_id, state=LogState.ABORTED))
 
     async def settle(self, log_id: int, committed: bool, *, wait: bool = False) -> None:
         """Mark a pending record committed or aborted; `wait` waits until that is durable.
@@ -515,15 +526,14 @@ class SQLiteChangeLog(ChangeLog):
         deleted: int = await self._submit(_Op(_Kind.TRUNCATE, database=database, position=position), wait=True)
         return deleted
 
-    async def _submit(self, op: _Op, wait: bool) -> Any:
+    async def _submit(self, op: _Op, wait: bool, on_cancelled: Callable[[Any], None] | None = None) -> Any:
         if not wait:
             self._queue.put(op)
             return None
         loop = asyncio.get_running_loop()
-        op.waiter = _Waiter(loop, loop.create_future())
+        op.waiter = _Waiter(loop, loop.create_future(), on_cancelled)
         self._queue.put(op)
-        # A caller cancelled here does not unqueue the op: a prepare may still be written, and stays
-        # pending until settled or resolved like any other.
+        # A caller cancelled here does not unqueue the op: it is still written (see _abort_orphan).
         return await op.waiter.future
 
     # -- the writer thread -----------------------------------------------------------------------

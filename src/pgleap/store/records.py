@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from pgleap.errors import PgleapError
 

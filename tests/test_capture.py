@@ -1,0 +1,123 @@
+"""Capture through the proxy on real servers: exactly the committed write transactions reach the log."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import start_proxy, tool
+
+from pgleap.lab import LabServer
+from pgleap.store import SQLiteChangeLog
+from pgleap.testing import ProxyThread
+from pgleap.upgrade.capture.capture import Capture
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def capturing(tmp_path: Path, backend: LabServer) -> Iterator[tuple[ProxyThread, Capture]]:
+    """A proxy in front of `backend` with capture on for database "app"; table cap created empty."""
+    backend.psql("drop table if exists cap; create table cap (id int primary key, txid bigint, v text)")
+    proxy = start_proxy(tmp_path, {"app": backend})
+    changelog = SQLiteChangeLog(tmp_path / "changes.db")
+    capture = Capture("app", changelog)
+
+    async def enable() -> None:
+        assert proxy.proxy is not None
+        proxy.proxy.databases["app"].capture = capture
+
+    proxy.call(enable())
+    try:
+        yield proxy, capture
+    finally:
+        proxy.stop()
+        changelog.close()
+
+
+def logged(proxy: ProxyThread, capture: Capture) -> list[tuple[int | None, list[str]]]:
+    """(txid, statement texts) of every committed transaction in the log, in log order."""
+    proxy.call(capture.drain())
+    records = capture.changelog.read_committed("app", 0, 10_000)
+    return [(r.transaction.txid, [s.sql for s in r.transaction.statements]) for r in records]
+
+
+def test_committed_writes_are_logged_once_with_their_txids(capturing: tuple[ProxyThread, Capture],
+                                                           backend: LabServer) -> None:
+    proxy, capture = capturing
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        # Implicit transactions, extended protocol with parameters.
+        conn.execute("insert into cap values (%s, txid_current(), 'implicit')", (1,))
+        conn.execute("select * from cap")  # a read: not logged
+        # An explicit transaction with a rolled-back savepoint.
+        with conn.transaction():
+            conn.execute("insert into cap values (2, txid_current(), 'explicit')")
+            with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
+                conn.execute("insert into cap values (3, txid_current(), 'undone by savepoint')")
+                conn.execute("insert into cap values (2, txid_current(), 'duplicate')")
+            conn.execute("insert into cap values (4, txid_current(), 'after savepoint')")
+        # A rolled-back transaction.
+        with pytest.raises(ZeroDivisionError), conn.transaction():
+            conn.execute("insert into cap values (5, txid_current(), 'rolled back')")
+            raise ZeroDivisionError
+        # COPY FROM STDIN inside a transaction.
+        with conn.transaction():
+            with conn.cursor().copy("copy cap (id, v) from stdin") as copy:
+                copy.write_row((6, "copied"))
+                copy.write_row((7, "copied"))
+            conn.execute("update cap set txid = txid_current() where id in (6, 7)")
+        # Pipeline mode: several implicit transactions before one Sync each.
+        with conn.pipeline():
+            for i in (8, 9):
+                conn.execute("insert into cap values (%s, txid_current(), 'pipelined')", (i,))
+    # Simple protocol through psql: a multi-statement string (one implicit transaction), a failing one,
+    # and an explicit transaction spread over statements.
+    script = (
+        "insert into cap values (10, txid_current(), 'multi'); insert into cap values (11, txid_current(), 'multi');\n"
+        "insert into cap values (12, txid_current(), 'fails'); select 1/0;\n"
+        "begin;\ninsert into cap values (13, txid_current(), 'psql tx');\ncommit;\n"
+    )
+    psql = subprocess.run([tool("psql"), proxy.dsn(), "-X", "-q", "-v", "ON_ERROR_STOP=0", "-c", script.split("\n")[0],
+                           "-c", script.split("\n")[1], "-f", "-"], input="\n".join(script.split("\n")[2:]),
+                          capture_output=True, text=True, timeout=60)
+    assert "division by zero" in psql.stderr
+
+    with psycopg.connect(backend.dsn()) as direct:
+        rows = dict(direct.execute("select id, txid from cap").fetchall())
+    assert sorted(rows) == [1, 2, 4, 6, 7, 8, 9, 10, 11, 13]
+
+    entries = logged(proxy, capture)
+    by_txid = {txid: statements for txid, statements in entries}
+    assert len(by_txid) == len(entries), "a transaction was logged twice"
+    # Exactly the committed write transactions, each once, identified by the source's txid.
+    assert set(by_txid) == set(rows.values())
+    assert len(by_txid[rows[2]]) == 2 and all("undone" not in s and "duplicate" not in s for s in by_txid[rows[2]])
+    assert by_txid[rows[6]][0].startswith("copy cap") and len(by_txid[rows[6]]) == 2
+    assert rows[10] == rows[11] and len(by_txid[rows[10]]) == 2
+    assert capture.problems == []
+
+
+def test_the_client_sees_nothing_injected(capturing: tuple[ProxyThread, Capture], backend: LabServer) -> None:
+    """The same psql script gives byte-identical output through the capturing proxy and directly (I2)."""
+    script = (
+        "insert into cap values (1, 0, 'a') returning id, v;\n"
+        "begin;\nupdate cap set v = 'b' where id = 1;\nselect v from cap;\ncommit;\n"
+        "insert into cap values (2, 0, 'x'); select count(*) from cap;\n"
+        "begin;\ninsert into cap values (3, 0, 'y');\nselect 1/0;\ncommit;\n"
+        "delete from cap;\n"
+    )
+    proxy, capture = capturing
+
+    def run(dsn: str) -> tuple[str, str]:
+        result = subprocess.run([tool("psql"), dsn, "-X", "-a", "-v", "ON_ERROR_STOP=0", "-f", "-"], input=script,
+                                capture_output=True, text=True, timeout=60)
+        return result.stdout, result.stderr.replace("psql:<stdin>", "")
+
+    through = run(proxy.dsn())
+    direct = run(backend.dsn())
+    assert through == direct
+    assert "ROLLBACK" in through[0]  # the failed transaction's COMMIT answered ROLLBACK, as directly
+    assert len(logged(proxy, capture)) == 4  # the four write transactions of the run through pgleap
