@@ -10,7 +10,11 @@ from pgleap.protocol.messages import cstr, message
 # Settings that change what a replayed statement means; captured with each transaction.
 CAPTURED_SETTINGS = ("search_path", "TimeZone", "DateStyle", "IntervalStyle", "standard_conforming_strings")
 
-PROBE_SQL = "SELECT txid_current()::text, now()::text, " + ", ".join(
+# now() as ISO 8601 in UTC with microseconds, so that pinning it into a replayed statement does not
+# depend on the session's DateStyle or TimeZone.
+SOURCE_NOW_SQL = "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00'"
+
+PROBE_SQL = f"SELECT txid_current()::text, {SOURCE_NOW_SQL}, " + ", ".join(
     f"current_setting('{name}')" for name in CAPTURED_SETTINGS
 )
 PROBE_NAME = "pgleap_probe"  # statement and portal name used in the extended protocol
