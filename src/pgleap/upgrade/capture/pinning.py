@@ -76,6 +76,7 @@ def pin_time(sql: str, source_now: str) -> str:
     pin = _Pin(source_now)
     pieces = []
     for raw in statements:
-        pin(raw.stmt)
-        pieces.append(RawStream()(raw.stmt))
+        if raw.stmt is not None:
+            pin(raw.stmt)
+            pieces.append(RawStream()(raw.stmt))
     return "; ".join(pieces) if pin.changed else sql
