@@ -12,10 +12,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import run_tool, start_proxy, tool
 
 from pgleap.lab import LabServer
 from pgleap.testing import ProxyThread
+
+from conftest import run_tool, start_proxy, tool
 
 pytestmark = pytest.mark.integration
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import start_proxy, tool
 
 from pgleap.lab import LabServer
 from pgleap.store import SQLiteChangeLog
 from pgleap.testing import ProxyThread
 from pgleap.upgrade.capture.capture import Capture
+
+from conftest import start_proxy, tool
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +122,48 @@ def test_the_client_sees_nothing_injected(capturing: tuple[ProxyThread, Capture]
     assert through == direct
     assert "ROLLBACK" in through[0]  # the failed transaction's COMMIT answered ROLLBACK, as directly
     assert len(logged(proxy, capture)) == 4  # the four write transactions of the run through pgleap
+
+
+def test_capture_status_in_console_and_metrics(capturing: tuple[ProxyThread, Capture]) -> None:
+    """SHOW CAPTURE and the capture metrics count what reached the log."""
+    from pgleap.metrics import ProxyCollector
+
+    proxy, capture = capturing
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i in range(3):
+            conn.execute("insert into cap values (%s, txid_current(), 'status')", (i,))
+    proxy.call(capture.drain())
+    admin_dsn = proxy.dsn(database="pgleap", user="pgleap_admin", password="admin-secret")
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        cursor = admin.execute("SHOW CAPTURE")
+        columns = [c.name for c in cursor.description or []]
+        (row,) = [dict(zip(columns, r, strict=True)) for r in cursor.fetchall()]
+    assert row["database"] == "app" and row["capturing"] == "t"
+    assert row["transactions"] == "3" and row["log_failures"] == "0" and row["log_healthy"] == "t"
+    assert proxy.proxy is not None
+    samples = {s.name: s.value for m in ProxyCollector(proxy.proxy).collect() for s in m.samples}
+    assert samples["pgleap_capture_transactions_total"] == 3
+    assert samples["pgleap_changelog_healthy"] == 1
+
+
+def test_start_and_stop_capture_from_the_console(tmp_path: Path, pg_new: LabServer) -> None:
+    """START CAPTURE switches connected sessions at their next transaction; STOP CAPTURE drains and stops."""
+    pg_new.psql("drop table if exists cap2; create table cap2 (id int primary key, txid bigint)")
+    proxy = start_proxy(tmp_path, {"app": pg_new}, extra=f'changelog_path = "{tmp_path / "log.db"}"')
+    admin_dsn = proxy.dsn(database="pgleap", user="pgleap_admin", password="admin-secret")
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as app, psycopg.connect(admin_dsn, autocommit=True) as admin:
+            app.execute("insert into cap2 values (1, txid_current())")  # before capture: not logged
+            notes = [r[0] for r in admin.execute("START CAPTURE").fetchall()]
+            assert notes == [f"database app: capturing into {tmp_path / 'log.db'}"]
+            app.execute("insert into cap2 values (2, txid_current())")  # the same session, now captured
+            notes = [r[0] for r in admin.execute("STOP CAPTURE").fetchall()]
+            assert notes == ["database app: stopped; 1 transactions in the log"]
+            app.execute("insert into cap2 values (3, txid_current())")  # after: not logged
+            txid_2 = pg_new.psql("select txid from cap2 where id = 2")
+        assert proxy.proxy is not None
+        changelog = proxy.proxy._changelog
+        records = changelog.read_committed("app", 0, 100)
+        assert [r.transaction.txid for r in records] == [int(txid_2)]
+    finally:
+        proxy.stop()

@@ -8,10 +8,11 @@ import re
 import asyncpg
 import psycopg
 import pytest
-from conftest import run_tool, tool
 
 from pgleap.lab import LabServer
 from pgleap.testing import ProxyThread
+
+from conftest import run_tool, tool
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
-from conftest import tool
 
 from pgleap.lab import LabServer
 from pgleap.testing import ProxyThread
+
+from conftest import tool
 
 pytestmark = pytest.mark.integration
 

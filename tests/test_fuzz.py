@@ -8,13 +8,14 @@ import time
 
 import psycopg
 import pytest
-from conftest import start_proxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgleap.lab import LabServer
 from pgleap.protocol.auth import md5_response
 from pgleap.testing import ProxyThread
+
+from conftest import start_proxy
 
 pytestmark = pytest.mark.integration
 

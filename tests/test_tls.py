@@ -7,9 +7,10 @@ from pathlib import Path
 import psycopg
 import pytest
 import trustme
-from conftest import start_proxy
 
 from pgleap.lab import LabServer
+
+from conftest import start_proxy
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pgleap import __version__
+from pgleap.errors import PgleapError
 
 if TYPE_CHECKING:
     from pgleap.proxy.server import Proxy
@@ -198,6 +199,45 @@ async def show_upgrade_tables(proxy: Proxy, _session: Session) -> Result:
         for name in sorted(proxy.databases):
             rows.extend((name, *row) for row in show_upgrade_tables(store, name))
     return Result(f"SHOW {len(rows)}", ["database", *SHOW_UPGRADE_TABLES_COLUMNS], rows)
+
+
+@command("SHOW CAPTURE")
+async def show_capture(proxy: Proxy, _session: Session) -> Result:
+    """Per database: whether writes are captured, how many reached the change log, and what went wrong."""
+    columns = [
+        "database", "capturing", "sessions_capturing", "transactions", "statements", "log_failures",
+        "unreplayable", "log_healthy", "log_pending", "log_error",
+    ]
+    rows: list[Sequence[Any]] = []
+    for name, db in sorted(proxy.databases.items()):
+        capture = db.capture
+        sessions = sum(1 for s in proxy.sessions.values() if s.forwarder is not None and s.forwarder.capture is capture)
+        if capture is None:
+            rows.append([name, False, 0, 0, 0, 0, 0, None, None, None])
+            continue
+        stats = capture.changelog.stats()
+        rows.append([
+            name, True, sessions, capture.transactions, capture.statements, capture.log_failures,
+            len(capture.problems), stats.healthy, stats.pending, stats.last_error,
+        ])
+    return Result(f"SHOW {len(rows)}", columns, rows)
+
+
+@command("START CAPTURE")
+async def start_capture(proxy: Proxy, _session: Session) -> Result:
+    """Start capturing committed writes of every database into the change log."""
+    try:
+        notes = proxy.start_capture()
+    except PgleapError as exc:
+        raise AdminCommandError(f"START CAPTURE failed: {exc}") from exc
+    return Result("START CAPTURE", ["note"], [[n] for n in notes])
+
+
+@command("STOP CAPTURE")
+async def stop_capture(proxy: Proxy, _session: Session) -> Result:
+    """Stop capturing; returns once what was captured is in the log."""
+    notes = await proxy.stop_capture()
+    return Result("STOP CAPTURE", ["note"], [[n] for n in notes])
 
 
 @command("PAUSE")

@@ -236,6 +236,9 @@ def _proxy(table: _Table, base: Path | None) -> tuple[ProxyConfig, AdminConfig]:
         metrics_addr=table.get("metrics_addr", str, ProxyConfig.metrics_addr) or ProxyConfig.metrics_addr,
         metrics_port=table.port("metrics_port", 0, allow_zero=True) or 0,
         state_path=path("state_path") or (base / "pgleap-state.db" if base else ProxyConfig.state_path),
+        changelog_path=path("changelog_path") or (base / "pgleap-changes.db" if base else ProxyConfig.changelog_path),
+        durability=table.choice("durability", ("commit", "batch"), ProxyConfig.durability),
+        batch_interval=table.duration("batch_interval", ProxyConfig.batch_interval),
     )
     admin = AdminConfig(user=table.require("admin_user", str), password=table.require("admin_password", str))
     table.finish()

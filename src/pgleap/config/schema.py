@@ -94,6 +94,9 @@ class ProxyConfig:
     metrics_addr: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no metrics endpoint
     state_path: Path = Path("pgleap-state.db")  # the durable state store (SQLite)
+    changelog_path: Path = Path("pgleap-changes.db")  # the change log (SQLite, WAL)
+    durability: str = "commit"  # "commit": fsync per transaction; "batch": group commit
+    batch_interval: float = 0.005  # seconds a batch waits for more transactions
 
 
 @dataclass(frozen=True)

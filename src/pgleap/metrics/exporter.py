@@ -58,7 +58,25 @@ class ProxyCollector(Collector):
         yield from families.values()
         yield latency
         yield from self._copy_gauges()
+        yield from self._capture_metrics()
         yield GaugeMetricFamily("pgleap_paused", "1 while PAUSE holds new transactions", value=int(proxy.gate.paused))
+
+    def _capture_metrics(self) -> Iterator[Metric]:
+        captured = CounterMetricFamily(
+            "pgleap_capture_transactions", "Committed write transactions appended to the change log", labels=["database"]
+        )
+        failures = CounterMetricFamily(
+            "pgleap_capture_log_failures", "Committed transactions the change log could not take", labels=["database"]
+        )
+        healthy = GaugeMetricFamily("pgleap_changelog_healthy", "0 after a change log write failed", labels=["database"])
+        for name, db in sorted(self.proxy.databases.items()):
+            capture = db.capture
+            if capture is None:
+                continue
+            captured.add_metric([name], capture.transactions)
+            failures.add_metric([name], capture.log_failures)
+            healthy.add_metric([name], 1.0 if capture.changelog.healthy else 0.0)
+        yield from (captured, failures, healthy)
 
     def _copy_gauges(self) -> Iterator[Metric]:
         from pgleap.upgrade.copy.progress import copy_gauges

@@ -286,9 +286,13 @@ class Forwarder:
         else:
             self.__class__ = CapturingForwarder
             self.init_capture(capture)  # type: ignore[attr-defined]
+        # uvloop caches a protocol's data_received when it is set: set the protocols again.
         self._client_side.data_received = self.from_client  # type: ignore[method-assign]
+        if self.client_transport.get_protocol() is self._client_side:
+            self.client_transport.set_protocol(self._client_side)
         if self._server_side is not None:
             self._server_side.data_received = self.from_server  # type: ignore[method-assign]
+            self.server_transport.set_protocol(self._server_side)
 
     async def _switch_backend(self) -> None:
         """Move this session to the route's current server at a transaction boundary."""

@@ -54,6 +54,7 @@ class Proxy:
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._state: StateStore | None = None
+        self._changelog: Any = None  # the SQLiteChangeLog once capture has started
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` in the background, keeping a reference until it ends."""
@@ -93,6 +94,35 @@ class Proxy:
         if self._state is None and self.config.proxy.state_path.exists():
             self._state = StateStore(self.config.proxy.state_path)
         return self._state
+
+    def start_capture(self) -> list[str]:
+        """Capture every database's committed writes into the change log, from each session's next boundary."""
+        from pgleap.store.changelog import Durability, SQLiteChangeLog
+        from pgleap.upgrade.capture.capture import Capture
+
+        proxy = self.config.proxy
+        if self._changelog is None:
+            durability: Durability = "batch" if proxy.durability == "batch" else "commit"
+            self._changelog = SQLiteChangeLog(proxy.changelog_path, durability, proxy.batch_interval)
+        notes = []
+        for name, database in sorted(self.databases.items()):
+            if database.capture is None:
+                database.capture = Capture(name, self._changelog)
+                notes.append(f"database {name}: capturing into {proxy.changelog_path}")
+            else:
+                notes.append(f"database {name}: already capturing")
+        return notes
+
+    async def stop_capture(self) -> list[str]:
+        """Stop capturing (sessions stop at their next boundary) once what was captured is in the log."""
+        notes = []
+        for name, database in sorted(self.databases.items()):
+            capture = database.capture
+            if capture is not None:
+                database.capture = None
+                await capture.drain()
+                notes.append(f"database {name}: stopped; {capture.transactions} transactions in the log")
+        return notes
 
     def client_count(self) -> int:
         """Client connections now open (admin sessions included)."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pgleap.errors import PgleapError
 
 PG90, PG91, PG92, PG93, PG94, PG96 = 90000, 90100, 90200, 90300, 90400, 90600
+PG95 = 90500
 PG10, PG12, PG13, PG14 = 100000, 120000, 130000, 140000
 
 
@@ -157,6 +158,11 @@ class Facts:
     def has_auto_conf(self) -> bool:
         """postgresql.auto.conf is read (9.4+); before, settings must go in postgresql.conf."""
         return self.version_num >= PG94
+
+    @property
+    def has_on_conflict(self) -> bool:
+        """INSERT ... ON CONFLICT (9.5+); before it, replay stores its position with a writable CTE."""
+        return self.version_num >= PG95
 
     @property
     def password_auth_method(self) -> str:

@@ -18,29 +18,18 @@ against the source. The last lines printed are `ratio_<a>_<b>_<what>: <x>`, one 
 This is a benchmark, not a test: it asserts nothing about speed.
 """
 
-# ruff: noqa: E402  (the imports below follow the sys.path fix for this file's name)
 from __future__ import annotations
-
-import os
-import sys
-
-# This script's name shadows the standard library's `copy` (which dataclasses imports): load the real one
-# before this directory is searched, then put the directory back for _common and _profile.
-_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-_PATH = list(sys.path)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _BENCH_DIR]
-import copy  # noqa: F401  (the standard library's, cached in sys.modules)
-
-sys.path[:] = _PATH
 
 import argparse
 import contextlib
 import json
+import os
 import queue
 import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -120,7 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--scale", type=int, default=30, help="pgbench -i -s")
     parser.add_argument("--wide-rows", type=int, default=500_000, help="rows of the wide table")
     parser.add_argument("--workers", type=int, default=2,
-                        help="parallelism of every contender (pgleap workers, -j, --table-jobs/--index-jobs, pipes)")
+                        help="parallelism of every contender (pgleap workers, -j, --table-jobs/--index-jobs, "
+                             "pipes)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="copies per contender, the order rotating from round to round (times: median)")
     parser.add_argument("--source-major", type=int, default=10, help="PostgreSQL major of the source and replica")
@@ -134,7 +124,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                              "writes bench/results/copy-pgleap.folded and copy-pgleap-top.txt")
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--pgleap-option", action="append", default=[], metavar="ARG",
-                        help="extra argument for `pgleap copy` (repeat it), e.g. --pgleap-option=--split-threshold-mb "
+                        help="extra argument for `pgleap copy` (repeat it), e.g. "
+                             "--pgleap-option=--split-threshold-mb "
                              "--pgleap-option=100000 to copy every table whole")
     args = parser.parse_args(argv)
     contenders = tuple(c for c in args.contenders.split(",") if c)
@@ -424,7 +415,8 @@ def read_store(state: Path) -> tuple[dict[str, float], list[tuple[str, str, int,
     db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
     try:
         steps = {step: finished - started for step, started, finished in db.execute(
-            "SELECT step, started_at, finished_at FROM copy_step WHERE finished_at IS NOT NULL ORDER BY started_at")}
+            "SELECT step, started_at, finished_at FROM copy_step WHERE finished_at IS NOT NULL "
+            "ORDER BY started_at")}
         chunks = [(str(c), str(k), int(r), int(b), float(s)) for c, k, r, b, s in db.execute(
             "SELECT chunk_id, kind, rows, bytes, seconds FROM copy_chunk ORDER BY finished_at")]
     finally:
@@ -473,7 +465,8 @@ def run_pgdump(env: Env) -> Result:
     jobs = str(env.settings.workers)
     dump_dir = env.workdir / "dump"
     shutil.rmtree(dump_dir, ignore_errors=True)
-    pg_dump, pg_restore = _tool("pg_dump", env.settings.target_major), _tool("pg_restore", env.settings.target_major)
+    pg_dump = _tool("pg_dump", env.settings.target_major)
+    pg_restore = _tool("pg_restore", env.settings.target_major)
     phases: list[tuple[str, TimedRun]] = []
     phases.append(("pg_dump", check_run(run_timed(
         [pg_dump, "-Fd", "-j", jobs, "-f", dump_dir, "-d", conninfo(env.primary)],
@@ -634,13 +627,15 @@ def run_floor(env: Env) -> Result:
         "WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY pg_table_size(c.oid) DESC", DATABASE).splitlines()
     statements = env.primary.psql(FLOOR_INDEXES_SQL, DATABASE).splitlines()
     fmt = " (FORMAT binary)" if env.settings.floor_format == "binary" else ""
-    pipe_env = {**libpq_env(env.target), "PSQL": str(psql), "SRC": conninfo(env.primary), "DST": conninfo(env.target)}
+    pipe_env = {**libpq_env(env.target), "PSQL": str(psql), "SRC": conninfo(env.primary),
+                "DST": conninfo(env.target)}
 
     def pipe(table: str) -> Callable[[], TimedRun]:
         quoted = f'public."{table}"'
         return lambda: check_run(run_timed(
             ["bash", "-c", _PIPE], env={**pipe_env, "OUT": f"COPY {quoted} TO STDOUT{fmt}",
-                                        "IN": f"COPY {quoted} FROM STDIN{fmt}"}, timeout=7200), f"COPY pipe of {table}")
+                                        "IN": f"COPY {quoted} FROM STDIN{fmt}"}, timeout=7200),
+            f"COPY pipe of {table}")
 
     def build(statement: str) -> Callable[[], TimedRun]:
         return lambda: check_run(run_timed(
@@ -656,7 +651,8 @@ def run_floor(env: Env) -> Result:
                     other_seconds=0.0, client_cpu=children_cpu_seconds() - cpu_before,
                     host_busy=HostCpu.read().busy_percent_since(host_before))
     result.details.append(f"{len(tables)} tables through {env.settings.workers} psql | psql pipes "
-                          f"({env.settings.floor_format} COPY, whole tables, largest first), then {len(statements)} "
+                          f"({env.settings.floor_format} COPY, whole tables, largest first), then "
+                          f"{len(statements)} "
                           f"index/key builds {env.settings.workers} at a time; schema (pre-data) created "
                           f"beforehand, untimed")
     result.details.append("  pipes: " + ", ".join(f"{label} {run.seconds:.2f}s" for label, run in data_runs))
@@ -685,7 +681,8 @@ def run_contender(env: Env, name: str) -> Result:
     if result.host_busy != result.host_busy:
         result.host_busy = HostCpu.read().busy_percent_since(host_before)
     result.ok, result.check = check_copy(name, env.source, env.primary, env.target)
-    progress(f"{name}: {result.seconds:.2f}s (data {result.data_seconds:.2f}s, indexes {result.index_seconds:.2f}s); "
+    progress(f"{name}: {result.seconds:.2f}s (data {result.data_seconds:.2f}s, "
+             f"indexes {result.index_seconds:.2f}s); "
              f"{result.check}")
     return result
 
@@ -721,7 +718,8 @@ def profile_pgleap(env: Env, measured: Result | None) -> str:
     cpu = 100.0 * measured.own_cpu / measured.seconds if measured and measured.seconds else float("nan")
     text = summarize(stacks, seconds=run.seconds, rate=env.settings.profile_rate, cpu_percent=cpu)
     (RESULTS_DIR / "copy-pgleap-top.txt").write_text(text + "\n")
-    progress(f"profile: {folded} (speedscope.app or flamegraph.pl); summary in {RESULTS_DIR / 'copy-pgleap-top.txt'}")
+    progress(f"profile: {folded} (speedscope.app or flamegraph.pl); "
+             f"summary in {RESULTS_DIR / 'copy-pgleap-top.txt'}")
     return f"pgleap copy under py-spy took {run.seconds:.2f}s\n{text}"
 
 
@@ -754,6 +752,14 @@ def run_benchmark(settings: Settings) -> Outcome:
         progress(f"source: {len(source.tables)} tables, {source.rows:,} rows, {source.table_mb:.1f} MB of tables, "
                  f"{source.index_bytes / 1e6:.1f} MB of indexes")
         env = Env(lab, primary, replica, target, settings, workdir, source)
+        # Untimed warm-up: the target's first bulk write pays for creating its WAL segments (later ones
+        # recycle them), and every cache (OS, replica) is warmed once, so no contender is penalised for
+        # coming first.
+        progress("warm-up (untimed): one floor copy into the target, and a read of every table on the replica")
+        reset_target(target, primary)
+        run_floor(env)
+        for table in source.tables:
+            replica.psql(f'SELECT count(*) FROM public."{table}"', DATABASE)
         for round_number in range(settings.rounds):
             for name in rotated(settings.contenders, round_number):
                 results[name].append(run_contender(env, name))
@@ -761,7 +767,8 @@ def run_benchmark(settings: Settings) -> Outcome:
         if settings.profile:
             measured = median_result(results["pgleap"]) if results.get("pgleap") else None
             profile_text = profile_pgleap(env, measured)
-        return Outcome(settings, primary.install.version, target.install.version, source, results, profile_text, load)
+        return Outcome(settings, primary.install.version, target.install.version, source, results,
+                       profile_text, load)
 
 
 # -- reporting -----------------------------------------------------------------------------
@@ -785,8 +792,10 @@ def report(outcome: Outcome) -> tuple[str, bool]:
         f"pgleap {pgleap.__version__} copy bench: PostgreSQL {outcome.primary_version} primary + streaming replica "
         f"-> PostgreSQL {outcome.target_version}; {os.cpu_count()} CPUs, load average at start "
         f"{outcome.load_average}",
-        f"data set: pgbench -i -s {s.scale} + wide ({s.wide_rows:,} rows: text, numeric, timestamptz, float8, json, "
-        f"bytea, int[]): {len(src.tables)} tables, {src.rows:,} rows, {src.table_mb:.1f} MB of tables (heap + TOAST), "
+        f"data set: pgbench -i -s {s.scale} + wide ({s.wide_rows:,} rows: text, numeric, timestamptz, float8, "
+        f"json, "
+        f"bytea, int[]): {len(src.tables)} tables, {src.rows:,} rows, {src.table_mb:.1f} MB of tables "
+        f"(heap + TOAST), "
         f"{src.index_bytes / 1e6:.1f} MB of indexes ({src.indexes}), database {src.database_bytes / 1e6:.1f} MB",
         f"parallelism {s.workers} for every contender"
         + (f" (pgleap copy {' '.join(s.pgleap_options)})" if s.pgleap_options else "")

@@ -1,0 +1,428 @@
+"""Applying the change log on the target: in commit order, exactly once, stitched to the copy by S.
+
+Each round trip carries one target transaction holding several source transactions:
+
+    BEGIN; per source transaction: set_config(...) for its captured settings, then its statements;
+    upsert of the applied position into pgleap.applied; COMMIT; Sync
+
+all pipelined. The position commits with the changes it covers, so after any crash (pgleap, the
+connection, the target) replay reads it back from the target and resumes right after it (I4).
+Transactions visible in the copy snapshot S are already in the copied data: they only move the
+position. A batch that fails is rolled back and applied again one source transaction at a time, to
+find the one the target refuses; that one pauses replay or is skipped and its tables flagged for
+re-sync (`on_apply_error`), and is recorded either way (I1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pgleap.config import ServerConfig, UpgradeConfig
+from pgleap.protocol.messages import ServerError
+from pgleap.store.changelog import ChangeLog
+from pgleap.store.records import LoggedTransaction
+from pgleap.upgrade.capture.classify import classify
+from pgleap.upgrade.capture.pinning import pin_time
+from pgleap.upgrade.compat.facts import facts_for
+from pgleap.upgrade.replay.errors import (
+    ApplyError,
+    Divergence,
+    ReplayError,
+    TargetRefusedError,
+    TransientApplyError,
+    classify_sqlstate,
+)
+from pgleap.upgrade.replay.journal import ApplyJournal
+from pgleap.upgrade.replay.lag import RateMeter, ReplayLag
+from pgleap.upgrade.replay.position import (
+    GUARD_SQL,
+    POSITION_MOVED,
+    POSITION_PARAM_TYPES,
+    read_position,
+    server_version_num,
+    store_position_sql,
+)
+from pgleap.upgrade.replay.snapshot import Snapshot, parse_snapshot
+from pgleap.upgrade.replay.wire import Pipeline, Slot, TargetSession, is_copy_from_stdin
+
+log = logging.getLogger(__name__)
+
+OnApplyError = Literal["pause", "skip_and_resync"]
+_TEXT_OID = 25
+_SETTINGS_INDEX = -1   # statement_index of pgleap's own set_config (and COMMIT) in error records
+
+
+@dataclass
+class _Planned:
+    """One source transaction in a pipeline: skipped (visible in S) or its slots by statement index."""
+
+    record: LoggedTransaction
+    in_snapshot: bool
+    slots: list[tuple[int, str, Slot]] = field(default_factory=list)   # (statement index, sql sent, slot)
+
+
+@dataclass
+class _Failure:
+    """The first error of a pipeline and where it happened."""
+
+    error: ServerError
+    planned: _Planned | None        # None: pgleap's own BEGIN / position / COMMIT
+    statement_index: int
+    statement: str
+
+
+@dataclass(frozen=True)
+class ReplayStatus:
+    """What replay has done since this Replayer started, and where it stands."""
+
+    database: str
+    applied_position: int
+    applied: int                    # source transactions applied on the target
+    skipped_in_snapshot: int        # source transactions already in the copy (visible in S)
+    skipped_on_error: int           # source transactions skipped under on_apply_error = "skip_and_resync"
+    divergences: int                # statements whose command tag differed from the source's
+    paused: ApplyError | None       # the transaction replay is stopped at, under on_apply_error = "pause"
+    connected: bool
+    retries: int                    # transient failures retried (reconnects)
+    last_transient_error: str | None
+
+
+class Replayer:
+    """Applies one database's change log on the upgrade's target."""
+
+    def __init__(self, upgrade: UpgradeConfig, changelog: ChangeLog, snapshot: str, *, batch_size: int = 200,
+                 on_apply_error: OnApplyError = "pause", journal: ApplyJournal | None = None,
+                 poll_interval: float = 0.05, backoff_initial: float = 0.1, backoff_max: float = 10.0,
+                 max_retries: int | None = None, connect_timeout: float = 10.0) -> None:
+        if upgrade.target is None:
+            raise ReplayError(f"database {upgrade.database!r} has no target configured; set target_host and "
+                              f"target_port in its [[auto_upgrade]] entry")
+        if on_apply_error not in ("pause", "skip_and_resync"):
+            raise ReplayError(f"on_apply_error must be \"pause\" or \"skip_and_resync\", not {on_apply_error!r}")
+        if batch_size < 1:
+            raise ReplayError(f"batch_size must be at least 1, not {batch_size}")
+        self.database = upgrade.database
+        self.target: ServerConfig = upgrade.target
+        self.changelog = changelog
+        self.snapshot: Snapshot = parse_snapshot(snapshot)
+        self.batch_size = batch_size
+        self.on_apply_error = on_apply_error
+        self.journal = journal if journal is not None else ApplyJournal()
+        self.poll_interval = poll_interval
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_retries = max_retries
+        self.connect_timeout = connect_timeout
+        self.position = 0                  # the applied position, as last read from or committed to the target
+        self.paused: ApplyError | None = None
+        self.applied = 0
+        self.skipped_in_snapshot = 0
+        self.skipped_on_error = 0
+        self.divergence_count = 0
+        self.retries = 0
+        self.last_transient_error: str | None = None
+        self._session: TargetSession | None = None
+        self._store_sql = ""
+        self._failures = 0
+        self._skip_paused: ApplyError | None = None
+        self._rate = RateMeter()
+
+    # -- driving ----------------------------------------------------------------------------
+
+    async def run_until_caught_up(self) -> ReplayStatus:
+        """Apply every committed transaction in the log now, then return (early if paused)."""
+        await self._loop(None, follow=False)
+        return self.status()
+
+    async def run(self, stop_event: asyncio.Event) -> ReplayStatus:
+        """Keep applying as the log grows until `stop_event` is set; stays connected while paused."""
+        await self._loop(stop_event, follow=True)
+        return self.status()
+
+    def resume(self, *, skip: bool = False) -> None:
+        """Continue after a pause: retry the transaction (after fixing the target) or skip it and flag its tables."""
+        if self.paused is None:
+            return
+        if skip:
+            self._skip_paused = self.paused
+        self.paused = None
+
+    def close(self) -> None:
+        """Close the target connection."""
+        self._drop_connection()
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The pid of the target backend replay uses (None while disconnected)."""
+        return self._session.pid if self._session is not None else None
+
+    def status(self) -> ReplayStatus:
+        """Counters and state, for status output and metrics."""
+        return ReplayStatus(self.database, self.position, self.applied, self.skipped_in_snapshot,
+                            self.skipped_on_error, self.divergence_count, self.paused, self._session is not None,
+                            self.retries, self.last_transient_error)
+
+    def lag(self) -> ReplayLag:
+        """Transactions, bytes and seconds behind the log, and the recent apply rate."""
+        count, nbytes = self.changelog.backlog(self.database, self.position)
+        oldest = self.changelog.read_committed(self.database, self.position, 1) if count else []
+        seconds = max(0.0, time.time() - oldest[0].transaction.captured_at) if oldest else 0.0
+        return ReplayLag(self.database, self.position, self.changelog.last_position(self.database), count, nbytes,
+                         seconds, self._rate.rate())
+
+    async def _loop(self, stop: asyncio.Event | None, follow: bool) -> None:
+        while stop is None or not stop.is_set():
+            if self.paused is not None:
+                if not follow:
+                    return
+                await _wait(stop, self.poll_interval)
+                continue
+            try:
+                if self._session is None:
+                    await self._connect()
+                progressed = await self._step()
+                self._failures = 0
+            except TransientApplyError as exc:
+                self._retry_later(exc)
+                await _wait(stop, self._backoff())
+                continue
+            if not progressed:
+                if not follow:
+                    return
+                await _wait(stop, self.poll_interval)
+
+    def _retry_later(self, exc: TransientApplyError) -> None:
+        self._drop_connection()
+        self._failures += 1
+        self.retries += 1
+        self.last_transient_error = str(exc)
+        if self.max_retries is not None and self._failures > self.max_retries:
+            raise ReplayError(f"replay of {self.database!r} to {self.target.host}:{self.target.port} failed "
+                              f"{self._failures} times in a row, last: {exc}; check that the target is up and "
+                              f"reachable, then start replay again (it resumes at position {self.position})") from exc
+        log.warning("replay of %s: %s; retrying in %.1fs (attempt %d), resuming from the target's applied position",
+                    self.database, exc, self._backoff(), self._failures)
+
+    def _backoff(self) -> float:
+        return float(min(self.backoff_max, self.backoff_initial * 2 ** max(self._failures - 1, 0)))
+
+    async def _connect(self) -> None:
+        session = await TargetSession.open(self.target, self.connect_timeout)
+        try:
+            self._store_sql = store_position_sql(facts_for(await server_version_num(session)))
+            position = await read_position(session, self.database)
+        except BaseException:
+            session.close()
+            raise
+        last = self.changelog.last_position(self.database)
+        if position > last:
+            session.close()
+            raise ReplayError(f"the target has applied position {position} of {self.database!r} but the change log "
+                              f"ends at {last}: this target was fed from another change log; point pgleap at that "
+                              f"log, or drop the target database and copy again")
+        self._session = session
+        self.position = position
+
+    def _drop_connection(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # -- one step ---------------------------------------------------------------------------
+
+    async def _step(self) -> bool:
+        records = self.changelog.read_committed(self.database, self.position, self.batch_size)
+        if not records:
+            return False
+        if records[0].position != self.position + 1:
+            raise ReplayError(f"the change log of {self.database!r} continues at position {records[0].position} "
+                              f"but the target has applied {self.position}: records were removed before they were "
+                              f"applied; the target must be copied again")
+        skip = self._skip_paused
+        if skip is not None:
+            self._skip_paused = None
+            if skip.position == records[0].position:
+                await self._skip(records[0], skip)
+                return True
+        await self._apply_batch(records)
+        return True
+
+    async def _apply_batch(self, records: list[LoggedTransaction]) -> None:
+        plans, failure = await self._execute(records)
+        if failure is None:
+            self._committed(plans)
+            return
+        if len(records) == 1:
+            await self._refused(records[0], failure)
+            return
+        # Find the transaction the target refuses: the ones before it are applied (and committed) singly.
+        for record in records:
+            plans, failure = await self._execute([record])
+            if failure is not None:
+                await self._refused(record, failure)
+                return
+            self._committed(plans)
+
+    async def _execute(self, records: list[LoggedTransaction], *, skip_all: bool = False,
+                       ) -> tuple[list[_Planned], _Failure | None]:
+        """One target transaction for `records`; on failure it is rolled back and the first error returned."""
+        assert self._session is not None
+        pipeline = Pipeline()
+        begin = pipeline.extended("BEGIN")
+        guard = pipeline.extended(GUARD_SQL, (self.database.encode(), str(self.position).encode()), (),
+                                  POSITION_PARAM_TYPES, label="check the applied position")
+        plans = [self._plan(pipeline, record, skip_all) for record in records]
+        last = records[-1].position
+        assert last is not None
+        position = pipeline.extended(self._store_sql, (self.database.encode(), str(last).encode()), (),
+                                     POSITION_PARAM_TYPES, label="store the applied position")
+        commit = pipeline.extended("COMMIT")
+        pipeline.sync()
+        status = await self._session.run(pipeline)
+        failure = _first_failure(begin, plans, position, commit)
+        if (failure is not None or guard.error is not None) and status != b"I":
+            await self._session.query("ROLLBACK")
+        if guard.error is not None and guard.error.sqlstate != POSITION_MOVED:
+            raise TargetRefusedError(f"the target refused pgleap's position check: {guard.error}; check that the "
+                                     f"target login may create and use schema pgleap")
+        if guard.error is not None:
+            raise TransientApplyError(f"the applied position on the target is not {self.position} ({guard.error}); "
+                                      f"another replay connection committed meanwhile; reading it again")
+        if failure is None and status != b"I":
+            raise TransientApplyError(f"the target is in transaction state {status!r} after COMMIT; reconnecting")
+        return plans, failure
+
+    def _plan(self, pipeline: Pipeline, record: LoggedTransaction, skip_all: bool) -> _Planned:
+        tx = record.transaction
+        planned = _Planned(record, in_snapshot=tx.txid is not None and self.snapshot.visible(tx.txid))
+        if planned.in_snapshot or skip_all:
+            return planned
+        if tx.settings:
+            # SET LOCAL semantics: each source transaction's settings hold until the next one's replace them.
+            calls = (f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(tx.settings)))
+            sql = "SELECT " + ", ".join(calls)
+            params = tuple(part.encode() for pair in tx.settings for part in pair)
+            slot = pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="session settings")
+            planned.slots.append((_SETTINGS_INDEX, sql, slot))
+        for index, statement in enumerate(tx.statements):
+            sql = pin_time(statement.sql, tx.source_now) if tx.source_now else statement.sql
+            if statement.copy_data is not None or is_copy_from_stdin(sql):
+                slot = pipeline.copy_in(sql, statement.copy_data)
+            else:
+                slot = pipeline.extended(sql, statement.params, statement.param_formats, statement.param_types)
+            planned.slots.append((index, sql, slot))
+        return planned
+
+    def _committed(self, plans: list[_Planned]) -> None:
+        divergences = []
+        for planned in plans:
+            tx, position = planned.record.transaction, planned.record.position
+            assert position is not None
+            if planned.in_snapshot:
+                self.skipped_in_snapshot += 1
+                continue
+            self.applied += 1
+            for index, sql, slot in planned.slots:
+                if index < 0:
+                    continue
+                source_tag = tx.statements[index].tag
+                if source_tag and slot.tag is not None and slot.tag != source_tag:
+                    divergences.append(Divergence(self.database, position, tx.txid, index, sql, source_tag, slot.tag))
+        last = plans[-1].record.position
+        assert last is not None
+        self.position = last
+        self._rate.add(len(plans))
+        if divergences:
+            # Written after the COMMIT: a crash in between loses these records (verification still finds the
+            # table differences); a retry after a failed COMMIT records them again under the same key.
+            self.journal.record_divergences(divergences)
+            self.divergence_count += len(divergences)
+            for d in divergences:
+                log.warning("replay of %s: divergence at position %d (txid %s): %r gave %r on the source, %r on the "
+                            "target", self.database, d.position, d.txid, d.statement, d.source_tag, d.target_tag)
+
+    # -- refused transactions ---------------------------------------------------------------
+
+    async def _refused(self, record: LoggedTransaction, failure: _Failure) -> None:
+        if failure.planned is None and failure.statement != "COMMIT":
+            # pgleap's own BEGIN or position upsert failed: nothing about the transaction is at fault.
+            raise TargetRefusedError(f"the target refused pgleap's {failure.statement!r} while applying position "
+                                     f"{record.position} of {self.database!r}: {failure.error}; check that the "
+                                     f"target login may create and write schema pgleap")
+        tx = record.transaction
+        assert record.position is not None
+        sqlstate = failure.error.sqlstate
+        error = ApplyError(self.database, record.position, tx.txid, failure.statement_index, failure.statement,
+                           sqlstate, _error_text(failure.error), classify_sqlstate(sqlstate),
+                           action="paused" if self.on_apply_error == "pause" else "skipped")
+        if self.on_apply_error == "pause":
+            self.journal.record_error(error)
+            self.paused = error
+            log.error("replay of %s paused at position %d (txid %s): the target refused %r: %s [%s]; fix the target "
+                      "and resume, or resume with skip to skip it and re-sync its tables", self.database,
+                      error.position, error.txid, error.statement, error.message, error.kind.value)
+            return
+        await self._skip(record, error)
+
+    async def _skip(self, record: LoggedTransaction, error: ApplyError) -> None:
+        """Move the position past a refused transaction, recording it and flagging its tables for re-sync."""
+        tables = touched_tables(record)
+        assert record.position is not None
+        skipped = ApplyError(error.database, error.position, error.txid, error.statement_index, error.statement,
+                             error.sqlstate, error.message, error.kind, "skipped", tables, error.recorded_at)
+        # Recorded before the position moves, so the skip is never invisible.
+        self.journal.record_error(skipped)
+        self.journal.mark_resync(self.database, tables, record.position,
+                                 f"transaction txid {record.transaction.txid} skipped: {error.message}")
+        _, failure = await self._execute([record], skip_all=True)
+        if failure is not None:
+            raise TargetRefusedError(f"the target refused to record position {record.position} of {self.database!r}: "
+                                     f"{failure.error}")
+        self.position = record.position
+        self.skipped_on_error += 1
+        self._rate.add(1)
+        log.error("replay of %s skipped position %d (txid %s), refused with %s: %s; tables to re-sync: %s",
+                  self.database, record.position, record.transaction.txid, error.sqlstate, error.message,
+                  ", ".join(tables) or "unknown (verify every table)")
+
+
+def touched_tables(record: LoggedTransaction) -> tuple[str, ...]:
+    """Relations the transaction's statements write, as written in them (empty when none can be named)."""
+    names: dict[str, None] = {}
+    for statement in record.transaction.statements:
+        for info in classify(statement.sql):
+            names.update(dict.fromkeys(r for r in info.relations if r))
+    return tuple(names)
+
+
+def _first_failure(begin: Slot, plans: list[_Planned], position: Slot, commit: Slot) -> _Failure | None:
+    # Answers come in order and the server skips to Sync after an error, so the first error is the cause
+    # (a failed COPY, sent as a simple Query, is followed by 25P02 errors that are only consequences).
+    if begin.error is not None:
+        return _Failure(begin.error, None, _SETTINGS_INDEX, "BEGIN")
+    for planned in plans:
+        for index, sql, slot in planned.slots:
+            if slot.error is not None:
+                return _Failure(slot.error, planned, index, sql)
+    if position.error is not None:
+        return _Failure(position.error, None, _SETTINGS_INDEX, position.label)
+    if commit.error is not None:
+        return _Failure(commit.error, None, _SETTINGS_INDEX, "COMMIT")
+    return None
+
+
+def _error_text(error: ServerError) -> str:
+    return error.message + (f" ({error.detail})" if error.detail else "")
+
+
+async def _wait(stop: asyncio.Event | None, seconds: float) -> None:
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,95 @@
+"""The apply journal: apply errors, divergences and tables needing re-sync, in a small SQLite file.
+
+It sits next to the change log (or in memory for tests) so that status can show it from any process
+without a connection to the target. Rows are keyed by log position, so recording the same event again
+after a crash and retry replaces the row instead of doubling it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+from pgleap.upgrade.replay.errors import ApplyError, Divergence, ErrorKind
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS apply_error (
+    database TEXT NOT NULL, position INTEGER NOT NULL, txid INTEGER, statement_index INTEGER NOT NULL,
+    statement TEXT NOT NULL, sqlstate TEXT NOT NULL, message TEXT NOT NULL, kind TEXT NOT NULL,
+    action TEXT NOT NULL, resync_tables TEXT NOT NULL, recorded_at REAL NOT NULL,
+    PRIMARY KEY (database, position)
+);
+CREATE TABLE IF NOT EXISTS divergence (
+    database TEXT NOT NULL, position INTEGER NOT NULL, txid INTEGER, statement_index INTEGER NOT NULL,
+    statement TEXT NOT NULL, source_tag TEXT NOT NULL, target_tag TEXT NOT NULL, recorded_at REAL NOT NULL,
+    PRIMARY KEY (database, position, statement_index)
+);
+CREATE TABLE IF NOT EXISTS resync_table (
+    database TEXT NOT NULL, table_name TEXT NOT NULL, position INTEGER NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (database, table_name)
+);
+"""
+
+
+class ApplyJournal:
+    """Durable records of what replay could not apply as captured."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._db.close()
+
+    def record_error(self, error: ApplyError) -> None:
+        """Record (or replace, after a retry) the error of one log position."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO apply_error VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (error.database, error.position, error.txid, error.statement_index, error.statement, error.sqlstate,
+                 error.message, error.kind.value, error.action, json.dumps(list(error.resync_tables)),
+                 error.recorded_at))
+
+    def record_divergences(self, divergences: list[Divergence]) -> None:
+        """Record divergences found in one committed batch."""
+        if not divergences:
+            return
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO divergence VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(d.database, d.position, d.txid, d.statement_index, d.statement, d.source_tag, d.target_tag,
+                  d.recorded_at) for d in divergences])
+
+    def mark_resync(self, database: str, tables: tuple[str, ...], position: int, reason: str) -> None:
+        """Flag tables for re-sync (the first reason is kept)."""
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO resync_table VALUES (?, ?, ?, ?)",
+                                 [(database, t, position, reason) for t in tables])
+
+    def errors(self, database: str) -> list[ApplyError]:
+        """Every recorded apply error of `database`, in log order."""
+        rows = self._db.execute("SELECT * FROM apply_error WHERE database = ? ORDER BY position",
+                                (database,)).fetchall()
+        return [ApplyError(database=r[0], position=r[1], txid=r[2], statement_index=r[3], statement=r[4],
+                           sqlstate=r[5], message=r[6], kind=ErrorKind(r[7]), action=r[8],
+                           resync_tables=tuple(json.loads(r[9])), recorded_at=r[10]) for r in rows]
+
+    def divergences(self, database: str) -> list[Divergence]:
+        """Every recorded divergence of `database`, in log order."""
+        rows = self._db.execute("SELECT * FROM divergence WHERE database = ? ORDER BY position, statement_index",
+                                (database,)).fetchall()
+        return [Divergence(*r) for r in rows]
+
+    def resync_tables(self, database: str) -> list[str]:
+        """Tables of `database` flagged for re-sync, by name."""
+        rows = self._db.execute("SELECT table_name FROM resync_table WHERE database = ? ORDER BY table_name",
+                                (database,)).fetchall()
+        return [r[0] for r in rows]

@@ -1,0 +1,203 @@
+"""Replaying statements on the target over pgleap's own protocol connection, pipelined.
+
+Statements go out as the client sent them: Parse with the captured parameter types, Bind with the
+captured formats and values (results in text), Execute. COPY FROM STDIN goes out as a simple Query
+followed by its captured CopyData and a CopyDone. Answers are paired with requests by the capture
+path's ExchangeTracker, which also knows that after an error the server skips everything up to Sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import struct
+from dataclasses import dataclass, field
+
+from pgleap.config import ServerConfig
+from pgleap.errors import AuthenticationError, ServerUnavailableError
+from pgleap.protocol import codes
+from pgleap.protocol.messages import ProtocolError, ServerError, cstr, message, parse_error
+from pgleap.protocol.stream import read_message
+from pgleap.proxy.backend import BackendConnection, connect_backend
+from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outcome, Request
+from pgleap.upgrade.replay.errors import TargetRefusedError, TransientApplyError, is_transient
+
+CONNECT_TIMEOUT = 10.0
+_MAX_ANSWER = 1 << 30
+_FIRST_USER_OID = 16384   # OIDs from here on are user types: they differ between source and target
+_COPY_FROM_STDIN = re.compile(r"^\s*copy\b.*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
+_CHUNK = 1 << 20          # CopyData payloads are sent in pieces of this size
+
+# The replay session's own settings: no timeout may cut a long replayed statement, and text travels as UTF-8.
+SESSION_PARAMS = {"application_name": "pgleap_replay", "client_encoding": "UTF8", "statement_timeout": "0",
+                  "lock_timeout": "0", "idle_in_transaction_session_timeout": "0"}
+
+
+@dataclass
+class Slot:
+    """One request's place in a pipeline and, once answered, its tag or error."""
+
+    label: str                        # what it is, for messages ("statement 3 of position 17", "COMMIT")
+    tag: str | None = None
+    error: ServerError | None = None
+    answered: bool = False
+
+
+@dataclass
+class Pipeline:
+    """Messages for one round trip, with a Slot for every request whose answer matters."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+
+    def extended(self, sql: str, params: tuple[bytes | None, ...] = (), formats: tuple[int, ...] = (),
+                 types: tuple[int, ...] = (), label: str = "") -> Slot:
+        """Parse/Bind/Execute of `sql` on the unnamed statement and portal."""
+        slot = Slot(label or sql)
+        oids = [0 if t >= _FIRST_USER_OID else t for t in types]
+        self._add(codes.PARSE, cstr("") + cstr(sql) + struct.pack(f"!h{len(oids)}I", len(oids), *oids), None)
+        bind = bytearray(cstr("") + cstr(""))
+        bind += struct.pack(f"!h{len(formats)}h", len(formats), *formats)
+        bind += struct.pack("!h", len(params))
+        for value in params:
+            bind += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+        bind += struct.pack("!h", 0)   # every result column in text
+        self._add(codes.BIND, bytes(bind), None)
+        self._add(codes.EXECUTE, cstr("") + struct.pack("!i", 0), slot)
+        return slot
+
+    def copy_in(self, sql: str, data: bytes | None, label: str = "") -> Slot:
+        """COPY ... FROM STDIN as a simple Query, its data and CopyDone, without waiting for CopyInResponse."""
+        slot = Slot(label or sql)
+        self._add(codes.QUERY, cstr(sql), slot)
+        payload = data or b""
+        for start in range(0, len(payload), _CHUNK):
+            self.chunks.append(message(codes.COPY_DATA, payload[start:start + _CHUNK]))
+        self.chunks.append(message(codes.COPY_DONE))
+        return slot
+
+    def sync(self) -> Slot:
+        """End the pipeline: the server answers ReadyForQuery (and stops skipping after an error)."""
+        slot = Slot("Sync")
+        self._add(codes.SYNC, b"", slot)
+        return slot
+
+    def _add(self, kind: int, body: bytes, slot: Slot | None) -> None:
+        self.chunks.append(message(kind, body))
+        self.requests.append(Request(kind, context=slot))
+
+
+def is_copy_from_stdin(sql: str) -> bool:
+    """Whether a captured statement is a COPY ... FROM STDIN (replayed with its data)."""
+    return bool(_COPY_FROM_STDIN.match(sql))
+
+
+class TargetSession:
+    """One logged-in connection to the target, used by one replayer at a time."""
+
+    def __init__(self, conn: BackendConnection) -> None:
+        self.conn = conn
+        self.status = b"I"   # the last ReadyForQuery's transaction status
+
+    @classmethod
+    async def open(cls, server: ServerConfig, timeout: float = CONNECT_TIMEOUT) -> TargetSession:
+        """Connect and log in; connection failures are transient, a refused login is not."""
+        try:
+            conn = await connect_backend(server, dict(SESSION_PARAMS), timeout)
+        except ServerUnavailableError as exc:
+            raise TransientApplyError(f"target {server.host}:{server.port}: {exc}") from exc
+        except AuthenticationError:
+            raise
+        return cls(conn)
+
+    @property
+    def pid(self) -> int:
+        """The target backend's process id (pg_stat_activity.pid)."""
+        return self.conn.pid
+
+    def close(self) -> None:
+        """Close the connection without waiting (a Terminate first when it is still writable)."""
+        writer = self.conn.writer
+        if not writer.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write(message(codes.TERMINATE))
+            writer.close()
+
+    async def run(self, pipeline: Pipeline) -> bytes:
+        """Send the whole pipeline in one write, read every answer; returns the final transaction status."""
+        tracker = ExchangeTracker()
+        for request in pipeline.requests:
+            tracker.sent(request)
+        writer, reader = self.conn.writer, self.conn.reader
+        try:
+            # Write without draining first: the server answers while we still send, and asyncio's
+            # transport keeps sending while we read, so a large pipeline cannot deadlock on full buffers.
+            writer.write(b"".join(pipeline.chunks))
+            while tracker.outstanding:
+                kind, body = await read_message(reader, _MAX_ANSWER)
+                self._answer(tracker, kind, body)
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise TransientApplyError(f"connection to the target lost: {exc or type(exc).__name__}") from exc
+        except (ProtocolError, ExchangeError) as exc:
+            raise TransientApplyError(f"the target's answers did not fit the pipeline ({exc}); reconnecting") from exc
+        return self.status
+
+    def _answer(self, tracker: ExchangeTracker, kind: int, body: bytes) -> None:
+        if kind == codes.ERROR_RESPONSE:
+            error = parse_error(body)
+            if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
+                raise TransientApplyError(f"target: {error}")
+        request, outcome = tracker.received(kind, body)
+        if kind == codes.READY_FOR_QUERY:
+            self.status = body[:1]
+        if request is None or not isinstance(request.context, Slot):
+            return
+        slot = request.context
+        if outcome is Outcome.FAILED and slot.error is None:
+            slot.error = parse_error(body)
+            slot.answered = True
+        elif outcome is Outcome.DONE and not slot.answered:
+            slot.tag = request.tag
+            slot.answered = True
+
+    async def query(self, sql: str) -> list[tuple[str | None, ...]]:
+        """Run a simple query of pgleap's own; rows in text. A server error raises TargetRefusedError."""
+        rows: list[tuple[str | None, ...]] = []
+        error: ServerError | None = None
+        writer, reader = self.conn.writer, self.conn.reader
+        try:
+            writer.write(message(codes.QUERY, cstr(sql)))
+            await writer.drain()
+            while True:
+                kind, body = await read_message(reader, _MAX_ANSWER)
+                if kind == codes.DATA_ROW:
+                    rows.append(_data_row(body))
+                elif kind == codes.ERROR_RESPONSE:
+                    error = parse_error(body)
+                    if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
+                        raise TransientApplyError(f"target: {error}")
+                elif kind == codes.READY_FOR_QUERY:
+                    self.status = body[:1]
+                    break
+        except (OSError, asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
+            raise TransientApplyError(f"connection to the target lost: {exc or type(exc).__name__}") from exc
+        if error is not None:
+            raise TargetRefusedError(f"the target refused pgleap's statement {sql!r}: {error}")
+        return rows
+
+
+def _data_row(body: bytes) -> tuple[str | None, ...]:
+    (count,) = struct.unpack_from("!h", body)
+    offset = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", body, offset)
+        offset += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[offset:offset + length].decode())
+            offset += length
+    return tuple(values)

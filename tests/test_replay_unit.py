@@ -1,0 +1,136 @@
+"""Replay without servers: snapshot visibility (txid_visible_in_snapshot), error classification, journal."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pgleap.protocol import codes
+from pgleap.upgrade.replay import (
+    ApplyError,
+    ApplyJournal,
+    Divergence,
+    ErrorKind,
+    SnapshotFormatError,
+    classify_sqlstate,
+    is_transient,
+    parse_snapshot,
+    visible,
+)
+from pgleap.upgrade.replay.lag import RateMeter
+from pgleap.upgrade.replay.wire import Pipeline, is_copy_from_stdin
+
+EPOCH = 1 << 32  # txid_current() carries the epoch in its high 32 bits
+
+
+def test_parse_snapshot() -> None:
+    s = parse_snapshot("100:110:102,105")
+    assert (s.xmin, s.xmax, s.xip) == (100, 110, frozenset({102, 105}))
+    assert str(s) == "100:110:102,105"
+    assert parse_snapshot("7:7:").xip == frozenset()
+
+
+@pytest.mark.parametrize("text", ["", "1:2", "a:b:", "10:5:", "0:5:", "10:20:25", "10:20:5", "1:2:3:4"])
+def test_parse_snapshot_rejects(text: str) -> None:
+    with pytest.raises(SnapshotFormatError):
+        parse_snapshot(text)
+
+
+@pytest.mark.parametrize(("txid", "expected"), [
+    (99, True),      # below xmin: committed (or aborted) before the snapshot
+    (100, True),     # xmin itself, not in progress: visible
+    (102, False),    # in progress at the snapshot
+    (103, True),     # between xmin and xmax, finished: visible
+    (105, False),
+    (109, True),
+    (110, False),    # xmax: not yet started
+    (1000, False),
+])
+def test_visible(txid: int, expected: bool) -> None:
+    assert visible(txid, "100:110:102,105") is expected
+
+
+def test_visible_with_epoch_sized_txids() -> None:
+    xmin = 3 * EPOCH + 4_294_967_000          # close to wraparound of the 32-bit part
+    snap = f"{xmin}:{xmin + 600}:{xmin + 10},{xmin + 500}"
+    assert visible(xmin - 1, snap)
+    assert visible(xmin + 11, snap)
+    assert not visible(xmin + 10, snap)
+    assert not visible(xmin + 500, snap)
+    assert visible(xmin + 400, snap)           # crosses into the next epoch; still ordered as 64-bit numbers
+    assert not visible(xmin + 600, snap)
+    assert not visible(4 * EPOCH + 10_000, snap)
+    assert visible(2 * EPOCH + 4_294_967_295, snap)   # an earlier epoch, numerically higher 32-bit part
+
+
+@pytest.mark.parametrize(("sqlstate", "kind"), [
+    ("42601", ErrorKind.SYNTAX),
+    ("42883", ErrorKind.FEATURE_INCOMPATIBILITY),   # undefined_function
+    ("42P01", ErrorKind.FEATURE_INCOMPATIBILITY),   # undefined_table
+    ("42703", ErrorKind.FEATURE_INCOMPATIBILITY),   # undefined_column
+    ("42704", ErrorKind.FEATURE_INCOMPATIBILITY),   # undefined_object (a type)
+    ("0A000", ErrorKind.FEATURE_INCOMPATIBILITY),   # feature_not_supported
+    ("23505", ErrorKind.CONSTRAINT_VIOLATION),
+    ("23503", ErrorKind.CONSTRAINT_VIOLATION),
+    ("23514", ErrorKind.CONSTRAINT_VIOLATION),
+    ("42501", ErrorKind.OTHER),                     # insufficient_privilege: the login, not the versions
+    ("22012", ErrorKind.OTHER),
+    ("XX000", ErrorKind.OTHER),
+])
+def test_classify_sqlstate(sqlstate: str, kind: ErrorKind) -> None:
+    assert classify_sqlstate(sqlstate) is kind
+
+
+@pytest.mark.parametrize(("sqlstate", "transient"), [
+    ("57P01", True), ("57P02", True), ("57P03", True), ("08006", True), ("08001", True), ("53300", True),
+    ("40P01", True), ("23505", False), ("42P01", False), ("57014", False),
+])
+def test_is_transient(sqlstate: str, transient: bool) -> None:
+    assert is_transient(sqlstate) is transient
+
+
+def test_journal_keys_records_by_position(tmp_path: object) -> None:
+    journal = ApplyJournal()
+    error = ApplyError("app", 7, 1234, 0, "insert into t values (1)", "42P01", 'relation "t" does not exist',
+                       ErrorKind.FEATURE_INCOMPATIBILITY, "paused")
+    journal.record_error(error)
+    journal.record_error(error)    # recorded again after a retry: still one
+    (back,) = journal.errors("app")
+    assert back.position == 7 and back.kind is ErrorKind.FEATURE_INCOMPATIBILITY and back.action == "paused"
+    journal.record_divergences([Divergence("app", 8, 99, 1, "update t set x = 1", "UPDATE 2", "UPDATE 3")] * 2)
+    assert [(d.position, d.source_tag, d.target_tag) for d in journal.divergences("app")] == [(8, "UPDATE 2", "UPDATE 3")]
+    journal.mark_resync("app", ("t", "u"), 7, "skipped")
+    journal.mark_resync("app", ("t",), 9, "skipped again")
+    assert journal.resync_tables("app") == ["t", "u"]
+    assert journal.errors("other") == []
+    journal.close()
+
+
+def test_pipeline_messages() -> None:
+    pipeline = Pipeline()
+    pipeline.extended("insert into t values ($1, $2)", (b"1", None), (0, 1), (23, 70000))
+    pipeline.copy_in("copy t from stdin", b"1\tx\n")
+    pipeline.sync()
+    data = b"".join(pipeline.chunks)
+    kinds = []
+    offset = 0
+    while offset < len(data):
+        kind, length = data[offset], struct.unpack_from("!I", data, offset + 1)[0]
+        kinds.append(chr(kind))
+        if kind == codes.PARSE:
+            # A user type OID (>= 16384) is sent as 0: OIDs differ between source and target.
+            assert data[offset + 5:offset + 1 + length].endswith(struct.pack("!h2I", 2, 23, 0))
+        offset += 1 + length
+    assert kinds == ["P", "B", "E", "Q", "d", "c", "S"]
+    assert [chr(r.kind) for r in pipeline.requests] == ["P", "B", "E", "Q", "S"]
+    assert is_copy_from_stdin("COPY t (a, b) FROM STDIN WITH (FORMAT csv)")
+    assert not is_copy_from_stdin("copy t to stdout")
+
+
+def test_rate_meter() -> None:
+    meter = RateMeter(window=10)
+    meter.add(50, now=100.0)
+    meter.add(50, now=105.0)
+    assert meter.rate(now=110.0) == pytest.approx(10.0)
+    assert meter.rate(now=200.0) == 0.0
