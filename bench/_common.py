@@ -229,7 +229,7 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator and denominator == denominator else float("nan")
 
 
-# -- timed commands (bench/copy.py) --------------------------------------------------------
+# -- timed commands (bench/copy_bench.py) --------------------------------------------------------
 
 
 def stop_on_signals() -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -147,7 +148,7 @@ def copy_command(
         )
         store = StateStore(state or cfg.proxy.state_path)
         job = CopyJob(upgrade, store, options, bindir=bindir, restart=restart)
-        report = asyncio.run(_run(job, progress and sys.stderr.isatty()))
+        report = uvloop.run(_run(job, progress and sys.stderr.isatty()))
     except (PgleapError, ValueError) as exc:
         _fail(str(exc))
     _print_report(report)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -51,6 +53,15 @@ def format_schema_errors(errors: list[SchemaErrorRecord]) -> str:
     """Each rejected object with its error and definition, for the DBA."""
     return "\n\n".join(f"[{e.section}] {e.object}\n  error: {e.error}\n  definition:\n    "
                        + e.definition.replace("\n", "\n    ") for e in errors)
+
+
+_TABLES_BY_SIZE = """
+SELECT format('%I.%I', n.nspname, c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+ORDER BY c.relpages DESC
+"""
 
 
 class CopyJob:
@@ -263,8 +274,24 @@ class CopyJob:
         del side, rerun
         if not self.options.analyze:
             return
+        # Planner statistics do not travel with a dump. One ANALYZE per table, largest first, spread
+        # over the copy's sessions: a single database-wide ANALYZE would run on one core only.
         target = await connect(self.target, role="target")
         try:
-            await target.execute("ANALYZE")  # planner statistics do not travel with a dump
+            rows = await target.fetch(_TABLES_BY_SIZE)
         finally:
             await target.close()
+        tables: asyncio.Queue[str] = asyncio.Queue()
+        for row in rows:
+            tables.put_nowait(row[0])
+
+        async def analyze_worker() -> None:
+            conn = await connect(self.target, role="target")
+            try:
+                while not tables.empty():
+                    await conn.execute(f"ANALYZE {tables.get_nowait()}")
+            finally:
+                await conn.close()
+
+        workers = max(1, min(self.options.parallel_workers, len(rows)))
+        await asyncio.gather(*(analyze_worker() for _ in range(workers)))
