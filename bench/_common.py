@@ -47,8 +47,15 @@ def tail(path: Path, lines: int = 20) -> str:
 class ChildProcess:
     """A long-running child (a proxy) in its own session, stopped by its pid; usable as a context manager."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, *, user: str | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        user: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -67,8 +74,14 @@ class ChildProcess:
         """Start the child with stdout and stderr going to its log file."""
         with self.log_path.open("wb") as log:
             self._popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                user=self.user, group=self.user, extra_groups=[] if self.user else None,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                user=self.user,
+                group=self.user,
+                extra_groups=[] if self.user else None,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop it in order
             )
         return self
@@ -113,8 +126,9 @@ class ChildProcess:
     def __enter__(self) -> ChildProcess:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -193,14 +207,23 @@ def run_pgbench(argv: Sequence[str], env: Mapping[str, str], log_prefix: Path, t
     """Run pgbench with --log under `log_prefix`; its summary plus every transaction's latency."""
     command = [*argv, "--log", f"--log-prefix={log_prefix}"]
     try:
-        result = subprocess.run(command, env={**os.environ, **env, "LC_ALL": "C"}, capture_output=True,
-                                text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            command,
+            env={**os.environ, **env, "LC_ALL": "C"},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"pgbench did not finish within {timeout:g}s: {' '.join(command)}") from exc
     if result.returncode != 0:
         read_latency_logs(log_prefix)  # clean up partial logs
-        raise BenchError(f"pgbench failed (exit {result.returncode}): {' '.join(command)}\n"
-                         f"{(result.stderr or result.stdout)[-3000:]}")
+        raise BenchError(
+            f"pgbench failed (exit {result.returncode}): {' '.join(command)}\n"
+            f"{(result.stderr or result.stdout)[-3000:]}"
+        )
     run = parse_pgbench_output(result.stdout + "\n" + result.stderr)
     run.latencies_us = read_latency_logs(log_prefix)
     return run
@@ -235,6 +258,7 @@ def ratio(numerator: float, denominator: float) -> float:
 def stop_on_signals() -> None:
     """Make SIGINT and SIGTERM raise KeyboardInterrupt (even when SIGINT was inherited as ignored, as
     for `cmd &` in a script), so that `finally` blocks and context managers stop what was started."""
+
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -288,8 +312,14 @@ def _stop_group(popen: subprocess.Popen[bytes], grace: float = 10.0) -> None:
             continue
 
 
-def run_timed(argv: Sequence[str | Path], *, env: Mapping[str, str] | None = None, timeout: float = 3600.0,
-              log_path: Path | None = None, cwd: Path | None = None) -> TimedRun:
+def run_timed(
+    argv: Sequence[str | Path],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 3600.0,
+    log_path: Path | None = None,
+    cwd: Path | None = None,
+) -> TimedRun:
     """Run a command in its own process group and time it; stopped (by its group id) on timeout, Ctrl-C or error.
 
     stdout and stderr go to temporary files (or `log_path` + .out/.err), so a chatty tool never blocks on a pipe.
@@ -303,8 +333,15 @@ def run_timed(argv: Sequence[str | Path], *, env: Mapping[str, str] | None = Non
         cpu_before = children_cpu_seconds()
         with out_path.open("wb") as out, err_path.open("wb") as err:
             started = time.monotonic()
-            popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                     env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+            popen = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=True,
+            )
             self_cpu = 0.0
             try:
                 deadline = started + timeout
@@ -320,8 +357,15 @@ def run_timed(argv: Sequence[str | Path], *, env: Mapping[str, str] | None = Non
                 raise
             seconds = time.monotonic() - started
         tree_cpu = children_cpu_seconds() - cpu_before
-        return TimedRun(command, popen.returncode, seconds, out_path.read_text(errors="replace"),
-                        err_path.read_text(errors="replace"), self_cpu, tree_cpu)
+        return TimedRun(
+            command,
+            popen.returncode,
+            seconds,
+            out_path.read_text(errors="replace"),
+            err_path.read_text(errors="replace"),
+            self_cpu,
+            tree_cpu,
+        )
 
 
 def process_tree_cpu_seconds(pid: int) -> float:

@@ -47,11 +47,23 @@ class PySpyRecorder:
 
     def start(self) -> None:
         """Start sampling (in the background)."""
-        argv = [str(self.py_spy), "record", "--pid", str(self.pid), "--format", "raw", "--output", str(self.output),
-                "--rate", str(self.rate), "--nonblocking" if not self.native else "--native"]
+        argv = [
+            str(self.py_spy),
+            "record",
+            "--pid",
+            str(self.pid),
+            "--format",
+            "raw",
+            "--output",
+            str(self.output),
+            "--rate",
+            str(self.rate),
+            "--nonblocking" if not self.native else "--native",
+        ]
         with self.log_path.open("wb") as log:
-            self._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+            self._popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def stop(self, timeout: float = 60.0) -> Counter[str]:
         """Stop sampling (SIGINT makes py-spy write its file) and return the folded stacks."""
@@ -110,8 +122,9 @@ def _deepest_in(frames: list[str], marker: str) -> str | None:
     return None
 
 
-def rankings(stacks: Counter[str],
-             marker: str = "pgleap/") -> tuple[Counter[str], Counter[str], Counter[str], Counter[str]]:
+def rankings(
+    stacks: Counter[str], marker: str = "pgleap/"
+) -> tuple[Counter[str], Counter[str], Counter[str], Counter[str]]:
     """Samples per function as the leaf (self), per module of the leaf, per function anywhere on the stack,
     and per innermost source line of `marker` files (where pgleap's own code was when it was sampled)."""
     own: Counter[str] = Counter()

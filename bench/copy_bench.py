@@ -104,29 +104,47 @@ class Settings:
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
     """Read the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--scale", type=int, default=30, help="pgbench -i -s")
     parser.add_argument("--wide-rows", type=int, default=500_000, help="rows of the wide table")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="parallelism of every contender (pgleap workers, -j, --table-jobs/--index-jobs, "
-                             "pipes)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="copies per contender, the order rotating from round to round (times: median)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="parallelism of every contender (pgleap workers, -j, --table-jobs/--index-jobs, pipes)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="copies per contender, the order rotating from round to round (times: median)",
+    )
     parser.add_argument("--source-major", type=int, default=10, help="PostgreSQL major of the source and replica")
     parser.add_argument("--target-major", type=int, default=18, help="PostgreSQL major of the target")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS),
-                        help="comma-separated subset of " + ", ".join(CONTENDERS))
-    parser.add_argument("--floor-format", choices=("binary", "text"), default="binary",
-                        help="COPY format of the floor's pipes")
-    parser.add_argument("--profile", action="store_true",
-                        help="after the measured rounds, copy once more with pgleap under py-spy; "
-                             "writes bench/results/copy-pgleap.folded and copy-pgleap-top.txt")
+    parser.add_argument(
+        "--contenders", default=",".join(CONTENDERS), help="comma-separated subset of " + ", ".join(CONTENDERS)
+    )
+    parser.add_argument(
+        "--floor-format", choices=("binary", "text"), default="binary", help="COPY format of the floor's pipes"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the measured rounds, copy once more with pgleap under py-spy; "
+        "writes bench/results/copy-pgleap.folded and copy-pgleap-top.txt",
+    )
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
-    parser.add_argument("--pgleap-option", action="append", default=[], metavar="ARG",
-                        help="extra argument for `pgleap copy` (repeat it), e.g. "
-                             "--pgleap-option=--split-threshold-mb "
-                             "--pgleap-option=100000 to copy every table whole")
+    parser.add_argument(
+        "--pgleap-option",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `pgleap copy` (repeat it), e.g. "
+        "--pgleap-option=--split-threshold-mb "
+        "--pgleap-option=100000 to copy every table whole",
+    )
     args = parser.parse_args(argv)
     contenders = tuple(c for c in args.contenders.split(",") if c)
     unknown = [c for c in contenders if c not in CONTENDERS]
@@ -134,10 +152,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
     if min(args.scale, args.workers, args.rounds) < 1 or args.wide_rows < 0:
         parser.error("--scale, --workers and --rounds must be positive, --wide-rows not negative")
-    return Settings(scale=args.scale, wide_rows=args.wide_rows, workers=args.workers, rounds=args.rounds,
-                    source_major=args.source_major, target_major=args.target_major, contenders=contenders,
-                    floor_format=args.floor_format, profile=args.profile, profile_rate=args.profile_rate,
-                    pgleap_options=tuple(args.pgleap_option))
+    return Settings(
+        scale=args.scale,
+        wide_rows=args.wide_rows,
+        workers=args.workers,
+        rounds=args.rounds,
+        source_major=args.source_major,
+        target_major=args.target_major,
+        contenders=contenders,
+        floor_format=args.floor_format,
+        profile=args.profile,
+        profile_rate=args.profile_rate,
+        pgleap_options=tuple(args.pgleap_option),
+    )
 
 
 def progress(message: str) -> None:
@@ -168,8 +195,9 @@ def uri(server: LabServer, dbname: str = DATABASE) -> str:
 def check_run(run: TimedRun, what: str) -> TimedRun:
     """Raise BenchError with the tail of its stderr when a setup command failed."""
     if run.returncode != 0:
-        raise BenchError(f"{what} failed (exit {run.returncode}): {' '.join(run.argv)}\n"
-                         f"{(run.stderr or run.stdout)[-3000:]}")
+        raise BenchError(
+            f"{what} failed (exit {run.returncode}): {' '.join(run.argv)}\n{(run.stderr or run.stdout)[-3000:]}"
+        )
     return run
 
 
@@ -203,13 +231,47 @@ def load_dataset(primary: LabServer, settings: Settings, workdir: Path) -> None:
     """pgbench -i -s <scale> plus the wide table, vacuumed (hint bits set, visibility map) and checkpointed."""
     primary.psql(f"CREATE DATABASE {DATABASE}")
     progress(f"pgbench -i -s {settings.scale} on {primary.name} (port {primary.port}) ...")
-    check_run(run_timed([client_tool("pgbench"), "-i", "-q", "-s", str(settings.scale), "-h", LOCALHOST,
-                         "-p", str(primary.port), "-U", primary.superuser, DATABASE],
-                        env=libpq_env(primary), timeout=3600, log_path=workdir / "pgbench-init"), "pgbench -i")
+    check_run(
+        run_timed(
+            [
+                client_tool("pgbench"),
+                "-i",
+                "-q",
+                "-s",
+                str(settings.scale),
+                "-h",
+                LOCALHOST,
+                "-p",
+                str(primary.port),
+                "-U",
+                primary.superuser,
+                DATABASE,
+            ],
+            env=libpq_env(primary),
+            timeout=3600,
+            log_path=workdir / "pgbench-init",
+        ),
+        "pgbench -i",
+    )
     progress(f"wide table: {settings.wide_rows:,} rows ...")
-    check_run(run_timed([client_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo(primary),
-                         "-c", WIDE_SQL.format(rows=settings.wide_rows)],
-                        env=libpq_env(primary), timeout=3600), "creating the wide table")
+    check_run(
+        run_timed(
+            [
+                client_tool("psql"),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                conninfo(primary),
+                "-c",
+                WIDE_SQL.format(rows=settings.wide_rows),
+            ],
+            env=libpq_env(primary),
+            timeout=3600,
+        ),
+        "creating the wide table",
+    )
     primary.psql("VACUUM ANALYZE", DATABASE)
     primary.psql("CHECKPOINT")
 
@@ -247,13 +309,19 @@ class SourceInfo:
         return self.table_bytes / 1e6
 
 
-TABLES_SQL = ("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-              "WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY c.relname")
-INDEXES_SQL = ("SELECT count(*) FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid "
-               "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'")
-COLUMNS_SQL = ("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-               "WHERE a.attrelid = 'public.{table}'::regclass AND a.attnum > 0 AND NOT a.attisdropped "
-               "ORDER BY a.attnum")
+TABLES_SQL = (
+    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY c.relname"
+)
+INDEXES_SQL = (
+    "SELECT count(*) FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'"
+)
+COLUMNS_SQL = (
+    "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+    "WHERE a.attrelid = 'public.{table}'::regclass AND a.attnum > 0 AND NOT a.attisdropped "
+    "ORDER BY a.attnum"
+)
 
 
 NUMBER_TYPES = ("integer", "bigint", "smallint", "double precision", "real")
@@ -287,12 +355,19 @@ def describe_source(primary: LabServer) -> SourceInfo:
     sizes = primary.psql(
         "SELECT coalesce(sum(pg_table_size(c.oid)), 0), coalesce(sum(pg_indexes_size(c.oid)), 0), "
         "pg_database_size(current_database()) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = 'public' AND c.relkind = 'r'", DATABASE)
+        "WHERE n.nspname = 'public' AND c.relkind = 'r'",
+        DATABASE,
+    )
     table_bytes, index_bytes, database_bytes = (int(v) for v in sizes.split("|"))
-    return SourceInfo(tables=tables, fingerprints=fingerprints,
-                      rows=sum(int(f.split()[0]) for f in fingerprints.values()),
-                      table_bytes=table_bytes, index_bytes=index_bytes, database_bytes=database_bytes,
-                      indexes=int(primary.psql(INDEXES_SQL, DATABASE)))
+    return SourceInfo(
+        tables=tables,
+        fingerprints=fingerprints,
+        rows=sum(int(f.split()[0]) for f in fingerprints.values()),
+        table_bytes=table_bytes,
+        index_bytes=index_bytes,
+        database_bytes=database_bytes,
+        indexes=int(primary.psql(INDEXES_SQL, DATABASE)),
+    )
 
 
 def check_copy(name: str, source: SourceInfo, primary: LabServer, target: LabServer) -> tuple[bool, str]:
@@ -313,8 +388,10 @@ def check_copy(name: str, source: SourceInfo, primary: LabServer, target: LabSer
     indexes = int(target.psql(INDEXES_SQL, DATABASE))
     if indexes != source.indexes:
         problems.append(f"{indexes} indexes, the source has {source.indexes}")
-    summary = (f"{equal}/{len(source.tables)} tables with equal row counts and column aggregates "
-               f"({source.rows:,} rows), {indexes}/{source.indexes} indexes")
+    summary = (
+        f"{equal}/{len(source.tables)} tables with equal row counts and column aggregates "
+        f"({source.rows:,} rows), {indexes}/{source.indexes} indexes"
+    )
     if problems:
         return False, f"check {name}: FAILED: {summary}; " + "; ".join(problems)
     return True, f"check {name}: OK: {summary}"
@@ -372,18 +449,34 @@ def _tool(name: str, major: int) -> Path:
 
 def pgleap_config(env: Env) -> str:
     """pgleap.toml for the copy: source = the primary, replica = Bob, target = Charles (all as superuser)."""
+
     def s(value: str) -> str:
         return json.dumps(value)
 
-    lines = ["[pgleap]", f"listen_addr = {s(LOCALHOST)}", "listen_port = 6432", 'admin_user = "bench_admin"',
-             'admin_password = "bench-admin-secret"', "",
-             # A client user is required by the config, though `pgleap copy` serves no clients.
-             "[[users]]", 'name = "bench"', 'password = "bench-secret"', 'auth_method = "scram-sha-256"', "",
-             "[[auto_upgrade]]", f"database = {s(DATABASE)}"]
+    lines = [
+        "[pgleap]",
+        f"listen_addr = {s(LOCALHOST)}",
+        "listen_port = 6432",
+        'admin_user = "bench_admin"',
+        'admin_password = "bench-admin-secret"',
+        "",
+        # A client user is required by the config, though `pgleap copy` serves no clients.
+        "[[users]]",
+        'name = "bench"',
+        'password = "bench-secret"',
+        'auth_method = "scram-sha-256"',
+        "",
+        "[[auto_upgrade]]",
+        f"database = {s(DATABASE)}",
+    ]
     for prefix, server in (("source", env.primary), ("replica", env.replica), ("target", env.target)):
-        lines += [f"{prefix}_host = {s(server.host)}", f"{prefix}_port = {server.port}",
-                  f"{prefix}_database = {s(DATABASE)}", f"{prefix}_user = {s(server.superuser)}",
-                  f"{prefix}_password = {s(server.password)}"]
+        lines += [
+            f"{prefix}_host = {s(server.host)}",
+            f"{prefix}_port = {server.port}",
+            f"{prefix}_database = {s(DATABASE)}",
+            f"{prefix}_user = {s(server.superuser)}",
+            f"{prefix}_password = {s(server.password)}",
+        ]
     lines += ["", "[auto_upgrade.sync]", f"parallel_workers = {env.settings.workers}", ""]
     return "\n".join(lines)
 
@@ -406,19 +499,36 @@ def pgleap_argv(env: Env, tag: str) -> tuple[list[str], Path]:
             shutil.rmtree(path)
         else:
             path.unlink()
-    return [str(pgleap_executable()), "copy", "-c", str(config), "--state", str(state), "--no-progress",
-            "--workers", str(env.settings.workers), *env.settings.pgleap_options], state
+    return [
+        str(pgleap_executable()),
+        "copy",
+        "-c",
+        str(config),
+        "--state",
+        str(state),
+        "--no-progress",
+        "--workers",
+        str(env.settings.workers),
+        *env.settings.pgleap_options,
+    ], state
 
 
 def read_store(state: Path) -> tuple[dict[str, float], list[tuple[str, str, int, int, float]]]:
     """Per-step seconds and per-chunk (id, kind, rows, bytes, seconds) from pgleap's state store."""
     db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
     try:
-        steps = {step: finished - started for step, started, finished in db.execute(
-            "SELECT step, started_at, finished_at FROM copy_step WHERE finished_at IS NOT NULL "
-            "ORDER BY started_at")}
-        chunks = [(str(c), str(k), int(r), int(b), float(s)) for c, k, r, b, s in db.execute(
-            "SELECT chunk_id, kind, rows, bytes, seconds FROM copy_chunk ORDER BY finished_at")]
+        steps = {
+            step: finished - started
+            for step, started, finished in db.execute(
+                "SELECT step, started_at, finished_at FROM copy_step WHERE finished_at IS NOT NULL ORDER BY started_at"
+            )
+        }
+        chunks = [
+            (str(c), str(k), int(r), int(b), float(s))
+            for c, k, r, b, s in db.execute(
+                "SELECT chunk_id, kind, rows, bytes, seconds FROM copy_chunk ORDER BY finished_at"
+            )
+        ]
     finally:
         db.close()
     return steps, chunks
@@ -442,8 +552,11 @@ def run_pgleap(env: Env) -> Result:
     result.data_seconds = steps.get("data", 0.0) + steps.get("large_objects", 0.0)
     result.index_seconds = steps.get("post_data", 0.0)
     result.other_seconds = run.seconds - result.data_seconds - result.index_seconds
-    result.details.append("steps: " + ", ".join(f"{k} {v:.2f}s" for k, v in steps.items())
-                          + f"; process start-up, config and exit {run.seconds - sum(steps.values()):.2f}s")
+    result.details.append(
+        "steps: "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in steps.items())
+        + f"; process start-up, config and exit {run.seconds - sum(steps.values()):.2f}s"
+    )
     by_table: dict[str, list[tuple[str, str, int, int, float]]] = {}
     for chunk in chunks:
         by_table.setdefault(chunk[0].split("#")[0], []).append(chunk)
@@ -452,9 +565,12 @@ def run_pgleap(env: Env) -> Result:
         result.details.append(
             f"  {table}: {len(parts)} chunk(s) ({parts[0][1]}), {rows:,} rows, {nbytes / 1e6:.1f} MB of COPY data, "
             f"{secs:.2f}s summed over chunks ({nbytes / 1e6 / secs if secs else 0:.1f} MB/s per session)"
-            + ("; chunk seconds " + " ".join(f"{c[4]:.2f}" for c in parts) if len(parts) > 1 else ""))
-    result.details.append(f"pgleap process CPU {run.self_cpu_seconds:.2f}s (its pg_dump/pg_restore/pg_dumpall "
-                          f"children included: {run.tree_cpu_seconds:.2f}s)")
+            + ("; chunk seconds " + " ".join(f"{c[4]:.2f}" for c in parts) if len(parts) > 1 else "")
+        )
+    result.details.append(
+        f"pgleap process CPU {run.self_cpu_seconds:.2f}s (its pg_dump/pg_restore/pg_dumpall "
+        f"children included: {run.tree_cpu_seconds:.2f}s)"
+    )
     for line in (run.stdout.strip().splitlines())[:3]:
         result.details.append(f"  | {line}")
     return result
@@ -468,24 +584,43 @@ def run_pgdump(env: Env) -> Result:
     pg_dump = _tool("pg_dump", env.settings.target_major)
     pg_restore = _tool("pg_restore", env.settings.target_major)
     phases: list[tuple[str, TimedRun]] = []
-    phases.append(("pg_dump", check_run(run_timed(
-        [pg_dump, "-Fd", "-j", jobs, "-f", dump_dir, "-d", conninfo(env.primary)],
-        env=libpq_env(env.primary), timeout=7200), "pg_dump")))
+    phases.append(
+        (
+            "pg_dump",
+            check_run(
+                run_timed(
+                    [pg_dump, "-Fd", "-j", jobs, "-f", dump_dir, "-d", conninfo(env.primary)],
+                    env=libpq_env(env.primary),
+                    timeout=7200,
+                ),
+                "pg_dump",
+            ),
+        )
+    )
     for section, section_jobs in (("pre-data", None), ("data", jobs), ("post-data", jobs)):
         argv: list[str | Path] = [pg_restore, "--section", section, "-d", conninfo(env.target), "--exit-on-error"]
         if section_jobs:
             argv += ["-j", section_jobs]
-        phases.append((f"pg_restore {section}", check_run(run_timed(
-            [*argv, dump_dir], env=libpq_env(env.target), timeout=7200), f"pg_restore --section={section}")))
+        phases.append(
+            (
+                f"pg_restore {section}",
+                check_run(
+                    run_timed([*argv, dump_dir], env=libpq_env(env.target), timeout=7200),
+                    f"pg_restore --section={section}",
+                ),
+            )
+        )
     seconds = {name: run.seconds for name, run in phases}
-    result = Result("pgdump", seconds=sum(seconds.values()),
-                    client_cpu=sum(run.tree_cpu_seconds for _, run in phases))
+    result = Result("pgdump", seconds=sum(seconds.values()), client_cpu=sum(run.tree_cpu_seconds for _, run in phases))
     result.data_seconds = seconds["pg_dump"] + seconds["pg_restore data"]
     result.index_seconds = seconds["pg_restore post-data"]
     result.other_seconds = seconds["pg_restore pre-data"]
     dump_mb = sum(p.stat().st_size for p in dump_dir.iterdir()) / 1e6
-    result.details.append("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items())
-                          + f"; dump directory {dump_mb:.1f} MB (default compression)")
+    result.details.append(
+        "phases: "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items())
+        + f"; dump directory {dump_mb:.1f} MB (default compression)"
+    )
     shutil.rmtree(dump_dir, ignore_errors=True)
     return result
 
@@ -520,9 +655,13 @@ def run_pgcopydb(env: Env) -> Result:
     binary = find_pgcopydb()
     if binary is None:
         return Result("pgcopydb", unavailable="pgcopydb is not installed (Debian: apt-get install -y pgcopydb)")
-    version = [line for line in subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                                               timeout=30, check=False).stdout.splitlines()
-               if line.startswith("pgcopydb version")]
+    version = [
+        line
+        for line in subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout.splitlines()
+        if line.startswith("pgcopydb version")
+    ]
     workdir = env.workdir / "pgcopydb"
     shutil.rmtree(workdir, ignore_errors=True)
     bindir = _tool("pg_dump", env.settings.target_major).parent
@@ -531,14 +670,33 @@ def run_pgcopydb(env: Env) -> Result:
     tool_env["PATH"] = f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"  # pg_dump/pg_restore of the target
     tool_env["PG_CONFIG"] = str(bindir / "pg_config")
     jobs = str(env.settings.workers)
-    run = run_timed([binary, "clone", "--source", uri(env.primary), "--target", uri(env.target), "--dir", workdir,
-                     "--table-jobs", jobs, "--index-jobs", jobs], env=tool_env, timeout=7200,
-                    log_path=env.workdir / "pgcopydb-log")
+    run = run_timed(
+        [
+            binary,
+            "clone",
+            "--source",
+            uri(env.primary),
+            "--target",
+            uri(env.target),
+            "--dir",
+            workdir,
+            "--table-jobs",
+            jobs,
+            "--index-jobs",
+            jobs,
+        ],
+        env=tool_env,
+        timeout=7200,
+        log_path=env.workdir / "pgcopydb-log",
+    )
     if run.returncode != 0:
         errors = [line for line in run.stderr.splitlines() if "ERROR" in line or "FATAL" in line]
-        return Result("pgcopydb", unavailable=f"pgcopydb clone exited {run.returncode} against PostgreSQL "
-                      f"{env.primary.install.version} -> {env.target.install.version}: "
-                      + (" | ".join(errors[-5:]) or run.stderr.strip()[-800:]))
+        return Result(
+            "pgcopydb",
+            unavailable=f"pgcopydb clone exited {run.returncode} against PostgreSQL "
+            f"{env.primary.install.version} -> {env.target.install.version}: "
+            + (" | ".join(errors[-5:]) or run.stderr.strip()[-800:]),
+        )
     steps: dict[str, float] = {}
     for line in run.stdout.splitlines():
         match = _PGCOPYDB_STEP.match(line)
@@ -547,11 +705,14 @@ def run_pgcopydb(env: Env) -> Result:
     result = Result("pgcopydb", seconds=run.seconds, client_cpu=run.tree_cpu_seconds)
     copy_cumulative = steps.get("COPY (cumulative)", float("nan"))
     index_cumulative = steps.get("CREATE INDEX, CONSTRAINTS (cumulative)", float("nan"))
-    result.details.append(f"{(version or ['pgcopydb ?'])[-1]}; its summary: "
-                          + ", ".join(f"{k} {v:.2f}s" for k, v in steps.items()))
-    result.details.append(f"  COPY, CREATE INDEX and VACUUM ANALYZE overlap (table by table): data and index "
-                          f"columns are pgcopydb's cumulative COPY {copy_cumulative:.2f}s and CREATE INDEX "
-                          f"{index_cumulative:.2f}s divided by {jobs} jobs")
+    result.details.append(
+        f"{(version or ['pgcopydb ?'])[-1]}; its summary: " + ", ".join(f"{k} {v:.2f}s" for k, v in steps.items())
+    )
+    result.details.append(
+        f"  COPY, CREATE INDEX and VACUUM ANALYZE overlap (table by table): data and index "
+        f"columns are pgcopydb's cumulative COPY {copy_cumulative:.2f}s and CREATE INDEX "
+        f"{index_cumulative:.2f}s divided by {jobs} jobs"
+    )
     result.data_seconds = copy_cumulative / env.settings.workers
     result.index_seconds = index_cumulative / env.settings.workers
     shutil.rmtree(workdir, ignore_errors=True)
@@ -618,50 +779,83 @@ def run_floor(env: Env) -> Result:
     pg_dump = _tool("pg_dump", env.settings.target_major)
     # Schema without indexes and constraints (untimed): the pre-data section.
     schema = env.workdir / "pre-data.sql"
-    check_run(run_timed([pg_dump, "--schema-only", "--section=pre-data", "-f", schema, "-d", conninfo(env.primary)],
-                        env=libpq_env(env.primary), timeout=600), "pg_dump --section=pre-data")
-    check_run(run_timed([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo(env.target), "-f", schema],
-                        env=libpq_env(env.target), timeout=600), "restoring the pre-data schema")
+    check_run(
+        run_timed(
+            [pg_dump, "--schema-only", "--section=pre-data", "-f", schema, "-d", conninfo(env.primary)],
+            env=libpq_env(env.primary),
+            timeout=600,
+        ),
+        "pg_dump --section=pre-data",
+    )
+    check_run(
+        run_timed(
+            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo(env.target), "-f", schema],
+            env=libpq_env(env.target),
+            timeout=600,
+        ),
+        "restoring the pre-data schema",
+    )
     tables = env.primary.psql(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY pg_table_size(c.oid) DESC", DATABASE).splitlines()
+        "WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY pg_table_size(c.oid) DESC",
+        DATABASE,
+    ).splitlines()
     statements = env.primary.psql(FLOOR_INDEXES_SQL, DATABASE).splitlines()
     fmt = " (FORMAT binary)" if env.settings.floor_format == "binary" else ""
-    pipe_env = {**libpq_env(env.target), "PSQL": str(psql), "SRC": conninfo(env.primary),
-                "DST": conninfo(env.target)}
+    pipe_env = {**libpq_env(env.target), "PSQL": str(psql), "SRC": conninfo(env.primary), "DST": conninfo(env.target)}
 
     def pipe(table: str) -> Callable[[], TimedRun]:
         quoted = f'public."{table}"'
-        return lambda: check_run(run_timed(
-            ["bash", "-c", _PIPE], env={**pipe_env, "OUT": f"COPY {quoted} TO STDOUT{fmt}",
-                                        "IN": f"COPY {quoted} FROM STDIN{fmt}"}, timeout=7200),
-            f"COPY pipe of {table}")
+        return lambda: check_run(
+            run_timed(
+                ["bash", "-c", _PIPE],
+                env={**pipe_env, "OUT": f"COPY {quoted} TO STDOUT{fmt}", "IN": f"COPY {quoted} FROM STDIN{fmt}"},
+                timeout=7200,
+            ),
+            f"COPY pipe of {table}",
+        )
 
     def build(statement: str) -> Callable[[], TimedRun]:
-        return lambda: check_run(run_timed(
-            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo(env.target), "-c", statement],
-            env=libpq_env(env.target), timeout=7200), f"index build: {statement}")
+        return lambda: check_run(
+            run_timed(
+                [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo(env.target), "-c", statement],
+                env=libpq_env(env.target),
+                timeout=7200,
+            ),
+            f"index build: {statement}",
+        )
 
     cpu_before, host_before, started = children_cpu_seconds(), HostCpu.read(), time.monotonic()
     data_runs = _parallel([(t, pipe(t)) for t in tables], env.settings.workers)
     data_seconds = time.monotonic() - started
     index_runs = _parallel([(_index_name(s), build(s)) for s in statements], env.settings.workers)
     seconds = time.monotonic() - started
-    result = Result("floor", seconds=seconds, data_seconds=data_seconds, index_seconds=seconds - data_seconds,
-                    other_seconds=0.0, client_cpu=children_cpu_seconds() - cpu_before,
-                    host_busy=HostCpu.read().busy_percent_since(host_before))
-    result.details.append(f"{len(tables)} tables through {env.settings.workers} psql | psql pipes "
-                          f"({env.settings.floor_format} COPY, whole tables, largest first), then "
-                          f"{len(statements)} "
-                          f"index/key builds {env.settings.workers} at a time; schema (pre-data) created "
-                          f"beforehand, untimed")
+    result = Result(
+        "floor",
+        seconds=seconds,
+        data_seconds=data_seconds,
+        index_seconds=seconds - data_seconds,
+        other_seconds=0.0,
+        client_cpu=children_cpu_seconds() - cpu_before,
+        host_busy=HostCpu.read().busy_percent_since(host_before),
+    )
+    result.details.append(
+        f"{len(tables)} tables through {env.settings.workers} psql | psql pipes "
+        f"({env.settings.floor_format} COPY, whole tables, largest first), then "
+        f"{len(statements)} "
+        f"index/key builds {env.settings.workers} at a time; schema (pre-data) created "
+        f"beforehand, untimed"
+    )
     result.details.append("  pipes: " + ", ".join(f"{label} {run.seconds:.2f}s" for label, run in data_runs))
     result.details.append("  builds: " + ", ".join(f"{label} {run.seconds:.2f}s" for label, run in index_runs))
     return result
 
 
 RUNNERS: dict[str, Callable[[Env], Result]] = {
-    "pgleap": run_pgleap, "pgdump": run_pgdump, "pgcopydb": run_pgcopydb, "floor": run_floor,
+    "pgleap": run_pgleap,
+    "pgdump": run_pgdump,
+    "pgcopydb": run_pgcopydb,
+    "floor": run_floor,
 }
 
 
@@ -681,9 +875,11 @@ def run_contender(env: Env, name: str) -> Result:
     if result.host_busy != result.host_busy:
         result.host_busy = HostCpu.read().busy_percent_since(host_before)
     result.ok, result.check = check_copy(name, env.source, env.primary, env.target)
-    progress(f"{name}: {result.seconds:.2f}s (data {result.data_seconds:.2f}s, "
-             f"indexes {result.index_seconds:.2f}s); "
-             f"{result.check}")
+    progress(
+        f"{name}: {result.seconds:.2f}s (data {result.data_seconds:.2f}s, "
+        f"indexes {result.index_seconds:.2f}s); "
+        f"{result.check}"
+    )
     return result
 
 
@@ -705,9 +901,24 @@ def profile_pgleap(env: Env, measured: Result | None) -> str:
     raw = RESULTS_DIR / "copy-pgleap.raw"
     argv, _ = pgleap_argv(env, "profiled")
     progress("pgleap copy under py-spy (not measured) ...")
-    run = run_timed([find_py_spy(), "record", "--rate", str(env.settings.profile_rate), "--format", "raw",
-                     "--output", raw, "--nonblocking", "--", *argv], env={**os.environ, "LC_ALL": "C"},
-                    timeout=7200, log_path=env.workdir / "py-spy")
+    run = run_timed(
+        [
+            find_py_spy(),
+            "record",
+            "--rate",
+            str(env.settings.profile_rate),
+            "--format",
+            "raw",
+            "--output",
+            raw,
+            "--nonblocking",
+            "--",
+            *argv,
+        ],
+        env={**os.environ, "LC_ALL": "C"},
+        timeout=7200,
+        log_path=env.workdir / "py-spy",
+    )
     if run.returncode != 0 or not raw.exists():
         resume_replay(env.replica)
         raise BenchError(f"py-spy record of pgleap copy failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
@@ -718,8 +929,7 @@ def profile_pgleap(env: Env, measured: Result | None) -> str:
     cpu = 100.0 * measured.own_cpu / measured.seconds if measured and measured.seconds else float("nan")
     text = summarize(stacks, seconds=run.seconds, rate=env.settings.profile_rate, cpu_percent=cpu)
     (RESULTS_DIR / "copy-pgleap-top.txt").write_text(text + "\n")
-    progress(f"profile: {folded} (speedscope.app or flamegraph.pl); "
-             f"summary in {RESULTS_DIR / 'copy-pgleap-top.txt'}")
+    progress(f"profile: {folded} (speedscope.app or flamegraph.pl); summary in {RESULTS_DIR / 'copy-pgleap-top.txt'}")
     return f"pgleap copy under py-spy took {run.seconds:.2f}s\n{text}"
 
 
@@ -749,8 +959,10 @@ def run_benchmark(settings: Settings) -> Outcome:
         replica = make_replica(lab, primary)
         target = lab.target(settings.target_major, settings=bulk_settings())
         source = describe_source(primary)
-        progress(f"source: {len(source.tables)} tables, {source.rows:,} rows, {source.table_mb:.1f} MB of tables, "
-                 f"{source.index_bytes / 1e6:.1f} MB of indexes")
+        progress(
+            f"source: {len(source.tables)} tables, {source.rows:,} rows, {source.table_mb:.1f} MB of tables, "
+            f"{source.index_bytes / 1e6:.1f} MB of indexes"
+        )
         env = Env(lab, primary, replica, target, settings, workdir, source)
         # Untimed warm-up: the target's first bulk write pays for creating its WAL segments (later ones
         # recycle them), and every cache (OS, replica) is warmed once, so no contender is penalised for
@@ -767,8 +979,7 @@ def run_benchmark(settings: Settings) -> Outcome:
         if settings.profile:
             measured = median_result(results["pgleap"]) if results.get("pgleap") else None
             profile_text = profile_pgleap(env, measured)
-        return Outcome(settings, primary.install.version, target.install.version, source, results,
-                       profile_text, load)
+        return Outcome(settings, primary.install.version, target.install.version, source, results, profile_text, load)
 
 
 # -- reporting -----------------------------------------------------------------------------
@@ -801,14 +1012,17 @@ def report(outcome: Outcome) -> tuple[str, bool]:
         + (f" (pgleap copy {' '.join(s.pgleap_options)})" if s.pgleap_options else "")
         + f"; {s.rounds} round(s), order rotating (times: the median round); each copy into a fresh empty "
         "database on the same target; all servers: "
-        + ", ".join(f"{k}={v}" for k, v in bulk_settings().items()) + ", fsync=off (lab)",
+        + ", ".join(f"{k}={v}" for k, v in bulk_settings().items())
+        + ", fsync=off (lab)",
         "MB/s = source table MB / wall; data = COPY phase, index = index/constraint builds, other = schema, "
         "roles, sequences, ANALYZE, start-up; CPU s = CPU seconds used by the contender's own processes "
         "(client), by the source servers' processes (primary + replica) and by the target server's",
         "",
     ]
-    header = (f"{'contender':<40} {'wall s':>8} {'rows/s':>11} {'MB/s':>7} {'data s':>7} {'index s':>7} "
-              f"{'other s':>7} {'CPU s: client':>13} {'source':>6} {'target':>6} {'host busy%':>10}")
+    header = (
+        f"{'contender':<40} {'wall s':>8} {'rows/s':>11} {'MB/s':>7} {'data s':>7} {'index s':>7} "
+        f"{'other s':>7} {'CPU s: client':>13} {'source':>6} {'target':>6} {'host busy%':>10}"
+    )
     lines += [header, "-" * len(header)]
     chosen: dict[str, Result] = {}
     all_ok = True
@@ -829,7 +1043,8 @@ def report(outcome: Outcome) -> tuple[str, bool]:
             f"{fmt(median(r.other_seconds for r in runs)):>7} {fmt(median(r.client_cpu for r in runs)):>13} "
             f"{fmt(median(r.source_cpu for r in runs), 1):>6} {fmt(median(r.target_cpu for r in runs), 1):>6} "
             f"{fmt(median(r.host_busy for r in runs), 1):>10}"
-            + (f"  (rounds: {', '.join(fmt(r.seconds) for r in runs)})" if len(runs) > 1 else ""))
+            + (f"  (rounds: {', '.join(fmt(r.seconds) for r in runs)})" if len(runs) > 1 else "")
+        )
     lines += ["", "details (median round):"]
     for name, result in chosen.items():
         lines.append(f"{name}:")
@@ -852,6 +1067,7 @@ def report(outcome: Outcome) -> tuple[str, bool]:
 
 def ratios(chosen: dict[str, Result], contenders: Sequence[str]) -> list[tuple[str, str]]:
     """(name, '0.123' or 'n/a'), the three required pgleap wall ratios first."""
+
     def value(a: str, b: str, what: str = "seconds") -> str:
         if a not in chosen or b not in chosen:
             return "n/a"

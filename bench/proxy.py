@@ -167,8 +167,9 @@ class Settings:
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
     """Read the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=30, help="pgbench time per workload and target (all rounds)")
     parser.add_argument("--rounds", type=int, default=3, help="slices per workload and target, target order rotating")
     parser.add_argument("--clients", type=int, default=8, help="pgbench -c")
@@ -176,13 +177,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i -s")
     parser.add_argument("--major", type=int, default=17, help="PostgreSQL major of the lab server")
     parser.add_argument("--warmup", type=float, default=5, help="unreported -S seconds per target before measuring")
-    parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
-                        help="comma-separated subset of " + ", ".join(w.name for w in WORKLOADS))
-    parser.add_argument("--profile", action="store_true",
-                        help=f"sample pgleap with py-spy during {PROFILED_WORKLOAD}; writes to bench/results/")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(w.name for w in WORKLOADS),
+        help="comma-separated subset of " + ", ".join(w.name for w in WORKLOADS),
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help=f"sample pgleap with py-spy during {PROFILED_WORKLOAD}; writes to bench/results/",
+    )
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
-    parser.add_argument("--profile-native", action="store_true",
-                        help="py-spy --native: C frames too (uvloop, libc); pauses pgleap at every sample")
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: C frames too (uvloop, libc); pauses pgleap at every sample",
+    )
     args = parser.parse_args(argv)
     by_name = {w.name: w for w in WORKLOADS}
     unknown = [name for name in args.workloads.split(",") if name not in by_name]
@@ -190,10 +200,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(by_name)}")
     if args.rounds < 1 or args.clients < 1 or args.jobs < 1 or args.scale < 1 or args.seconds <= 0:
         parser.error("--seconds, --rounds, --clients, --jobs and --scale must be positive")
-    return Settings(seconds=args.seconds, rounds=args.rounds, clients=args.clients, jobs=args.jobs,
-                    scale=args.scale, major=args.major, warmup=args.warmup,
-                    workloads=tuple(by_name[name] for name in args.workloads.split(",")),
-                    profile=args.profile, profile_rate=args.profile_rate, profile_native=args.profile_native)
+    return Settings(
+        seconds=args.seconds,
+        rounds=args.rounds,
+        clients=args.clients,
+        jobs=args.jobs,
+        scale=args.scale,
+        major=args.major,
+        warmup=args.warmup,
+        workloads=tuple(by_name[name] for name in args.workloads.split(",")),
+        profile=args.profile,
+        profile_rate=args.profile_rate,
+        profile_native=args.profile_native,
+    )
 
 
 def progress(message: str) -> None:
@@ -219,10 +238,27 @@ def initialise_pgbench(pgbench: Path, server: LabServer, scale: int) -> None:
     """pgbench -i -s <scale>, directly on the server."""
     progress(f"pgbench -i -s {scale} on {server.name} (port {server.port}) ...")
     result = subprocess.run(
-        [str(pgbench), "-i", "-q", "-s", str(scale), "-h", LOCALHOST, "-p", str(server.port), "-U", server.superuser,
-         DATABASE],
-        env={**os.environ, "PGPASSWORD": server.password, "LC_ALL": "C"}, capture_output=True, text=True,
-        timeout=1800, check=False, stdin=subprocess.DEVNULL)
+        [
+            str(pgbench),
+            "-i",
+            "-q",
+            "-s",
+            str(scale),
+            "-h",
+            LOCALHOST,
+            "-p",
+            str(server.port),
+            "-U",
+            server.superuser,
+            DATABASE,
+        ],
+        env={**os.environ, "PGPASSWORD": server.password, "LC_ALL": "C"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     if result.returncode != 0:
         raise BenchError(f"pgbench -i failed:\n{result.stderr[-3000:]}")
 
@@ -252,27 +288,29 @@ def toml_string(value: str) -> str:
 
 def pgleap_config(server: LabServer, port: int) -> str:
     """pgleap.toml: one client user, the lab superuser for the server login, no metrics endpoint."""
-    return "\n".join([
-        "[pgleap]",
-        f"listen_addr = {toml_string(LOCALHOST)}",
-        f"listen_port = {port}",
-        f"admin_user = {toml_string(PGLEAP_ADMIN[0])}",
-        f"admin_password = {toml_string(PGLEAP_ADMIN[1])}",
-        "",
-        "[[users]]",
-        f"name = {toml_string(PGLEAP_USER[0])}",
-        f"password = {toml_string(PGLEAP_USER[1])}",
-        'auth_method = "scram-sha-256"',
-        "",
-        "[[auto_upgrade]]",
-        f"database = {toml_string(DATABASE)}",
-        f"source_host = {toml_string(server.host)}",
-        f"source_port = {server.port}",
-        f"source_database = {toml_string(DATABASE)}",
-        f"source_user = {toml_string(server.superuser)}",
-        f"source_password = {toml_string(server.password)}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "[pgleap]",
+            f"listen_addr = {toml_string(LOCALHOST)}",
+            f"listen_port = {port}",
+            f"admin_user = {toml_string(PGLEAP_ADMIN[0])}",
+            f"admin_password = {toml_string(PGLEAP_ADMIN[1])}",
+            "",
+            "[[users]]",
+            f"name = {toml_string(PGLEAP_USER[0])}",
+            f"password = {toml_string(PGLEAP_USER[1])}",
+            'auth_method = "scram-sha-256"',
+            "",
+            "[[auto_upgrade]]",
+            f"database = {toml_string(DATABASE)}",
+            f"source_host = {toml_string(server.host)}",
+            f"source_port = {server.port}",
+            f"source_database = {toml_string(DATABASE)}",
+            f"source_user = {toml_string(server.superuser)}",
+            f"source_password = {toml_string(server.password)}",
+            "",
+        ]
+    )
 
 
 def pgleap_executable() -> Path:
@@ -285,11 +323,15 @@ def pgleap_executable() -> Path:
 
 def start_pgleap(server: LabServer, workdir: Path, stack: contextlib.ExitStack) -> Target:
     """`pgleap run` as its own process in front of `server`."""
+
     def make(port: int) -> ChildProcess:
         config = workdir / "pgleap.toml"
         config.write_text(pgleap_config(server, port))
-        return ChildProcess("pgleap", [str(pgleap_executable()), "run", "-c", str(config), "--log-level", "WARNING"],
-                            workdir / "pgleap.log")
+        return ChildProcess(
+            "pgleap",
+            [str(pgleap_executable()), "run", "-c", str(config), "--log-level", "WARNING"],
+            workdir / "pgleap.log",
+        )
 
     process, port = start_on_free_port(make, stack)
     progress(f"pgleap (pid {process.pid}) listening on {LOCALHOST}:{port}")
@@ -298,25 +340,27 @@ def start_pgleap(server: LabServer, workdir: Path, stack: contextlib.ExitStack) 
 
 def pgbouncer_config(server: LabServer, port: int, confdir: Path, clients: int) -> str:
     """pgbouncer.ini: session pooling, SCRAM for clients and server, TCP on 127.0.0.1 only, quiet logs."""
-    return "\n".join([
-        "[databases]",
-        f"{DATABASE} = host={server.host} port={server.port} dbname={DATABASE}",
-        "",
-        "[pgbouncer]",
-        f"listen_addr = {LOCALHOST}",
-        f"listen_port = {port}",
-        "unix_socket_dir =",
-        "auth_type = scram-sha-256",
-        f"auth_file = {confdir / 'userlist.txt'}",
-        "pool_mode = session",
-        f"max_client_conn = {max(100, 2 * clients)}",
-        f"default_pool_size = {clients + 4}",
-        "server_tls_sslmode = disable",
-        "ignore_startup_parameters = extra_float_digits",
-        "log_connections = 0",
-        "log_disconnections = 0",
-        "",
-    ])
+    return "\n".join(
+        [
+            "[databases]",
+            f"{DATABASE} = host={server.host} port={server.port} dbname={DATABASE}",
+            "",
+            "[pgbouncer]",
+            f"listen_addr = {LOCALHOST}",
+            f"listen_port = {port}",
+            "unix_socket_dir =",
+            "auth_type = scram-sha-256",
+            f"auth_file = {confdir / 'userlist.txt'}",
+            "pool_mode = session",
+            f"max_client_conn = {max(100, 2 * clients)}",
+            f"default_pool_size = {clients + 4}",
+            "server_tls_sslmode = disable",
+            "ignore_startup_parameters = extra_float_digits",
+            "log_connections = 0",
+            "log_disconnections = 0",
+            "",
+        ]
+    )
 
 
 def pgbouncer_executable() -> Path:
@@ -334,8 +378,9 @@ def write_for_server_user(path: Path, text: str) -> None:
     give_to_server_user(path)
 
 
-def start_pgbouncer(server: LabServer, basedir: Path, workdir: Path, clients: int,
-                    stack: contextlib.ExitStack) -> Target:
+def start_pgbouncer(
+    server: LabServer, basedir: Path, workdir: Path, clients: int, stack: contextlib.ExitStack
+) -> Target:
     """PgBouncer (it refuses to run as root: it runs as the lab's server user) in front of `server`."""
     confdir = basedir / "pgbouncer"
     confdir.mkdir(mode=0o700)
@@ -345,8 +390,9 @@ def start_pgbouncer(server: LabServer, basedir: Path, workdir: Path, clients: in
     def make(port: int) -> ChildProcess:
         ini = confdir / "pgbouncer.ini"
         write_for_server_user(ini, pgbouncer_config(server, port, confdir, clients))
-        return ChildProcess("pgbouncer", [str(pgbouncer_executable()), str(ini)], workdir / "pgbouncer.log",
-                            user=server_user())
+        return ChildProcess(
+            "pgbouncer", [str(pgbouncer_executable()), str(ini)], workdir / "pgbouncer.log", user=server_user()
+        )
 
     process, port = start_on_free_port(make, stack)
     progress(f"pgbouncer (pid {process.pid}) listening on {LOCALHOST}:{port}")
@@ -356,20 +402,33 @@ def start_pgbouncer(server: LabServer, basedir: Path, workdir: Path, clients: in
 # -- measuring -----------------------------------------------------------------------------
 
 
-def pgbench_command(pgbench: Path, target: Target, settings: Settings, options: Sequence[str],
-                    seconds: float) -> list[str]:
+def pgbench_command(
+    pgbench: Path, target: Target, settings: Settings, options: Sequence[str], seconds: float
+) -> list[str]:
     """The pgbench argv of one run against `target`."""
-    return [str(pgbench), *target.connection_options(), "-c", str(settings.clients), "-j", str(settings.jobs),
-            "-T", str(max(1, round(seconds))), *options, DATABASE]
+    return [
+        str(pgbench),
+        *target.connection_options(),
+        "-c",
+        str(settings.clients),
+        "-j",
+        str(settings.jobs),
+        "-T",
+        str(max(1, round(seconds))),
+        *options,
+        DATABASE,
+    ]
 
 
-def run_slice(pgbench: Path, target: Target, settings: Settings, workload: Workload, workdir: Path,
-              measurement: Measurement) -> PgbenchRun:
+def run_slice(
+    pgbench: Path, target: Target, settings: Settings, workload: Workload, workdir: Path, measurement: Measurement
+) -> PgbenchRun:
     """One pgbench run of `workload` on `target`, added to `measurement` with the proxy's CPU use."""
     argv = pgbench_command(pgbench, target, settings, workload.options, settings.slice_seconds)
     cpu_before, host_before, started = target.cpu_seconds(), HostCpu.read(), time.monotonic()
-    run = run_pgbench(argv, {"PGPASSWORD": target.password}, workdir / "pgbench_log",
-                      timeout=settings.slice_seconds + 300)
+    run = run_pgbench(
+        argv, {"PGPASSWORD": target.password}, workdir / "pgbench_log", timeout=settings.slice_seconds + 300
+    )
     measurement.wall_seconds += time.monotonic() - started
     measurement.proxy_cpu_seconds += target.cpu_seconds() - cpu_before
     measurement.host_busy.append(HostCpu.read().busy_percent_since(host_before))
@@ -384,9 +443,15 @@ def warm_up(pgbench: Path, targets: Sequence[Target], settings: Settings) -> Non
     for target in targets:
         progress(f"warm-up: {settings.warmup:g} s of -S through {target.name}")
         argv = pgbench_command(pgbench, target, settings, ("-S",), settings.warmup)
-        result = subprocess.run(argv, env={**os.environ, "PGPASSWORD": target.password, "LC_ALL": "C"},
-                                capture_output=True, text=True, timeout=settings.warmup + 300, check=False,
-                                stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            argv,
+            env={**os.environ, "PGPASSWORD": target.password, "LC_ALL": "C"},
+            capture_output=True,
+            text=True,
+            timeout=settings.warmup + 300,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
         if result.returncode != 0:
             raise BenchError(f"warm-up through {target.name} failed:\n{result.stderr[-3000:]}")
 
@@ -405,8 +470,13 @@ def maybe_profiling(settings: Settings, target: Target, workload: Workload, stac
         return
     assert target.process is not None
     RESULTS_DIR.mkdir(exist_ok=True)
-    recorder = PySpyRecorder(find_py_spy(), target.process.pid, RESULTS_DIR / "pgleap-slice.folded",
-                             rate=settings.profile_rate, native=settings.profile_native)
+    recorder = PySpyRecorder(
+        find_py_spy(),
+        target.process.pid,
+        RESULTS_DIR / "pgleap-slice.folded",
+        rate=settings.profile_rate,
+        native=settings.profile_native,
+    )
     recorder.start()
     try:
         yield True
@@ -414,8 +484,9 @@ def maybe_profiling(settings: Settings, target: Target, workload: Workload, stac
         stacks.update(recorder.stop())
 
 
-def measure_all(pgbench: Path, targets: Sequence[Target], settings: Settings, workdir: Path,
-                stacks: Counter[str]) -> list[Measurement]:
+def measure_all(
+    pgbench: Path, targets: Sequence[Target], settings: Settings, workdir: Path, stacks: Counter[str]
+) -> list[Measurement]:
     """Every workload on every target, slices interleaved across targets."""
     measurements = {(w.name, t.name): Measurement(w, t.name) for w in settings.workloads for t in targets}
     total = len(settings.workloads) * len(targets) * settings.rounds
@@ -428,9 +499,11 @@ def measure_all(pgbench: Path, targets: Sequence[Target], settings: Settings, wo
                     run = run_slice(pgbench, target, settings, workload, workdir, measurement)
                 measurement.profiled |= profiled
                 done += 1
-                progress(f"[{done}/{total}] {workload.label:<15} {target.name:<10} round {round_number + 1}/"
-                         f"{settings.rounds}: {run.tps:10.1f} tps, {run.latency_avg_ms:.3f} ms avg"
-                         + (" (profiled)" if profiled else ""))
+                progress(
+                    f"[{done}/{total}] {workload.label:<15} {target.name:<10} round {round_number + 1}/"
+                    f"{settings.rounds}: {run.tps:10.1f} tps, {run.latency_avg_ms:.3f} ms avg"
+                    + (" (profiled)" if profiled else "")
+                )
     return list(measurements.values())
 
 
@@ -450,8 +523,9 @@ class Environment:
 
 def pgbouncer_version() -> str:
     """PgBouncer's version line."""
-    result = subprocess.run([str(pgbouncer_executable()), "--version"], capture_output=True, text=True,
-                            check=False, timeout=30)
+    result = subprocess.run(
+        [str(pgbouncer_executable()), "--version"], capture_output=True, text=True, check=False, timeout=30
+    )
     return (result.stdout.splitlines() or ["PgBouncer ?"])[0].strip()
 
 
@@ -459,8 +533,13 @@ def describe_environment(server: LabServer, pgbench: Path) -> Environment:
     """Versions and machine of this run."""
     with open("/proc/loadavg") as handle:
         load = " ".join(handle.read().split()[:3])
-    return Environment(server_version=server.install.version, pgbouncer_version=pgbouncer_version(),
-                       pgbench=pgbench, cpus=os.cpu_count() or 0, load_average=load)
+    return Environment(
+        server_version=server.install.version,
+        pgbouncer_version=pgbouncer_version(),
+        pgbench=pgbench,
+        cpus=os.cpu_count() or 0,
+        load_average=load,
+    )
 
 
 def format_number(value: float, digits: int) -> str:
@@ -470,8 +549,10 @@ def format_number(value: float, digits: int) -> str:
 
 def table(measurements: Sequence[Measurement]) -> list[str]:
     """The results table."""
-    header = (f"{'workload':<15} {'target':<10} {'TPS':>10} {'spread%':>8} {'avg ms':>8} {'p99 ms':>8} "
-              f"{'proxy CPU%':>10} {'proxy us/tx':>11} {'host busy%':>10}")
+    header = (
+        f"{'workload':<15} {'target':<10} {'TPS':>10} {'spread%':>8} {'avg ms':>8} {'p99 ms':>8} "
+        f"{'proxy CPU%':>10} {'proxy us/tx':>11} {'host busy%':>10}"
+    )
     lines = [header, "-" * len(header)]
     for m in measurements:
         proxied = m.target != "direct"
@@ -480,7 +561,8 @@ def table(measurements: Sequence[Measurement]) -> list[str]:
             f"{format_number(m.latency_avg_ms, 3):>8} {format_number(m.latency_p99_ms, 3):>8} "
             f"{format_number(m.proxy_cpu_percent, 1) if proxied else '-':>10} "
             f"{format_number(m.proxy_us_per_transaction, 1) if proxied else '-':>11} "
-            f"{format_number(median(m.host_busy), 1):>10}" + ("  (py-spy attached)" if m.profiled else ""))
+            f"{format_number(median(m.host_busy), 1):>10}" + ("  (py-spy attached)" if m.profiled else "")
+        )
     return lines
 
 
@@ -506,8 +588,7 @@ def report(settings: Settings, env: Environment, measurements: Sequence[Measurem
         "",
     ]
     if profile_text:
-        lines += [f"py-spy profile of pgleap during {PROFILED_WORKLOAD} (written to {RESULTS_DIR}):",
-                  profile_text, ""]
+        lines += [f"py-spy profile of pgleap during {PROFILED_WORKLOAD} (written to {RESULTS_DIR}):", profile_text, ""]
     lines += table(measurements)
     lines += ["", "ratios (TPS of pgleap / TPS of the other):"]
     pairs = ratios(measurements)
@@ -536,8 +617,7 @@ def run_benchmark(settings: Settings) -> tuple[Environment, list[Measurement], s
     """Start the server and both proxies, measure everything, stop everything; return the numbers."""
     pgbench = client_tool("pgbench")
     stacks: Counter[str] = Counter()
-    with (Lab() as lab, tempfile.TemporaryDirectory(prefix="pgleap-bench-") as tmp,
-          contextlib.ExitStack() as stack):
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="pgleap-bench-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         server = lab.primary(settings.major, settings=server_settings(settings.clients))
         env = describe_environment(server, pgbench)
@@ -556,6 +636,7 @@ def run_benchmark(settings: Settings) -> tuple[Environment, list[Measurement], s
 def stop_on_signals() -> None:
     """Make SIGINT and SIGTERM raise KeyboardInterrupt (even when SIGINT was inherited as ignored, as
     for `cmd &` in a script), so that everything started is stopped on the way out."""
+
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 

@@ -70,7 +70,9 @@ def tool(name: str) -> str:
         pytest.fail(f"{name} not found ({exc}); run scripts/setup")
 
 
-def run_tool(argv: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_tool(
+    argv: list[str], timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a client program, failing the test with its output if it fails."""
     full_env = dict(os.environ)
     full_env.update(env or {})

@@ -74,7 +74,9 @@ def test_show_clients_lists_app_connection(proxy: ProxyThread, admin: psycopg.Co
     )
 
 
-def test_show_servers_reports_real_backend_pid(proxy: ProxyThread, backend: LabServer, admin: psycopg.Connection[Any]) -> None:
+def test_show_servers_reports_real_backend_pid(
+    proxy: ProxyThread, backend: LabServer, admin: psycopg.Connection[Any]
+) -> None:
     """SHOW SERVERS gives the pid pg_backend_pid() returns to the client, and the server's address and version."""
     with psycopg.connect(proxy.dsn(application_name="pid_probe"), autocommit=True) as app:
         pid = app.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
@@ -161,7 +163,17 @@ def test_unknown_command_error_lists_valid_commands(admin: psycopg.Connection[An
     diag = info.value.diag
     assert "unknown admin command" in (diag.message_primary or "")
     hint = diag.message_hint or ""
-    for command in ("SHOW CLIENTS", "SHOW SERVERS", "SHOW CONFIG", "SHOW VERSION", "SHOW STATS", "PAUSE", "RESUME", "RELOAD", "SHUTDOWN"):
+    for command in (
+        "SHOW CLIENTS",
+        "SHOW SERVERS",
+        "SHOW CONFIG",
+        "SHOW VERSION",
+        "SHOW STATS",
+        "PAUSE",
+        "RESUME",
+        "RELOAD",
+        "SHUTDOWN",
+    ):
         assert command in hint, f"{command} missing from hint {hint!r}"
     assert show(admin, "SHOW VERSION")
 
@@ -175,8 +187,13 @@ def test_psql_renders_admin_tables(proxy: ProxyThread) -> None:
     assert "row" in out  # psql's "(N rows)" footer: it saw a real table
     out = run_tool(base + ["-At", "-c", "SHOW VERSION"], timeout=60, env=env).stdout
     assert out.startswith("pgleap ")
-    bad = subprocess.run(base + ["-v", "VERBOSITY=verbose", "-c", "SHOW NOTHING"], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, **env})
+    bad = subprocess.run(
+        base + ["-v", "VERBOSITY=verbose", "-c", "SHOW NOTHING"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
     assert bad.returncode == 1
     assert "unknown admin command" in bad.stderr and "SHOW CLIENTS" in bad.stderr
 
@@ -225,7 +242,9 @@ def test_reload_adds_user(tmp_path: Path, pg_new: LabServer) -> None:
         with pytest.raises(psycopg.OperationalError, match="authentication failed"):
             psycopg.connect(new_dsn, connect_timeout=20)
         cfg = tmp_path / "pgleap.toml"
-        cfg.write_text(cfg.read_text() + '\n[[users]]\nname = "newbie"\npassword = "newbie-secret"\nauth_method = "md5"\n')
+        cfg.write_text(
+            cfg.read_text() + '\n[[users]]\nname = "newbie"\npassword = "newbie-secret"\nauth_method = "md5"\n'
+        )
         with admin_connect(p) as admin:
             notes = show(admin, "RELOAD")
             assert any("reloaded" in n["note"] for n in notes), notes
@@ -278,7 +297,10 @@ def test_pause_holds_queries_until_resume(proxy: ProxyThread, admin: psycopg.Con
         try:
             thread.start()
             wait_for(
-                lambda: any(r["application_name"] == "paused_client" and r["state"] == "held" for r in show(admin, "SHOW CLIENTS")),
+                lambda: any(
+                    r["application_name"] == "paused_client" and r["state"] == "held"
+                    for r in show(admin, "SHOW CLIENTS")
+                ),
                 what="the client to be held by PAUSE",
             )
             time.sleep(0.5)  # give a wrongly released query the chance to finish
@@ -327,7 +349,9 @@ def test_pause_waits_for_running_transaction(proxy: ProxyThread, admin: psycopg.
         app.commit()
 
 
-def test_reload_with_changed_source_is_applied_or_reported(tmp_path: Path, pg_old: LabServer, pg_new: LabServer) -> None:
+def test_reload_with_changed_source_is_applied_or_reported(
+    tmp_path: Path, pg_old: LabServer, pg_new: LabServer
+) -> None:
     """RELOAD after moving database app to another source either routes new logins there or says a restart is needed."""
     p = start_proxy(tmp_path, {"app": pg_old})
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pgleap.upgrade.capture import classify
 from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
 
-I, T, E = ord("I"), ord("T"), ord("E")
+I, T, E = ord("I"), ord("T"), ord("E")  # noqa: E741 (the ReadyForQuery status bytes)
 
 
 def run(assembler: TransactionAssembler, sql: str, tags: list[str | None], status: int) -> None:
@@ -60,17 +60,34 @@ def test_explicit_transaction_across_queries_with_savepoint_rollback() -> None:
 
 def test_release_keeps_statements() -> None:
     a = TransactionAssembler("app", 1)
-    run(a, "begin; savepoint a; insert into t values (1); release savepoint a; commit",
-        ["BEGIN", "SAVEPOINT", "INSERT 0 1", "RELEASE", "COMMIT"], I)
+    run(
+        a,
+        "begin; savepoint a; insert into t values (1); release savepoint a; commit",
+        ["BEGIN", "SAVEPOINT", "INSERT 0 1", "RELEASE", "COMMIT"],
+        I,
+    )
     assert committed_sql(a) == [["insert into t values (1)"]]
 
 
 def test_nested_savepoints_rollback_to_outer() -> None:
     a = TransactionAssembler("app", 1)
-    run(a, "begin; insert into t values (1); savepoint a; insert into t values (2); savepoint b; "
-           "insert into t values (3); rollback to savepoint a; insert into t values (4); commit",
-        ["BEGIN", "INSERT 0 1", "SAVEPOINT", "INSERT 0 1", "SAVEPOINT", "INSERT 0 1", "ROLLBACK", "INSERT 0 1",
-         "COMMIT"], I)
+    run(
+        a,
+        "begin; insert into t values (1); savepoint a; insert into t values (2); savepoint b; "
+        "insert into t values (3); rollback to savepoint a; insert into t values (4); commit",
+        [
+            "BEGIN",
+            "INSERT 0 1",
+            "SAVEPOINT",
+            "INSERT 0 1",
+            "SAVEPOINT",
+            "INSERT 0 1",
+            "ROLLBACK",
+            "INSERT 0 1",
+            "COMMIT",
+        ],
+        I,
+    )
     assert committed_sql(a) == [["insert into t values (1)", "insert into t values (4)"]]
 
 
@@ -86,8 +103,12 @@ def test_rollback_and_failed_commit_log_nothing() -> None:
 def test_commit_inside_a_string_then_implicit_statement() -> None:
     """'begin; ...; commit; insert ...': two transactions, the second implicit."""
     a = TransactionAssembler("app", 1)
-    run(a, "begin; insert into t values (1); commit; insert into t values (2)",
-        ["BEGIN", "INSERT 0 1", "COMMIT", "INSERT 0 1"], I)
+    run(
+        a,
+        "begin; insert into t values (1); commit; insert into t values (2)",
+        ["BEGIN", "INSERT 0 1", "COMMIT", "INSERT 0 1"],
+        I,
+    )
     assert committed_sql(a) == [["insert into t values (1)"], ["insert into t values (2)"]]
 
 
@@ -99,7 +120,12 @@ def test_probe_values_travel_with_the_transaction() -> None:
     run(a, "commit", ["COMMIT"], I)
     (tx,) = a.take_committed()
     assert (tx.txid, tx.source_now, tx.settings, tx.session_id, tx.database) == (
-        12345, "2026-11-25 04:00:00+00", (("TimeZone", "UTC"),), 7, "app")
+        12345,
+        "2026-11-25 04:00:00+00",
+        (("TimeZone", "UTC"),),
+        7,
+        "app",
+    )
     assert tx.statements[0].tag == "INSERT 0 1"
     assert not a.needs_probe()  # a new transaction starts clean
 

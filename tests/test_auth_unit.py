@@ -88,7 +88,9 @@ def test_libpq_style_client_agrees_with_scramp_server() -> None:
     client.set_server_final(server.get_server_final())
 
 
-def exchange(keys: tuple[bytes, bytes, bytes, int], username: str, password: str) -> tuple[ScramClient | LibpqScramClient, str]:
+def exchange(
+    keys: tuple[bytes, bytes, bytes, int], username: str, password: str
+) -> tuple[ScramClient | LibpqScramClient, str]:
     """Run a full exchange against pgleap's server side; returns the client and the server-final message."""
     server = ScramServerExchange(*keys)
     client = scram_client(username, password)
@@ -161,7 +163,9 @@ def test_scram_malformed_client_final(final: str) -> None:
         server.server_final(final.replace("NONCE", nonce).replace("r=x", f"r={nonce}"))
 
 
-@pytest.mark.parametrize("client_first", ["p=tls-server-end-point,,n=,r=abc", "n,a=someone,n=,r=abc", "n,,n=", "n,,garbage"])
+@pytest.mark.parametrize(
+    "client_first", ["p=tls-server-end-point,,n=,r=abc", "n,a=someone,n=,r=abc", "n,,n=", "n,,garbage"]
+)
 def test_scram_unsupported_client_first(client_first: str) -> None:
     """Channel binding, authzid, a missing nonce or garbage in client-first are refused."""
     with pytest.raises(ScramFailure):

@@ -46,8 +46,9 @@ def logged(proxy: ProxyThread, capture: Capture) -> list[tuple[int | None, list[
     return [(r.transaction.txid, [s.sql for s in r.transaction.statements]) for r in records]
 
 
-def test_committed_writes_are_logged_once_with_their_txids(capturing: tuple[ProxyThread, Capture],
-                                                           backend: LabServer) -> None:
+def test_committed_writes_are_logged_once_with_their_txids(
+    capturing: tuple[ProxyThread, Capture], backend: LabServer
+) -> None:
     proxy, capture = capturing
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         # Implicit transactions, extended protocol with parameters.
@@ -81,9 +82,26 @@ def test_committed_writes_are_logged_once_with_their_txids(capturing: tuple[Prox
         "insert into cap values (12, txid_current(), 'fails'); select 1/0;\n"
         "begin;\ninsert into cap values (13, txid_current(), 'psql tx');\ncommit;\n"
     )
-    psql = subprocess.run([tool("psql"), proxy.dsn(), "-X", "-q", "-v", "ON_ERROR_STOP=0", "-c", script.split("\n")[0],
-                           "-c", script.split("\n")[1], "-f", "-"], input="\n".join(script.split("\n")[2:]),
-                          capture_output=True, text=True, timeout=60)
+    psql = subprocess.run(
+        [
+            tool("psql"),
+            proxy.dsn(),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-c",
+            script.split("\n")[0],
+            "-c",
+            script.split("\n")[1],
+            "-f",
+            "-",
+        ],
+        input="\n".join(script.split("\n")[2:]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "division by zero" in psql.stderr
 
     with psycopg.connect(backend.dsn()) as direct:
@@ -113,8 +131,13 @@ def test_the_client_sees_nothing_injected(capturing: tuple[ProxyThread, Capture]
     proxy, capture = capturing
 
     def run(dsn: str) -> tuple[str, str]:
-        result = subprocess.run([tool("psql"), dsn, "-X", "-a", "-v", "ON_ERROR_STOP=0", "-f", "-"], input=script,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [tool("psql"), dsn, "-X", "-a", "-v", "ON_ERROR_STOP=0", "-f", "-"],
+            input=script,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return result.stdout, result.stderr.replace("psql:<stdin>", "")
 
     through = run(proxy.dsn())

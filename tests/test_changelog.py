@@ -38,11 +38,23 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def make_tx(n: int, database: str = "app", *, images: bytes | None = None) -> CapturedTransaction:
     """A small transaction whose txid is n."""
-    statement = CapturedStatement(sql="INSERT INTO t (id, v) VALUES ($1, $2)", params=(str(n).encode(), None),
-                                  param_formats=(0, 0), param_types=(23, 25), tag="INSERT 0 1", images=images)
-    return CapturedTransaction(database=database, txid=n, source_now="2024-05-01 12:00:00.123456+00",
-                               settings=(("TimeZone", "UTC"),), statements=(statement,), session_id=n % 7,
-                               captured_at=1714564800.5)
+    statement = CapturedStatement(
+        sql="INSERT INTO t (id, v) VALUES ($1, $2)",
+        params=(str(n).encode(), None),
+        param_formats=(0, 0),
+        param_types=(23, 25),
+        tag="INSERT 0 1",
+        images=images,
+    )
+    return CapturedTransaction(
+        database=database,
+        txid=n,
+        source_now="2024-05-01 12:00:00.123456+00",
+        settings=(("TimeZone", "UTC"),),
+        statements=(statement,),
+        session_id=n % 7,
+        captured_at=1714564800.5,
+    )
 
 
 # -- records ------------------------------------------------------------------------------------------
@@ -50,18 +62,27 @@ def make_tx(n: int, database: str = "app", *, images: bytes | None = None) -> Ca
 
 def test_record_round_trip_keeps_bytes_nulls_and_copy_data() -> None:
     tx = CapturedTransaction(
-        database="app", txid=2**40, source_now="2024-05-01 12:00:00+02",
+        database="app",
+        txid=2**40,
+        source_now="2024-05-01 12:00:00+02",
         settings=(("search_path", '"$user", public'), ("DateStyle", "ISO, DMY")),
         statements=(
-            CapturedStatement(sql="INSERT INTO t VALUES ($1, $2, $3) -- é", params=(b"\x00\xff\x01", None, b""),
-                              param_formats=(1, 0, 0), param_types=(17, 0, 25), tag="INSERT 0 1",
-                              images=b"\x93\x01\x02\x03"),
+            CapturedStatement(
+                sql="INSERT INTO t VALUES ($1, $2, $3) -- é",
+                params=(b"\x00\xff\x01", None, b""),
+                param_formats=(1, 0, 0),
+                param_types=(17, 0, 25),
+                tag="INSERT 0 1",
+                images=b"\x93\x01\x02\x03",
+            ),
             CapturedStatement(sql="COPY t FROM STDIN", copy_data=b"1\tx\n2\t\\N\n", tag="COPY 2"),
             CapturedStatement(sql="TRUNCATE u", tag="TRUNCATE TABLE"),
         ),
-        session_id=42, captured_at=1714564800.25)
+        session_id=42,
+        captured_at=1714564800.25,
+    )
     data = encode_transaction(tx)
-    assert data[0] == 1   # the format byte
+    assert data[0] == 1  # the format byte
     assert decode_transaction(data) == tx
     assert decode_transaction(encode_transaction(make_tx(1))) == make_tx(1)
 
@@ -126,7 +147,7 @@ def test_wrong_settles_are_precise_errors_and_do_not_harm_health(tmp_path: Path)
             with pytest.raises(ChangeLogStateError, match="record 999 does not exist"):
                 await log.settle(999, committed=True, wait=True)
             await log.settle(log_id, committed=True, wait=True)
-            await log.settle(log_id, committed=True, wait=True)   # twice: harmless
+            await log.settle(log_id, committed=True, wait=True)  # twice: harmless
             with pytest.raises(ChangeLogStateError, match="already committed"):
                 await log.settle(log_id, committed=False, wait=True)
             with pytest.raises(ChangeLogStateError, match="to pending"):
@@ -150,8 +171,8 @@ def test_recovery_sees_pending_records_and_resolves_them(tmp_path: Path) -> None
         with SQLiteChangeLog(path) as log:
             assert [(log_id, tx.txid) for log_id, tx in log.pending()] == [(ids[1], 2), (ids[2], 3), (ids[3], 4)]
             assert log.stats().pending == 3
-            await log.resolve(ids[1], LogState.UNRESOLVED)   # e.g. 9.x: the outcome cannot be known
-            await log.resolve(ids[2], LogState.COMMITTED)    # txid_status() said committed
+            await log.resolve(ids[1], LogState.UNRESOLVED)  # e.g. 9.x: the outcome cannot be known
+            await log.resolve(ids[2], LogState.COMMITTED)  # txid_status() said committed
             await log.resolve(ids[3], LogState.ABORTED)
             assert log.pending() == []
             assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [1, 3]
@@ -159,7 +180,10 @@ def test_recovery_sees_pending_records_and_resolves_them(tmp_path: Path) -> None
             # Determined later after all: it goes last, it is not lost.
             await log.resolve(ids[1], LogState.COMMITTED)
             assert [(r.position, r.transaction.txid) for r in log.read_committed("app", 0, 10)] == [
-                (1, 1), (2, 3), (3, 2)]
+                (1, 1),
+                (2, 3),
+                (3, 2),
+            ]
             stats = log.stats()
             assert (stats.committed, stats.aborted, stats.unresolved, stats.pending) == (3, 1, 0, 0)
 
@@ -172,10 +196,10 @@ def test_truncate_keeps_unapplied_and_unresolved_records(tmp_path: Path) -> None
             ids = [await log.prepare(make_tx(n)) for n in range(1, 9)]
             await log.resolve(ids[0], LogState.UNRESOLVED)
             for n, log_id in enumerate(ids[1:], start=2):
-                await log.settle(log_id, committed=n != 4, wait=True)   # txid 4 aborted
+                await log.settle(log_id, committed=n != 4, wait=True)  # txid 4 aborted
             # positions: 2->1, 3->2, 5->3, 6->4, 7->5, 8->6
             deleted = await log.truncate_before("app", 4)
-            assert deleted == 4   # positions 1..3 and the aborted txid 4
+            assert deleted == 4  # positions 1..3 and the aborted txid 4
             assert [r.position for r in log.read_committed("app", 0, 10)] == [4, 5, 6]
             assert log.last_position("app") == 6
             assert [r.log_id for r in log.unresolved()] == [ids[0]]
@@ -183,7 +207,7 @@ def test_truncate_keeps_unapplied_and_unresolved_records(tmp_path: Path) -> None
             assert (stats.committed, stats.aborted, stats.unresolved) == (3, 0, 1)
             assert await log.truncate_before("app", 7) == 3
             assert await log.truncate_before("app", 7) == 0
-        with SQLiteChangeLog(tmp_path / "log.db") as log:   # positions continue after truncation and reopen
+        with SQLiteChangeLog(tmp_path / "log.db") as log:  # positions continue after truncation and reopen
             log_id = await log.prepare(make_tx(9))
             await log.settle(log_id, committed=True, wait=True)
             assert [r.position for r in log.read_committed("app", 0, 10)] == [7]
@@ -209,7 +233,7 @@ def test_batch_mode_groups_concurrent_prepares_into_few_durable_commits(tmp_path
 
     async def one(log: SQLiteChangeLog, n: int) -> int:
         log_id = await log.prepare(make_tx(n))
-        assert _row_state(path, log_id) == "pending"   # durable before the await returned
+        assert _row_state(path, log_id) == "pending"  # durable before the await returned
         return log_id
 
     async def run() -> None:
@@ -250,8 +274,8 @@ def test_waiting_for_the_disk_does_not_block_the_event_loop(tmp_path: Path) -> N
             task = asyncio.create_task(ticker())
             started = time.monotonic()
             await log.prepare(make_tx(1))
-            assert time.monotonic() - started >= 0.25   # held for the group window ...
-            assert ticks >= 10                          # ... while the loop kept running
+            assert time.monotonic() - started >= 0.25  # held for the group window ...
+            assert ticks >= 10  # ... while the loop kept running
             task.cancel()
 
     asyncio.run(run())
@@ -281,8 +305,9 @@ CHILD = textwrap.dedent("""
 def test_kill_9_loses_no_returned_prepare(tmp_path: Path, durability: str) -> None:
     path = tmp_path / "log.db"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), durability], stdout=subprocess.PIPE,
-                             text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), durability], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert child.stdout is not None
     returned: list[int] = []
     try:
@@ -325,8 +350,9 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     mount_point.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -399,7 +425,7 @@ def test_a_second_process_on_the_same_log_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     with SQLiteChangeLog(path), pytest.raises(ChangeLogLockedError, match="in use by another process"):
         SQLiteChangeLog(path)
-    SQLiteChangeLog(path).close()   # free again once closed
+    SQLiteChangeLog(path).close()  # free again once closed
 
 
 def test_a_log_from_a_newer_pgleap_is_refused(tmp_path: Path) -> None:
@@ -422,10 +448,12 @@ def test_a_closed_log_refuses_writes(tmp_path: Path) -> None:
         log.pending()
 
 
-def test_an_unexpected_writer_failure_fails_the_callers_instead_of_hanging(tmp_path: Path,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unexpected_writer_failure_fails_the_callers_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def run() -> None:
         with SQLiteChangeLog(tmp_path / "log.db") as log:
+
             def broken(*args: object) -> int:
                 raise RuntimeError("boom")
 
@@ -434,7 +462,7 @@ def test_an_unexpected_writer_failure_fails_the_callers_instead_of_hanging(tmp_p
                 await asyncio.wait_for(log.prepare(make_tx(1)), timeout=5)
             assert not log.healthy
             monkeypatch.undo()
-            await log.prepare(make_tx(2))   # the writer is still alive
+            await log.prepare(make_tx(2))  # the writer is still alive
 
     asyncio.run(run())
 
@@ -446,7 +474,7 @@ def test_a_prepare_cancelled_before_it_returned_is_aborted_not_left_pending(tmp_
                 await asyncio.wait_for(log.prepare(make_tx(1)), timeout=0.05)
             kept = await log.prepare(make_tx(2))
             await log.settle(kept, committed=True, wait=True)
-            await asyncio.sleep(0.05)   # let the cancelled prepare's abort land
+            await asyncio.sleep(0.05)  # let the cancelled prepare's abort land
             await log.flush()
             assert log.pending() == []
             assert (log.stats().aborted, log.stats().committed) == (1, 1)

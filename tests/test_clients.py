@@ -19,8 +19,16 @@ pytestmark = pytest.mark.integration
 
 def test_psql_multi_statement_and_errors(proxy: ProxyThread, backend: LabServer) -> None:
     out = run_tool(
-        [tool("psql"), proxy.dsn(), "-X", "-At", "-v", "ON_ERROR_STOP=0", "-c",
-         "select 1; select current_setting('server_version_num')::int / 10000; select 'a' || 'b'"]
+        [
+            tool("psql"),
+            proxy.dsn(),
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-c",
+            "select 1; select current_setting('server_version_num')::int / 10000; select 'a' || 'b'",
+        ]
     ).stdout.split()
     assert out == ["1", str(backend.major), "ab"]
 
@@ -38,7 +46,10 @@ def test_psycopg_simple_extended_copy_and_types(proxy: ProxyThread, backend: Lab
         conn.execute("drop table if exists t_psycopg")
         conn.execute("create table t_psycopg(id int primary key, name text, at timestamptz default now(), data bytea)")
         with conn.cursor() as cur:
-            cur.executemany("insert into t_psycopg(id, name, data) values (%s, %s, %s)", [(i, f"n{i}", bytes([i])) for i in range(50)])
+            cur.executemany(
+                "insert into t_psycopg(id, name, data) values (%s, %s, %s)",
+                [(i, f"n{i}", bytes([i])) for i in range(50)],
+            )
         conn.commit()
         # Server-side prepared statements (psycopg prepares after repeated use) and binary results.
         for _ in range(6):
@@ -65,11 +76,17 @@ def test_psycopg_simple_extended_copy_and_types(proxy: ProxyThread, backend: Lab
 
 def test_asyncpg(proxy: ProxyThread, backend: LabServer) -> None:
     async def scenario() -> None:
-        conn = await asyncpg.connect(host="127.0.0.1", port=proxy.port, user="app", password="app-secret", database="app")
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=proxy.port, user="app", password="app-secret", database="app"
+        )
         try:
             assert await conn.fetchval("select $1::int + 1", 41) == 42
-            await conn.execute("drop table if exists t_asyncpg; create table t_asyncpg(id serial primary key, v numeric, tags text[])")
-            await conn.executemany("insert into t_asyncpg(v, tags) values ($1, $2)", [(i / 3, [str(i)]) for i in range(100)])
+            await conn.execute(
+                "drop table if exists t_asyncpg; create table t_asyncpg(id serial primary key, v numeric, tags text[])"
+            )
+            await conn.executemany(
+                "insert into t_asyncpg(v, tags) values ($1, $2)", [(i / 3, [str(i)]) for i in range(100)]
+            )
             async with conn.transaction():
                 await conn.execute("update t_asyncpg set v = v + 1 where id <= 10")
             records = await conn.fetch("select id, tags from t_asyncpg order by id limit 3")

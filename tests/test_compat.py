@@ -9,12 +9,15 @@ from pgleap.upgrade.copy.roles import adapt, split_statements
 from pgleap.upgrade.copy.schema import parse_restore_errors
 
 
-@pytest.mark.parametrize(("version", "pause", "lsn"), [
-    (90100, "pg_xlog_replay_pause()", "pg_last_xlog_replay_location()"),
-    (90624, "pg_xlog_replay_pause()", "pg_last_xlog_replay_location()"),
-    (100023, "pg_wal_replay_pause()", "pg_last_wal_replay_lsn()"),
-    (180001, "pg_wal_replay_pause()", "pg_last_wal_replay_lsn()"),
-])
+@pytest.mark.parametrize(
+    ("version", "pause", "lsn"),
+    [
+        (90100, "pg_xlog_replay_pause()", "pg_last_xlog_replay_location()"),
+        (90624, "pg_xlog_replay_pause()", "pg_last_xlog_replay_location()"),
+        (100023, "pg_wal_replay_pause()", "pg_last_wal_replay_lsn()"),
+        (180001, "pg_wal_replay_pause()", "pg_last_wal_replay_lsn()"),
+    ],
+)
 def test_replay_functions_by_version(version: int, pause: str, lsn: str) -> None:
     facts = facts_for(version)
     assert pause in facts.replay_pause_sql() and lsn in facts.replay_lsn_sql()
@@ -41,14 +44,16 @@ def test_binary_safety() -> None:
 
 
 def test_parse_restore_errors() -> None:
-    stderr = ('pg_restore: error: could not execute query: ERROR:  function "clash" already exists\n'
-              'Command was: CREATE FUNCTION public.clash() RETURNS integer\n    LANGUAGE sql;\n\n\n'
-              'pg_restore: while PROCESSING TOC:\n'
-              'pg_restore: from TOC entry 215; 1259 16386 TABLE t postgres\n'
-              'pg_restore: error: could not execute query: ERROR:  type "abstime" does not exist\n'
-              'LINE 1: CREATE TABLE t (a abstime);\n'
-              'Command was: CREATE TABLE public.t (a abstime);\n'
-              'pg_restore: warning: errors ignored on restore: 2\n')
+    stderr = (
+        'pg_restore: error: could not execute query: ERROR:  function "clash" already exists\n'
+        "Command was: CREATE FUNCTION public.clash() RETURNS integer\n    LANGUAGE sql;\n\n\n"
+        "pg_restore: while PROCESSING TOC:\n"
+        "pg_restore: from TOC entry 215; 1259 16386 TABLE t postgres\n"
+        'pg_restore: error: could not execute query: ERROR:  type "abstime" does not exist\n'
+        "LINE 1: CREATE TABLE t (a abstime);\n"
+        "Command was: CREATE TABLE public.t (a abstime);\n"
+        "pg_restore: warning: errors ignored on restore: 2\n"
+    )
     records, fatal = parse_restore_errors(stderr, "pre-data")
     assert not fatal and len(records) == 2
     assert records[0].object.startswith("CREATE FUNCTION public.clash()")
@@ -59,10 +64,15 @@ def test_parse_restore_errors() -> None:
 
 
 def test_roles_script_adapted() -> None:
-    script = ("\\restrict abc\nSET default_transaction_read_only = off;\n--\n-- Roles\n--\n\n"
-              "CREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'md5x';\n"
-              "CREATE ROLE \"app owner\";\nALTER ROLE \"app owner\" WITH LOGIN;\n"
-              "COMMENT ON ROLE \"app owner\" IS 'two\nlines';\n\\unrestrict abc\n")
+    script = (
+        "\\restrict abc\nSET default_transaction_read_only = off;\n--\n-- Roles\n--\n\n"
+        "CREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'md5x';\n"
+        'CREATE ROLE "app owner";\nALTER ROLE "app owner" WITH LOGIN;\n'
+        "COMMENT ON ROLE \"app owner\" IS 'two\nlines';\n\\unrestrict abc\n"
+    )
     kept = adapt(split_statements(script), {"postgres"})
-    assert kept == ['CREATE ROLE "app owner";', 'ALTER ROLE "app owner" WITH LOGIN;',
-                    "COMMENT ON ROLE \"app owner\" IS 'two\nlines';"]
+    assert kept == [
+        'CREATE ROLE "app owner";',
+        'ALTER ROLE "app owner" WITH LOGIN;',
+        "COMMENT ON ROLE \"app owner\" IS 'two\nlines';",
+    ]

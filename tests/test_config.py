@@ -60,7 +60,10 @@ def test_minimal_config_parses_with_defaults() -> None:
 
 def test_target_and_replica_default_to_source_database() -> None:
     """target_*/replica_* entries without a database inherit the source database; database defaults too."""
-    upgrade = UPGRADE.replace('database = "app"\n', "", 1) + 'target_host = "t"\ntarget_user = "u"\nreplica_host = "r"\nreplica_user = "u"\n'
+    upgrade = (
+        UPGRADE.replace('database = "app"\n', "", 1)
+        + 'target_host = "t"\ntarget_user = "u"\nreplica_host = "r"\nreplica_user = "u"\n'
+    )
     cfg = parse_config(config(upgrade=upgrade))
     entry = cfg.upgrades[0]
     assert entry.database == "appdb"
@@ -85,7 +88,13 @@ def test_example_config_parses() -> None:
     [
         (config(extra="listen_port = 5\n"), "listen_port"),  # a [pgleap] key written at the top level
         (config(users=USERS.replace("[[users]]", "[[user]]")), "user"),  # typo of a table name
-        (config(upgrade=UPGRADE.replace("[[auto_upgrade]]", "[[auto_upgarde]]"), extra=UPGRADE.replace('"app"', '"other"', 1)), "auto_upgarde"),
+        (
+            config(
+                upgrade=UPGRADE.replace("[[auto_upgrade]]", "[[auto_upgarde]]"),
+                extra=UPGRADE.replace('"app"', '"other"', 1),
+            ),
+            "auto_upgarde",
+        ),
     ],
     ids=["misplaced-key", "users-typo", "auto_upgrade-typo"],
 )
@@ -128,10 +137,22 @@ def test_unknown_key_in_users() -> None:
 @pytest.mark.parametrize(
     ("text", "key", "words"),
     [
-        (config(pgleap=PGLEAP.replace("listen_port = 6432", 'listen_port = "6432"')), "pgleap.listen_port", "expected int"),
-        (config(upgrade=UPGRADE.replace('source_host = "10.0.0.1"', "source_host = 10")), "auto_upgrade[0].source_host", "expected str"),
+        (
+            config(pgleap=PGLEAP.replace("listen_port = 6432", 'listen_port = "6432"')),
+            "pgleap.listen_port",
+            "expected int",
+        ),
+        (
+            config(upgrade=UPGRADE.replace('source_host = "10.0.0.1"', "source_host = 10")),
+            "auto_upgrade[0].source_host",
+            "expected str",
+        ),
         (config(pgleap=PGLEAP + "max_client_connections = true\n"), "pgleap.max_client_connections", "expected int"),
-        (config(upgrade=UPGRADE + "[auto_upgrade.sync]\nresync_on_error = \"yes\"\n"), "auto_upgrade[0].sync.resync_on_error", "expected bool"),
+        (
+            config(upgrade=UPGRADE + '[auto_upgrade.sync]\nresync_on_error = "yes"\n'),
+            "auto_upgrade[0].sync.resync_on_error",
+            "expected bool",
+        ),
     ],
     ids=["port-as-string", "host-as-int", "bool-for-int", "string-for-bool"],
 )
@@ -269,11 +290,25 @@ def test_md5_hash_alone_implies_md5() -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [('"500ms"', 0.5), ('"30s"', 30.0), ('"5m"', 300.0), ('"24h"', 86400.0), ("30", 30.0), ("2.5", 2.5), ('"1d"', 86400.0), ('"45"', 45.0)],
+    [
+        ('"500ms"', 0.5),
+        ('"30s"', 30.0),
+        ('"5m"', 300.0),
+        ('"24h"', 86400.0),
+        ("30", 30.0),
+        ("2.5", 2.5),
+        ('"1d"', 86400.0),
+        ('"45"', 45.0),
+    ],
 )
 def test_durations_parse(value: str, seconds: float) -> None:
     """Durations accept seconds as numbers and strings with ms/s/m/h/d units."""
-    cfg = parse_config(config(pgleap=PGLEAP + f"shutdown_timeout = {value}\n", upgrade=UPGRADE + f"[auto_upgrade.validation]\nvalidation_duration = {value}\n"))
+    cfg = parse_config(
+        config(
+            pgleap=PGLEAP + f"shutdown_timeout = {value}\n",
+            upgrade=UPGRADE + f"[auto_upgrade.validation]\nvalidation_duration = {value}\n",
+        )
+    )
     assert cfg.proxy.shutdown_timeout == pytest.approx(seconds)
     assert cfg.upgrades[0].validation.validation_duration == pytest.approx(seconds)
 

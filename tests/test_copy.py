@@ -59,10 +59,15 @@ ALTER TABLE owned OWNER TO app_owner;
 """
 
 OBJECTS = {
-    "indexes": ("SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' AND indexname IN "
-                "('wide_pkey', 'wide_tx', 'wide_u', 'refs_pkey', 'owned_pkey')", 5),
-    "constraints": ("SELECT count(*) FROM pg_constraint WHERE conrelid = 'refs'::regclass "
-                    "AND contype IN ('p', 'f', 'c')", 3),
+    "indexes": (
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' AND indexname IN "
+        "('wide_pkey', 'wide_tx', 'wide_u', 'refs_pkey', 'owned_pkey')",
+        5,
+    ),
+    "constraints": (
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'refs'::regclass AND contype IN ('p', 'f', 'c')",
+        3,
+    ),
     "views": ("SELECT count(*) FROM pg_views WHERE viewname = 'small_wide'", 1),
     "functions": ("SELECT count(*) FROM pg_proc WHERE proname = 'touch'", 1),
     "triggers": ("SELECT count(*) FROM pg_trigger WHERE tgname = 'wide_touch'", 1),
@@ -75,14 +80,14 @@ OBJECTS = {
 
 def server_config(server: LabServer, database: str = "app") -> ServerConfig:
     """The ServerConfig of a lab server (its superuser)."""
-    return ServerConfig(host=server.host, port=server.port, database=database, user=server.superuser,
-                        password=server.password)
+    return ServerConfig(
+        host=server.host, port=server.port, database=database, user=server.superuser, password=server.password
+    )
 
 
 def run_copy(upgrade: UpgradeConfig, state: Path, **options: object) -> CopyReport:
     """Run a CopyJob to the end with small split sizes so tables get cut into ranges."""
-    opts = CopyOptions(**{"parallel_workers": 2, "split_threshold_bytes": 200_000, "chunk_bytes": 200_000,
-                          **options})  # type: ignore[arg-type]
+    opts = CopyOptions(**{"parallel_workers": 2, "split_threshold_bytes": 200_000, "chunk_bytes": 200_000, **options})  # type: ignore[arg-type]
     store = StateStore(state)
     try:
         return asyncio.run(CopyJob(upgrade, store, opts).run())
@@ -97,8 +102,10 @@ async def _check(source: ServerConfig, target: ServerConfig) -> list[str]:
     try:
         for diff in await compare_database(a, b):
             if not diff.equal:
-                problems.append(f"{diff.table}: {diff.source_rows} vs {diff.target_rows} rows; only source "
-                                f"{diff.only_source[:3]}; only target {diff.only_target[:3]}")
+                problems.append(
+                    f"{diff.table}: {diff.source_rows} vs {diff.target_rows} rows; only source "
+                    f"{diff.only_source[:3]}; only target {diff.only_target[:3]}"
+                )
         for what, (query, expected) in OBJECTS.items():
             got = await b.fetchval(query)
             if got != expected:
@@ -118,8 +125,12 @@ async def _diffs(source: ServerConfig, target: ServerConfig) -> list[str]:
     a = await connect(source, role="source")
     b = await connect(target, role="target")
     try:
-        return [f"{d.table}: {d.source_rows} vs {d.target_rows} rows; only source {d.only_source[:3]}; "
-                f"only target {d.only_target[:3]}" for d in await compare_database(a, b) if not d.equal]
+        return [
+            f"{d.table}: {d.source_rows} vs {d.target_rows} rows; only source {d.only_source[:3]}; "
+            f"only target {d.only_target[:3]}"
+            for d in await compare_database(a, b)
+            if not d.equal
+        ]
     finally:
         await a.close()
         await b.close()
@@ -153,8 +164,9 @@ def test_copy_10_to_18_from_replica(lab: Lab, pg10_pair: tuple[LabServer, LabSer
     primary, replica = pg10_pair
     target = lab.target(18)
     try:
-        upgrade = UpgradeConfig(database="app", source=server_config(primary), replica=server_config(replica),
-                                target=server_config(target))
+        upgrade = UpgradeConfig(
+            database="app", source=server_config(primary), replica=server_config(replica), target=server_config(target)
+        )
         report = run_copy(upgrade, tmp_path / "state.db")
         assert report.mode == "replica" and not report.schema_errors
         check_copy(primary, target)
@@ -200,8 +212,11 @@ def test_schema_error_stop_and_skip(lab: Lab, tmp_path: Path) -> None:
     target = lab.target(17)
     try:
         source.psql("CREATE DATABASE app")
-        source.psql("CREATE TABLE ok (id int PRIMARY KEY); INSERT INTO ok VALUES (1);"
-                    "CREATE FUNCTION clash() RETURNS int LANGUAGE sql AS 'SELECT 1';", dbname="app")
+        source.psql(
+            "CREATE TABLE ok (id int PRIMARY KEY); INSERT INTO ok VALUES (1);"
+            "CREATE FUNCTION clash() RETURNS int LANGUAGE sql AS 'SELECT 1';",
+            dbname="app",
+        )
         upgrade = UpgradeConfig(database="app", source=server_config(source), target=server_config(target))
         target.psql("CREATE DATABASE app")
         target.psql("CREATE TABLE ok (x int)", dbname="app")

@@ -29,10 +29,12 @@ def pair(lab: Lab) -> Iterator[tuple[LabServer, LabServer]]:
     """A PG 10 primary with a `big` table (enough chunks to be killed mid-copy) and its replica."""
     primary = lab.primary(10, auth="md5")
     primary.psql("CREATE DATABASE app")
-    primary.psql("CREATE TABLE big (id int PRIMARY KEY, v text, f float8);"
-                 "INSERT INTO big SELECT i, repeat('x', 100) || i, i / 7.0 FROM generate_series(1, 150000) i;"
-                 "CREATE TABLE marks (id serial PRIMARY KEY, note text, tx bigint DEFAULT txid_current());",
-                 dbname="app")
+    primary.psql(
+        "CREATE TABLE big (id int PRIMARY KEY, v text, f float8);"
+        "INSERT INTO big SELECT i, repeat('x', 100) || i, i / 7.0 FROM generate_series(1, 150000) i;"
+        "CREATE TABLE marks (id serial PRIMARY KEY, note text, tx bigint DEFAULT txid_current());",
+        dbname="app",
+    )
     replica = lab.replica(primary)
     yield primary, replica
     replica.stop()
@@ -40,8 +42,9 @@ def pair(lab: Lab) -> Iterator[tuple[LabServer, LabServer]]:
 
 
 def _upgrade(primary: LabServer, replica: LabServer, target: LabServer) -> UpgradeConfig:
-    return UpgradeConfig(database="app", source=server_config(primary), replica=server_config(replica),
-                         target=server_config(target))
+    return UpgradeConfig(
+        database="app", source=server_config(primary), replica=server_config(replica), target=server_config(target)
+    )
 
 
 def test_snapshot_is_exact(lab: Lab, pair: tuple[LabServer, LabServer], tmp_path: Path) -> None:
@@ -66,12 +69,18 @@ def test_snapshot_is_exact(lab: Lab, pair: tuple[LabServer, LabServer], tmp_path
                 await asyncio.sleep(0.3)  # let the replica receive (not replay: it is paused) that WAL
 
             store = StateStore(tmp_path / "state.db")
-            report = await CopyJob(_upgrade(primary, replica, target), store,
-                                   CopyOptions(parallel_workers=2, copy_roles=False),
-                                   on_snapshot=after_snapshot).run()
+            report = await CopyJob(
+                _upgrade(primary, replica, target),
+                store,
+                CopyOptions(parallel_workers=2, copy_roles=False),
+                on_snapshot=after_snapshot,
+            ).run()
             store.close()
-            rows = await alice.fetch("SELECT id, note, txid_visible_in_snapshot(tx, $1::text::txid_snapshot) "
-                                     "AS visible FROM marks ORDER BY id", report.snapshot)
+            rows = await alice.fetch(
+                "SELECT id, note, txid_visible_in_snapshot(tx, $1::text::txid_snapshot) "
+                "AS visible FROM marks ORDER BY id",
+                report.snapshot,
+            )
             charles = await connect(server_config(target), role="target")
             copied = {r[0] for r in await charles.fetch("SELECT id FROM marks")}
             await charles.close()
@@ -92,18 +101,41 @@ def test_snapshot_is_exact(lab: Lab, pair: tuple[LabServer, LabServer], tmp_path
 
 def _config(path: Path, primary: LabServer, replica: LabServer, target: LabServer) -> Path:
     def server(prefix: str, s: LabServer) -> str:
-        return (f'{prefix}_host = "{s.host}"\n{prefix}_port = {s.port}\n{prefix}_database = "app"\n'
-                f'{prefix}_user = "{s.superuser}"\n{prefix}_password = "{s.password}"\n')
-    path.write_text('[pgleap]\nadmin_user = "admin"\nadmin_password = "x"\n'
-                    '[[users]]\nname = "app"\npassword = "x"\n'
-                    '[[auto_upgrade]]\ndatabase = "app"\n' + server("source", primary) + server("replica", replica)
-                    + server("target", target))
+        return (
+            f'{prefix}_host = "{s.host}"\n{prefix}_port = {s.port}\n{prefix}_database = "app"\n'
+            f'{prefix}_user = "{s.superuser}"\n{prefix}_password = "{s.password}"\n'
+        )
+
+    path.write_text(
+        '[pgleap]\nadmin_user = "admin"\nadmin_password = "x"\n'
+        '[[users]]\nname = "app"\npassword = "x"\n'
+        '[[auto_upgrade]]\ndatabase = "app"\n'
+        + server("source", primary)
+        + server("replica", replica)
+        + server("target", target)
+    )
     return path
 
 
 def _copy_cmd(config: Path, state: Path) -> list[str]:
-    return [sys.executable, "-m", "pgleap.cli.main", "copy", "-c", str(config), "--state", str(state),
-            "--workers", "2", "--split-threshold-mb", "0.2", "--chunk-mb", "0.2", "--no-progress", "--no-roles"]
+    return [
+        sys.executable,
+        "-m",
+        "pgleap.cli.main",
+        "copy",
+        "-c",
+        str(config),
+        "--state",
+        str(state),
+        "--workers",
+        "2",
+        "--split-threshold-mb",
+        "0.2",
+        "--chunk-mb",
+        "0.2",
+        "--no-progress",
+        "--no-roles",
+    ]
 
 
 def test_kill9_resumes_without_duplicates(lab: Lab, pair: tuple[LabServer, LabServer], tmp_path: Path) -> None:
@@ -112,8 +144,13 @@ def test_kill9_resumes_without_duplicates(lab: Lab, pair: tuple[LabServer, LabSe
     config = _config(tmp_path / "pgleap.toml", primary, replica, target)
     state = tmp_path / "state.db"
     try:
-        proc = subprocess.Popen(_copy_cmd(config, state), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=Path(__file__).parent.parent, start_new_session=True)
+        proc = subprocess.Popen(
+            _copy_cmd(config, state),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=Path(__file__).parent.parent,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         done_before: dict[str, float | None] = {}
         while time.monotonic() < deadline and proc.poll() is None:
@@ -131,8 +168,9 @@ def test_kill9_resumes_without_duplicates(lab: Lab, pair: tuple[LabServer, LabSe
         assert proc.returncode == -signal.SIGKILL, f"copy ended before it could be killed: {proc.stderr.read()!r}"
         assert replica.psql("SELECT pg_is_wal_replay_paused()") == "t"
 
-        rerun = subprocess.run(_copy_cmd(config, state), capture_output=True, text=True, timeout=300,
-                               cwd=Path(__file__).parent.parent)
+        rerun = subprocess.run(
+            _copy_cmd(config, state), capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent
+        )
         assert rerun.returncode == 0, rerun.stderr
         assert "resumed" in rerun.stdout, rerun.stdout
         store = StateStore(state)

@@ -34,7 +34,9 @@ def test_copy_progress_in_console_and_metrics(tmp_path: Path, lab: Lab, pg_old: 
     )
     target = lab.target(18)
     state = tmp_path / "state.db"
-    upgrade = UpgradeConfig(database="status", source=_server(pg_old, "status_src"), target=_server(target, "status_src"))
+    upgrade = UpgradeConfig(
+        database="status", source=_server(pg_old, "status_src"), target=_server(target, "status_src")
+    )
     store = StateStore(state)
     try:
         asyncio.run(CopyJob(upgrade, store, CopyOptions(parallel_workers=2, copy_roles=False)).run())

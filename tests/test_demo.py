@@ -46,12 +46,27 @@ def test_replication_sql_speaks_each_majors_vocabulary() -> None:
 def test_demo_runs_end_to_end() -> None:
     # A subprocess, as the README runs it: no stdin, no TTY, and nothing (metrics thread) left in this process.
     env = dict(os.environ, COLUMNS="200")
-    result = subprocess.run([sys.executable, "-m", "pgleap.cli.main", "demo", "--seconds", "5"],
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=400, env=env, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "pgleap.cli.main", "demo", "--seconds", "5"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    for heading in ("SHOW STATS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW VERSION", "total_xact_count",
-                    "pgleap_transactions_total", "replay_lag_bytes", "failed transactions"):
+    for heading in (
+        "SHOW STATS",
+        "SHOW CLIENTS",
+        "SHOW SERVERS",
+        "SHOW VERSION",
+        "total_xact_count",
+        "pgleap_transactions_total",
+        "replay_lag_bytes",
+        "failed transactions",
+    ):
         assert heading in output, f"{heading!r} missing from:\n{output}"
     tps = re.search(r"^\s*tps\s+([\d,.]+)\s*$", output, re.MULTILINE)
     assert tps is not None and float(tps.group(1).replace(",", "")) > 0, output

@@ -41,8 +41,13 @@ def test_extended_batch_each_request_completes_in_order() -> None:
     t.sent(Request(H))  # Flush expects nothing
     results = feed(t, "12TDDCZ", {5: b"SELECT 2\0"})
     assert results == [
-        (P, Outcome.DONE), (B, Outcome.DONE), (D, Outcome.DONE),
-        (E, Outcome.PART), (E, Outcome.PART), (E, Outcome.DONE), (S, Outcome.DONE),
+        (P, Outcome.DONE),
+        (B, Outcome.DONE),
+        (D, Outcome.DONE),
+        (E, Outcome.PART),
+        (E, Outcome.PART),
+        (E, Outcome.DONE),
+        (S, Outcome.DONE),
     ]
     assert requests[3].tag == "SELECT 2" and t.outstanding == 0
 

@@ -32,7 +32,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str =
 def backend_pids(server: LabServer, application_name: str) -> list[int]:
     """Server pids of sessions with this application_name, read directly from the server."""
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        rows = conn.execute("select pid from pg_stat_activity where application_name = %s", (application_name,)).fetchall()
+        rows = conn.execute(
+            "select pid from pg_stat_activity where application_name = %s", (application_name,)
+        ).fetchall()
     return [r[0] for r in rows]
 
 
@@ -97,8 +99,10 @@ def test_cancel_reaches_the_right_backend(proxy: ProxyThread, backend: LabServer
         with ThreadPoolExecutor(2) as pool:
             cancelled = pool.submit(lambda: first.execute("select pg_sleep(60)"))
             kept = pool.submit(lambda: second.execute("select pg_sleep(3), 'kept'").fetchone())
-            wait_until(lambda: len(backend_pids(backend, "cancel_me")) == 1 and len(backend_pids(backend, "keep_me")) == 1,
-                       what="both queries to start")
+            wait_until(
+                lambda: len(backend_pids(backend, "cancel_me")) == 1 and len(backend_pids(backend, "keep_me")) == 1,
+                what="both queries to start",
+            )
             time.sleep(0.3)
             started = time.monotonic()
             # cancel_safe waits without holding the GIL, which the in-process proxy thread needs.
@@ -171,7 +175,9 @@ def test_transaction_spanning_pause(proxy: ProxyThread, backend: LabServer) -> N
         wait_until(lambda: proxy.proxy.gate.paused, what="PAUSE to begin")  # type: ignore[union-attr]
         assert not pause_done.is_set(), "PAUSE must wait for the running transaction"
         with ThreadPoolExecutor(1) as pool:
-            held = pool.submit(lambda: newcomer.execute("insert into pause_t values ('after resume') returning v").fetchone())
+            held = pool.submit(
+                lambda: newcomer.execute("insert into pause_t values ('after resume') returning v").fetchone()
+            )
             # The running transaction keeps going and commits while paused.
             in_tx.execute("insert into pause_t values ('during pause')")
             in_tx.commit()

@@ -65,11 +65,18 @@ def _drain(sock: socket.socket, seconds: float) -> None:
 
 raw_messages = st.one_of(
     # Random type byte, random declared length, random body: mostly protocol violations.
-    st.builds(lambda t, n, body: bytes([t]) + struct.pack("!I", n) + body,
-              st.integers(0, 255), st.integers(0, 2**32 - 1), st.binary(max_size=64)),
+    st.builds(
+        lambda t, n, body: bytes([t]) + struct.pack("!I", n) + body,
+        st.integers(0, 255),
+        st.integers(0, 2**32 - 1),
+        st.binary(max_size=64),
+    ),
     # A valid frontend type with a self-consistent length and a garbage body: the server must reject it.
-    st.builds(lambda t, body: bytes([t]) + struct.pack("!I", len(body) + 4) + body,
-              st.sampled_from(FRONTEND_TYPES), st.binary(max_size=200)),
+    st.builds(
+        lambda t, body: bytes([t]) + struct.pack("!I", len(body) + 4) + body,
+        st.sampled_from(FRONTEND_TYPES),
+        st.binary(max_size=200),
+    ),
     # Plain random bytes.
     st.binary(min_size=1, max_size=300),
 )

@@ -23,6 +23,7 @@ pytest_plugins = ["conftest_lab"]
 
 # --- units: no servers -----------------------------------------------------------------
 
+
 def test_version_parsing() -> None:
     assert parse_version_output("postgres (PostgreSQL) 10.23\n") == "10.23"
     assert version_num("10.23") == 100023

@@ -82,7 +82,12 @@ def test_sigterm_timeout_ends_endless_transaction(tmp_path: Path, pg_new: LabSer
             assert info.value.sqlstate == "57P01", f"expected admin_shutdown, got {info.value.sqlstate}: {info.value}"
             assert "shutting down" in str(info.value)
         deadline = time.monotonic() + 30  # the server rolls the cut transaction back
-        while pg_new.psql(f"select count(*) from pg_stat_activity where query like '%insert into {table}%' and pid <> pg_backend_pid()") != "0":
+        while (
+            pg_new.psql(
+                f"select count(*) from pg_stat_activity where query like '%insert into {table}%' and pid <> pg_backend_pid()"
+            )
+            != "0"
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert count_rows(pg_new, table) == 0
@@ -95,7 +100,10 @@ BAD_CONFIGS = {
     "unknown-key": (lambda text: text.replace("[pgleap]\n", "[pgleap]\nlisten_prot = 7000\n"), "listen_prot"),
     "missing-source-host": (lambda text: text.replace("source_host = ", "source_hots = "), "source_host"),
     "bad-port": (lambda text: re.sub(r"listen_port = \d+", "listen_port = 70000", text), "pgleap.listen_port"),
-    "bad-duration": (lambda text: text.replace("[pgleap]\n", '[pgleap]\nshutdown_timeout = "soon"\n'), "pgleap.shutdown_timeout"),
+    "bad-duration": (
+        lambda text: text.replace("[pgleap]\n", '[pgleap]\nshutdown_timeout = "soon"\n'),
+        "pgleap.shutdown_timeout",
+    ),
 }
 
 

@@ -63,9 +63,14 @@ def test_metric_families_exist_with_only_coarse_labels(exporter: Exporter) -> No
     """Every documented family is exported for database app, labelled only by database/role/le."""
     samples = exporter.scrape()
     for name in (
-        "pgleap_client_connections", "pgleap_queries_total", "pgleap_transactions_total",
-        "pgleap_received_bytes_total", "pgleap_sent_bytes_total", "pgleap_server_errors_total",
-        "pgleap_query_duration_seconds_count", "pgleap_query_duration_seconds_sum",
+        "pgleap_client_connections",
+        "pgleap_queries_total",
+        "pgleap_transactions_total",
+        "pgleap_received_bytes_total",
+        "pgleap_sent_bytes_total",
+        "pgleap_server_errors_total",
+        "pgleap_query_duration_seconds_count",
+        "pgleap_query_duration_seconds_sum",
     ):
         app_value(samples, name)
     app_value(samples, "pgleap_server_connections", role="source")

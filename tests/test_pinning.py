@@ -57,9 +57,13 @@ def test_statements_without_time_functions_are_unchanged() -> None:
 
 
 def test_user_functions_named_now_are_left_alone() -> None:
-    assert "my.now()" in pin_time("update t set a = my.now(), b = now()", SOURCE_NOW).lower().replace("my.now ()", "my.now()")
+    assert "my.now()" in pin_time("update t set a = my.now(), b = now()", SOURCE_NOW).lower().replace(
+        "my.now ()", "my.now()"
+    )
     assert "CAST(" in pin_time("update t set a = my.now(), b = now()", SOURCE_NOW)
 
 
 def test_unparseable_statements_are_returned_as_is() -> None:
-    assert pin_time("update t set a = now() with oids garbage", SOURCE_NOW) == "update t set a = now() with oids garbage"
+    assert (
+        pin_time("update t set a = now() with oids garbage", SOURCE_NOW) == "update t set a = now() with oids garbage"
+    )

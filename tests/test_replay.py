@@ -205,7 +205,7 @@ def assert_equal(env: Env) -> None:
 def replay(env: Env, snapshot: str, **options: object) -> tuple[ReplayStatus, Replayer]:
     """Run a Replayer until caught up (or paused); its connection is closed afterwards."""
     async def go() -> tuple[ReplayStatus, Replayer]:
-        replayer = Replayer(env.upgrade, env.changelog, snapshot, **options)  # type: ignore[arg-type]
+        replayer = Replayer(env.upgrade, env.changelog, snapshot, **{"max_retries": 5, **options})  # type: ignore[arg-type]
         try:
             return await replayer.run_until_caught_up(), replayer
         finally:
@@ -308,7 +308,7 @@ def test_crashes_during_replay_lose_and_repeat_nothing(env: Env) -> None:
     admin_config = server_config(env.target, "postgres")
 
     async def go() -> int:
-        options = {"batch_size": 3, "backoff_initial": 0.02, "backoff_max": 0.3}
+        options = {"batch_size": 3, "backoff_initial": 0.02, "backoff_max": 0.3, "max_retries": 100}
         stop = asyncio.Event()
         replayer = Replayer(upgrade, env.changelog, snapshot, **options)  # type: ignore[arg-type]
         task = asyncio.create_task(replayer.run(stop))
@@ -374,7 +374,7 @@ def test_apply_error_pauses_then_resumes_once_fixed(env: Env, tmp_path: Path) ->
     journal = ApplyJournal(tmp_path / "journal.db")
 
     async def go() -> tuple[ReplayStatus, ReplayStatus]:
-        replayer = Replayer(env.upgrade, env.changelog, snapshot, batch_size=10, journal=journal)
+        replayer = Replayer(env.upgrade, env.changelog, snapshot, batch_size=10, journal=journal, max_retries=5)
         try:
             paused = await replayer.run_until_caught_up()
             env.target.psql("CREATE TABLE only_src (id int PRIMARY KEY)", dbname=env.dbname)

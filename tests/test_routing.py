@@ -77,7 +77,10 @@ def test_clients_routed_by_database_name(tmp_path: Path, pg_old: LabServer, pg_n
     """Two [[auto_upgrade]] entries: database "old" reaches PG 10, database "new" reaches PG 18, side by side."""
     p = start_proxy(tmp_path, {"old": pg_old, "new": pg_new})
     try:
-        with psycopg.connect(p.dsn("old"), autocommit=True) as old, psycopg.connect(p.dsn("new"), autocommit=True) as new:
+        with (
+            psycopg.connect(p.dsn("old"), autocommit=True) as old,
+            psycopg.connect(p.dsn("new"), autocommit=True) as new,
+        ):
             assert version_num(old) // 10000 == pg_old.major
             assert version_num(new) // 10000 == pg_new.major
             assert old.info.parameter_status("server_version").startswith(f"{pg_old.major}.")
@@ -88,7 +91,9 @@ def test_clients_routed_by_database_name(tmp_path: Path, pg_old: LabServer, pg_n
         p.stop()
 
 
-def test_route_switch_moves_idle_client_without_reconnect(old_proxy: ProxyThread, pg_old: LabServer, pg_new: LabServer) -> None:
+def test_route_switch_moves_idle_client_without_reconnect(
+    old_proxy: ProxyThread, pg_old: LabServer, pg_new: LabServer
+) -> None:
     """After a route switch the same client connection's next transaction runs on the new server."""
     with psycopg.connect(old_proxy.dsn(), autocommit=True) as conn:
         assert version_num(conn) // 10000 == pg_old.major
@@ -104,7 +109,9 @@ def test_route_switch_moves_idle_client_without_reconnect(old_proxy: ProxyThread
         assert conn.info.parameter_status("server_version").startswith(f"{pg_old.major}.")
 
 
-def test_route_switch_waits_for_commit(old_proxy: ProxyThread, pg_old: LabServer, pg_new: LabServer, table_on_both: str) -> None:
+def test_route_switch_waits_for_commit(
+    old_proxy: ProxyThread, pg_old: LabServer, pg_new: LabServer, table_on_both: str
+) -> None:
     """A switch requested mid-transaction takes effect only after COMMIT: that transaction's rows land on the old server."""
     table = table_on_both
     with psycopg.connect(old_proxy.dsn(), autocommit=False) as conn:
@@ -122,9 +129,14 @@ def test_route_switch_waits_for_commit(old_proxy: ProxyThread, pg_old: LabServer
 
 def test_psql_protocol_3_2_negotiates_down(old_proxy: ProxyThread) -> None:
     """PG 18 psql asking for protocol 3.2 connects through pgleap (NegotiateProtocolVersion to 3.0) and queries."""
-    out = run_tool([tool("psql"), old_proxy.dsn(max_protocol_version="3.2"), "-X", "-At", "-c", "select 'negotiated' || 1"], timeout=60)
+    out = run_tool(
+        [tool("psql"), old_proxy.dsn(max_protocol_version="3.2"), "-X", "-At", "-c", "select 'negotiated' || 1"],
+        timeout=60,
+    )
     assert out.stdout.strip() == "negotiated1"
-    out = run_tool([tool("psql"), old_proxy.dsn(max_protocol_version="latest"), "-X", "-At", "-c", "select 2"], timeout=60)
+    out = run_tool(
+        [tool("psql"), old_proxy.dsn(max_protocol_version="latest"), "-X", "-At", "-c", "select 2"], timeout=60
+    )
     assert out.stdout.strip() == "2"
 
 

@@ -8,8 +8,17 @@ from pgleap.store import ChunkRecord, SchemaErrorRecord, StateStore
 
 
 def _chunk(i: int) -> ChunkRecord:
-    return ChunkRecord(chunk_id=f"public.t#{i}", schema_name="public", table_name="t", kind="key",
-                       lower=str(i * 10), upper=str(i * 10 + 10), est_rows=10, est_bytes=1000, flags="no_pk")
+    return ChunkRecord(
+        chunk_id=f"public.t#{i}",
+        schema_name="public",
+        table_name="t",
+        kind="key",
+        lower=str(i * 10),
+        upper=str(i * 10 + 10),
+        est_rows=10,
+        est_bytes=1000,
+        flags="no_pk",
+    )
 
 
 def test_chunk_lifecycle_survives_reopen(tmp_path: Path) -> None:

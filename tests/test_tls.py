@@ -31,13 +31,19 @@ def test_tls_between_client_and_pgleap(tmp_path: Path, pg_new: LabServer) -> Non
             assert conn.pgconn.ssl_in_use
             big = conn.execute("select repeat('x', 5000000)").fetchone()
             assert big is not None and len(big[0]) == 5_000_000
-            with psycopg.connect(proxy.dsn(database="pgleap", user="pgleap_admin", password="admin-secret",
-                                           sslmode="require"), autocommit=True) as admin:
+            with psycopg.connect(
+                proxy.dsn(database="pgleap", user="pgleap_admin", password="admin-secret", sslmode="require"),
+                autocommit=True,
+            ) as admin:
                 rows = admin.execute("show clients").fetchall()
             tls_by_db = {(r[2], r[5]) for r in rows}
             assert ("app", "t") in tls_by_db
         with pytest.raises(psycopg.OperationalError):
-            psycopg.connect(proxy.dsn(sslmode="verify-full", sslrootcert=str(tmp_path / "server.pem").replace("server", "nonexistent")))
+            psycopg.connect(
+                proxy.dsn(
+                    sslmode="verify-full", sslrootcert=str(tmp_path / "server.pem").replace("server", "nonexistent")
+                )
+            )
     finally:
         proxy.stop()
 

@@ -131,7 +131,9 @@ def run_demo(seconds: int) -> int:
         console.print("[yellow]demo interrupted; everything it started has been stopped[/]")
         return 130
     except MissingBinaryError as exc:
-        console.print(f"[red]demo: PostgreSQL binaries are missing:[/] {exc}")  # the lab's message says how to fetch them
+        console.print(
+            f"[red]demo: PostgreSQL binaries are missing:[/] {exc}"
+        )  # the lab's message says how to fetch them
         return 2
     except ModuleNotFoundError as exc:
         console.print(f"[red]demo: Python package {exc.name!r} is missing;[/] {SETUP_HINT}")
@@ -139,7 +141,7 @@ def run_demo(seconds: int) -> int:
     except (DemoError, LabError, OSError) as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         return 1
-    except Exception as exc:  # noqa: BLE001 -- psycopg errors and the like: still say what happened, without a traceback
+    except Exception as exc:
         console.print(f"[red]demo failed:[/] {type(exc).__name__}: {exc}")
         return 1
 
@@ -191,8 +193,10 @@ def _run(console: Console, seconds: int) -> int:
                     # The app session stays open so that SHOW SERVERS has a server connection to list.
                     _show_final(console, summary, history_rows, admin)
             _show_psql_equivalents(console, proxy.port, metrics_port)
-    console.print("[bold]What's next:[/] later steps add the copy to Charles, mirroring, validation and the "
-                  "cutover, all through this same proxy.")
+    console.print(
+        "[bold]What's next:[/] later steps add the copy to Charles, mirroring, validation and the "
+        "cutover, all through this same proxy."
+    )
     console.print("[green]demo finished: servers and proxy stopped.[/]")
     return 0
 
@@ -248,14 +252,30 @@ def _show_endpoints(console: Console, cast: Cast, proxy_port: int, metrics_port:
     table = Table(title="the cast", box=box.SIMPLE_HEAD)
     for column in ("name", "role", "server", "address", "note"):
         table.add_column(column)
-    table.add_row("Alice", "source primary", f"PostgreSQL {cast.alice.install.version}", f"{HOST}:{cast.alice.port}",
-                  "md5 auth, like 9.x servers")
-    table.add_row("Bob", "streaming replica", f"PostgreSQL {cast.bob.install.version}", f"{HOST}:{cast.bob.port}",
-                  "the copy will read from it")
-    table.add_row("Charles", "upgrade target", f"PostgreSQL {cast.charles.install.version}",
-                  f"{HOST}:{cast.charles.port}", "started; later steps copy and cut over to it")
-    table.add_row("pgleap", "proxy", "pgleap", f"{HOST}:{proxy_port}",
-                  f"clients connect here; metrics on :{metrics_port}/metrics")
+    table.add_row(
+        "Alice",
+        "source primary",
+        f"PostgreSQL {cast.alice.install.version}",
+        f"{HOST}:{cast.alice.port}",
+        "md5 auth, like 9.x servers",
+    )
+    table.add_row(
+        "Bob",
+        "streaming replica",
+        f"PostgreSQL {cast.bob.install.version}",
+        f"{HOST}:{cast.bob.port}",
+        "the copy will read from it",
+    )
+    table.add_row(
+        "Charles",
+        "upgrade target",
+        f"PostgreSQL {cast.charles.install.version}",
+        f"{HOST}:{cast.charles.port}",
+        "started; later steps copy and cut over to it",
+    )
+    table.add_row(
+        "pgleap", "proxy", "pgleap", f"{HOST}:{proxy_port}", f"clients connect here; metrics on :{metrics_port}/metrics"
+    )
     console.print(table)
 
 
@@ -276,21 +296,42 @@ def _pgbench_env() -> dict[str, str]:
 def _pgbench_init(console: Console, port: int) -> None:
     """pgbench -i through pgleap (DDL, COPY, VACUUM: all through the proxy)."""
     console.print(f"pgbench -i -s {PGBENCH_SCALE} through pgleap ...")
-    result = subprocess.run(_pgbench_argv(port, "-i", "-s", str(PGBENCH_SCALE)), env=_pgbench_env(),
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        _pgbench_argv(port, "-i", "-s", str(PGBENCH_SCALE)),
+        env=_pgbench_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if result.returncode != 0:
-        raise DemoError(f"pgbench -i through pgleap exited {result.returncode}:\n{_tail(result.stdout + result.stderr)}")
+        raise DemoError(
+            f"pgbench -i through pgleap exited {result.returncode}:\n{_tail(result.stdout + result.stderr)}"
+        )
 
 
-def _run_workload(console: Console, seconds: int, admin: psycopg.Connection[Any], alice: psycopg.Connection[Any],
-                  metrics_port: int, proxy_port: int) -> PgbenchSummary:
+def _run_workload(
+    console: Console,
+    seconds: int,
+    admin: psycopg.Connection[Any],
+    alice: psycopg.Connection[Any],
+    metrics_port: int,
+    proxy_port: int,
+) -> PgbenchSummary:
     """Run pgbench for `seconds` through pgleap, refreshing the console, metrics and replica panels."""
     options = ("-c", str(PGBENCH_CLIENTS), "-j", str(PGBENCH_THREADS), "-T", str(seconds))
     console.print(f"pgbench {' '.join(options)} through pgleap, {HOST}:{proxy_port} ...")
     with tempfile.TemporaryFile("w+") as output:
         # A file, not a pipe: pgbench must never block on output nobody reads while we poll.
-        process = subprocess.Popen(_pgbench_argv(proxy_port, *options), env=_pgbench_env(),
-                                   stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            _pgbench_argv(proxy_port, *options),
+            env=_pgbench_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             _watch(console, process, seconds, admin, alice, metrics_port)
         finally:
@@ -302,8 +343,14 @@ def _run_workload(console: Console, seconds: int, admin: psycopg.Connection[Any]
     return parse_pgbench(text)
 
 
-def _watch(console: Console, process: subprocess.Popen[str], seconds: int, admin: psycopg.Connection[Any],
-           alice: psycopg.Connection[Any], metrics_port: int) -> None:
+def _watch(
+    console: Console,
+    process: subprocess.Popen[str],
+    seconds: int,
+    admin: psycopg.Connection[Any],
+    alice: psycopg.Connection[Any],
+    metrics_port: int,
+) -> None:
     """Refresh the panels every REFRESH_SECONDS until pgbench exits (or overruns its grace time)."""
     started = time.monotonic()
     deadline = started + seconds + PGBENCH_GRACE_SECONDS
@@ -363,7 +410,9 @@ def parse_pgbench(output: str) -> PgbenchSummary:
 def _check_history(app: psycopg.Connection[Any], summary: PgbenchSummary) -> int:
     """Fail unless the run was clean and every transaction pgbench counted left its pgbench_history row."""
     if summary.failed:
-        raise DemoError(f"pgbench reported {summary.failed} failed transactions through pgleap:\n{_tail(summary.output)}")
+        raise DemoError(
+            f"pgbench reported {summary.failed} failed transactions through pgleap:\n{_tail(summary.output)}"
+        )
     if summary.tps <= 0:
         raise DemoError(f"pgbench reported no throughput:\n{_tail(summary.output)}")
     row = app.execute("SELECT count(*) FROM pgbench_history").fetchone()
@@ -390,21 +439,26 @@ def console_query(conn: psycopg.Connection[Any], command: str) -> ResultTable:
 def replication_sql(server_version_num: int) -> str:
     """Replay lag per standby from the primary's pg_stat_replication, in the server's own vocabulary."""
     if server_version_num >= _PG10:
-        return ("SELECT application_name AS standby, state, "
-                "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS replay_lag_bytes, "
-                "replay_lag::text AS replay_lag_time FROM pg_stat_replication")
+        return (
+            "SELECT application_name AS standby, state, "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS replay_lag_bytes, "
+            "replay_lag::text AS replay_lag_time FROM pg_stat_replication"
+        )
     # 9.x: *_location columns and xlog functions; no lag-time columns before 10.
-    return ("SELECT application_name AS standby, state, "
-            "pg_xlog_location_diff(pg_current_xlog_location(), replay_location)::bigint AS replay_lag_bytes, "
-            "NULL::text AS replay_lag_time FROM pg_stat_replication")
+    return (
+        "SELECT application_name AS standby, state, "
+        "pg_xlog_location_diff(pg_current_xlog_location(), replay_location)::bigint AS replay_lag_bytes, "
+        "NULL::text AS replay_lag_time FROM pg_stat_replication"
+    )
 
 
 def _replication(alice: psycopg.Connection[Any]) -> ResultTable:
     sql = replication_sql(alice.info.server_version)
     cursor = alice.execute(sql)
     columns = [c.name for c in cursor.description or ()]
-    return ResultTable("replica (Bob) replay lag, from Alice's pg_stat_replication", columns,
-                       [tuple(row) for row in cursor.fetchall()])
+    return ResultTable(
+        "replica (Bob) replay lag, from Alice's pg_stat_replication", columns, [tuple(row) for row in cursor.fetchall()]
+    )
 
 
 def scrape_metrics(port: int) -> MetricsSample:
@@ -448,8 +502,13 @@ def _quantile_ms(cumulative: Sequence[tuple[float, float]], q: float) -> float |
     return None
 
 
-def _take_snapshot(elapsed: float, admin: psycopg.Connection[Any], alice: psycopg.Connection[Any], metrics_port: int,
-                   previous: MetricsSample | None) -> Snapshot:
+def _take_snapshot(
+    elapsed: float,
+    admin: psycopg.Connection[Any],
+    alice: psycopg.Connection[Any],
+    metrics_port: int,
+    previous: MetricsSample | None,
+) -> Snapshot:
     metrics = scrape_metrics(metrics_port)
     tps_now = (metrics.transactions - previous.transactions) / REFRESH_SECONDS if previous else None
     return Snapshot(
@@ -529,16 +588,21 @@ def _show_final(console: Console, summary: PgbenchSummary, history_rows: int, ad
     table.add_row("latency average", _ms(summary.latency_ms))
     table.add_row("pgbench_history rows", f"{history_rows:,} (one per transaction: none lost)")
     console.print(table)
-    console.print(result_table(console_query(admin, "SHOW SERVERS"),
-                               caption="the demo's own session, still open: pgbench's have closed"))
+    console.print(
+        result_table(
+            console_query(admin, "SHOW SERVERS"), caption="the demo's own session, still open: pgbench's have closed"
+        )
+    )
     console.print(result_table(console_query(admin, "SHOW VERSION")))
 
 
 def _show_psql_equivalents(console: Console, proxy_port: int, metrics_port: int) -> None:
     lines = [
         "# the same views from a shell, while a pgleap runs (`pgleap run -c pgleap.toml` keeps one up):",
-        (f"PGPASSWORD={ADMIN_PASSWORD} psql 'host={HOST} port={proxy_port} dbname=pgleap user={ADMIN_USER}' "
-         "-c 'SHOW STATS' -c 'SHOW CLIENTS' -c 'SHOW SERVERS' -c 'SHOW VERSION'"),
+        (
+            f"PGPASSWORD={ADMIN_PASSWORD} psql 'host={HOST} port={proxy_port} dbname=pgleap user={ADMIN_USER}' "
+            "-c 'SHOW STATS' -c 'SHOW CLIENTS' -c 'SHOW SERVERS' -c 'SHOW VERSION'"
+        ),
         f"curl -s http://{HOST}:{metrics_port}/metrics | grep '^pgleap_'",
     ]
     console.print(Panel(Text("\n".join(lines)), title="try it yourself", title_align="left"))

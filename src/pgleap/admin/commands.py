@@ -205,8 +205,16 @@ async def show_upgrade_tables(proxy: Proxy, _session: Session) -> Result:
 async def show_capture(proxy: Proxy, _session: Session) -> Result:
     """Per database: whether writes are captured, how many reached the change log, and what went wrong."""
     columns = [
-        "database", "capturing", "sessions_capturing", "transactions", "statements", "log_failures",
-        "unreplayable", "log_healthy", "log_pending", "log_error",
+        "database",
+        "capturing",
+        "sessions_capturing",
+        "transactions",
+        "statements",
+        "log_failures",
+        "unreplayable",
+        "log_healthy",
+        "log_pending",
+        "log_error",
     ]
     rows: list[Sequence[Any]] = []
     for name, db in sorted(proxy.databases.items()):
@@ -216,10 +224,20 @@ async def show_capture(proxy: Proxy, _session: Session) -> Result:
             rows.append([name, False, 0, 0, 0, 0, 0, None, None, None])
             continue
         stats = capture.changelog.stats()
-        rows.append([
-            name, True, sessions, capture.transactions, capture.statements, capture.log_failures,
-            len(capture.problems), stats.healthy, stats.pending, stats.last_error,
-        ])
+        rows.append(
+            [
+                name,
+                True,
+                sessions,
+                capture.transactions,
+                capture.statements,
+                capture.log_failures,
+                len(capture.problems),
+                stats.healthy,
+                stats.pending,
+                stats.last_error,
+            ]
+        )
     return Result(f"SHOW {len(rows)}", columns, rows)
 
 

@@ -182,9 +182,13 @@ def replica_create(
         )
     except PgleapError as exc:
         _fail(str(exc))
-    typer.echo(f"replica streaming from {upgrade.source.describe()}: {replica.server.describe()} "
-               f"(PostgreSQL {replica.version_num}, data in {replica.datadir}, log {replica.logfile})")
-    typer.echo(f'add to the [[auto_upgrade]] entry: replica_host = "{replica.server.host}", '
-               f"replica_port = {replica.server.port}")
+    typer.echo(
+        f"replica streaming from {upgrade.source.describe()}: {replica.server.describe()} "
+        f"(PostgreSQL {replica.version_num}, data in {replica.datadir}, log {replica.logfile})"
+    )
+    typer.echo(
+        f'add to the [[auto_upgrade]] entry: replica_host = "{replica.server.host}", '
+        f"replica_port = {replica.server.port}"
+    )
     stop = as_server_user([str(replica.bindir / "pg_ctl"), "stop", "-D", str(replica.datadir)])
     typer.echo("stop it with: " + " ".join(stop))

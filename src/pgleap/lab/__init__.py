@@ -9,7 +9,19 @@ from pgleap.lab.replica import create_replica, wait_for_replay, wait_streaming
 from pgleap.lab.server import LabServer, init_server
 
 __all__ = [
-    "FetchError", "Lab", "LabError", "LabServer", "MissingBinaryError", "PgInstall", "ServerStartError",
-    "cache_dir", "client_tool", "create_replica", "fetch", "find_install", "init_server", "wait_for_replay",
+    "FetchError",
+    "Lab",
+    "LabError",
+    "LabServer",
+    "MissingBinaryError",
+    "PgInstall",
+    "ServerStartError",
+    "cache_dir",
+    "client_tool",
+    "create_replica",
+    "fetch",
+    "find_install",
+    "init_server",
+    "wait_for_replay",
     "wait_streaming",
 ]

@@ -16,8 +16,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pgleap.lab", description="PostgreSQL binaries for the pgleap lab")
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_cmd = commands.add_parser("fetch", help=f"download binaries into the cache (default majors {DEFAULT_MAJORS})")
-    fetch_cmd.add_argument("--major", type=int, action="append", dest="majors", metavar="N",
-                           help="a PostgreSQL major to fetch; repeat for several")
+    fetch_cmd.add_argument(
+        "--major",
+        type=int,
+        action="append",
+        dest="majors",
+        metavar="N",
+        help="a PostgreSQL major to fetch; repeat for several",
+    )
     commands.add_parser("list", help="show the binaries the lab can use")
     args = parser.parse_args(argv)
     try:

@@ -36,7 +36,8 @@ def find_install(major: int) -> PgInstall:
     apt = f" (or `apt-get install postgresql-{major}`)" if major == 15 else ""
     raise MissingBinaryError(
         f"PostgreSQL {major} binaries not found in {cache_dir()} nor in {DEBIAN_ROOT / str(major) / 'bin'}; "
-        + FETCH_HINT.format(major=major) + apt
+        + FETCH_HINT.format(major=major)
+        + apt
     )
 
 

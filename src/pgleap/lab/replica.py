@@ -50,9 +50,11 @@ def wait_streaming(primary: LabServer, replica: LabServer, timeout: float = 60) 
         if state == "streaming":
             return
         time.sleep(0.1)
-    raise LabError(f"replica {replica.name!r} is not streaming from {primary.name!r} after {timeout:.0f}s "
-                   f"(pg_stat_replication: {state or 'no row'})\n"
-                   f"--- last lines of {replica.logfile} ---\n{replica.log_tail()}")
+    raise LabError(
+        f"replica {replica.name!r} is not streaming from {primary.name!r} after {timeout:.0f}s "
+        f"(pg_stat_replication: {state or 'no row'})\n"
+        f"--- last lines of {replica.logfile} ---\n{replica.log_tail()}"
+    )
 
 
 def wait_for_replay(primary: LabServer, replica: LabServer, timeout: float = 30) -> None:
@@ -69,8 +71,10 @@ def wait_for_replay(primary: LabServer, replica: LabServer, timeout: float = 30)
         if replayed >= target:
             return
         time.sleep(0.05)
-    raise LabError(f"replica {replica.name!r} replayed up to {replayed:X}, primary is at {target:X}; "
-                   f"still behind after {timeout:.0f}s")
+    raise LabError(
+        f"replica {replica.name!r} replayed up to {replayed:X}, primary is at {target:X}; "
+        f"still behind after {timeout:.0f}s"
+    )
 
 
 def _run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
@@ -84,16 +88,16 @@ def _run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _source_of(primary: LabServer) -> ServerConfig:
-    return ServerConfig(host=primary.host, port=primary.port, database="postgres", user=primary.superuser,
-                        password=primary.password)
+    return ServerConfig(
+        host=primary.host, port=primary.port, database="postgres", user=primary.superuser, password=primary.password
+    )
 
 
 def _adopt_settings(replica: LabServer) -> None:
     """Make pgleap.conf the replica's own (it is the primary's copy) and let it decide where the replica listens."""
     from pgleap.upgrade.copy.provision import remove_settings, settings_file
 
-    values = config.base_settings(replica.install, port=replica.port, socket_dir=replica.socket_dir,
-                                  auth=replica.auth)
+    values = config.base_settings(replica.install, port=replica.port, socket_dir=replica.socket_dir, auth=replica.auth)
     config.update_settings(replica.datadir, values)
     # Same values as the engine wrote in postgresql.auto.conf, which would otherwise override a port
     # that LabServer.start moves in pgleap.conf on a later restart.
@@ -107,14 +111,31 @@ def create_replica(primary: LabServer, *, name: str, basedir: Path, timeout: flo
     if not primary.is_running():
         raise LabError(f"primary {primary.name!r} is not running; start it before creating a replica")
     rundir = prepare_rundir(basedir, name)
-    replica = LabServer(name, primary.install, rundir / "data", free_port(), superuser=primary.superuser,
-                        password=primary.password, auth=primary.auth)
+    replica = LabServer(
+        name,
+        primary.install,
+        rundir / "data",
+        free_port(),
+        superuser=primary.superuser,
+        password=primary.password,
+        auth=primary.auth,
+    )
     try:
         # The replica runs the primary's own binaries; pg_basebackup comes from the newest full toolset.
-        _run_coroutine(provision_replica(
-            _source_of(primary), replica.datadir, replica.port, bindir=primary.install.bindir,
-            basebackup=client_tool("pg_basebackup", min_major=primary.major), host=replica.host,
-            socket_dir=replica.socket_dir, logfile=replica.logfile, application_name=name, timeout=timeout))
+        _run_coroutine(
+            provision_replica(
+                _source_of(primary),
+                replica.datadir,
+                replica.port,
+                bindir=primary.install.bindir,
+                basebackup=client_tool("pg_basebackup", min_major=primary.major),
+                host=replica.host,
+                socket_dir=replica.socket_dir,
+                logfile=replica.logfile,
+                application_name=name,
+                timeout=timeout,
+            )
+        )
     except PgleapError as exc:
         if postmaster_pid(replica.datadir) is None:
             shutil.rmtree(rundir, ignore_errors=True)

@@ -59,8 +59,13 @@ class LabServer:
 
     def dsn(self, dbname: str = "postgres", user: str | None = None, password: str | None = None) -> str:
         """libpq keyword/value connection string over TCP to 127.0.0.1."""
-        return conninfo(host=self.host, port=self.port, dbname=dbname, user=user or self.superuser,
-                        password=self.password if password is None and user is None else password)
+        return conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=dbname,
+            user=user or self.superuser,
+            password=self.password if password is None and user is None else password,
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server log, for error messages."""
@@ -98,8 +103,22 @@ class LabServer:
         pg_ctl = str(self.install.tool("pg_ctl"))
         for attempt in range(1, _START_ATTEMPTS + 1):
             offset = self._log_size()
-            result = run([pg_ctl, "start", "-D", str(self.datadir), "-l", str(self.logfile), "-w",
-                          "-t", str(max(1, int(timeout)))], as_server=True, cwd=self.rundir, timeout=timeout + 30)
+            result = run(
+                [
+                    pg_ctl,
+                    "start",
+                    "-D",
+                    str(self.datadir),
+                    "-l",
+                    str(self.logfile),
+                    "-w",
+                    "-t",
+                    str(max(1, int(timeout))),
+                ],
+                as_server=True,
+                cwd=self.rundir,
+                timeout=timeout + 30,
+            )
             if result.returncode == 0 and self.is_running():
                 return
             fresh_log = self._log_since(offset)
@@ -120,8 +139,22 @@ class LabServer:
             raise LabError(f"stop mode {mode!r} must be smart, fast or immediate")
         if not self.is_running():
             return
-        result = run([str(self.install.tool("pg_ctl")), "stop", "-D", str(self.datadir), "-m", mode, "-w",
-                      "-t", str(max(1, int(timeout)))], as_server=True, cwd=self.rundir, timeout=timeout + 30)
+        result = run(
+            [
+                str(self.install.tool("pg_ctl")),
+                "stop",
+                "-D",
+                str(self.datadir),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                str(max(1, int(timeout))),
+            ],
+            as_server=True,
+            cwd=self.rundir,
+            timeout=timeout + 30,
+        )
         if result.returncode != 0 or self.is_running():
             self.kill()
 
@@ -138,8 +171,11 @@ class LabServer:
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run SQL with psql -At (ON_ERROR_STOP) over TCP; LabError carries psql's stderr."""
-        result = run([str(client_tool("psql")), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", self.dsn(dbname),
-                      "-c", sql], env={"PGCONNECT_TIMEOUT": "10"}, timeout=300)
+        result = run(
+            [str(client_tool("psql")), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", self.dsn(dbname), "-c", sql],
+            env={"PGCONNECT_TIMEOUT": "10"},
+            timeout=300,
+        )
         if result.returncode != 0:
             raise LabError(f"psql on {self.name!r} (port {self.port}) failed: {result.stderr.strip()}")
         return result.stdout.rstrip("\n")
@@ -149,9 +185,16 @@ class LabServer:
         return int(self.psql("SHOW server_version_num"))
 
 
-def init_server(install: PgInstall, *, name: str, auth: str = "scram-sha-256", basedir: Path,
-                settings: dict[str, str] | None = None, superuser: str = DEFAULT_SUPERUSER,
-                password: str = DEFAULT_PASSWORD) -> LabServer:
+def init_server(
+    install: PgInstall,
+    *,
+    name: str,
+    auth: str = "scram-sha-256",
+    basedir: Path,
+    settings: dict[str, str] | None = None,
+    superuser: str = DEFAULT_SUPERUSER,
+    password: str = DEFAULT_PASSWORD,
+) -> LabServer:
     """initdb a new cluster in <basedir>/<name>/data and configure it; the server is not started."""
     config.check_auth(auth, install)
     initdb = install.tool("initdb")
@@ -162,16 +205,33 @@ def init_server(install: PgInstall, *, name: str, auth: str = "scram-sha-256", b
     pwfile = rundir / "pwfile"
     write_owned(pwfile, config.initdb_password(auth, superuser, password) + "\n")
     try:
-        result = run([str(initdb), "-D", str(datadir), "-U", superuser, f"--pwfile={pwfile}",
-                      "--auth-local=trust", f"--auth-host={auth}", "-E", "UTF8", "--locale=C",
-                      "-N"],  # -N: no fsync; lab clusters need no durability
-                     as_server=True, cwd=rundir, timeout=300)
+        result = run(
+            [
+                str(initdb),
+                "-D",
+                str(datadir),
+                "-U",
+                superuser,
+                f"--pwfile={pwfile}",
+                "--auth-local=trust",
+                f"--auth-host={auth}",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-N",
+            ],  # -N: no fsync; lab clusters need no durability
+            as_server=True,
+            cwd=rundir,
+            timeout=300,
+        )
     finally:
         pwfile.unlink(missing_ok=True)
     if result.returncode != 0:
         shutil.rmtree(rundir, ignore_errors=True)
-        raise LabError(f"initdb of PostgreSQL {install.version} for {name!r} failed:\n"
-                       f"{(result.stderr or result.stdout).strip()[-3000:]}")
+        raise LabError(
+            f"initdb of PostgreSQL {install.version} for {name!r} failed:\n"
+            f"{(result.stderr or result.stdout).strip()[-3000:]}"
+        )
     server = LabServer(name, install, datadir, free_port(), superuser=superuser, password=password, auth=auth)
     write_owned(datadir / "pg_hba.conf", config.hba_text(auth))
     values = config.base_settings(install, port=server.port, socket_dir=server.socket_dir, auth=auth)

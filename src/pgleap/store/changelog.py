@@ -87,10 +87,12 @@ _MAX_GROUP = 1024
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR = 5, 6, 8, 10
 _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 13, 14, 26
 
-_LOW_SPACE = 4 * 1024 * 1024   # below this much free space, SQLITE_FULL is the disk, not max_bytes
+_LOW_SPACE = 4 * 1024 * 1024  # below this much free space, SQLITE_FULL is the disk, not max_bytes
 
-_CONSEQUENCE = ("Clients keep working against the source, but transactions are missing from the change log "
-                "from now on, so this upgrade must re-copy once the log can be written again.")
+_CONSEQUENCE = (
+    "Clients keep working against the source, but transactions are missing from the change log "
+    "from now on, so this upgrade must re-copy once the log can be written again."
+)
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -136,10 +138,10 @@ class ChangeLogStats:
     committed: int
     aborted: int
     unresolved: int
-    bytes: int              # encoded size of every record still in the log
-    queued: int             # ops waiting for the writer thread
-    sqlite_commits: int     # SQLite transactions committed since open (one fsync each)
-    errors: int             # storage errors since open
+    bytes: int  # encoded size of every record still in the log
+    queued: int  # ops waiting for the writer thread
+    sqlite_commits: int  # SQLite transactions committed since open (one fsync each)
+    errors: int  # storage errors since open
     healthy: bool
     last_error: str | None
 
@@ -228,7 +230,7 @@ class _Kind(Enum):
 class _Waiter:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
-    on_cancelled: Callable[[Any], None] | None = None   # called with the result nobody waits for any more
+    on_cancelled: Callable[[Any], None] | None = None  # called with the result nobody waits for any more
 
     def done(self, result: object) -> None:
         self._call(self._set_result, result)
@@ -351,21 +353,27 @@ class _Effects:
     """What one group of ops changed, applied to memory only once its SQLite transaction committed."""
 
     counts: _Counts = field(default_factory=_Counts)
-    touched: dict[str, list[int]] = field(default_factory=dict)   # database -> unresolved records now committed
+    touched: dict[str, list[int]] = field(default_factory=dict)  # database -> unresolved records now committed
 
 
 class SQLiteChangeLog(ChangeLog):
     """The change log in a SQLite file (WAL mode, synchronous=FULL), written by one background thread."""
 
-    def __init__(self, path: str | Path, durability: Durability = "commit", batch_interval: float = 0.005,
-                 *, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        durability: Durability = "commit",
+        batch_interval: float = 0.005,
+        *,
+        max_bytes: int | None = None,
+    ) -> None:
         if durability not in ("commit", "batch"):
             raise ValueError(f"durability must be 'commit' or 'batch', not {durability!r}")
         self.path = Path(path)
         self.durability: Durability = durability
         self.batch_interval = batch_interval
         self.max_bytes = max_bytes
-        self.sqlite_commits = 0             # SQLite transactions committed by the writer (one fsync each)
+        self.sqlite_commits = 0  # SQLite transactions committed by the writer (one fsync each)
         self.error_count = 0
         self._healthy = True
         self._last_error: str | None = None
@@ -385,8 +393,7 @@ class SQLiteChangeLog(ChangeLog):
             self._db.close()
             self._lock_file.close()
             raise
-        self._writer = threading.Thread(target=self._write_loop, name=f"changelog-writer:{self.path.name}",
-                                        daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name=f"changelog-writer:{self.path.name}", daemon=True)
         self._writer.start()
 
     # -- opening ---------------------------------------------------------------------------------
@@ -406,7 +413,8 @@ class SQLiteChangeLog(ChangeLog):
             handle.close()
             raise ChangeLogLockedError(
                 f"the change log {self.path} is in use by another process (it holds {lock_path}); "
-                f"stop the other pgleap, or give this one its own change log path") from exc
+                f"stop the other pgleap, or give this one its own change log path"
+            ) from exc
         return handle
 
     def _connect_or_unlock(self) -> sqlite3.Connection:
@@ -433,7 +441,7 @@ class SQLiteChangeLog(ChangeLog):
     def _configure(self, db: sqlite3.Connection) -> None:
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            db.execute("PRAGMA synchronous=FULL")   # WAL + FULL: a committed transaction survives power loss
+            db.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a committed transaction survives power loss
             if self.max_bytes is not None:
                 page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
                 db.execute(f"PRAGMA max_page_count={max(1, self.max_bytes // page_size)}")
@@ -442,14 +450,17 @@ class SQLiteChangeLog(ChangeLog):
         if str(mode).lower() != "wal":
             raise ChangeLogError(
                 f"the change log {self.path} cannot use SQLite's WAL mode (got {mode!r}): its filesystem lacks "
-                f"shared-memory support (network filesystems often do); put the change log on a local disk")
+                f"shared-memory support (network filesystems often do); put the change log on a local disk"
+            )
 
     def _init_schema(self) -> None:
         try:
             # One script, one transaction: a crash while creating the schema leaves none of it.
-            self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}; INSERT INTO schema_version (version) "
-                                   f"SELECT {SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM schema_version); "
-                                   f"COMMIT;")
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA}; INSERT INTO schema_version (version) "
+                f"SELECT {SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM schema_version); "
+                f"COMMIT;"
+            )
             found = int(self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0])
         except sqlite3.Error as exc:
             self._rollback()
@@ -457,7 +468,8 @@ class SQLiteChangeLog(ChangeLog):
         if found > SCHEMA_VERSION:
             raise ChangeLogCorruptError(
                 f"the change log {self.path} has schema version {found}, written by a newer pgleap (this one "
-                f"reads up to {SCHEMA_VERSION}); run that pgleap version, or move the file aside and re-copy")
+                f"reads up to {SCHEMA_VERSION}); run that pgleap version, or move the file aside and re-copy"
+            )
 
     def _load_counts(self) -> None:
         rows = self._read("SELECT state, count(*), coalesce(sum(size), 0) FROM change_log GROUP BY state")
@@ -490,8 +502,9 @@ class SQLiteChangeLog(ChangeLog):
     async def prepare(self, tx: CapturedTransaction) -> int:
         """Durably record `tx` as pending (before its COMMIT is forwarded); return its log id."""
         record = encode_transaction(tx)
-        log_id: int = await self._submit(_Op(_Kind.PREPARE, tx=tx, record=record), wait=True,
-                                         on_cancelled=self._abort_orphan)
+        log_id: int = await self._submit(
+            _Op(_Kind.PREPARE, tx=tx, record=record), wait=True, on_cancelled=self._abort_orphan
+        )
         return log_id
 
     def _abort_orphan(self, log_id: int) -> None:
@@ -513,8 +526,9 @@ class SQLiteChangeLog(ChangeLog):
     async def resolve(self, log_id: int, state: LogState) -> None:
         """Settle a pending (or unresolved) record after a crash; durable when it returns."""
         if state is LogState.PENDING:
-            raise ChangeLogStateError(f"cannot resolve change-log record {log_id} to pending; "
-                                      f"resolve it to committed, aborted or unresolved")
+            raise ChangeLogStateError(
+                f"cannot resolve change-log record {log_id} to pending; resolve it to committed, aborted or unresolved"
+            )
         await self._submit(_Op(_Kind.RESOLVE, log_id=log_id, state=state), wait=True)
 
     async def flush(self) -> None:
@@ -548,8 +562,9 @@ class SQLiteChangeLog(ChangeLog):
                 # A bug here must not leave callers awaiting forever with their COMMIT held: fail this
                 # group loudly and keep serving the next ones.
                 self._rollback()
-                error = ChangeLogError(f"internal error writing the change log {self.path}: {exc!r}; "
-                                       f"please report it. {_CONSEQUENCE}")
+                error = ChangeLogError(
+                    f"internal error writing the change log {self.path}: {exc!r}; please report it. {_CONSEQUENCE}"
+                )
                 error.__cause__ = exc
                 log.exception("change log writer failed")
                 self._report(error)
@@ -567,7 +582,7 @@ class SQLiteChangeLog(ChangeLog):
         except sqlite3.Error as exc:
             self._rollback()
             error = self._storage_error(exc, "write")
-            error.__cause__ = exc   # raised in the callers' tasks, far from here: keep SQLite's own error
+            error.__cause__ = exc  # raised in the callers' tasks, far from here: keep SQLite's own error
             self._report(error)
             for op in group:
                 self._fail_op(op, error)
@@ -589,7 +604,7 @@ class SQLiteChangeLog(ChangeLog):
         if op.waiter is not None:
             op.waiter.fail(error)
         elif isinstance(error, ChangeLogStateError):
-            log.warning("%s", error)   # a settle nobody waits for; storage errors are already logged
+            log.warning("%s", error)  # a settle nobody waits for; storage errors are already logged
 
     def _apply(self, op: _Op, fx: _Effects) -> object:
         try:
@@ -602,41 +617,45 @@ class SQLiteChangeLog(ChangeLog):
                 return self._truncate(op.database, op.position, fx.counts)
             return None
         except ChangeLogStateError as exc:
-            return exc   # one bad settle must not undo the rest of the group
+            return exc  # one bad settle must not undo the rest of the group
 
     def _insert(self, op: _Op, counts: _Counts) -> int:
         assert op.tx is not None
         cursor = self._db.execute(
             "INSERT INTO change_log (database, txid, state, size, prepared_at, record) VALUES (?, ?, ?, ?, ?, ?)",
-            (op.tx.database, op.tx.txid, LogState.PENDING.value, len(op.record), time.time(), op.record))
+            (op.tx.database, op.tx.txid, LogState.PENDING.value, len(op.record), time.time(), op.record),
+        )
         counts.move(None, LogState.PENDING.value, len(op.record))
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
     def _transition(self, op: _Op, fx: _Effects) -> None:
         assert op.state is not None
-        row = self._db.execute("SELECT database, state, size FROM change_log WHERE log_id = ?",
-                               (op.log_id,)).fetchone()
+        row = self._db.execute("SELECT database, state, size FROM change_log WHERE log_id = ?", (op.log_id,)).fetchone()
         if row is None:
-            raise ChangeLogStateError(f"change-log record {op.log_id} does not exist (or was truncated); "
-                                      f"cannot mark it {op.state.value}")
+            raise ChangeLogStateError(
+                f"change-log record {op.log_id} does not exist (or was truncated); cannot mark it {op.state.value}"
+            )
         database, old, size = str(row[0]), LogState(row[1]), int(row[2])
         if old is op.state:
-            return   # settling twice (recovery after a settle that did land) is harmless
+            return  # settling twice (recovery after a settle that did land) is harmless
         allowed = {LogState.PENDING} if op.kind is _Kind.SETTLE else {LogState.PENDING, LogState.UNRESOLVED}
         if old not in allowed:
-            raise ChangeLogStateError(f"change-log record {op.log_id} is already {old.value}; it cannot become "
-                                      f"{op.state.value}")
-        self._db.execute("UPDATE change_log SET state = ?, settled_at = ? WHERE log_id = ?",
-                         (op.state.value, time.time(), op.log_id))
+            raise ChangeLogStateError(
+                f"change-log record {op.log_id} is already {old.value}; it cannot become {op.state.value}"
+            )
+        self._db.execute(
+            "UPDATE change_log SET state = ?, settled_at = ? WHERE log_id = ?", (op.state.value, time.time(), op.log_id)
+        )
         fx.counts.move(old.value, op.state.value, size)
         late = fx.touched.setdefault(database, [])
         if old is LogState.UNRESOLVED and op.state is LogState.COMMITTED:
             late.append(op.log_id)
 
     def _head(self, database: str) -> tuple[int, int]:
-        row = self._db.execute("SELECT last_position, frontier FROM log_head WHERE database = ?",
-                               (database,)).fetchone()
+        row = self._db.execute(
+            "SELECT last_position, frontier FROM log_head WHERE database = ?", (database,)
+        ).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def _advance(self, database: str, late: list[int]) -> None:
@@ -652,8 +671,10 @@ class SQLiteChangeLog(ChangeLog):
                 # can only go last. Replay reports it as out of order rather than dropping it.
                 last_position += 1
                 assign.append((last_position, log_id))
-        rows = self._db.execute("SELECT log_id, state, position FROM change_log WHERE database = ? AND log_id > ? "
-                                "ORDER BY log_id", (database, frontier))
+        rows = self._db.execute(
+            "SELECT log_id, state, position FROM change_log WHERE database = ? AND log_id > ? ORDER BY log_id",
+            (database, frontier),
+        )
         for log_id, state, position in rows:
             if state == LogState.PENDING.value:
                 break
@@ -663,22 +684,27 @@ class SQLiteChangeLog(ChangeLog):
             frontier = int(log_id)
         rows.close()
         self._db.executemany("UPDATE change_log SET position = ? WHERE log_id = ?", assign)
-        self._db.execute("INSERT INTO log_head (database, last_position, frontier) VALUES (?, ?, ?) "
-                         "ON CONFLICT (database) DO UPDATE SET last_position = excluded.last_position, "
-                         "frontier = excluded.frontier", (database, last_position, frontier))
+        self._db.execute(
+            "INSERT INTO log_head (database, last_position, frontier) VALUES (?, ?, ?) "
+            "ON CONFLICT (database) DO UPDATE SET last_position = excluded.last_position, "
+            "frontier = excluded.frontier",
+            (database, last_position, frontier),
+        )
 
     def _truncate(self, database: str, position: int, counts: _Counts) -> int:
-        row = self._db.execute("SELECT max(log_id) FROM change_log WHERE database = ? AND position < ?",
-                               (database, position)).fetchone()
+        row = self._db.execute(
+            "SELECT max(log_id) FROM change_log WHERE database = ? AND position < ?", (database, position)
+        ).fetchone()
         if row is None or row[0] is None:
             return 0
         cutoff = int(row[0])
         # Aborted records before the last truncated committed one are of no further use; unresolved and
         # pending ones are kept whatever their age (I1: reported, never silently dropped).
-        where = ("database = ? AND ((state = 'committed' AND position < ?) OR (state = 'aborted' AND log_id < ?))")
+        where = "database = ? AND ((state = 'committed' AND position < ?) OR (state = 'aborted' AND log_id < ?))"
         args = (database, position, cutoff)
         for state, n, size in self._db.execute(
-                f"SELECT state, count(*), coalesce(sum(size), 0) FROM change_log WHERE {where} GROUP BY state", args):
+            f"SELECT state, count(*), coalesce(sum(size), 0) FROM change_log WHERE {where} GROUP BY state", args
+        ):
             counts.records[str(state)] -= int(n)
             counts.size[str(state)] -= int(size)
         return self._db.execute(f"DELETE FROM change_log WHERE {where}", args).rowcount
@@ -710,14 +736,18 @@ class SQLiteChangeLog(ChangeLog):
 
     def unresolved(self) -> list[LoggedTransaction]:
         """Records whose outcome could not be determined, to report (I1)."""
-        rows = self._read("SELECT log_id, position, state, record FROM change_log WHERE state = 'unresolved' "
-                          "ORDER BY log_id")
+        rows = self._read(
+            "SELECT log_id, position, state, record FROM change_log WHERE state = 'unresolved' ORDER BY log_id"
+        )
         return [_logged(row) for row in rows]
 
     def read_committed(self, database: str, after_position: int, limit: int) -> list[LoggedTransaction]:
         """Committed records of `database` after `after_position`, in position order."""
-        rows = self._read("SELECT log_id, position, state, record FROM change_log WHERE database = ? "
-                          "AND position > ? ORDER BY position LIMIT ?", (database, after_position, limit))
+        rows = self._read(
+            "SELECT log_id, position, state, record FROM change_log WHERE database = ? "
+            "AND position > ? ORDER BY position LIMIT ?",
+            (database, after_position, limit),
+        )
         return [_logged(row) for row in rows]
 
     def last_position(self, database: str) -> int:
@@ -727,8 +757,10 @@ class SQLiteChangeLog(ChangeLog):
 
     def backlog(self, database: str, after_position: int) -> tuple[int, int]:
         """Committed records of `database` after `after_position`: (count, bytes), for lag."""
-        rows = self._read("SELECT count(*), coalesce(sum(size), 0) FROM change_log WHERE database = ? "
-                          "AND position > ?", (database, after_position))
+        rows = self._read(
+            "SELECT count(*), coalesce(sum(size), 0) FROM change_log WHERE database = ? AND position > ?",
+            (database, after_position),
+        )
         return int(rows[0][0]), int(rows[0][1])
 
     def oldest_pending_age(self) -> float:
@@ -741,10 +773,17 @@ class SQLiteChangeLog(ChangeLog):
         with self._counts_lock:
             records, size = dict(self._counts.records), dict(self._counts.size)
         return ChangeLogStats(
-            pending=records[LogState.PENDING.value], committed=records[LogState.COMMITTED.value],
-            aborted=records[LogState.ABORTED.value], unresolved=records[LogState.UNRESOLVED.value],
-            bytes=sum(size.values()), queued=len(self._queue), sqlite_commits=self.sqlite_commits,
-            errors=self.error_count, healthy=self._healthy, last_error=self._last_error)
+            pending=records[LogState.PENDING.value],
+            committed=records[LogState.COMMITTED.value],
+            aborted=records[LogState.ABORTED.value],
+            unresolved=records[LogState.UNRESOLVED.value],
+            bytes=sum(size.values()),
+            queued=len(self._queue),
+            sqlite_commits=self.sqlite_commits,
+            errors=self.error_count,
+            healthy=self._healthy,
+            last_error=self._last_error,
+        )
 
     # -- closing ---------------------------------------------------------------------------------
 
@@ -782,47 +821,62 @@ class SQLiteChangeLog(ChangeLog):
             return ChangeLogIOError(
                 f"cannot {action} {where}: the operating system reported a disk I/O error ({name}: {exc}). Check "
                 f"the device and filesystem holding {directory} (kernel log: dmesg), then restart pgleap. "
-                f"{_CONSEQUENCE}")
+                f"{_CONSEQUENCE}"
+            )
         if code == _SQLITE_READONLY:
             return ChangeLogReadOnlyError(
                 f"cannot {action} {where}: it is read-only ({name}: {exc}). Make the file, its -wal and -shm "
                 f"files and the directory {directory} writable by the user running pgleap, and check that "
-                f"filesystem is not mounted read-only. {_CONSEQUENCE}")
+                f"filesystem is not mounted read-only. {_CONSEQUENCE}"
+            )
         if code == _SQLITE_CANTOPEN:
             return ChangeLogReadOnlyError(
                 f"cannot {action} {where}: the file cannot be opened or created ({name}: {exc}). Check that the "
                 f"directory {directory} exists and is writable by the user running pgleap, and that its "
-                f"filesystem is not read-only.")
+                f"filesystem is not read-only."
+            )
         if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
             return ChangeLogCorruptError(
                 f"cannot {action} {where}: the file is damaged or is not a change log ({name}: {exc}). Move it "
-                f"(and its -wal and -shm files) aside for inspection; the upgrade must re-copy.")
+                f"(and its -wal and -shm files) aside for inspection; the upgrade must re-copy."
+            )
         if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
             return ChangeLogLockedError(
                 f"cannot {action} {where}: another process holds a lock on it ({name}: {exc}). Make sure no "
-                f"other program (a second pgleap, a sqlite3 shell) has it open.")
+                f"other program (a second pgleap, a sqlite3 shell) has it open."
+            )
         return ChangeLogError(f"cannot {action} {where}: {name}: {exc}")
 
     def _os_error(self, exc: OSError, action: str) -> ChangeLogError:
         directory = self.path.resolve().parent
-        return ChangeLogReadOnlyError(f"cannot {action} the change log {self.path}: {exc.strerror or exc}. Check "
-                                      f"that the directory {directory} exists and is writable by the user "
-                                      f"running pgleap, and that its filesystem is not mounted read-only.")
+        return ChangeLogReadOnlyError(
+            f"cannot {action} the change log {self.path}: {exc.strerror or exc}. Check "
+            f"that the directory {directory} exists and is writable by the user "
+            f"running pgleap, and that its filesystem is not mounted read-only."
+        )
 
     def _full_reason_and_remedy(self, directory: Path) -> tuple[str, str]:
         free = _free_bytes(directory)
         # SQLITE_FULL means either: tell which, from the free space actually left.
         if self.max_bytes is not None and (free is None or free > _LOW_SPACE):
-            return (f"it reached its size limit of {self.max_bytes} bytes (max_bytes)",
-                    "Raise the change log's max_bytes, or let replay catch up so applied records can be truncated.")
-        return (f"the filesystem holding {directory} is full ({_describe_free(free)})",
-                f"Free space on the filesystem holding {directory}, or move the change log to a larger one.")
+            return (
+                f"it reached its size limit of {self.max_bytes} bytes (max_bytes)",
+                "Raise the change log's max_bytes, or let replay catch up so applied records can be truncated.",
+            )
+        return (
+            f"the filesystem holding {directory} is full ({_describe_free(free)})",
+            f"Free space on the filesystem holding {directory}, or move the change log to a larger one.",
+        )
 
 
 def _logged(row: tuple[Any, ...]) -> LoggedTransaction:
     log_id, position, state, record = row
-    return LoggedTransaction(log_id=int(log_id), position=None if position is None else int(position),
-                             state=LogState(state), transaction=decode_transaction(record))
+    return LoggedTransaction(
+        log_id=int(log_id),
+        position=None if position is None else int(position),
+        state=LogState(state),
+        transaction=decode_transaction(record),
+    )
 
 
 def _free_bytes(directory: Path) -> int | None:

@@ -24,10 +24,10 @@ class RecordFormatError(PgleapError):
 class LogState(StrEnum):
     """Where a logged transaction stands: written before its COMMIT was forwarded, then settled."""
 
-    PENDING = "pending"          # durable before COMMIT went to the source; outcome not known yet
-    COMMITTED = "committed"      # the source answered COMMIT; replay applies it
-    ABORTED = "aborted"          # ROLLBACK or an error; never replayed
-    UNRESOLVED = "unresolved"    # outcome could not be determined after a crash (9.x); kept and reported
+    PENDING = "pending"  # durable before COMMIT went to the source; outcome not known yet
+    COMMITTED = "committed"  # the source answered COMMIT; replay applies it
+    ABORTED = "aborted"  # ROLLBACK or an error; never replayed
+    UNRESOLVED = "unresolved"  # outcome could not be determined after a crash (9.x); kept and reported
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,12 @@ class CapturedStatement:
     """One write statement as the client sent it, with what replay needs to send it again."""
 
     sql: str
-    params: tuple[bytes | None, ...] = ()      # Bind parameter values as sent (None = SQL NULL)
-    param_formats: tuple[int, ...] = ()        # Bind parameter format codes (0 text, 1 binary)
-    param_types: tuple[int, ...] = ()          # Parse parameter type OIDs (0 = unspecified)
-    copy_data: bytes | None = None             # the COPY FROM STDIN payload, concatenated CopyData
-    tag: str = ""                              # the source's command tag, e.g. "INSERT 0 1"
-    images: bytes | None = None                # opaque row images (RETURNING rows), encoded by capture
+    params: tuple[bytes | None, ...] = ()  # Bind parameter values as sent (None = SQL NULL)
+    param_formats: tuple[int, ...] = ()  # Bind parameter format codes (0 text, 1 binary)
+    param_types: tuple[int, ...] = ()  # Parse parameter type OIDs (0 = unspecified)
+    copy_data: bytes | None = None  # the COPY FROM STDIN payload, concatenated CopyData
+    tag: str = ""  # the source's command tag, e.g. "INSERT 0 1"
+    images: bytes | None = None  # opaque row images (RETURNING rows), encoded by capture
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,9 @@ class CapturedTransaction:
     """A transaction that wrote on the source, with the context that fixes what its statements mean."""
 
     database: str
-    txid: int | None                           # the source's txid_current(), from the probe
-    source_now: str | None                     # the source's now() text, pinned into statement replay
-    settings: tuple[tuple[str, str], ...]      # session settings in effect (search_path, TimeZone, ...)
+    txid: int | None  # the source's txid_current(), from the probe
+    source_now: str | None  # the source's now() text, pinned into statement replay
+    settings: tuple[tuple[str, str], ...]  # session settings in effect (search_path, TimeZone, ...)
     statements: tuple[CapturedStatement, ...]
     session_id: int
     captured_at: float = field(default=0.0)
@@ -61,7 +61,7 @@ class LoggedTransaction:
     """A transaction as the log holds it: its commit-order position, its state and its content."""
 
     log_id: int
-    position: int | None                       # commit order within its database; None unless committed
+    position: int | None  # commit order within its database; None unless committed
     state: LogState
     transaction: CapturedTransaction
 
@@ -69,8 +69,13 @@ class LoggedTransaction:
 def encode_transaction(tx: CapturedTransaction) -> bytes:
     """The record's bytes: a format byte, then a msgpack array (positional, so small)."""
     body = [
-        tx.database, tx.txid, tx.source_now, [list(pair) for pair in tx.settings],
-        [_statement_fields(s) for s in tx.statements], tx.session_id, tx.captured_at,
+        tx.database,
+        tx.txid,
+        tx.source_now,
+        [list(pair) for pair in tx.settings],
+        [_statement_fields(s) for s in tx.statements],
+        tx.session_id,
+        tx.captured_at,
     ]
     packed: bytes = msgpack.packb(body, use_bin_type=True)
     return bytes([CURRENT_FORMAT]) + packed
@@ -81,8 +86,10 @@ def decode_transaction(data: bytes) -> CapturedTransaction:
     if not data:
         raise RecordFormatError("empty change-log record; the log file is damaged")
     if data[0] != FORMAT_V1:
-        raise RecordFormatError(f"change-log record in format {data[0]}, which this pgleap cannot read; "
-                                f"run the pgleap version that wrote the log (or a newer one)")
+        raise RecordFormatError(
+            f"change-log record in format {data[0]}, which this pgleap cannot read; "
+            f"run the pgleap version that wrote the log (or a newer one)"
+        )
     try:
         return _decode_v1(msgpack.unpackb(data[1:], raw=False, use_list=True, strict_map_key=True))
     except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:

@@ -121,8 +121,10 @@ class SchemaErrorRecord:
     definition: str
 
 
-_CHUNK_COLUMNS = ("chunk_id, schema_name, table_name, kind, lower, upper, est_rows, est_bytes, status, "
-                  "target_txid, rows, bytes, seconds, snapshot, flags, finished_at")
+_CHUNK_COLUMNS = (
+    "chunk_id, schema_name, table_name, kind, lower, upper, est_rows, est_bytes, status, "
+    "target_txid, rows, bytes, seconds, snapshot, flags, finished_at"
+)
 
 
 class StateStore:
@@ -139,8 +141,9 @@ class StateStore:
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the state store {self.path}: {exc}; check the directory exists "
-                             f"and is writable") from exc
+            raise StoreError(
+                f"cannot open the state store {self.path}: {exc}; check the directory exists and is writable"
+            ) from exc
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -173,8 +176,11 @@ class StateStore:
 
     def run(self, database: str) -> CopyRun | None:
         """The current copy run of `database`, if any."""
-        rows = self._query("SELECT database, run_id, mode, snapshot, snapshot_lsn, replica_start, status, "
-                           "started_at, finished_at, restart_reason FROM copy_run WHERE database = ?", (database,))
+        rows = self._query(
+            "SELECT database, run_id, mode, snapshot, snapshot_lsn, replica_start, status, "
+            "started_at, finished_at, restart_reason FROM copy_run WHERE database = ?",
+            (database,),
+        )
         return CopyRun(*rows[0]) if rows else None  # type: ignore[arg-type]
 
     def start_run(self, database: str, mode: str, restart_reason: str | None = None) -> CopyRun:
@@ -184,8 +190,11 @@ class StateStore:
         with self._tx() as db:
             for table in ("copy_step", "copy_chunk", "schema_error", "copy_run"):
                 db.execute(f"DELETE FROM {table} WHERE database = ?", (database,))
-            db.execute("INSERT INTO copy_run (database, run_id, mode, status, started_at, restart_reason) "
-                       "VALUES (?, ?, ?, 'running', ?, ?)", (database, run_id, mode, time.time(), restart_reason))
+            db.execute(
+                "INSERT INTO copy_run (database, run_id, mode, status, started_at, restart_reason) "
+                "VALUES (?, ?, ?, 'running', ?, ?)",
+                (database, run_id, mode, time.time(), restart_reason),
+            )
         run = self.run(database)
         assert run is not None
         return run
@@ -193,14 +202,17 @@ class StateStore:
     def set_snapshot(self, database: str, snapshot: str, lsn: str | None, replica_start: str | None) -> None:
         """Record S (and, for a replica, the paused replay position and the replica's start time)."""
         with self._tx() as db:
-            db.execute("UPDATE copy_run SET snapshot = ?, snapshot_lsn = ?, replica_start = ? WHERE database = ?",
-                       (snapshot, lsn, replica_start, database))
+            db.execute(
+                "UPDATE copy_run SET snapshot = ?, snapshot_lsn = ?, replica_start = ? WHERE database = ?",
+                (snapshot, lsn, replica_start, database),
+            )
 
     def finish_run(self, database: str, status: str = "done") -> None:
         """Mark the run done (or failed)."""
         with self._tx() as db:
-            db.execute("UPDATE copy_run SET status = ?, finished_at = ? WHERE database = ?",
-                       (status, time.time(), database))
+            db.execute(
+                "UPDATE copy_run SET status = ?, finished_at = ? WHERE database = ?", (status, time.time(), database)
+            )
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -213,10 +225,12 @@ class StateStore:
         """Record that a step started or is done."""
         now = time.time()
         with self._tx() as db:
-            db.execute("INSERT INTO copy_step (database, step, status, started_at, finished_at) "
-                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT (database, step) DO UPDATE SET status = excluded.status, "
-                       "finished_at = excluded.finished_at",
-                       (database, step, status, now, now if status == "done" else None))
+            db.execute(
+                "INSERT INTO copy_step (database, step, status, started_at, finished_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (database, step) DO UPDATE SET status = excluded.status, "
+                "finished_at = excluded.finished_at",
+                (database, step, status, now, now if status == "done" else None),
+            )
 
     # -- chunks ------------------------------------------------------------------------------
 
@@ -225,9 +239,29 @@ class StateStore:
         with self._tx() as db:
             db.executemany(
                 f"INSERT INTO copy_chunk (database, {_CHUNK_COLUMNS}) VALUES ({', '.join('?' * 17)})",
-                [(database, c.chunk_id, c.schema_name, c.table_name, c.kind, c.lower, c.upper, c.est_rows,
-                  c.est_bytes, c.status, c.target_txid, c.rows, c.bytes, c.seconds, c.snapshot, c.flags,
-                  c.finished_at) for c in chunks])
+                [
+                    (
+                        database,
+                        c.chunk_id,
+                        c.schema_name,
+                        c.table_name,
+                        c.kind,
+                        c.lower,
+                        c.upper,
+                        c.est_rows,
+                        c.est_bytes,
+                        c.status,
+                        c.target_txid,
+                        c.rows,
+                        c.bytes,
+                        c.seconds,
+                        c.snapshot,
+                        c.flags,
+                        c.finished_at,
+                    )
+                    for c in chunks
+                ],
+            )
 
     def chunks(self, database: str) -> list[ChunkRecord]:
         """Every chunk of the current run, in plan order."""
@@ -237,40 +271,52 @@ class StateStore:
     def mark_chunk_inflight(self, database: str, chunk_id: str, target_txid: int, snapshot: str | None = None) -> None:
         """Record the target transaction about to copy a chunk, before it commits."""
         with self._tx() as db:
-            db.execute("UPDATE copy_chunk SET status = 'inflight', target_txid = ?, snapshot = coalesce(?, snapshot) "
-                       "WHERE database = ? AND chunk_id = ?", (target_txid, snapshot, database, chunk_id))
+            db.execute(
+                "UPDATE copy_chunk SET status = 'inflight', target_txid = ?, snapshot = coalesce(?, snapshot) "
+                "WHERE database = ? AND chunk_id = ?",
+                (target_txid, snapshot, database, chunk_id),
+            )
 
-    def mark_chunk_inflight_counts(self, database: str, chunk_id: str, rows: int, nbytes: int,
-                                   seconds: float) -> None:
+    def mark_chunk_inflight_counts(self, database: str, chunk_id: str, rows: int, nbytes: int, seconds: float) -> None:
         """Record what an inflight chunk copied, just before its target transaction commits."""
         with self._tx() as db:
-            db.execute("UPDATE copy_chunk SET rows = ?, bytes = ?, seconds = ? WHERE database = ? AND chunk_id = ?",
-                       (rows, nbytes, seconds, database, chunk_id))
+            db.execute(
+                "UPDATE copy_chunk SET rows = ?, bytes = ?, seconds = ? WHERE database = ? AND chunk_id = ?",
+                (rows, nbytes, seconds, database, chunk_id),
+            )
 
     def mark_chunk_done(self, database: str, chunk_id: str, rows: int, nbytes: int, seconds: float) -> None:
         """Record a chunk whose target transaction committed."""
         with self._tx() as db:
-            db.execute("UPDATE copy_chunk SET status = 'done', rows = ?, bytes = ?, seconds = ?, finished_at = ? "
-                       "WHERE database = ? AND chunk_id = ?", (rows, nbytes, seconds, time.time(), database, chunk_id))
+            db.execute(
+                "UPDATE copy_chunk SET status = 'done', rows = ?, bytes = ?, seconds = ?, finished_at = ? "
+                "WHERE database = ? AND chunk_id = ?",
+                (rows, nbytes, seconds, time.time(), database, chunk_id),
+            )
 
     def mark_chunk_pending(self, database: str, chunk_id: str) -> None:
         """Return a chunk whose target transaction rolled back to the queue."""
         with self._tx() as db:
-            db.execute("UPDATE copy_chunk SET status = 'pending', target_txid = NULL, rows = 0, bytes = 0, "
-                       "seconds = 0 WHERE database = ? "
-                       "AND chunk_id = ?", (database, chunk_id))
+            db.execute(
+                "UPDATE copy_chunk SET status = 'pending', target_txid = NULL, rows = 0, bytes = 0, "
+                "seconds = 0 WHERE database = ? "
+                "AND chunk_id = ?",
+                (database, chunk_id),
+            )
 
     # -- schema errors -----------------------------------------------------------------------
 
     def add_schema_error(self, database: str, record: SchemaErrorRecord) -> None:
         """Keep an object the target rejected, for the report."""
         with self._tx() as db:
-            db.execute("INSERT INTO schema_error (database, section, object, error, definition, at) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (database, record.section, record.object, record.error, record.definition, time.time()))
+            db.execute(
+                "INSERT INTO schema_error (database, section, object, error, definition, at) VALUES (?, ?, ?, ?, ?, ?)",
+                (database, record.section, record.object, record.error, record.definition, time.time()),
+            )
 
     def schema_errors(self, database: str) -> list[SchemaErrorRecord]:
         """Objects the target rejected in the current run."""
-        rows = self._query("SELECT section, object, error, definition FROM schema_error WHERE database = ? "
-                           "ORDER BY rowid", (database,))
+        rows = self._query(
+            "SELECT section, object, error, definition FROM schema_error WHERE database = ? ORDER BY rowid", (database,)
+        )
         return [SchemaErrorRecord(*row) for row in rows]  # type: ignore[arg-type]

@@ -46,7 +46,9 @@ class Capture:
         except ChangeLogError as exc:
             # The client keeps working against the source (I5); the upgrade must re-copy what was lost.
             self.log_failures += 1
-            log.error("database %s: a committed transaction (txid %s) could not be logged: %s", self.database, tx.txid, exc)
+            log.error(
+                "database %s: a committed transaction (txid %s) could not be logged: %s", self.database, tx.txid, exc
+            )
             return
         self.transactions += 1
         self.statements += len(tx.statements)

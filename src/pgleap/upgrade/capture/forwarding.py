@@ -86,7 +86,6 @@ class CapturingForwarder(Forwarder):
         buf = self._cin
         buf += data
         offset = 0
-        out = self._out
         try:
             while len(buf) - offset >= 5:
                 if not self.pending and not self.open_batch and self.tx_status == _IDLE and self._must_hold():
@@ -331,5 +330,11 @@ class CapturingForwarder(Forwarder):
         """The stream no longer makes sense to capture: close this session loudly rather than guess."""
         log.error("session %s: capture lost track of the protocol (%s); closing the session", self.session.id, exc)
         self.capture.report_unreplayable(self.session.id, f"capture lost track of the protocol: {exc}")
-        self.close(error_response("pgleap could not follow this session for the upgrade", codes.PROTOCOL_VIOLATION,
-                                  "FATAL", detail=str(exc)))
+        self.close(
+            error_response(
+                "pgleap could not follow this session for the upgrade",
+                codes.PROTOCOL_VIOLATION,
+                "FATAL",
+                detail=str(exc),
+            )
+        )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pgleap.upgrade.compat.facts import PG10, PG12, PG91, PG93, Facts
 
-_SYSTEM_SCHEMAS = ("nspname NOT IN ('pg_catalog', 'information_schema') AND nspname !~ '^pg_toast' "
-                   "AND nspname !~ '^pg_temp_'")
+_SYSTEM_SCHEMAS = (
+    "nspname NOT IN ('pg_catalog', 'information_schema') AND nspname !~ '^pg_toast' AND nspname !~ '^pg_temp_'"
+)
 
 
 def _not_extension_member(facts: Facts, alias: str = "c") -> str:
@@ -13,9 +14,11 @@ def _not_extension_member(facts: Facts, alias: str = "c") -> str:
     # tables (extconfig), whose rows pg_dump copies too; pg_extension exists from 9.1.
     if facts.version_num < PG91:
         return "true"
-    return (f"(NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass "
-            f"AND d.objid = {alias}.oid AND d.deptype = 'e') "
-            f"OR EXISTS (SELECT 1 FROM pg_extension e WHERE {alias}.oid = ANY (e.extconfig)))")
+    return (
+        f"(NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass "
+        f"AND d.objid = {alias}.oid AND d.deptype = 'e') "
+        f"OR EXISTS (SELECT 1 FROM pg_extension e WHERE {alias}.oid = ANY (e.extconfig)))"
+    )
 
 
 def tables_sql(facts: Facts) -> str:
@@ -49,16 +52,20 @@ def columns_sql(facts: Facts) -> str:
 def primary_key_sql(facts: Facts) -> str:
     """Primary key columns of table oid $1 (name, type name), in key order."""
     del facts  # pg_index.indkey / indisprimary are the same from 9.0 on; no LATERAL/ORDINALITY (9.3/9.4)
-    return ("SELECT a.attname, t.typname FROM pg_index i, generate_series(0, i.indnatts - 1) AS s(n), "
-            "pg_attribute a, pg_type t WHERE i.indrelid = $1::bigint::oid AND i.indisprimary "
-            "AND a.attrelid = i.indrelid AND a.attnum = i.indkey[s.n] AND t.oid = a.atttypid ORDER BY s.n")
+    return (
+        "SELECT a.attname, t.typname FROM pg_index i, generate_series(0, i.indnatts - 1) AS s(n), "
+        "pg_attribute a, pg_type t WHERE i.indrelid = $1::bigint::oid AND i.indisprimary "
+        "AND a.attrelid = i.indrelid AND a.attnum = i.indkey[s.n] AND t.oid = a.atttypid ORDER BY s.n"
+    )
 
 
 def sequences_sql(facts: Facts) -> str:
     """Sequences: schema, name."""
-    return ("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE c.relkind = 'S' AND {_SYSTEM_SCHEMAS} AND {_not_extension_member(facts)} "
-            "ORDER BY 1, 2")
+    return (
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE c.relkind = 'S' AND {_SYSTEM_SCHEMAS} AND {_not_extension_member(facts)} "
+        "ORDER BY 1, 2"
+    )
 
 
 def sequence_value_sql(qualified_name: str) -> str:
@@ -70,15 +77,19 @@ def matviews_sql(facts: Facts) -> str | None:
     """Populated materialized views (schema, name), or None before 9.3."""
     if facts.version_num < PG93:
         return None
-    return ("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE c.relkind = 'm' AND c.relispopulated AND {_SYSTEM_SCHEMAS} ORDER BY 1, 2")
+    return (
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE c.relkind = 'm' AND c.relispopulated AND {_SYSTEM_SCHEMAS} ORDER BY 1, 2"
+    )
 
 
 def large_objects_sql(facts: Facts) -> str:
     """Large objects: oid and owner name."""
     del facts  # pg_largeobject_metadata exists from 9.0, the oldest source we support
-    return ("SELECT m.oid::bigint, r.rolname FROM pg_largeobject_metadata m "
-            "JOIN pg_roles r ON r.oid = m.lomowner ORDER BY m.oid")
+    return (
+        "SELECT m.oid::bigint, r.rolname FROM pg_largeobject_metadata m "
+        "JOIN pg_roles r ON r.oid = m.lomowner ORDER BY m.oid"
+    )
 
 
 def large_object_data_sql(facts: Facts) -> str:

@@ -97,8 +97,10 @@ class Facts:
     def backend_of_xid_sql(self) -> str:
         """pids whose transaction has the 32-bit xid of $1 (a 64-bit txid), to end a stale copy transaction."""
         self._need(PG96, "finding the backend of a transaction (backend_xid)")
-        return ("SELECT pid FROM pg_stat_activity "
-                "WHERE backend_xid::text::bigint = ($1::bigint % 4294967296) AND pid <> pg_backend_pid()")
+        return (
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE backend_xid::text::bigint = ($1::bigint % 4294967296) AND pid <> pg_backend_pid()"
+        )
 
     def drop_database_sql(self, quoted_name: str) -> str:
         """DROP DATABASE, ending its sessions first where the server can (13+)."""
@@ -173,12 +175,14 @@ class Facts:
         if self.version_num < minimum:
             raise UnsupportedVersionError(
                 f"{what} needs PostgreSQL {minimum // 10000}.{minimum // 100 % 100} or later; this server is "
-                f"server_version_num {self.version_num}")
+                f"server_version_num {self.version_num}"
+            )
 
 
 def facts_for(version_num: int) -> Facts:
     """The facts of a server, from SHOW server_version_num."""
     if version_num < PG90:
-        raise UnsupportedVersionError(f"PostgreSQL server_version_num {version_num} is older than 9.0; "
-                                      f"pgleap supports sources from 9.0")
+        raise UnsupportedVersionError(
+            f"PostgreSQL server_version_num {version_num} is older than 9.0; pgleap supports sources from 9.0"
+        )
     return Facts(version_num)

@@ -6,7 +6,17 @@ from pgleap.upgrade.copy.model import CopyOptions
 from pgleap.upgrade.copy.progress import copy_gauges, show_upgrade_tables, table_progress, total_progress
 
 __all__ = [
-    "CopyError", "CopyJob", "CopyOptions", "CopyReport", "SchemaObjectError", "SnapshotLostError",
-    "TargetNotEmptyError", "ToolError", "copy_gauges", "format_schema_errors", "show_upgrade_tables",
-    "table_progress", "total_progress",
+    "CopyError",
+    "CopyJob",
+    "CopyOptions",
+    "CopyReport",
+    "SchemaObjectError",
+    "SnapshotLostError",
+    "TargetNotEmptyError",
+    "ToolError",
+    "copy_gauges",
+    "format_schema_errors",
+    "show_upgrade_tables",
+    "table_progress",
+    "total_progress",
 ]

@@ -60,11 +60,15 @@ async def _rows(conn: asyncpg.Connection, schema: str, table: str) -> tuple[Coun
     columns = await conn.fetch(
         "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
         "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-        qualified(schema, table))
+        qualified(schema, table),
+    )
     # Types asyncpg has no codec for come back as text; json compares by parsed value.
     select = ", ".join(
-        f"{quote_ident(name)}::text" if typ in ("json", "jsonb", "money") or typ.startswith("_json") else quote_ident(name)
-        for name, typ in columns)
+        f"{quote_ident(name)}::text"
+        if typ in ("json", "jsonb", "money") or typ.startswith("_json")
+        else quote_ident(name)
+        for name, typ in columns
+    )
     json_cols = {i for i, (_, typ) in enumerate(columns) if typ in ("json", "jsonb")}
     await conn.execute("SET extra_float_digits = 3")
     counter: Counter[tuple[object, ...]] = Counter()
@@ -77,8 +81,9 @@ async def _rows(conn: asyncpg.Connection, schema: str, table: str) -> tuple[Coun
     return counter, total
 
 
-async def compare_table(source: asyncpg.Connection, target: asyncpg.Connection, schema: str,
-                        table: str, limit: int = 10) -> TableDiff:
+async def compare_table(
+    source: asyncpg.Connection, target: asyncpg.Connection, schema: str, table: str, limit: int = 10
+) -> TableDiff:
     """Compare one table's rows as multisets (duplicates count)."""
     left, left_total = await _rows(source, schema, table)
     right, right_total = await _rows(target, schema, table)
@@ -87,12 +92,11 @@ async def compare_table(source: asyncpg.Connection, target: asyncpg.Connection, 
     return TableDiff(f"{schema}.{table}", left_total, right_total, only_source, only_target)
 
 
-
-
 async def compare_database(source: asyncpg.Connection, target: asyncpg.Connection) -> list[TableDiff]:
     """Compare every ordinary table of the source (relkind 'r') with the target."""
     names = await source.fetch(
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-        "AND n.nspname !~ '^pg_toast' ORDER BY 1, 2")
+        "AND n.nspname !~ '^pg_toast' ORDER BY 1, 2"
+    )
     return [await compare_table(source, target, schema, table) for schema, table in names]

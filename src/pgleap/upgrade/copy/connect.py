@@ -10,19 +10,28 @@ from pgleap.upgrade.copy.errors import CopyError
 CONNECT_TIMEOUT = 10.0
 
 
-async def connect(server: ServerConfig, *, database: str | None = None, role: str,
-                  settings: dict[str, str] | None = None) -> asyncpg.Connection:
+async def connect(
+    server: ServerConfig, *, database: str | None = None, role: str, settings: dict[str, str] | None = None
+) -> asyncpg.Connection:
     """Open one connection; `role` (source, replica, target) names the server in errors."""
     try:
-        return await asyncpg.connect(host=server.host, port=server.port, user=server.user,
-                                     password=server.password, database=database or server.database,
-                                     timeout=CONNECT_TIMEOUT, server_settings=settings or {},
-                                     # No prepared-statement cache: copy sessions run one-off SQL.
-                                     statement_cache_size=0)
+        return await asyncpg.connect(
+            host=server.host,
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            database=database or server.database,
+            timeout=CONNECT_TIMEOUT,
+            server_settings=settings or {},
+            # No prepared-statement cache: copy sessions run one-off SQL.
+            statement_cache_size=0,
+        )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         where = f"{server.user}@{server.host}:{server.port}/{database or server.database}"
-        raise CopyError(f"cannot connect to the {role} ({where}): {exc}; check it is running and that "
-                        f"pg_hba.conf admits this host and user") from exc
+        raise CopyError(
+            f"cannot connect to the {role} ({where}): {exc}; check it is running and that "
+            f"pg_hba.conf admits this host and user"
+        ) from exc
 
 
 async def version_num(conn: asyncpg.Connection) -> int:

@@ -42,9 +42,11 @@ async def settle_inflight(store: StateStore, database: str, target: ServerConfig
                 log.info("chunk %s was rolled back on the target by the crash; copying it again", chunk.chunk_id)
                 store.mark_chunk_pending(database, chunk.chunk_id)
             else:
-                raise CopyError(f"cannot tell whether target transaction {chunk.target_txid} of chunk "
-                                f"{chunk.chunk_id} committed (txid_status: {status}); start the copy over with "
-                                f"--restart")
+                raise CopyError(
+                    f"cannot tell whether target transaction {chunk.target_txid} of chunk "
+                    f"{chunk.chunk_id} committed (txid_status: {status}); start the copy over with "
+                    f"--restart"
+                )
     finally:
         await conn.close()
 
@@ -64,8 +66,16 @@ async def _txid_status(conn: asyncpg.Connection, status_sql: str, backend_sql: s
 class DataCopy:
     """Copies every chunk of one run with `parallel_workers` pairs of sessions."""
 
-    def __init__(self, store: StateStore, database: str, read_side: ReadSide, source: ServerConfig,
-                 target: ServerConfig, options: CopyOptions, live: LiveCounters) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        database: str,
+        read_side: ReadSide,
+        source: ServerConfig,
+        target: ServerConfig,
+        options: CopyOptions,
+        live: LiveCounters,
+    ) -> None:
         self.store = store
         self.database = database
         self.read_side = read_side
@@ -80,11 +90,13 @@ class DataCopy:
         """Plan (first run only), settle in-flight chunks, copy the pending ones."""
         planner = await self.read_side.session()
         try:
-            tables = {t.label: t for t in await load_tables(planner, self.read_side.facts,
-                                                            allow_binary=self.options.binary)}
+            tables = {
+                t.label: t for t in await load_tables(planner, self.read_side.facts, allow_binary=self.options.binary)
+            }
             if not self.store.chunks(self.database):
-                self.store.add_chunks(self.database, await plan_chunks(planner, self.read_side.facts,
-                                                                       list(tables.values()), self.options))
+                self.store.add_chunks(
+                    self.database, await plan_chunks(planner, self.read_side.facts, list(tables.values()), self.options)
+                )
         finally:
             await planner.close()
         await settle_inflight(self.store, self.database, self.target)
@@ -113,8 +125,10 @@ class DataCopy:
         queue: asyncio.Queue[ChunkRecord] = asyncio.Queue()
         for chunk in pending:
             queue.put_nowait(chunk)
-        workers = [asyncio.create_task(self._worker(queue, tables)) for _ in range(
-            min(self.options.parallel_workers, len(pending)))]
+        workers = [
+            asyncio.create_task(self._worker(queue, tables))
+            for _ in range(min(self.options.parallel_workers, len(pending)))
+        ]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -131,14 +145,16 @@ class DataCopy:
                 chunk = queue.get_nowait()
                 table = tables.get(f"{chunk.schema_name}.{chunk.table_name}")
                 if table is None:
-                    raise CopyError(f"table {chunk.schema_name}.{chunk.table_name} of the copy plan is no longer "
-                                    f"visible at S; start the copy over with --restart")
+                    raise CopyError(
+                        f"table {chunk.schema_name}.{chunk.table_name} of the copy plan is no longer "
+                        f"visible at S; start the copy over with --restart"
+                    )
                 side, snapshot = await self._side_for(table)
                 if id(side) not in sessions:
                     sessions[id(side)] = await side.session()
-                await copy_chunk(self.store, self.database, sessions[id(side)], target, table, chunk, self.live,
-                                 snapshot)
+                await copy_chunk(
+                    self.store, self.database, sessions[id(side)], target, table, chunk, self.live, snapshot
+                )
         finally:
             for conn in [*sessions.values(), target]:
                 await conn.close()
-

@@ -50,8 +50,10 @@ class CopyReport:
 
 def format_schema_errors(errors: list[SchemaErrorRecord]) -> str:
     """Each rejected object with its error and definition, for the DBA."""
-    return "\n\n".join(f"[{e.section}] {e.object}\n  error: {e.error}\n  definition:\n    "
-                       + e.definition.replace("\n", "\n    ") for e in errors)
+    return "\n\n".join(
+        f"[{e.section}] {e.object}\n  error: {e.error}\n  definition:\n    " + e.definition.replace("\n", "\n    ")
+        for e in errors
+    )
 
 
 _TABLES_BY_SIZE = """
@@ -66,12 +68,22 @@ ORDER BY c.relpages DESC
 class CopyJob:
     """Copies the source database of `upgrade` to its target at one snapshot S; `run()` resumes if interrupted."""
 
-    def __init__(self, upgrade: UpgradeConfig, store: StateStore, options: CopyOptions | None = None, *,
-                 workdir: Path | None = None, bindir: Path | None = None, restart: bool = False,
-                 on_snapshot: Callable[[str], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        upgrade: UpgradeConfig,
+        store: StateStore,
+        options: CopyOptions | None = None,
+        *,
+        workdir: Path | None = None,
+        bindir: Path | None = None,
+        restart: bool = False,
+        on_snapshot: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         if upgrade.target is None:
-            raise CopyError(f"auto_upgrade {upgrade.database!r} has no target_* settings; set target_host, "
-                            f"target_port and target_user to copy")
+            raise CopyError(
+                f"auto_upgrade {upgrade.database!r} has no target_* settings; set target_host, "
+                f"target_port and target_user to copy"
+            )
         self.upgrade = upgrade
         self.target = upgrade.target
         self.store = store
@@ -104,13 +116,15 @@ class CopyJob:
         if run is not None and run.status != "done" and not self.restart:
             try:
                 if run.mode != self.mode:
-                    raise SnapshotLostError(f"the previous run read from the {run.mode}, this one reads from "
-                                            f"the {self.mode}")
+                    raise SnapshotLostError(
+                        f"the previous run read from the {run.mode}, this one reads from the {self.mode}"
+                    )
                 if run.snapshot is None:
                     raise SnapshotLostError("the previous run stopped before S was recorded")
                 if not isinstance(side, ReplicaReadSide):
-                    raise SnapshotLostError("the snapshot exported on the primary ended with the previous "
-                                            "pgleap process")
+                    raise SnapshotLostError(
+                        "the snapshot exported on the primary ended with the previous pgleap process"
+                    )
                 await side.reuse(run)
                 self._read_side = side
                 log.info("resuming copy run %d at S = %s", run.run_id, run.snapshot)
@@ -158,7 +172,8 @@ class CopyJob:
         try:
             for step in STEPS:
                 if self.store.step_status(self.database, step) == "done" and not (
-                        step == "dump" and not self._dump_path.exists()):
+                    step == "dump" and not self._dump_path.exists()
+                ):
                     continue
                 rerun = self.store.step_status(self.database, step) == "started"
                 self.step = step
@@ -186,7 +201,8 @@ class CopyJob:
         if errors and self.options.on_schema_error == "stop":
             raise SchemaObjectError(
                 f"the target rejected {len(errors)} schema object(s); fix them (or set on_schema_error = "
-                f"\"skip\" to copy without them) and run the copy again:\n\n" + format_schema_errors(errors))
+                f'"skip" to copy without them) and run the copy again:\n\n' + format_schema_errors(errors)
+            )
 
     async def _target_major(self) -> int:
         conn = await connect(self.target, role="target")
@@ -218,9 +234,17 @@ class CopyJob:
 
     async def _restore(self, section: str, jobs: int, rerun: bool) -> None:
         tool = find_tool("pg_restore", await self._target_major(), self.bindir)
-        self._handle(await schema.restore_section(tool, self.target, self._dump_path, section, jobs=jobs,
-                                                  stop_on_error=self.options.on_schema_error == "stop",
-                                                  rerun=rerun))
+        self._handle(
+            await schema.restore_section(
+                tool,
+                self.target,
+                self._dump_path,
+                section,
+                jobs=jobs,
+                stop_on_error=self.options.on_schema_error == "stop",
+                rerun=rerun,
+            )
+        )
 
     async def _step_pre_data(self, side: ReadSide, rerun: bool) -> None:
         del side
@@ -228,8 +252,7 @@ class CopyJob:
 
     async def _step_data(self, side: ReadSide, rerun: bool) -> None:
         del rerun
-        await DataCopy(self.store, self.database, side, self.upgrade.source, self.target, self.options,
-                       self.live).run()
+        await DataCopy(self.store, self.database, side, self.upgrade.source, self.target, self.options, self.live).run()
 
     async def _step_large_objects(self, side: ReadSide, rerun: bool) -> None:
         del rerun

@@ -10,8 +10,9 @@ from pgleap.upgrade.compat import catalog as sql
 from pgleap.upgrade.copy.connect import qualified
 
 
-async def refresh_matviews(source: asyncpg.Connection, facts: Facts,
-                           target: asyncpg.Connection) -> list[SchemaErrorRecord]:
+async def refresh_matviews(
+    source: asyncpg.Connection, facts: Facts, target: asyncpg.Connection
+) -> list[SchemaErrorRecord]:
     """REFRESH each populated view; views reading other views are retried until their inputs are ready."""
     query = sql.matviews_sql(facts)
     if query is None:
@@ -29,5 +30,12 @@ async def refresh_matviews(source: asyncpg.Connection, facts: Facts,
         if len(failed) == len(pending):
             break
         pending = failed
-    return [SchemaErrorRecord(section="post-data", object=f"MATERIALIZED VIEW {name}", error=errors[name],
-                              definition=f"REFRESH MATERIALIZED VIEW {name}") for name in pending]
+    return [
+        SchemaErrorRecord(
+            section="post-data",
+            object=f"MATERIALIZED VIEW {name}",
+            error=errors[name],
+            definition=f"REFRESH MATERIALIZED VIEW {name}",
+        )
+        for name in pending
+    ]

@@ -38,7 +38,7 @@ class Table:
 
     @property
     def qualified(self) -> str:
-        """"schema"."name"."""
+        """ "schema"."name"."""
         return qualified(self.schema, self.name)
 
     @property

@@ -20,16 +20,30 @@ async def load_tables(conn: asyncpg.Connection, facts: Facts, *, allow_binary: b
     integer_datetimes = (await conn.fetchval("SHOW integer_datetimes")) == "on"
     tables: list[Table] = []
     for schema, name, oid, persistence, pages, reltuples, is_partition, has_children in await conn.fetch(
-            sql.tables_sql(facts)):
+        sql.tables_sql(facts)
+    ):
         columns = tuple(Column(*row) for row in await conn.fetch(sql.columns_sql(facts), oid))
         key_rows = await conn.fetch(sql.primary_key_sql(facts), oid)
         binary = allow_binary and all(
             binary_safe(c.type_name, c.type_schema, c.element_name, integer_datetimes=integer_datetimes)
-            for c in columns)
-        tables.append(Table(schema=schema, name=name, oid=oid, persistence=persistence, pages=pages,
-                            reltuples=reltuples, is_partition=is_partition, has_children=has_children,
-                            columns=columns, key=tuple(r[0] for r in key_rows),
-                            key_types=tuple(r[1] for r in key_rows), binary=binary))
+            for c in columns
+        )
+        tables.append(
+            Table(
+                schema=schema,
+                name=name,
+                oid=oid,
+                persistence=persistence,
+                pages=pages,
+                reltuples=reltuples,
+                is_partition=is_partition,
+                has_children=has_children,
+                columns=columns,
+                key=tuple(r[0] for r in key_rows),
+                key_types=tuple(r[1] for r in key_rows),
+                binary=binary,
+            )
+        )
     return tables
 
 
@@ -46,8 +60,9 @@ def _flags(table: Table) -> str:
     return ",".join(flags)
 
 
-async def plan_chunks(conn: asyncpg.Connection, facts: Facts, tables: list[Table],
-                      options: CopyOptions) -> list[ChunkRecord]:
+async def plan_chunks(
+    conn: asyncpg.Connection, facts: Facts, tables: list[Table], options: CopyOptions
+) -> list[ChunkRecord]:
     """Chunks for every table; sizes come from the files at S, key bounds from the rows at S."""
     chunks: list[ChunkRecord] = []
     for table in tables:
@@ -64,11 +79,19 @@ async def plan_chunks(conn: asyncpg.Connection, facts: Facts, tables: list[Table
                 bounds = list(range(low, high + 1, step))
                 for i, lower in enumerate(bounds):
                     upper = bounds[i + 1] if i + 1 < len(bounds) else None
-                    chunks.append(ChunkRecord(
-                        chunk_id=f"{table.label}#{i}", kind="key", lower=str(lower) if i else None,
-                        upper=None if upper is None else str(upper),
-                        est_rows=table.reltuples / len(bounds), est_bytes=est_bytes / len(bounds),
-                    schema_name=table.schema, table_name=table.name, flags=flags))
+                    chunks.append(
+                        ChunkRecord(
+                            chunk_id=f"{table.label}#{i}",
+                            kind="key",
+                            lower=str(lower) if i else None,
+                            upper=None if upper is None else str(upper),
+                            est_rows=table.reltuples / len(bounds),
+                            est_bytes=est_bytes / len(bounds),
+                            schema_name=table.schema,
+                            table_name=table.name,
+                            flags=flags,
+                        )
+                    )
                 continue
         if pieces > 1 and facts.has_tid_range_scan and not table.unlogged and size > 0:
             # Only where the server scans a ctid range directly (14+); older ones would read the
@@ -78,15 +101,33 @@ async def plan_chunks(conn: asyncpg.Connection, facts: Facts, tables: list[Table
             starts = list(range(0, pages, step))
             for i, lower in enumerate(starts):
                 upper = starts[i + 1] if i + 1 < len(starts) else None
-                chunks.append(ChunkRecord(
-                    chunk_id=f"{table.label}#{i}", kind="ctid", lower=str(lower) if i else None,
-                    upper=None if upper is None else str(upper),
-                    est_rows=table.reltuples / len(starts), est_bytes=est_bytes / len(starts),
-                    schema_name=table.schema, table_name=table.name, flags=flags))
+                chunks.append(
+                    ChunkRecord(
+                        chunk_id=f"{table.label}#{i}",
+                        kind="ctid",
+                        lower=str(lower) if i else None,
+                        upper=None if upper is None else str(upper),
+                        est_rows=table.reltuples / len(starts),
+                        est_bytes=est_bytes / len(starts),
+                        schema_name=table.schema,
+                        table_name=table.name,
+                        flags=flags,
+                    )
+                )
             continue
-        chunks.append(ChunkRecord(chunk_id=f"{table.label}#0", kind="table", lower=None, upper=None,
-                                  est_rows=table.reltuples, est_bytes=est_bytes,
-                    schema_name=table.schema, table_name=table.name, flags=flags))
+        chunks.append(
+            ChunkRecord(
+                chunk_id=f"{table.label}#0",
+                kind="table",
+                lower=None,
+                upper=None,
+                est_rows=table.reltuples,
+                est_bytes=est_bytes,
+                schema_name=table.schema,
+                table_name=table.name,
+                flags=flags,
+            )
+        )
     # Biggest first, so the longest chunk does not start last and stretch the wall time.
     chunks.sort(key=lambda c: -c.est_bytes)
     return chunks

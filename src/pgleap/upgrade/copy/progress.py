@@ -68,12 +68,21 @@ def table_progress(store: StateStore, database: str, live: LiveCounters | None =
         rate = sum(c.bytes for c in done) / seconds if seconds > 0 else 0.0
         est_bytes = sum(c.est_bytes for c in chunks)
         remaining = max(0.0, est_bytes - sum(c.est_bytes for c in done))
-        result.append(TableProgress(
-            table=name, status=_status(chunks), chunks_done=len(done), chunks_total=len(chunks),
-            rows=sum(c.rows for c in done), bytes=nbytes, est_rows=sum(c.est_rows for c in chunks),
-            est_bytes=est_bytes, rate_bytes_per_s=rate,
-            eta_seconds=0.0 if not remaining else (remaining / rate if rate else None),
-            flags=chunks[0].flags))
+        result.append(
+            TableProgress(
+                table=name,
+                status=_status(chunks),
+                chunks_done=len(done),
+                chunks_total=len(chunks),
+                rows=sum(c.rows for c in done),
+                bytes=nbytes,
+                est_rows=sum(c.est_rows for c in chunks),
+                est_bytes=est_bytes,
+                rate_bytes_per_s=rate,
+                eta_seconds=0.0 if not remaining else (remaining / rate if rate else None),
+                flags=chunks[0].flags,
+            )
+        )
     return result
 
 
@@ -114,9 +123,17 @@ def total_progress(store: StateStore, database: str, live: LiveCounters | None =
         eta = elapsed * (est - done_est) / done_est
     else:
         eta = None
-    return TotalProgress(tables_total=len(tables), tables_done=sum(t.status == "done" for t in tables), rows=rows,
-                         bytes=nbytes, est_bytes=est, elapsed_seconds=elapsed, rate_bytes_per_s=rate,
-                         rows_per_s=rows / elapsed if elapsed > 0 else 0.0, eta_seconds=eta)
+    return TotalProgress(
+        tables_total=len(tables),
+        tables_done=sum(t.status == "done" for t in tables),
+        rows=rows,
+        bytes=nbytes,
+        est_bytes=est,
+        elapsed_seconds=elapsed,
+        rate_bytes_per_s=rate,
+        rows_per_s=rows / elapsed if elapsed > 0 else 0.0,
+        eta_seconds=eta,
+    )
 
 
 SHOW_UPGRADE_TABLES_COLUMNS = ("table", "status", "chunks", "rows", "bytes", "rate_mb_s", "eta_s", "flags")
@@ -124,9 +141,19 @@ SHOW_UPGRADE_TABLES_COLUMNS = ("table", "status", "chunks", "rows", "bytes", "ra
 
 def show_upgrade_tables(store: StateStore, database: str) -> list[tuple[str, ...]]:
     """Rows (all text) for the admin console's SHOW UPGRADE TABLES; columns in SHOW_UPGRADE_TABLES_COLUMNS."""
-    return [(t.table, t.status, f"{t.chunks_done}/{t.chunks_total}", str(t.rows), str(t.bytes),
-             f"{t.rate_bytes_per_s / 1e6:.1f}", "" if t.eta_seconds is None else f"{t.eta_seconds:.0f}", t.flags)
-            for t in table_progress(store, database)]
+    return [
+        (
+            t.table,
+            t.status,
+            f"{t.chunks_done}/{t.chunks_total}",
+            str(t.rows),
+            str(t.bytes),
+            f"{t.rate_bytes_per_s / 1e6:.1f}",
+            "" if t.eta_seconds is None else f"{t.eta_seconds:.0f}",
+            t.flags,
+        )
+        for t in table_progress(store, database)
+    ]
 
 
 def copy_gauges(store: StateStore, database: str) -> dict[str, float]:

@@ -24,8 +24,15 @@ from pgleap.upgrade.copy.connect import connect, version_num
 from pgleap.upgrade.copy.errors import CopyError, ToolError
 
 # Recovery settings a pg_basebackup -R (or a source that once was a standby) may leave behind; ours replace them.
-RECOVERY_KEYS = ("standby_mode", "primary_conninfo", "primary_slot_name", "restore_command",
-                 "recovery_target_timeline", "trigger_file", "promote_trigger_file")
+RECOVERY_KEYS = (
+    "standby_mode",
+    "primary_conninfo",
+    "primary_slot_name",
+    "restore_command",
+    "recovery_target_timeline",
+    "trigger_file",
+    "promote_trigger_file",
+)
 _SIGNAL_FILES = ("recovery.conf", "standby.signal", "recovery.signal")
 _PORT_TAKEN = ("could not bind", "Address already in use", "could not create any TCP/IP sockets")
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
@@ -121,17 +128,23 @@ def server_bindir(bindir: Path | None, source_version: int) -> Path:
         try:
             bindir = find_install(_lab_major(source_version)).bindir
         except LabError as exc:
-            raise WrongBinariesError(f"no PostgreSQL {want} server binaries found ({exc}); pass --bindir "
-                                     f"with postgres and pg_ctl of PostgreSQL {want}") from exc
+            raise WrongBinariesError(
+                f"no PostgreSQL {want} server binaries found ({exc}); pass --bindir "
+                f"with postgres and pg_ctl of PostgreSQL {want}"
+            ) from exc
     for name in ("postgres", "pg_ctl"):
         found = _binary_major(bindir / name)
         if found is None:
-            raise WrongBinariesError(f"{bindir / name} is missing or does not run; --bindir must hold the "
-                                     f"server binaries (postgres, pg_ctl) of PostgreSQL {want}, the source's major")
+            raise WrongBinariesError(
+                f"{bindir / name} is missing or does not run; --bindir must hold the "
+                f"server binaries (postgres, pg_ctl) of PostgreSQL {want}, the source's major"
+            )
         if found != major_key(source_version):
-            raise WrongBinariesError(f"{bindir / name} is PostgreSQL {_key_label(found)}, the source is PostgreSQL "
-                                     f"{want}: a streaming replica must run the primary's major; pass --bindir "
-                                     f"of PostgreSQL {want}")
+            raise WrongBinariesError(
+                f"{bindir / name} is PostgreSQL {_key_label(found)}, the source is PostgreSQL "
+                f"{want}: a streaming replica must run the primary's major; pass --bindir "
+                f"of PostgreSQL {want}"
+            )
     return bindir
 
 
@@ -151,8 +164,10 @@ def basebackup_tool(explicit: Path | None, bindir: Path, source_version: int) ->
         if found is not None and found >= major_key(source_version):
             return path
     tried = ", ".join(str(p) for p in candidates)
-    raise ToolError(f"no pg_basebackup of PostgreSQL {major_label(source_version)} or later (tried {tried}); "
-                    f"install a newer client toolset (e.g. apt-get install postgresql-client-15) or pass one")
+    raise ToolError(
+        f"no pg_basebackup of PostgreSQL {major_label(source_version)} or later (tried {tried}); "
+        f"install a newer client toolset (e.g. apt-get install postgresql-client-15) or pass one"
+    )
 
 
 # --- checks before anything is written ----------------------------------------------------------
@@ -167,7 +182,8 @@ def check_datadir(datadir: Path) -> None:
         if entries:
             raise DatadirNotEmptyError(
                 f"data directory {datadir} is not empty ({len(entries)} entries, e.g. {entries[0]!r}); give a new "
-                f"or empty directory, or remove its contents if it is a failed earlier attempt")
+                f"or empty directory, or remove its contents if it is a failed earlier attempt"
+            )
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -179,8 +195,9 @@ def check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise PortInUseError(f"port {port} on {host} is in use by another process; pick a free --port "
-                                     f"for the replica") from exc
+                raise PortInUseError(
+                    f"port {port} on {host} is in use by another process; pick a free --port for the replica"
+                ) from exc
             raise ReplicaError(f"cannot listen on {host}:{port}: {exc.strerror}; give a local address") from exc
 
 
@@ -193,10 +210,13 @@ async def source_version(source: ServerConfig) -> int:
         if isinstance(cause, asyncpg.InvalidPasswordError):
             raise ReplicationAccessError(
                 f"password authentication failed for user {source.user!r} on the source "
-                f"{source.host}:{source.port}; fix source_password in the config") from cause
+                f"{source.host}:{source.port}; fix source_password in the config"
+            ) from cause
         if isinstance(cause, asyncpg.InvalidAuthorizationSpecificationError):
-            raise ReplicationAccessError(f"the source {source.host}:{source.port} refused user {source.user!r}: "
-                                         f"{cause}; add a pg_hba.conf entry for it") from cause
+            raise ReplicationAccessError(
+                f"the source {source.host}:{source.port} refused user {source.user!r}: "
+                f"{cause}; add a pg_hba.conf entry for it"
+            ) from cause
         raise
     try:
         return await version_num(conn)
@@ -218,8 +238,9 @@ def prepare_dir(path: Path, mode: int = 0o700) -> None:
         raise ReplicaError(str(exc)) from exc
 
 
-def _run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-         timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float
+) -> subprocess.CompletedProcess[str]:
     """Run a program as the server user (when we are root), turning the lab's errors into ours."""
     try:
         return run(argv, as_server=True, env=env, cwd=cwd, timeout=timeout)
@@ -237,26 +258,47 @@ def basebackup_error(stderr: str, source: ServerConfig, facts: Facts) -> Replica
         return ReplicationAccessError(
             f"pg_hba.conf on {where} has no replication entry for user {user} from {addr}: add "
             f"`host replication {user} {addr}/{mask} {facts.password_auth_method}` and reload it "
-            f"(SELECT pg_reload_conf())")
+            f"(SELECT pg_reload_conf())"
+        )
     if "password authentication failed" in stderr:
-        return ReplicationAccessError(f"password authentication failed for user {source.user!r} on {where} "
-                                      f"(replication connection); fix source_password in the config")
+        return ReplicationAccessError(
+            f"password authentication failed for user {source.user!r} on {where} "
+            f"(replication connection); fix source_password in the config"
+        )
     if "REPLICATION attribute" in stderr or "superuser or replication role" in stderr:
-        return ReplicationAccessError(f"user {source.user!r} may not stream WAL from {where}: "
-                                      f"ALTER ROLE {source.user} REPLICATION, or use a superuser")
+        return ReplicationAccessError(
+            f"user {source.user!r} may not stream WAL from {where}: "
+            f"ALTER ROLE {source.user} REPLICATION, or use a superuser"
+        )
     if "max_wal_senders" in stderr or "too many clients" in stderr:
-        return SourceNotReadyError(f"{where} has no free WAL sender: raise max_wal_senders (restart needed) or "
-                                   f"stop an unused standby; pg_basebackup said: {stderr.strip()}")
+        return SourceNotReadyError(
+            f"{where} has no free WAL sender: raise max_wal_senders (restart needed) or "
+            f"stop an unused standby; pg_basebackup said: {stderr.strip()}"
+        )
     if "wal_level" in stderr or "WAL level not sufficient" in stderr:
-        return SourceNotReadyError(f"{where} does not write enough WAL for a standby: set wal_level = "
-                                   f"{'replica' if facts.version_num >= 90600 else 'hot_standby'} and restart it")
+        return SourceNotReadyError(
+            f"{where} does not write enough WAL for a standby: set wal_level = "
+            f"{'replica' if facts.version_num >= 90600 else 'hot_standby'} and restart it"
+        )
     return ReplicaError(f"pg_basebackup from {source.describe()} failed: {stderr.strip()}")
 
 
 async def base_backup(tool: Path, source: ServerConfig, datadir: Path, facts: Facts, timeout: float) -> None:
     """pg_basebackup into the empty datadir, as the server user so the files are the server's."""
-    argv = [str(tool), "-D", str(datadir), "-d", _backup_conninfo(source), "-X", facts.basebackup_wal_method,
-            "-c", "fast", "-w", "-l", "pgleap replica"]
+    argv = [
+        str(tool),
+        "-D",
+        str(datadir),
+        "-d",
+        _backup_conninfo(source),
+        "-X",
+        facts.basebackup_wal_method,
+        "-c",
+        "fast",
+        "-w",
+        "-l",
+        "pgleap replica",
+    ]
     env = {"PGCONNECT_TIMEOUT": "10", **({"PGPASSWORD": source.password} if source.password else {})}
     result = await asyncio.to_thread(_run, argv, env=env, cwd=datadir, timeout=timeout)
     if result.returncode != 0:
@@ -273,8 +315,13 @@ def _backup_conninfo(source: ServerConfig) -> str:
 
 def standby_conninfo(source: ServerConfig, application_name: str) -> str:
     """A minimal primary_conninfo: pg_basebackup -R of newer majors adds options old walreceivers reject."""
-    return conninfo(host=source.host, port=source.port, user=source.user, password=source.password,
-                    application_name=application_name)
+    return conninfo(
+        host=source.host,
+        port=source.port,
+        user=source.user,
+        password=source.password,
+        application_name=application_name,
+    )
 
 
 def _setting_key(line: str) -> str | None:
@@ -336,11 +383,13 @@ def write_standby_config(datadir: Path, facts: Facts, primary_conninfo: str, set
     # Before 12 recovery keys in postgresql(.auto).conf are unknown settings, and the server refuses to start.
     remove_settings(target, RECOVERY_KEYS)
     if facts.uses_recovery_conf:
-        _write_owned(datadir / "recovery.conf",
-                     "# written by pgleap replica create\n"
-                     "standby_mode = 'on'\n"
-                     f"primary_conninfo = {conf_literal(primary_conninfo)}\n"
-                     "recovery_target_timeline = 'latest'\n")
+        _write_owned(
+            datadir / "recovery.conf",
+            "# written by pgleap replica create\n"
+            "standby_mode = 'on'\n"
+            f"primary_conninfo = {conf_literal(primary_conninfo)}\n"
+            "recovery_target_timeline = 'latest'\n",
+        )
         set_settings(target, settings)
     else:
         _write_owned(datadir / "standby.signal", "")
@@ -362,8 +411,11 @@ def stop_server(bindir: Path, datadir: Path, mode: str = "fast", timeout: float 
     """pg_ctl stop, as the server user; nothing to do when no postmaster runs there."""
     if postmaster_pid(datadir) is None:
         return
-    result = _run([str(bindir / "pg_ctl"), "stop", "-D", str(datadir), "-m", mode, "-w", "-t", str(int(timeout))],
-                  cwd=datadir, timeout=timeout + 30)
+    result = _run(
+        [str(bindir / "pg_ctl"), "stop", "-D", str(datadir), "-m", mode, "-w", "-t", str(int(timeout))],
+        cwd=datadir,
+        timeout=timeout + 30,
+    )
     if result.returncode != 0 and postmaster_pid(datadir) is not None:
         raise ReplicaError(f"could not stop the server in {datadir}: {(result.stderr or result.stdout).strip()}")
 
@@ -393,11 +445,15 @@ async def start_server(bindir: Path, datadir: Path, logfile: Path, host: str, po
         return
     await asyncio.to_thread(stop_server, bindir, datadir, "immediate")  # pg_ctl may give up on a live postmaster
     if any(marker in _log_since(logfile, offset) for marker in _PORT_TAKEN):
-        raise PortInUseError(f"the replica could not listen on {host}:{port} (another process took it); the data "
-                             f"in {datadir} is ready: set another port in its configuration and start it, or "
-                             f"empty it and run again with a free --port")
-    raise ReplicaStartError(f"the replica in {datadir} did not start: {(result.stderr or result.stdout).strip()}\n"
-                            f"--- last lines of {logfile} ---\n{log_tail(logfile)}")
+        raise PortInUseError(
+            f"the replica could not listen on {host}:{port} (another process took it); the data "
+            f"in {datadir} is ready: set another port in its configuration and start it, or "
+            f"empty it and run again with a free --port"
+        )
+    raise ReplicaStartError(
+        f"the replica in {datadir} did not start: {(result.stderr or result.stdout).strip()}\n"
+        f"--- last lines of {logfile} ---\n{log_tail(logfile)}"
+    )
 
 
 async def _replication_state(conn: asyncpg.Connection, facts: Facts, application_name: str) -> str | None:
@@ -406,8 +462,9 @@ async def _replication_state(conn: asyncpg.Connection, facts: Facts, application
     return next((row[0] or "row without state (not a superuser?)" for row in rows), None)
 
 
-async def wait_streaming(source: ServerConfig, facts: Facts, replica_datadir: Path, application_name: str,
-                         logfile: Path, timeout: float) -> None:
+async def wait_streaming(
+    source: ServerConfig, facts: Facts, replica_datadir: Path, application_name: str, logfile: Path, timeout: float
+) -> None:
     """Poll the primary's pg_stat_replication until the replica streams; fail early if it died."""
     conn = await connect(source, role="source")
     state: str | None = None
@@ -418,24 +475,36 @@ async def wait_streaming(source: ServerConfig, facts: Facts, replica_datadir: Pa
             if state == "streaming":
                 return
             if postmaster_pid(replica_datadir) is None:
-                raise ReplicaStartError(f"the replica in {replica_datadir} stopped while connecting to the primary"
-                                        f"\n--- last lines of {logfile} ---\n{log_tail(logfile)}")
+                raise ReplicaStartError(
+                    f"the replica in {replica_datadir} stopped while connecting to the primary"
+                    f"\n--- last lines of {logfile} ---\n{log_tail(logfile)}"
+                )
             await asyncio.sleep(0.2)
     finally:
         await conn.close()
     raise NotStreamingError(
         f"the replica {application_name!r} is not streaming from {source.host}:{source.port} after {timeout:.0f}s "
-        f"(pg_stat_replication state: {state or 'no row'})\n--- last lines of {logfile} ---\n{log_tail(logfile)}")
+        f"(pg_stat_replication state: {state or 'no row'})\n--- last lines of {logfile} ---\n{log_tail(logfile)}"
+    )
 
 
 # --- the whole provisioning -----------------------------------------------------------------------
 
 
-async def provision_replica(source: ServerConfig, datadir: Path, port: int, *, bindir: Path | None = None,
-                            basebackup: Path | None = None, host: str = "127.0.0.1",
-                            socket_dir: Path | None = None, logfile: Path | None = None,
-                            application_name: str | None = None, timeout: float = 120,
-                            backup_timeout: float = 24 * 3600) -> Replica:
+async def provision_replica(
+    source: ServerConfig,
+    datadir: Path,
+    port: int,
+    *,
+    bindir: Path | None = None,
+    basebackup: Path | None = None,
+    host: str = "127.0.0.1",
+    socket_dir: Path | None = None,
+    logfile: Path | None = None,
+    application_name: str | None = None,
+    timeout: float = 120,
+    backup_timeout: float = 24 * 3600,
+) -> Replica:
     """Base-backup `source` into datadir, start it as a hot standby on host:port, return once it streams."""
     datadir = datadir.absolute()
     socket_dir = (socket_dir or datadir.with_name(datadir.name + ".sock")).absolute()
@@ -452,8 +521,9 @@ async def provision_replica(source: ServerConfig, datadir: Path, port: int, *, b
     for path in (datadir, socket_dir):
         prepare_dir(path)
     await base_backup(tool, source, datadir, facts, backup_timeout)
-    write_standby_config(datadir, facts, standby_conninfo(source, name),
-                         replica_settings(facts, host, port, socket_dir))
+    write_standby_config(
+        datadir, facts, standby_conninfo(source, name), replica_settings(facts, host, port, socket_dir)
+    )
     _touch_owned(logfile)
     await start_server(bindir, datadir, logfile, host, port, timeout)
     try:
@@ -461,9 +531,15 @@ async def provision_replica(source: ServerConfig, datadir: Path, port: int, *, b
     except ReplicaError:
         await asyncio.to_thread(stop_server, bindir, datadir)
         raise
-    return Replica(ServerConfig(host=host, port=port, database=source.database, user=source.user,
-                                password=source.password),
-                   datadir, bindir, logfile, socket_dir, name, vnum)
+    return Replica(
+        ServerConfig(host=host, port=port, database=source.database, user=source.user, password=source.password),
+        datadir,
+        bindir,
+        logfile,
+        socket_dir,
+        name,
+        vnum,
+    )
 
 
 def _touch_owned(path: Path) -> None:

@@ -63,8 +63,10 @@ class ReadSide:
             await self._adopt(conn)
             seen = await conn.fetchval(self.facts.snapshot_sql())
             if seen != self.snapshot:
-                raise SnapshotLostError(f"a new session on the {self.role} sees snapshot {seen}, not S = "
-                                        f"{self.snapshot}: {self._moved_hint()}")
+                raise SnapshotLostError(
+                    f"a new session on the {self.role} sees snapshot {seen}, not S = "
+                    f"{self.snapshot}: {self._moved_hint()}"
+                )
         except BaseException:
             await conn.close()
             raise
@@ -115,8 +117,9 @@ class ReplicaReadSide(ReadSide):
             await self._check_standby(conn)
             start = await conn.fetchval(sql.postmaster_start_sql())
             if start != run.replica_start:
-                raise SnapshotLostError(f"the replica restarted (at {start}) since S was taken; "
-                                        f"its paused state is gone")
+                raise SnapshotLostError(
+                    f"the replica restarted (at {start}) since S was taken; its paused state is gone"
+                )
             if not await conn.fetchval(self.facts.pause_requested_sql()):
                 raise SnapshotLostError("replay on the replica was resumed since S was taken")
             lsn = await self._wait_paused(conn)
@@ -132,8 +135,10 @@ class ReplicaReadSide(ReadSide):
 
     async def _check_standby(self, conn: asyncpg.Connection) -> None:
         if not await conn.fetchval(sql.in_recovery_sql()):
-            raise CopyError(f"the configured replica {self.server.describe()} is not in recovery (not a "
-                            f"standby); fix replica_* in the config or remove it to copy from the primary")
+            raise CopyError(
+                f"the configured replica {self.server.describe()} is not in recovery (not a "
+                f"standby); fix replica_* in the config or remove it to copy from the primary"
+            )
 
     async def _wait_paused(self, conn: asyncpg.Connection) -> str:
         # Before 14, pg_is_xlog_replay_paused() only says a pause was requested; the startup process
@@ -149,8 +154,10 @@ class ReplicaReadSide(ReadSide):
                 return str(lsn)
             last = lsn
             await asyncio.sleep(_POLL_INTERVAL)
-        raise CopyError(f"replay on the replica {self.server.describe()} did not stop within {PAUSE_TIMEOUT:.0f}s "
-                        f"after pausing it (last position {last})")
+        raise CopyError(
+            f"replay on the replica {self.server.describe()} did not stop within {PAUSE_TIMEOUT:.0f}s "
+            f"after pausing it (last position {last})"
+        )
 
     def _moved_hint(self) -> str:
         return "replay on the replica was resumed by someone else during the copy"
@@ -158,8 +165,11 @@ class ReplicaReadSide(ReadSide):
     async def close(self, *, success: bool) -> None:
         """Resume replay after a successful copy; after a failure keep it paused so a rerun reuses S."""
         if not success:
-            log.warning("replay on the replica %s stays paused so that a rerun can reuse S; to give up, run "
-                        "SELECT %s there", self.server.describe(), self.facts.replay_resume_sql()[7:])
+            log.warning(
+                "replay on the replica %s stays paused so that a rerun can reuse S; to give up, run SELECT %s there",
+                self.server.describe(),
+                self.facts.replay_resume_sql()[7:],
+            )
             return
         await resume_replay(self.server)
 

@@ -40,26 +40,31 @@ def parse_restore_errors(stderr: str, section: str) -> tuple[list[SchemaErrorRec
             text = "\n".join(definition or []).strip()
             # Without --verbose pg_restore names no TOC entry: the statement's first line names the object.
             obj = current_object or text.split("\n", 1)[0][:120]
-            records.append(SchemaErrorRecord(section=section, object=obj,
-                                             error="\n".join(error_lines).strip(),
-                                             definition="\n".join(definition or []).strip()))
+            records.append(
+                SchemaErrorRecord(
+                    section=section,
+                    object=obj,
+                    error="\n".join(error_lines).strip(),
+                    definition="\n".join(definition or []).strip(),
+                )
+            )
         error_lines, definition = None, None
 
     for line in stderr.splitlines():
         if line.startswith("pg_restore:"):
             flush()
-            body = line[len("pg_restore:"):].strip()
+            body = line[len("pg_restore:") :].strip()
             if body.startswith("from TOC entry "):
-                current_object = body[len("from TOC entry "):].strip()
+                current_object = body[len("from TOC entry ") :].strip()
             elif body.startswith("error: could not execute query:"):
-                error_lines = [body[len("error: could not execute query:"):].strip()]
+                error_lines = [body[len("error: could not execute query:") :].strip()]
             elif body.startswith("error:"):
                 fatal.append(body)
             continue
         if error_lines is None:
             continue
         if definition is None and line.startswith("Command was: "):
-            definition = [line[len("Command was: "):]]
+            definition = [line[len("Command was: ") :]]
         elif definition is not None:
             definition.append(line)
         else:
@@ -68,8 +73,9 @@ def parse_restore_errors(stderr: str, section: str) -> tuple[list[SchemaErrorRec
     return records, fatal
 
 
-async def restore_section(pg_restore: Path, target: ServerConfig, dump: Path, section: str, *, jobs: int,
-                          stop_on_error: bool, rerun: bool) -> list[SchemaErrorRecord]:
+async def restore_section(
+    pg_restore: Path, target: ServerConfig, dump: Path, section: str, *, jobs: int, stop_on_error: bool, rerun: bool
+) -> list[SchemaErrorRecord]:
     """pg_restore one section; returns the objects the target rejected (after filtering rerun noise)."""
     argv = [str(pg_restore), "-w", "-d", conninfo(target), f"--section={section}"]
     if stop_on_error:
@@ -88,8 +94,10 @@ async def restore_section(pg_restore: Path, target: ServerConfig, dump: Path, se
     if rerun:
         records = [r for r in records if not any(marker in r.error for marker in _ALREADY_THERE)]
     if result.returncode != 0 and not records and not rerun:
-        raise ToolError(f"pg_restore --section={section} into {target.describe()} exited {result.returncode}: "
-                        f"{result.stderr.strip()[-2000:]}")
+        raise ToolError(
+            f"pg_restore --section={section} into {target.describe()} exited {result.returncode}: "
+            f"{result.stderr.strip()[-2000:]}"
+        )
     for record in records:
         log.warning("target rejected %s (%s): %s", record.object, section, record.error)
     return records

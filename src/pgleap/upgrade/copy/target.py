@@ -14,9 +14,11 @@ from pgleap.upgrade.copy.errors import TargetNotEmptyError
 
 log = logging.getLogger(__name__)
 
-_USER_OBJECTS = ("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                 "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast' "
-                 "AND n.nspname !~ '^pg_temp_'")
+_USER_OBJECTS = (
+    "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast' "
+    "AND n.nspname !~ '^pg_temp_'"
+)
 
 
 async def prepare_target(target: ServerConfig, encoding: str, *, recreate: bool) -> None:
@@ -30,8 +32,9 @@ async def prepare_target(target: ServerConfig, encoding: str, *, recreate: bool)
             await admin.execute(facts.drop_database_sql(quote_ident(target.database)))
             exists = False
         if not exists:
-            await admin.execute(f"CREATE DATABASE {quote_ident(target.database)} TEMPLATE template0 "
-                                f"ENCODING {quote_literal(encoding)}")
+            await admin.execute(
+                f"CREATE DATABASE {quote_ident(target.database)} TEMPLATE template0 ENCODING {quote_literal(encoding)}"
+            )
             return
     finally:
         await admin.close()
@@ -44,10 +47,12 @@ async def prepare_target(target: ServerConfig, encoding: str, *, recreate: bool)
         raise TargetNotEmptyError(
             f"target database {target.describe()} already holds {count} relations that no pgleap copy of this "
             f"database created; drop it (DROP DATABASE {quote_ident(target.database)}) or point target_database "
-            f"at a new name, then run the copy again")
+            f"at a new name, then run the copy again"
+        )
 
 
 async def source_encoding(conn: asyncpg.Connection) -> str:
     """The source database's encoding name, for CREATE DATABASE on the target."""
-    return str(await conn.fetchval("SELECT pg_encoding_to_char(encoding) FROM pg_database "
-                                   "WHERE datname = current_database()"))
+    return str(
+        await conn.fetchval("SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = current_database()")
+    )

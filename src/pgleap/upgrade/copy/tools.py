@@ -13,8 +13,19 @@ from pathlib import Path
 from pgleap.config import ServerConfig
 from pgleap.upgrade.copy.errors import ToolError
 
-_LIBPQ_VARS = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE",
-               "PGSERVICE", "PGSERVICEFILE", "PGOPTIONS", "PGSSLMODE")
+_LIBPQ_VARS = (
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGDATABASE",
+    "PGUSER",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGOPTIONS",
+    "PGSSLMODE",
+)
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)")
 
 
@@ -35,6 +46,7 @@ def find_tool(name: str, min_major: int, bindir: Path | None = None) -> Path:
     else:
         try:
             from pgleap.lab.binaries import client_tool  # the same places the lab installs to
+
             candidates.append(client_tool(name, min_major=min_major))
         except Exception:
             pass
@@ -46,17 +58,20 @@ def find_tool(name: str, min_major: int, bindir: Path | None = None) -> Path:
         if major is not None and major >= min_major:
             return path
     where = str(bindir) if bindir else "the pgleap cache, /usr/lib/postgresql/*/bin and PATH"
-    raise ToolError(f"no {name} of PostgreSQL {min_major} or later in {where}; the schema must be dumped with "
-                    f"the target's major: install its client programs (e.g. apt-get install "
-                    f"postgresql-client-{min_major})")
+    raise ToolError(
+        f"no {name} of PostgreSQL {min_major} or later in {where}; the schema must be dumped with "
+        f"the target's major: install its client programs (e.g. apt-get install "
+        f"postgresql-client-{min_major})"
+    )
 
 
 def conninfo(server: ServerConfig, database: str | None = None) -> str:
     """A libpq connection string without the password (that goes in PGPASSWORD)."""
+
     def q(value: str) -> str:
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return (f"host={q(server.host)} port={server.port} dbname={q(database or server.database)} "
-            f"user={q(server.user)}")
+
+    return f"host={q(server.host)} port={server.port} dbname={q(database or server.database)} user={q(server.user)}"
 
 
 def tool_env(server: ServerConfig) -> dict[str, str]:
@@ -81,8 +96,12 @@ class ToolResult:
 async def run_tool(argv: list[str], env: dict[str, str], stdin: bytes | None = None) -> ToolResult:
     """Run a program without blocking the event loop (the progress display keeps updating)."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *argv,
+        env=env,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         out, err = await proc.communicate(stdin)
     except BaseException:

@@ -25,8 +25,9 @@ def source_query(table: Table, chunk: ChunkRecord) -> str:
     return f"SELECT {columns} FROM ONLY {table.qualified}{where}"
 
 
-async def _pipe(source: asyncpg.Connection, target: asyncpg.Connection, table: Table, chunk: ChunkRecord,
-                live: LiveCounters) -> tuple[int, int]:
+async def _pipe(
+    source: asyncpg.Connection, target: asyncpg.Connection, table: Table, chunk: ChunkRecord, live: LiveCounters
+) -> tuple[int, int]:
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=_QUEUE_DEPTH)
     fmt = "binary" if table.binary else "text"
     nbytes = 0
@@ -41,8 +42,13 @@ async def _pipe(source: asyncpg.Connection, target: asyncpg.Connection, table: T
         try:
             if chunk.kind == "table" and not table.has_children:
                 # COPY table TO never includes child tables, and skips the executor's projection.
-                await source.copy_from_table(table.name, schema_name=table.schema, output=sink, format=fmt,
-                                             columns=[c.name for c in table.columns])
+                await source.copy_from_table(
+                    table.name,
+                    schema_name=table.schema,
+                    output=sink,
+                    format=fmt,
+                    columns=[c.name for c in table.columns],
+                )
             else:
                 await source.copy_from_query(source_query(table, chunk), output=sink, format=fmt)
         finally:
@@ -54,8 +60,9 @@ async def _pipe(source: asyncpg.Connection, target: asyncpg.Connection, table: T
 
     producer = asyncio.create_task(produce())
     try:
-        status = await target.copy_to_table(table.name, schema_name=table.schema, source=feed(), format=fmt,
-                                            columns=[c.name for c in table.columns])
+        status = await target.copy_to_table(
+            table.name, schema_name=table.schema, source=feed(), format=fmt, columns=[c.name for c in table.columns]
+        )
     except BaseException:
         producer.cancel()
         await asyncio.gather(producer, return_exceptions=True)
@@ -64,8 +71,16 @@ async def _pipe(source: asyncpg.Connection, target: asyncpg.Connection, table: T
     return int(status.split()[-1]), nbytes
 
 
-async def copy_chunk(store: StateStore, database: str, source: asyncpg.Connection, target: asyncpg.Connection,
-                     table: Table, chunk: ChunkRecord, live: LiveCounters, snapshot: str | None = None) -> int:
+async def copy_chunk(
+    store: StateStore,
+    database: str,
+    source: asyncpg.Connection,
+    target: asyncpg.Connection,
+    table: Table,
+    chunk: ChunkRecord,
+    live: LiveCounters,
+    snapshot: str | None = None,
+) -> int:
     """Copy a chunk in one target transaction; marks it done in the store only after the commit. Returns rows."""
     started = time.monotonic()
     tx = target.transaction()

@@ -27,6 +27,7 @@ CONNECT_TIMEOUT = 10.0
 _MAX_ANSWER = 1 << 30
 _FIRST_USER_OID = 16384   # OIDs from here on are user types: they differ between source and target
 _COPY_FROM_STDIN = re.compile(r"^\s*copy\b.*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
+_FINAL = frozenset([codes.EXECUTE, codes.QUERY, codes.SYNC])   # requests whose answer completes a slot
 _CHUNK = 1 << 20          # CopyData payloads are sent in pieces of this size
 
 # The replay session's own settings: no timeout may cut a long replayed statement, and text travels as UTF-8.
@@ -56,14 +57,15 @@ class Pipeline:
         """Parse/Bind/Execute of `sql` on the unnamed statement and portal."""
         slot = Slot(label or sql)
         oids = [0 if t >= _FIRST_USER_OID else t for t in types]
-        self._add(codes.PARSE, cstr("") + cstr(sql) + struct.pack(f"!h{len(oids)}I", len(oids), *oids), None)
+        # Parse and Bind carry the slot too: an unknown table fails at Parse, a bad parameter at Bind.
+        self._add(codes.PARSE, cstr("") + cstr(sql) + struct.pack(f"!h{len(oids)}I", len(oids), *oids), slot)
         bind = bytearray(cstr("") + cstr(""))
         bind += struct.pack(f"!h{len(formats)}h", len(formats), *formats)
         bind += struct.pack("!h", len(params))
         for value in params:
             bind += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
         bind += struct.pack("!h", 0)   # every result column in text
-        self._add(codes.BIND, bytes(bind), None)
+        self._add(codes.BIND, bytes(bind), slot)
         self._add(codes.EXECUTE, cstr("") + struct.pack("!i", 0), slot)
         return slot
 
@@ -158,7 +160,7 @@ class TargetSession:
         if outcome is Outcome.FAILED and slot.error is None:
             slot.error = parse_error(body)
             slot.answered = True
-        elif outcome is Outcome.DONE and not slot.answered:
+        elif outcome is Outcome.DONE and not slot.answered and request.kind in _FINAL:
             slot.tag = request.tag
             slot.answered = True
 
