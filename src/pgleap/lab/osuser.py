@@ -11,26 +11,12 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pgleap.clientenv import client_env
 from pgleap.lab.errors import LabError
 
 PREFERRED_USER = "postgres"
 FALLBACK_USER = "pgleap"
 
-# Variables that would silently redirect our own psql/pg_basebackup calls elsewhere.
-_LIBPQ_VARS = (
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGDATABASE",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGPASSFILE",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGOPTIONS",
-    "PGSSLMODE",
-    "PGDATA",
-)
 
 
 @functools.cache
@@ -93,12 +79,8 @@ def give_to_server_user(path: Path) -> None:
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The current environment without libpq variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in _LIBPQ_VARS}
-    env["LC_ALL"] = "C"  # server and tool messages in English, so errors can be matched
-    if extra:
-        env.update(extra)
-    return env
+    """The current environment without libpq variables, plus `extra` (messages in English, to match errors)."""
+    return client_env(extra)
 
 
 def run(

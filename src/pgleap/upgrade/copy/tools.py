@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgleap.clientenv import client_env
 from pgleap.config import ServerConfig
 from pgleap.upgrade.copy.errors import ToolError
 
-_LIBPQ_VARS = (
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGDATABASE",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGPASSFILE",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGOPTIONS",
-    "PGSSLMODE",
-)
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)")
 
 
@@ -76,9 +63,7 @@ def conninfo(server: ServerConfig, database: str | None = None) -> str:
 
 def tool_env(server: ServerConfig) -> dict[str, str]:
     """Environment for a client program: no stray libpq variables, the password, English messages."""
-    env = {k: v for k, v in os.environ.items() if k not in _LIBPQ_VARS}
-    env["LC_ALL"] = "C"  # messages are parsed (pg_restore errors)
-    env["PGCONNECT_TIMEOUT"] = "10"
+    env = client_env({"PGCONNECT_TIMEOUT": "10"})  # pg_restore's messages are parsed
     if server.password is not None:
         env["PGPASSWORD"] = server.password
     return env
