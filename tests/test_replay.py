@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -42,8 +43,9 @@ INSERT INTO counter VALUES (1, 0);
 
 def server_config(server: LabServer, database: str) -> ServerConfig:
     """A lab server's superuser on `database`."""
-    return ServerConfig(host=server.host, port=server.port, database=database, user=server.superuser,
-                        password=server.password)
+    return ServerConfig(
+        host=server.host, port=server.port, database=database, user=server.superuser, password=server.password
+    )
 
 
 @dataclass
@@ -60,8 +62,11 @@ class Env:
     @property
     def upgrade(self) -> UpgradeConfig:
         """The upgrade config replay reads (database "app" through pgleap)."""
-        return UpgradeConfig(database="app", source=server_config(self.source, self.dbname),
-                             target=server_config(self.target, self.dbname))
+        return UpgradeConfig(
+            database="app",
+            source=server_config(self.source, self.dbname),
+            target=server_config(self.target, self.dbname),
+        )
 
     def snapshot(self) -> str:
         """txid_current_snapshot() on the source, now."""
@@ -91,7 +96,7 @@ def env(tmp_path: Path, pg_old: LabServer, target18: LabServer) -> Iterator[Env]
     for server in (pg_old, target18):
         server.psql(f"CREATE DATABASE {dbname}")
         server.psql(SCHEMA, dbname=dbname)
-    proxy = start_proxy(tmp_path, {"app": server_config(pg_old, dbname)})
+    proxy = start_proxy(tmp_path, {"app": server_config(pg_old, dbname)})  # type: ignore[dict-item]
     changelog = SQLiteChangeLog(tmp_path / "changes.db")
     capture = Capture("app", changelog)
 
@@ -120,8 +125,10 @@ def workload(dsn: str, worker: int, count: int) -> int:
             kind = i % 6
             if kind == 0:  # extended protocol with text parameters of several types
                 with conn.transaction():
-                    conn.execute("insert into items (id, worker, qty, note, price, tags) values (%s, %s, %s, %s, %s, %s)",
-                                 (key, worker, i, f"note {i}", Decimal(i) / 4, ["a", str(i)]))
+                    conn.execute(
+                        "insert into items (id, worker, qty, note, price, tags) values (%s, %s, %s, %s, %s, %s)",
+                        (key, worker, i, f"note {i}", Decimal(i) / 4, ["a", str(i)]),
+                    )
                     conn.execute("update counter set n = n + 1 where id = 1")
             elif kind == 1:  # explicit transaction with a rolled-back savepoint
                 with conn.transaction():
@@ -133,8 +140,10 @@ def workload(dsn: str, worker: int, count: int) -> int:
                         pass
                     conn.execute("update counter set n = n + 1 where id = 1")
             elif kind == 2:  # simple protocol: one implicit transaction of two statements
-                conn.execute(f"insert into items (id, worker, qty, note) values ({key}, {worker}, {i}, 'multi ''q''');"
-                             "update counter set n = n + 1 where id = 1")
+                conn.execute(
+                    f"insert into items (id, worker, qty, note) values ({key}, {worker}, {i}, 'multi ''q''');"
+                    "update counter set n = n + 1 where id = 1"
+                )
             elif kind == 3:  # COPY FROM STDIN, then binary parameters
                 with conn.transaction():
                     with conn.cursor().copy("copy events (id, payload, b) from stdin") as copy:
@@ -184,16 +193,21 @@ async def _diffs(env: Env) -> list[str]:
     a = await _connect(upgrade.source)
     b = await _connect(upgrade.target)
     try:
-        return [f"{d.table}: {d.source_rows} vs {d.target_rows} rows; only source {d.only_source[:3]}; "
-                f"only target {d.only_target[:3]}" for d in await compare_database(a, b) if not d.equal]
+        return [
+            f"{d.table}: {d.source_rows} vs {d.target_rows} rows; only source {d.only_source[:3]}; "
+            f"only target {d.only_target[:3]}"
+            for d in await compare_database(a, b)
+            if not d.equal
+        ]
     finally:
         await a.close()
         await b.close()
 
 
 async def _connect(server: ServerConfig) -> asyncpg.Connection:
-    return await asyncpg.connect(host=server.host, port=server.port, user=server.user, password=server.password,
-                                 database=server.database)
+    return await asyncpg.connect(
+        host=server.host, port=server.port, user=server.user, password=server.password, database=server.database
+    )
 
 
 def assert_equal(env: Env) -> None:
@@ -204,12 +218,15 @@ def assert_equal(env: Env) -> None:
 
 def replay(env: Env, snapshot: str, **options: object) -> tuple[ReplayStatus, Replayer]:
     """Run a Replayer until caught up (or paused); its connection is closed afterwards."""
+
     async def go() -> tuple[ReplayStatus, Replayer]:
-        replayer = Replayer(env.upgrade, env.changelog, snapshot, **{"max_retries": 5, **options})  # type: ignore[arg-type]
+        settings = {"max_retries": 5, **options}
+        replayer = Replayer(env.upgrade, env.changelog, snapshot, **settings)  # type: ignore[arg-type]
         try:
             return await replayer.run_until_caught_up(), replayer
         finally:
             replayer.close()
+
     return asyncio.run(go())
 
 
@@ -220,6 +237,8 @@ def test_replay_applies_the_captured_workload(env: Env) -> None:
     env.drain()
     logged = env.changelog.last_position("app")
     assert logged == committed
+    before = Replayer(env.upgrade, env.changelog, snapshot).lag()
+    assert before.transactions == committed and before.bytes > 0 and before.seconds > 0 and before.apply_rate == 0
     status, replayer = replay(env, snapshot, batch_size=25)
     assert status.applied == committed and status.skipped_in_snapshot == 0 and status.paused is None
     assert status.applied_position == logged and status.divergences == 0
@@ -227,7 +246,8 @@ def test_replay_applies_the_captured_workload(env: Env) -> None:
     assert_equal(env)
     lag = replayer.lag()
     assert (lag.transactions, lag.bytes, lag.seconds) == (0, 0, 0.0) and lag.apply_rate > 0
-    assert env.target.psql("SELECT position FROM pgleap.applied WHERE database = 'app'", dbname=env.dbname) == str(logged)
+    stored = env.target.psql("SELECT position FROM pgleap.applied WHERE database = 'app'", dbname=env.dbname)
+    assert stored == str(logged)
     # A second replayer finds everything applied: nothing is applied twice.
     again, _ = replay(env, snapshot)
     assert again.applied == 0 and again.applied_position == logged
@@ -281,6 +301,7 @@ def test_snapshot_taken_mid_workload_stitches_exactly(env: Env) -> None:
 
 def _wait_for(condition: Callable[[], bool], timeout: float) -> None:
     import time
+
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -297,60 +318,87 @@ async def _until(condition: Callable[[], bool], timeout: float = 60) -> None:
         await asyncio.sleep(0.001)
 
 
+def _reached(replayer: Replayer, position: int) -> bool:
+    return replayer.position >= position
+
+
+def _reconnected(replayer: Replayer, old_pid: int) -> bool:
+    return replayer.backend_pid not in (None, old_pid)
+
+
+async def _block_replay(locker: asyncpg.Connection, admin: asyncpg.Connection, replayer: Replayer) -> int:
+    """Make the replayer's next batch wait inside its target transaction; returns its backend pid."""
+    await locker.execute("BEGIN; LOCK TABLE counter IN ACCESS EXCLUSIVE MODE")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        pid = replayer.backend_pid
+        waiting = "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted"
+        if pid is not None and await admin.fetchval(waiting, pid):
+            return pid
+        if loop.time() > deadline:
+            pytest.fail("the replayer never blocked on the locked table")
+        await asyncio.sleep(0.005)
+
+
 def test_crashes_during_replay_lose_and_repeat_nothing(env: Env) -> None:
-    """Connection killed twice, pgleap's replayer 'killed' (task cancelled), target restarted: still exact."""
+    """Mid-transaction: connection killed, pgleap's replayer killed (task cancelled), target crashed; exact."""
     snapshot = env.snapshot()
     committed = run_workers(env.proxy.dsn(), workers=3, count=100)
     env.drain()
     total = env.changelog.last_position("app")
     upgrade = env.upgrade
     assert upgrade.target is not None
-    admin_config = server_config(env.target, "postgres")
+    target = upgrade.target
 
-    async def go() -> int:
-        options = {"batch_size": 3, "backoff_initial": 0.02, "backoff_max": 0.3, "max_retries": 100}
+    async def go() -> tuple[int, int]:
+        options = {"batch_size": 3, "backoff_initial": 0.02, "backoff_max": 0.3, "max_retries": 200}
         stop = asyncio.Event()
         replayer = Replayer(upgrade, env.changelog, snapshot, **options)  # type: ignore[arg-type]
         task = asyncio.create_task(replayer.run(stop))
-        admin = await _connect(admin_config)
-        retries = 0
+        admin, locker = await _connect(target), await _connect(target)
         try:
-            for threshold in (total // 8, total // 4):
-                await _until(lambda t=threshold: replayer.position >= t)
-                pid = replayer.backend_pid
-                assert pid is not None and replayer.position < total
-                await admin.execute("SELECT pg_terminate_backend($1)", pid)
-                await _until(lambda p=pid: replayer.backend_pid not in (None, p))
-            # pgleap dies mid-batch: the task is cancelled wherever it is, the connection dropped.
-            await _until(lambda: replayer.position >= total // 2)
+            # 1. The backend is killed while its batch is open on the target (blocked on a lock).
+            await _until(partial(_reached, replayer, total // 8))
+            pid = await _block_replay(locker, admin, replayer)
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            await locker.execute("ROLLBACK")
+            await _until(partial(_reconnected, replayer, pid))
+            # 2. Killed again, wherever it is.
+            await _until(partial(_reached, replayer, total // 4))
+            await admin.execute("SELECT pg_terminate_backend($1)", replayer.backend_pid)
+            # 3. pgleap dies: the task is cancelled mid-batch, a new replayer starts from the target's position.
+            await _until(partial(_reached, replayer, total // 2))
+            await _block_replay(locker, admin, replayer)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            retries += replayer.retries
+            first_retries = replayer.retries
             replayer.close()
+            await locker.execute("ROLLBACK")
             replayer = Replayer(upgrade, env.changelog, snapshot, **options)  # type: ignore[arg-type]
             task = asyncio.create_task(replayer.run(stop))
-            await _until(lambda: replayer.position >= (3 * total) // 4)
-            await admin.close()
-            # The target crashes and comes back (same port).
+            # 4. The target crashes (immediate stop) while a batch is open, and comes back on the same port.
+            await _until(partial(_reached, replayer, (3 * total) // 4))
+            await _block_replay(locker, admin, replayer)
+            assert replayer.position < total
             await asyncio.to_thread(env.target.stop, "immediate")
             await asyncio.sleep(0.2)
             await asyncio.to_thread(env.target.start)
-            await _until(lambda: replayer.position == total)
+            await _until(partial(_reached, replayer, total))
             stop.set()
             await task
-            retries += replayer.retries
+            return first_retries, replayer.retries
         finally:
             stop.set()
             if not task.done():
                 task.cancel()
             replayer.close()
-            if not admin.is_closed():
-                await admin.close()
-        return retries
+            for conn in (admin, locker):
+                conn.terminate()
 
-    retries = asyncio.run(go())
-    assert retries >= 3
+    first_retries, second_retries = asyncio.run(go())
+    assert first_retries >= 2 and second_retries >= 1
     assert env.counter(env.target) == env.counter(env.source) == committed
     assert_equal(env)
 
@@ -387,7 +435,7 @@ def test_apply_error_pauses_then_resumes_once_fixed(env: Env, tmp_path: Path) ->
     error = paused.paused
     assert error is not None and error.position == 2 and error.sqlstate == "42P01" and error.action == "paused"
     assert error.kind is ErrorKind.FEATURE_INCOMPATIBILITY and "only_src" in error.statement
-    assert paused.applied_position == 1 and paused.applied == 1   # the one before it, found by the one-by-one pass
+    assert paused.applied_position == 1 and paused.applied == 1  # the one before it, found by the one-by-one pass
     assert journal.errors("app") == [error]
     assert resumed.paused is None and resumed.applied_position == 4
     assert_equal(env)
@@ -412,4 +460,35 @@ def test_apply_error_skip_and_resync(env: Env) -> None:
     (divergence,) = journal.divergences("app")
     assert (divergence.source_tag, divergence.target_tag) == ("UPDATE 1", "UPDATE 2")
     rows = env.target.psql("SELECT id, qty FROM items ORDER BY id", dbname=env.dbname)
-    assert rows.split("\n") == ["1|2", "3|3", "99|1"]   # row 2 was in the skipped transaction
+    assert rows.split("\n") == ["1|2", "3|3", "99|1"]  # row 2 was in the skipped transaction
+
+
+def test_two_replayers_at_once_still_apply_each_transaction_once(env: Env) -> None:
+    """The position guard makes a second replayer (two pgleap instances, or a stale connection) harmless."""
+    snapshot = env.snapshot()
+    committed = run_workers(env.proxy.dsn(), workers=2, count=60)
+    env.drain()
+
+    async def go() -> list[ReplayStatus]:
+        replayers = [
+            Replayer(
+                env.upgrade,
+                env.changelog,
+                snapshot,
+                batch_size=2,
+                backoff_initial=0.001,
+                backoff_max=0.01,
+                max_retries=1000,
+            )
+            for _ in range(2)
+        ]
+        try:
+            return list(await asyncio.gather(*(r.run_until_caught_up() for r in replayers)))
+        finally:
+            for r in replayers:
+                r.close()
+
+    statuses = asyncio.run(go())
+    assert all(s.applied_position == committed for s in statuses)
+    assert env.counter(env.target) == env.counter(env.source) == committed
+    assert_equal(env)

@@ -37,69 +37,96 @@ def test_parse_snapshot_rejects(text: str) -> None:
         parse_snapshot(text)
 
 
-@pytest.mark.parametrize(("txid", "expected"), [
-    (99, True),      # below xmin: committed (or aborted) before the snapshot
-    (100, True),     # xmin itself, not in progress: visible
-    (102, False),    # in progress at the snapshot
-    (103, True),     # between xmin and xmax, finished: visible
-    (105, False),
-    (109, True),
-    (110, False),    # xmax: not yet started
-    (1000, False),
-])
+@pytest.mark.parametrize(
+    ("txid", "expected"),
+    [
+        (99, True),  # below xmin: committed (or aborted) before the snapshot
+        (100, True),  # xmin itself, not in progress: visible
+        (102, False),  # in progress at the snapshot
+        (103, True),  # between xmin and xmax, finished: visible
+        (105, False),
+        (109, True),
+        (110, False),  # xmax: not yet started
+        (1000, False),
+    ],
+)
 def test_visible(txid: int, expected: bool) -> None:
     assert visible(txid, "100:110:102,105") is expected
 
 
 def test_visible_with_epoch_sized_txids() -> None:
-    xmin = 3 * EPOCH + 4_294_967_000          # close to wraparound of the 32-bit part
+    xmin = 3 * EPOCH + 4_294_967_000  # close to wraparound of the 32-bit part
     snap = f"{xmin}:{xmin + 600}:{xmin + 10},{xmin + 500}"
     assert visible(xmin - 1, snap)
     assert visible(xmin + 11, snap)
     assert not visible(xmin + 10, snap)
     assert not visible(xmin + 500, snap)
-    assert visible(xmin + 400, snap)           # crosses into the next epoch; still ordered as 64-bit numbers
+    assert visible(xmin + 400, snap)  # crosses into the next epoch; still ordered as 64-bit numbers
     assert not visible(xmin + 600, snap)
     assert not visible(4 * EPOCH + 10_000, snap)
-    assert visible(2 * EPOCH + 4_294_967_295, snap)   # an earlier epoch, numerically higher 32-bit part
+    assert visible(2 * EPOCH + 4_294_967_295, snap)  # an earlier epoch, numerically higher 32-bit part
 
 
-@pytest.mark.parametrize(("sqlstate", "kind"), [
-    ("42601", ErrorKind.SYNTAX),
-    ("42883", ErrorKind.FEATURE_INCOMPATIBILITY),   # undefined_function
-    ("42P01", ErrorKind.FEATURE_INCOMPATIBILITY),   # undefined_table
-    ("42703", ErrorKind.FEATURE_INCOMPATIBILITY),   # undefined_column
-    ("42704", ErrorKind.FEATURE_INCOMPATIBILITY),   # undefined_object (a type)
-    ("0A000", ErrorKind.FEATURE_INCOMPATIBILITY),   # feature_not_supported
-    ("23505", ErrorKind.CONSTRAINT_VIOLATION),
-    ("23503", ErrorKind.CONSTRAINT_VIOLATION),
-    ("23514", ErrorKind.CONSTRAINT_VIOLATION),
-    ("42501", ErrorKind.OTHER),                     # insufficient_privilege: the login, not the versions
-    ("22012", ErrorKind.OTHER),
-    ("XX000", ErrorKind.OTHER),
-])
+@pytest.mark.parametrize(
+    ("sqlstate", "kind"),
+    [
+        ("42601", ErrorKind.SYNTAX),
+        ("42883", ErrorKind.FEATURE_INCOMPATIBILITY),  # undefined_function
+        ("42P01", ErrorKind.FEATURE_INCOMPATIBILITY),  # undefined_table
+        ("42703", ErrorKind.FEATURE_INCOMPATIBILITY),  # undefined_column
+        ("42704", ErrorKind.FEATURE_INCOMPATIBILITY),  # undefined_object (a type)
+        ("0A000", ErrorKind.FEATURE_INCOMPATIBILITY),  # feature_not_supported
+        ("23505", ErrorKind.CONSTRAINT_VIOLATION),
+        ("23503", ErrorKind.CONSTRAINT_VIOLATION),
+        ("23514", ErrorKind.CONSTRAINT_VIOLATION),
+        ("42501", ErrorKind.OTHER),  # insufficient_privilege: the login, not the versions
+        ("22012", ErrorKind.OTHER),
+        ("XX000", ErrorKind.OTHER),
+    ],
+)
 def test_classify_sqlstate(sqlstate: str, kind: ErrorKind) -> None:
     assert classify_sqlstate(sqlstate) is kind
 
 
-@pytest.mark.parametrize(("sqlstate", "transient"), [
-    ("57P01", True), ("57P02", True), ("57P03", True), ("08006", True), ("08001", True), ("53300", True),
-    ("40P01", True), ("23505", False), ("42P01", False), ("57014", False),
-])
+@pytest.mark.parametrize(
+    ("sqlstate", "transient"),
+    [
+        ("57P01", True),
+        ("57P02", True),
+        ("57P03", True),
+        ("08006", True),
+        ("08001", True),
+        ("53300", True),
+        ("40P01", True),
+        ("23505", False),
+        ("42P01", False),
+        ("57014", False),
+    ],
+)
 def test_is_transient(sqlstate: str, transient: bool) -> None:
     assert is_transient(sqlstate) is transient
 
 
 def test_journal_keys_records_by_position(tmp_path: object) -> None:
     journal = ApplyJournal()
-    error = ApplyError("app", 7, 1234, 0, "insert into t values (1)", "42P01", 'relation "t" does not exist',
-                       ErrorKind.FEATURE_INCOMPATIBILITY, "paused")
+    error = ApplyError(
+        "app",
+        7,
+        1234,
+        0,
+        "insert into t values (1)",
+        "42P01",
+        'relation "t" does not exist',
+        ErrorKind.FEATURE_INCOMPATIBILITY,
+        "paused",
+    )
     journal.record_error(error)
-    journal.record_error(error)    # recorded again after a retry: still one
+    journal.record_error(error)  # recorded again after a retry: still one
     (back,) = journal.errors("app")
     assert back.position == 7 and back.kind is ErrorKind.FEATURE_INCOMPATIBILITY and back.action == "paused"
     journal.record_divergences([Divergence("app", 8, 99, 1, "update t set x = 1", "UPDATE 2", "UPDATE 3")] * 2)
-    assert [(d.position, d.source_tag, d.target_tag) for d in journal.divergences("app")] == [(8, "UPDATE 2", "UPDATE 3")]
+    tags = [(d.position, d.source_tag, d.target_tag) for d in journal.divergences("app")]
+    assert tags == [(8, "UPDATE 2", "UPDATE 3")]
     journal.mark_resync("app", ("t", "u"), 7, "skipped")
     journal.mark_resync("app", ("t",), 9, "skipped again")
     assert journal.resync_tables("app") == ["t", "u"]
@@ -120,7 +147,7 @@ def test_pipeline_messages() -> None:
         kinds.append(chr(kind))
         if kind == codes.PARSE:
             # A user type OID (>= 16384) is sent as 0: OIDs differ between source and target.
-            assert data[offset + 5:offset + 1 + length].endswith(struct.pack("!h2I", 2, 23, 0))
+            assert data[offset + 5 : offset + 1 + length].endswith(struct.pack("!h2I", 2, 23, 0))
         offset += 1 + length
     assert kinds == ["P", "B", "E", "Q", "d", "c", "S"]
     assert [chr(r.kind) for r in pipeline.requests] == ["P", "B", "E", "Q", "S"]
@@ -134,3 +161,22 @@ def test_rate_meter() -> None:
     meter.add(50, now=105.0)
     assert meter.rate(now=110.0) == pytest.approx(10.0)
     assert meter.rate(now=200.0) == 0.0
+
+
+def test_stitch_uses_the_snapshot_of_tables_copied_apart() -> None:
+    from pgleap.upgrade.replay import make_stitch
+    from pgleap.upgrade.replay.applier import touched_relations
+
+    tables = {"public.scratch": "200:210:", "other.scratch": "300:300:", "public.u": "150:150:"}
+    stitch = make_stitch("100:110:", tables)
+    s, scratch, u = stitch.default, stitch.tables["public.scratch"], stitch.tables["public.u"]
+    assert stitch.for_relations(touched_relations("insert into items values (1)")) is s
+    assert stitch.for_relations(touched_relations("insert into public.scratch values (1)")) is scratch
+    # Unqualified and ambiguous (two schemas have a scratch): falls back to S.
+    assert stitch.for_relations(touched_relations("insert into scratch values (1)")) is s
+    assert stitch.for_relations(touched_relations("update u set x = 1")) is u
+    # One statement writing tables copied at different snapshots cannot be stitched exactly.
+    mixed = "with d as (delete from public.scratch returning *) insert into items select * from d"
+    assert stitch.for_relations(touched_relations(mixed)) is None
+    assert stitch.for_relations(()) is s
+    assert not s.visible(150) and scratch.visible(150)

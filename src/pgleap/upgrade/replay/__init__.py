@@ -13,10 +13,26 @@ from pgleap.upgrade.replay.errors import (
 )
 from pgleap.upgrade.replay.journal import ApplyJournal
 from pgleap.upgrade.replay.lag import ReplayLag
-from pgleap.upgrade.replay.snapshot import Snapshot, SnapshotFormatError, parse_snapshot, visible
+from pgleap.upgrade.replay.snapshot import Snapshot, SnapshotFormatError, Stitch, make_stitch, parse_snapshot, visible
 
 __all__ = [
-    "ApplyError", "ApplyJournal", "Divergence", "ErrorKind", "OnApplyError", "ReplayError", "ReplayLag",
-    "ReplayStatus", "Replayer", "Snapshot", "SnapshotFormatError", "TargetRefusedError", "TransientApplyError",
-    "classify_sqlstate", "is_transient", "parse_snapshot", "visible",
+    "ApplyError",
+    "ApplyJournal",
+    "Divergence",
+    "ErrorKind",
+    "OnApplyError",
+    "ReplayError",
+    "ReplayLag",
+    "ReplayStatus",
+    "Replayer",
+    "Snapshot",
+    "SnapshotFormatError",
+    "Stitch",
+    "TargetRefusedError",
+    "TransientApplyError",
+    "classify_sqlstate",
+    "is_transient",
+    "make_stitch",
+    "parse_snapshot",
+    "visible",
 ]

@@ -26,7 +26,7 @@ from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.protocol.messages import ServerError
 from pgleap.store.changelog import ChangeLog
 from pgleap.store.records import LoggedTransaction
-from pgleap.upgrade.capture.classify import classify
+from pgleap.upgrade.capture.classify import Kind, classify
 from pgleap.upgrade.capture.pinning import pin_time
 from pgleap.upgrade.compat.facts import facts_for
 from pgleap.upgrade.replay.errors import (
@@ -47,14 +47,14 @@ from pgleap.upgrade.replay.position import (
     server_version_num,
     store_position_sql,
 )
-from pgleap.upgrade.replay.snapshot import Snapshot, parse_snapshot
+from pgleap.upgrade.replay.snapshot import Snapshot, Stitch, make_stitch
 from pgleap.upgrade.replay.wire import Pipeline, Slot, TargetSession, is_copy_from_stdin
 
 log = logging.getLogger(__name__)
 
 OnApplyError = Literal["pause", "skip_and_resync"]
 _TEXT_OID = 25
-_SETTINGS_INDEX = -1   # statement_index of pgleap's own set_config (and COMMIT) in error records
+_SETTINGS_INDEX = -1  # statement_index of pgleap's own set_config (and COMMIT) in error records
 
 
 @dataclass
@@ -63,7 +63,7 @@ class _Planned:
 
     record: LoggedTransaction
     in_snapshot: bool
-    slots: list[tuple[int, str, Slot]] = field(default_factory=list)   # (statement index, sql sent, slot)
+    slots: list[tuple[int, str, Slot]] = field(default_factory=list)  # (statement index, sql sent, slot)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class _Failure:
     """The first error of a pipeline and where it happened."""
 
     error: ServerError
-    planned: _Planned | None        # None: pgleap's own BEGIN / position / COMMIT
+    planned: _Planned | None  # None: pgleap's own BEGIN / position / COMMIT
     statement_index: int
     statement: str
 
@@ -82,34 +82,49 @@ class ReplayStatus:
 
     database: str
     applied_position: int
-    applied: int                    # source transactions applied on the target
-    skipped_in_snapshot: int        # source transactions already in the copy (visible in S)
-    skipped_on_error: int           # source transactions skipped under on_apply_error = "skip_and_resync"
-    divergences: int                # statements whose command tag differed from the source's
-    paused: ApplyError | None       # the transaction replay is stopped at, under on_apply_error = "pause"
+    applied: int  # source transactions applied on the target
+    skipped_in_snapshot: int  # source transactions already in the copy (visible in S)
+    skipped_on_error: int  # source transactions skipped under on_apply_error = "skip_and_resync"
+    divergences: int  # statements whose command tag differed from the source's
+    paused: ApplyError | None  # the transaction replay is stopped at, under on_apply_error = "pause"
     connected: bool
-    retries: int                    # transient failures retried (reconnects)
+    retries: int  # transient failures retried (reconnects)
     last_transient_error: str | None
 
 
 class Replayer:
     """Applies one database's change log on the upgrade's target."""
 
-    def __init__(self, upgrade: UpgradeConfig, changelog: ChangeLog, snapshot: str, *, batch_size: int = 200,
-                 on_apply_error: OnApplyError = "pause", journal: ApplyJournal | None = None,
-                 poll_interval: float = 0.05, backoff_initial: float = 0.1, backoff_max: float = 10.0,
-                 max_retries: int | None = None, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        upgrade: UpgradeConfig,
+        changelog: ChangeLog,
+        snapshot: str,
+        *,
+        batch_size: int = 200,
+        on_apply_error: OnApplyError = "pause",
+        journal: ApplyJournal | None = None,
+        poll_interval: float = 0.05,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 10.0,
+        max_retries: int | None = None,
+        connect_timeout: float = 10.0,
+        table_snapshots: dict[str, str] | None = None,
+    ) -> None:
         if upgrade.target is None:
-            raise ReplayError(f"database {upgrade.database!r} has no target configured; set target_host and "
-                              f"target_port in its [[auto_upgrade]] entry")
+            raise ReplayError(
+                f"database {upgrade.database!r} has no target configured; set target_host and "
+                f"target_port in its [[auto_upgrade]] entry"
+            )
         if on_apply_error not in ("pause", "skip_and_resync"):
-            raise ReplayError(f"on_apply_error must be \"pause\" or \"skip_and_resync\", not {on_apply_error!r}")
+            raise ReplayError(f'on_apply_error must be "pause" or "skip_and_resync", not {on_apply_error!r}')
         if batch_size < 1:
             raise ReplayError(f"batch_size must be at least 1, not {batch_size}")
         self.database = upgrade.database
         self.target: ServerConfig = upgrade.target
         self.changelog = changelog
-        self.snapshot: Snapshot = parse_snapshot(snapshot)
+        self.stitch: Stitch = make_stitch(snapshot, table_snapshots)
+        self.snapshot: Snapshot = self.stitch.default
         self.batch_size = batch_size
         self.on_apply_error = on_apply_error
         self.journal = journal if journal is not None else ApplyJournal()
@@ -118,7 +133,7 @@ class Replayer:
         self.backoff_max = backoff_max
         self.max_retries = max_retries
         self.connect_timeout = connect_timeout
-        self.position = 0                  # the applied position, as last read from or committed to the target
+        self.position = 0  # the applied position, as last read from or committed to the target
         self.paused: ApplyError | None = None
         self.applied = 0
         self.skipped_in_snapshot = 0
@@ -163,17 +178,33 @@ class Replayer:
 
     def status(self) -> ReplayStatus:
         """Counters and state, for status output and metrics."""
-        return ReplayStatus(self.database, self.position, self.applied, self.skipped_in_snapshot,
-                            self.skipped_on_error, self.divergence_count, self.paused, self._session is not None,
-                            self.retries, self.last_transient_error)
+        return ReplayStatus(
+            self.database,
+            self.position,
+            self.applied,
+            self.skipped_in_snapshot,
+            self.skipped_on_error,
+            self.divergence_count,
+            self.paused,
+            self._session is not None,
+            self.retries,
+            self.last_transient_error,
+        )
 
     def lag(self) -> ReplayLag:
         """Transactions, bytes and seconds behind the log, and the recent apply rate."""
         count, nbytes = self.changelog.backlog(self.database, self.position)
         oldest = self.changelog.read_committed(self.database, self.position, 1) if count else []
         seconds = max(0.0, time.time() - oldest[0].transaction.captured_at) if oldest else 0.0
-        return ReplayLag(self.database, self.position, self.changelog.last_position(self.database), count, nbytes,
-                         seconds, self._rate.rate())
+        return ReplayLag(
+            self.database,
+            self.position,
+            self.changelog.last_position(self.database),
+            count,
+            nbytes,
+            seconds,
+            self._rate.rate(),
+        )
 
     async def _loop(self, stop: asyncio.Event | None, follow: bool) -> None:
         while stop is None or not stop.is_set():
@@ -202,11 +233,18 @@ class Replayer:
         self.retries += 1
         self.last_transient_error = str(exc)
         if self.max_retries is not None and self._failures > self.max_retries:
-            raise ReplayError(f"replay of {self.database!r} to {self.target.host}:{self.target.port} failed "
-                              f"{self._failures} times in a row, last: {exc}; check that the target is up and "
-                              f"reachable, then start replay again (it resumes at position {self.position})") from exc
-        log.warning("replay of %s: %s; retrying in %.1fs (attempt %d), resuming from the target's applied position",
-                    self.database, exc, self._backoff(), self._failures)
+            raise ReplayError(
+                f"replay of {self.database!r} to {self.target.host}:{self.target.port} failed "
+                f"{self._failures} times in a row, last: {exc}; check that the target is up and "
+                f"reachable, then start replay again (it resumes at position {self.position})"
+            ) from exc
+        log.warning(
+            "replay of %s: %s; retrying in %.1fs (attempt %d), resuming from the target's applied position",
+            self.database,
+            exc,
+            self._backoff(),
+            self._failures,
+        )
 
     def _backoff(self) -> float:
         return float(min(self.backoff_max, self.backoff_initial * 2 ** max(self._failures - 1, 0)))
@@ -222,9 +260,11 @@ class Replayer:
         last = self.changelog.last_position(self.database)
         if position > last:
             session.close()
-            raise ReplayError(f"the target has applied position {position} of {self.database!r} but the change log "
-                              f"ends at {last}: this target was fed from another change log; point pgleap at that "
-                              f"log, or drop the target database and copy again")
+            raise ReplayError(
+                f"the target has applied position {position} of {self.database!r} but the change log "
+                f"ends at {last}: this target was fed from another change log; point pgleap at that "
+                f"log, or drop the target database and copy again"
+            )
         self._session = session
         self.position = position
 
@@ -240,16 +280,18 @@ class Replayer:
         if not records:
             return False
         if records[0].position != self.position + 1:
-            raise ReplayError(f"the change log of {self.database!r} continues at position {records[0].position} "
-                              f"but the target has applied {self.position}: records were removed before they were "
-                              f"applied; the target must be copied again")
+            raise ReplayError(
+                f"the change log of {self.database!r} continues at position {records[0].position} "
+                f"but the target has applied {self.position}: records were removed before they were "
+                f"applied; the target must be copied again"
+            )
         skip = self._skip_paused
         if skip is not None:
             self._skip_paused = None
             if skip.position == records[0].position:
                 await self._skip(records[0], skip)
                 return True
-        await self._apply_batch(records)
+        await self._apply_batch(_cut_after_session_settings(records))
         return True
 
     async def _apply_batch(self, records: list[LoggedTransaction]) -> None:
@@ -268,19 +310,33 @@ class Replayer:
                 return
             self._committed(plans)
 
-    async def _execute(self, records: list[LoggedTransaction], *, skip_all: bool = False,
-                       ) -> tuple[list[_Planned], _Failure | None]:
+    async def _execute(
+        self,
+        records: list[LoggedTransaction],
+        *,
+        skip_all: bool = False,
+    ) -> tuple[list[_Planned], _Failure | None]:
         """One target transaction for `records`; on failure it is rolled back and the first error returned."""
         assert self._session is not None
         pipeline = Pipeline()
         begin = pipeline.extended("BEGIN")
-        guard = pipeline.extended(GUARD_SQL, (self.database.encode(), str(self.position).encode()), (),
-                                  POSITION_PARAM_TYPES, label="check the applied position")
+        guard = pipeline.extended(
+            GUARD_SQL,
+            (self.database.encode(), str(self.position).encode()),
+            (),
+            POSITION_PARAM_TYPES,
+            label="check the applied position",
+        )
         plans = [self._plan(pipeline, record, skip_all) for record in records]
         last = records[-1].position
         assert last is not None
-        position = pipeline.extended(self._store_sql, (self.database.encode(), str(last).encode()), (),
-                                     POSITION_PARAM_TYPES, label="store the applied position")
+        position = pipeline.extended(
+            self._store_sql,
+            (self.database.encode(), str(last).encode()),
+            (),
+            POSITION_PARAM_TYPES,
+            label="store the applied position",
+        )
         commit = pipeline.extended("COMMIT")
         pipeline.sync()
         status = await self._session.run(pipeline)
@@ -288,18 +344,24 @@ class Replayer:
         if (failure is not None or guard.error is not None) and status != b"I":
             await self._session.query("ROLLBACK")
         if guard.error is not None and guard.error.sqlstate != POSITION_MOVED:
-            raise TargetRefusedError(f"the target refused pgleap's position check: {guard.error}; check that the "
-                                     f"target login may create and use schema pgleap")
+            raise TargetRefusedError(
+                f"the target refused pgleap's position check: {guard.error}; check that the "
+                f"target login may create and use schema pgleap"
+            )
         if guard.error is not None:
-            raise TransientApplyError(f"the applied position on the target is not {self.position} ({guard.error}); "
-                                      f"another replay connection committed meanwhile; reading it again")
+            raise TransientApplyError(
+                f"the applied position on the target is not {self.position} ({guard.error}); "
+                f"another replay connection committed meanwhile; reading it again"
+            )
         if failure is None and status != b"I":
             raise TransientApplyError(f"the target is in transaction state {status!r} after COMMIT; reconnecting")
         return plans, failure
 
     def _plan(self, pipeline: Pipeline, record: LoggedTransaction, skip_all: bool) -> _Planned:
         tx = record.transaction
-        planned = _Planned(record, in_snapshot=tx.txid is not None and self.snapshot.visible(tx.txid))
+        # Statements already in the copy, by the snapshot of the tables they write (S for all but unlogged ones).
+        copied = {i for i, statement in enumerate(tx.statements) if self._in_copy(record, i, statement.sql)}
+        planned = _Planned(record, in_snapshot=len(copied) == len(tx.statements))
         if planned.in_snapshot or skip_all:
             return planned
         if tx.settings:
@@ -310,6 +372,8 @@ class Replayer:
             slot = pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="session settings")
             planned.slots.append((_SETTINGS_INDEX, sql, slot))
         for index, statement in enumerate(tx.statements):
+            if index in copied:
+                continue
             sql = pin_time(statement.sql, tx.source_now) if tx.source_now else statement.sql
             if statement.copy_data is not None or is_copy_from_stdin(sql):
                 slot = pipeline.copy_in(sql, statement.copy_data)
@@ -317,6 +381,26 @@ class Replayer:
                 slot = pipeline.extended(sql, statement.params, statement.param_formats, statement.param_types)
             planned.slots.append((index, sql, slot))
         return planned
+
+    def _in_copy(self, record: LoggedTransaction, index: int, sql: str) -> bool:
+        txid = record.transaction.txid
+        if txid is None:
+            return False  # no probe answer: applying it is the only way it is not lost; verification checks it
+        if not self.stitch.tables:
+            return self.snapshot.visible(txid)
+        relations = touched_relations(sql)
+        snapshot = self.stitch.for_relations(relations)
+        if snapshot is None:
+            # One statement writing tables copied at different snapshots cannot be stitched exactly.
+            assert record.position is not None
+            self.journal.mark_resync(
+                self.database,
+                relations,
+                record.position,
+                f"statement {index} of txid {txid} writes tables copied at different snapshots",
+            )
+            snapshot = self.snapshot
+        return snapshot.visible(txid)
 
     def _committed(self, plans: list[_Planned]) -> None:
         divergences = []
@@ -343,29 +427,53 @@ class Replayer:
             self.journal.record_divergences(divergences)
             self.divergence_count += len(divergences)
             for d in divergences:
-                log.warning("replay of %s: divergence at position %d (txid %s): %r gave %r on the source, %r on the "
-                            "target", self.database, d.position, d.txid, d.statement, d.source_tag, d.target_tag)
+                log.warning(
+                    "replay of %s: divergence at position %d (txid %s): %r gave %r on the source, %r on the target",
+                    self.database,
+                    d.position,
+                    d.txid,
+                    d.statement,
+                    d.source_tag,
+                    d.target_tag,
+                )
 
     # -- refused transactions ---------------------------------------------------------------
 
     async def _refused(self, record: LoggedTransaction, failure: _Failure) -> None:
         if failure.planned is None and failure.statement != "COMMIT":
             # pgleap's own BEGIN or position upsert failed: nothing about the transaction is at fault.
-            raise TargetRefusedError(f"the target refused pgleap's {failure.statement!r} while applying position "
-                                     f"{record.position} of {self.database!r}: {failure.error}; check that the "
-                                     f"target login may create and write schema pgleap")
+            raise TargetRefusedError(
+                f"the target refused pgleap's {failure.statement!r} while applying position "
+                f"{record.position} of {self.database!r}: {failure.error}; check that the "
+                f"target login may create and write schema pgleap"
+            )
         tx = record.transaction
         assert record.position is not None
         sqlstate = failure.error.sqlstate
-        error = ApplyError(self.database, record.position, tx.txid, failure.statement_index, failure.statement,
-                           sqlstate, _error_text(failure.error), classify_sqlstate(sqlstate),
-                           action="paused" if self.on_apply_error == "pause" else "skipped")
+        error = ApplyError(
+            self.database,
+            record.position,
+            tx.txid,
+            failure.statement_index,
+            failure.statement,
+            sqlstate,
+            _error_text(failure.error),
+            classify_sqlstate(sqlstate),
+            action="paused" if self.on_apply_error == "pause" else "skipped",
+        )
         if self.on_apply_error == "pause":
             self.journal.record_error(error)
             self.paused = error
-            log.error("replay of %s paused at position %d (txid %s): the target refused %r: %s [%s]; fix the target "
-                      "and resume, or resume with skip to skip it and re-sync its tables", self.database,
-                      error.position, error.txid, error.statement, error.message, error.kind.value)
+            log.error(
+                "replay of %s paused at position %d (txid %s): the target refused %r: %s [%s]; fix the target "
+                "and resume, or resume with skip to skip it and re-sync its tables",
+                self.database,
+                error.position,
+                error.txid,
+                error.statement,
+                error.message,
+                error.kind.value,
+            )
             return
         await self._skip(record, error)
 
@@ -373,30 +481,68 @@ class Replayer:
         """Move the position past a refused transaction, recording it and flagging its tables for re-sync."""
         tables = touched_tables(record)
         assert record.position is not None
-        skipped = ApplyError(error.database, error.position, error.txid, error.statement_index, error.statement,
-                             error.sqlstate, error.message, error.kind, "skipped", tables, error.recorded_at)
+        skipped = ApplyError(
+            error.database,
+            error.position,
+            error.txid,
+            error.statement_index,
+            error.statement,
+            error.sqlstate,
+            error.message,
+            error.kind,
+            "skipped",
+            tables,
+            error.recorded_at,
+        )
         # Recorded before the position moves, so the skip is never invisible.
         self.journal.record_error(skipped)
-        self.journal.mark_resync(self.database, tables, record.position,
-                                 f"transaction txid {record.transaction.txid} skipped: {error.message}")
+        self.journal.mark_resync(
+            self.database,
+            tables,
+            record.position,
+            f"transaction txid {record.transaction.txid} skipped: {error.message}",
+        )
         _, failure = await self._execute([record], skip_all=True)
         if failure is not None:
-            raise TargetRefusedError(f"the target refused to record position {record.position} of {self.database!r}: "
-                                     f"{failure.error}")
+            raise TargetRefusedError(
+                f"the target refused to record position {record.position} of {self.database!r}: {failure.error}"
+            )
         self.position = record.position
         self.skipped_on_error += 1
         self._rate.add(1)
-        log.error("replay of %s skipped position %d (txid %s), refused with %s: %s; tables to re-sync: %s",
-                  self.database, record.position, record.transaction.txid, error.sqlstate, error.message,
-                  ", ".join(tables) or "unknown (verify every table)")
+        log.error(
+            "replay of %s skipped position %d (txid %s), refused with %s: %s; tables to re-sync: %s",
+            self.database,
+            record.position,
+            record.transaction.txid,
+            error.sqlstate,
+            error.message,
+            ", ".join(tables) or "unknown (verify every table)",
+        )
+
+
+def _cut_after_session_settings(records: list[LoggedTransaction]) -> list[LoggedTransaction]:
+    """The batch up to the first transaction that SETs something (included).
+
+    A source transaction's SET LOCAL would otherwise stay in force for the source transactions after it
+    in the same target transaction; only the captured settings are set again for each.
+    """
+    for i, record in enumerate(records):
+        if any(info.kind is Kind.SESSION for s in record.transaction.statements for info in classify(s.sql)):
+            return records[: i + 1]
+    return records
+
+
+def touched_relations(sql: str) -> tuple[str, ...]:
+    """Relations one statement writes, as written in it (empty when none can be named)."""
+    return tuple(dict.fromkeys(r for info in classify(sql) for r in info.relations if r))
 
 
 def touched_tables(record: LoggedTransaction) -> tuple[str, ...]:
     """Relations the transaction's statements write, as written in them (empty when none can be named)."""
     names: dict[str, None] = {}
     for statement in record.transaction.statements:
-        for info in classify(statement.sql):
-            names.update(dict.fromkeys(r for r in info.relations if r))
+        names.update(dict.fromkeys(touched_relations(statement.sql)))
     return tuple(names)
 
 

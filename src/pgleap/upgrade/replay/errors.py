@@ -12,9 +12,9 @@ from pgleap.errors import PgleapError
 class ErrorKind(enum.StrEnum):
     """What kind of failure an apply error is, for the DBA deciding what to do about it."""
 
-    SYNTAX = "syntax"                                    # 42601: the target's grammar rejects the text
+    SYNTAX = "syntax"  # 42601: the target's grammar rejects the text
     FEATURE_INCOMPATIBILITY = "feature_incompatibility"  # 0A000, or a name/type the target lacks (42xxx)
-    CONSTRAINT_VIOLATION = "constraint_violation"        # 23xxx: the target's data differs from the source's
+    CONSTRAINT_VIOLATION = "constraint_violation"  # 23xxx: the target's data differs from the source's
     OTHER = "other"
 
 
@@ -49,12 +49,12 @@ class ApplyError:
     database: str
     position: int
     txid: int | None
-    statement_index: int          # index in the transaction's statements; -1 for pgleap's own (settings, COMMIT)
+    statement_index: int  # index in the transaction's statements; -1 for pgleap's own (settings, COMMIT)
     statement: str
     sqlstate: str
     message: str
     kind: ErrorKind
-    action: str                   # "paused" or "skipped"
+    action: str  # "paused" or "skipped"
     resync_tables: tuple[str, ...] = ()
     recorded_at: float = field(default_factory=time.time)
 

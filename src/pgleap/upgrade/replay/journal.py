@@ -54,9 +54,20 @@ class ApplyJournal:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO apply_error VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (error.database, error.position, error.txid, error.statement_index, error.statement, error.sqlstate,
-                 error.message, error.kind.value, error.action, json.dumps(list(error.resync_tables)),
-                 error.recorded_at))
+                (
+                    error.database,
+                    error.position,
+                    error.txid,
+                    error.statement_index,
+                    error.statement,
+                    error.sqlstate,
+                    error.message,
+                    error.kind.value,
+                    error.action,
+                    json.dumps(list(error.resync_tables)),
+                    error.recorded_at,
+                ),
+            )
 
     def record_divergences(self, divergences: list[Divergence]) -> None:
         """Record divergences found in one committed batch."""
@@ -65,31 +76,61 @@ class ApplyJournal:
         with self._lock:
             self._db.executemany(
                 "INSERT OR REPLACE INTO divergence VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(d.database, d.position, d.txid, d.statement_index, d.statement, d.source_tag, d.target_tag,
-                  d.recorded_at) for d in divergences])
+                [
+                    (
+                        d.database,
+                        d.position,
+                        d.txid,
+                        d.statement_index,
+                        d.statement,
+                        d.source_tag,
+                        d.target_tag,
+                        d.recorded_at,
+                    )
+                    for d in divergences
+                ],
+            )
 
     def mark_resync(self, database: str, tables: tuple[str, ...], position: int, reason: str) -> None:
         """Flag tables for re-sync (the first reason is kept)."""
         with self._lock:
-            self._db.executemany("INSERT OR IGNORE INTO resync_table VALUES (?, ?, ?, ?)",
-                                 [(database, t, position, reason) for t in tables])
+            self._db.executemany(
+                "INSERT OR IGNORE INTO resync_table VALUES (?, ?, ?, ?)",
+                [(database, t, position, reason) for t in tables],
+            )
 
     def errors(self, database: str) -> list[ApplyError]:
         """Every recorded apply error of `database`, in log order."""
-        rows = self._db.execute("SELECT * FROM apply_error WHERE database = ? ORDER BY position",
-                                (database,)).fetchall()
-        return [ApplyError(database=r[0], position=r[1], txid=r[2], statement_index=r[3], statement=r[4],
-                           sqlstate=r[5], message=r[6], kind=ErrorKind(r[7]), action=r[8],
-                           resync_tables=tuple(json.loads(r[9])), recorded_at=r[10]) for r in rows]
+        rows = self._db.execute(
+            "SELECT * FROM apply_error WHERE database = ? ORDER BY position", (database,)
+        ).fetchall()
+        return [
+            ApplyError(
+                database=r[0],
+                position=r[1],
+                txid=r[2],
+                statement_index=r[3],
+                statement=r[4],
+                sqlstate=r[5],
+                message=r[6],
+                kind=ErrorKind(r[7]),
+                action=r[8],
+                resync_tables=tuple(json.loads(r[9])),
+                recorded_at=r[10],
+            )
+            for r in rows
+        ]
 
     def divergences(self, database: str) -> list[Divergence]:
         """Every recorded divergence of `database`, in log order."""
-        rows = self._db.execute("SELECT * FROM divergence WHERE database = ? ORDER BY position, statement_index",
-                                (database,)).fetchall()
+        rows = self._db.execute(
+            "SELECT * FROM divergence WHERE database = ? ORDER BY position, statement_index", (database,)
+        ).fetchall()
         return [Divergence(*r) for r in rows]
 
     def resync_tables(self, database: str) -> list[str]:
         """Tables of `database` flagged for re-sync, by name."""
-        rows = self._db.execute("SELECT table_name FROM resync_table WHERE database = ? ORDER BY table_name",
-                                (database,)).fetchall()
+        rows = self._db.execute(
+            "SELECT table_name FROM resync_table WHERE database = ? ORDER BY table_name", (database,)
+        ).fetchall()
         return [r[0] for r in rows]

@@ -6,7 +6,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-RATE_WINDOW = 10.0   # seconds over which the apply rate is averaged
+RATE_WINDOW = 10.0  # seconds over which the apply rate is averaged
 
 
 @dataclass(frozen=True)
@@ -16,10 +16,10 @@ class ReplayLag:
     database: str
     applied_position: int
     last_position: int
-    transactions: int          # committed transactions in the log not yet applied (or skipped)
-    bytes: int                 # their encoded size in the log
-    seconds: float             # now - captured_at of the oldest of them (0 when caught up)
-    apply_rate: float          # log transactions consumed per second over the last RATE_WINDOW seconds
+    transactions: int  # committed transactions in the log not yet applied (or skipped)
+    bytes: int  # their encoded size in the log
+    seconds: float  # now - captured_at of the oldest of them (0 when caught up)
+    apply_rate: float  # log transactions consumed per second over the last RATE_WINDOW seconds
 
 
 class RateMeter:

@@ -49,18 +49,23 @@ POSITION_MOVED = "PGLP1"
 GUARD_SQL = "SELECT pgleap.expect_position($1, $2)"
 
 TEXT_OID, INT8_OID = 25, 20
+ENSURE_LOCK_KEY = 0x70676C70  # "pglp": the advisory lock key taken while creating schema pgleap
 POSITION_PARAM_TYPES = (TEXT_OID, INT8_OID)
 
 
 def store_position_sql(facts: Facts) -> str:
     """Upsert ($1 database, $2 position) into pgleap.applied: ON CONFLICT on 9.5+, a writable CTE before."""
     if facts.has_on_conflict:
-        return ("INSERT INTO pgleap.applied (database, position, applied_at) VALUES ($1, $2, now()) "
-                "ON CONFLICT (database) DO UPDATE SET position = EXCLUDED.position, applied_at = EXCLUDED.applied_at")
+        return (
+            "INSERT INTO pgleap.applied (database, position, applied_at) VALUES ($1, $2, now()) "
+            "ON CONFLICT (database) DO UPDATE SET position = EXCLUDED.position, applied_at = EXCLUDED.applied_at"
+        )
     # Only one replayer writes a database's row, so the update-else-insert cannot race.
-    return ("WITH u AS (UPDATE pgleap.applied SET position = $2, applied_at = now() WHERE database = $1 RETURNING 1) "
-            "INSERT INTO pgleap.applied (database, position, applied_at) SELECT $1, $2, now() "
-            "WHERE NOT EXISTS (SELECT 1 FROM u)")
+    return (
+        "WITH u AS (UPDATE pgleap.applied SET position = $2, applied_at = now() WHERE database = $1 RETURNING 1) "
+        "INSERT INTO pgleap.applied (database, position, applied_at) SELECT $1, $2, now() "
+        "WHERE NOT EXISTS (SELECT 1 FROM u)"
+    )
 
 
 def _literal(value: str) -> str:
@@ -69,12 +74,17 @@ def _literal(value: str) -> str:
 
 async def read_position(session: TargetSession, database: str) -> int:
     """Create pgleap.applied if missing and return the position applied for `database` (0: nothing yet)."""
-    await session.query(ENSURE_SQL)
-    # The row exists from the start, so the guard of the very first batch has a row to lock.
-    await session.query(f"INSERT INTO pgleap.applied (database, position) SELECT {_literal(database)}, 0 "
-                        f"WHERE NOT EXISTS (SELECT 1 FROM pgleap.applied WHERE database = {_literal(database)})")
-    rows = await session.query(f"SELECT position FROM pgleap.applied WHERE database = {_literal(database)}")
-    return int(rows[0][0] or 0) if rows else 0
+    name = _literal(database)
+    # One implicit transaction (a simple-query string), serialised by an advisory lock: two replayers starting
+    # at once would otherwise race to create the schema. The row exists from then on, so the guard of the
+    # very first batch has a row to lock.
+    rows = await session.query(
+        f"SELECT pg_advisory_xact_lock({ENSURE_LOCK_KEY}); {ENSURE_SQL}"
+        f"INSERT INTO pgleap.applied (database, position) SELECT {name}, 0 "
+        f"WHERE NOT EXISTS (SELECT 1 FROM pgleap.applied WHERE database = {name});"
+        f"SELECT position FROM pgleap.applied WHERE database = {name}"
+    )
+    return int(rows[-1][0] or 0)
 
 
 async def server_version_num(session: TargetSession) -> int:

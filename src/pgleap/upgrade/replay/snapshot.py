@@ -40,8 +40,10 @@ def parse_snapshot(text: str) -> Snapshot:
     """Parse "xmin:xmax:xip1,xip2,..." (the txid_snapshot text form)."""
     parts = text.strip().split(":")
     if len(parts) != 3:
-        raise SnapshotFormatError(f"snapshot {text!r} is not of the form xmin:xmax:xip,...; it must be the text "
-                                  f"of txid_current_snapshot() taken for the copy")
+        raise SnapshotFormatError(
+            f"snapshot {text!r} is not of the form xmin:xmax:xip,...; it must be the text "
+            f"of txid_current_snapshot() taken for the copy"
+        )
     try:
         xmin, xmax = int(parts[0]), int(parts[1])
         xip = frozenset(int(x) for x in parts[2].split(",") if x.strip())
@@ -59,3 +61,39 @@ def visible(txid: int, snapshot: Snapshot | str) -> bool:
     """txid_visible_in_snapshot(txid, S), for a parsed snapshot or its text."""
     parsed = parse_snapshot(snapshot) if isinstance(snapshot, str) else snapshot
     return parsed.visible(txid)
+
+
+@dataclass(frozen=True)
+class Stitch:
+    """Which copy snapshot decides a statement: S, or the snapshot a table was read with apart from S.
+
+    Unlogged tables cannot be read on a standby, so the copy reads them on the primary with a snapshot of
+    their own (docs/copy.md); a write to such a table is in the copy iff its txid is visible in *that*
+    snapshot. Tables are keyed "schema.table"; a name written without a schema matches when exactly one
+    key has that table name (the session's search_path is not consulted).
+    """
+
+    default: Snapshot
+    tables: dict[str, Snapshot]
+
+    def for_relations(self, relations: tuple[str, ...]) -> Snapshot | None:
+        """The snapshot for a statement writing `relations`; None when they need different snapshots."""
+        if not self.tables or not relations:
+            return self.default
+        found = {self._lookup(name) for name in relations}
+        if len(found) == 1:
+            (only,) = found
+            return only
+        return None
+
+    def _lookup(self, name: str) -> Snapshot:
+        if "." in name:
+            return self.tables.get(name, self.default)
+        matches = [snap for key, snap in self.tables.items() if key.rsplit(".", 1)[-1] == name]
+        return matches[0] if len(matches) == 1 else self.default
+
+
+def make_stitch(snapshot: str, table_snapshots: dict[str, str] | None = None) -> Stitch:
+    """A Stitch from S and the per-table snapshots of tables copied apart (text forms)."""
+    default = parse_snapshot(snapshot)
+    return Stitch(default, {name: parse_snapshot(text) for name, text in (table_snapshots or {}).items()})

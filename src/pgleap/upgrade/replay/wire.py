@@ -25,21 +25,26 @@ from pgleap.upgrade.replay.errors import TargetRefusedError, TransientApplyError
 
 CONNECT_TIMEOUT = 10.0
 _MAX_ANSWER = 1 << 30
-_FIRST_USER_OID = 16384   # OIDs from here on are user types: they differ between source and target
+_FIRST_USER_OID = 16384  # OIDs from here on are user types: they differ between source and target
 _COPY_FROM_STDIN = re.compile(r"^\s*copy\b.*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
-_FINAL = frozenset([codes.EXECUTE, codes.QUERY, codes.SYNC])   # requests whose answer completes a slot
-_CHUNK = 1 << 20          # CopyData payloads are sent in pieces of this size
+_FINAL = frozenset([codes.EXECUTE, codes.QUERY, codes.SYNC])  # requests whose answer completes a slot
+_CHUNK = 1 << 20  # CopyData payloads are sent in pieces of this size
 
 # The replay session's own settings: no timeout may cut a long replayed statement, and text travels as UTF-8.
-SESSION_PARAMS = {"application_name": "pgleap_replay", "client_encoding": "UTF8", "statement_timeout": "0",
-                  "lock_timeout": "0", "idle_in_transaction_session_timeout": "0"}
+SESSION_PARAMS = {
+    "application_name": "pgleap_replay",
+    "client_encoding": "UTF8",
+    "statement_timeout": "0",
+    "lock_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+}
 
 
 @dataclass
 class Slot:
     """One request's place in a pipeline and, once answered, its tag or error."""
 
-    label: str                        # what it is, for messages ("statement 3 of position 17", "COMMIT")
+    label: str  # what it is, for messages ("statement 3 of position 17", "COMMIT")
     tag: str | None = None
     error: ServerError | None = None
     answered: bool = False
@@ -52,8 +57,14 @@ class Pipeline:
     chunks: list[bytes] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
 
-    def extended(self, sql: str, params: tuple[bytes | None, ...] = (), formats: tuple[int, ...] = (),
-                 types: tuple[int, ...] = (), label: str = "") -> Slot:
+    def extended(
+        self,
+        sql: str,
+        params: tuple[bytes | None, ...] = (),
+        formats: tuple[int, ...] = (),
+        types: tuple[int, ...] = (),
+        label: str = "",
+    ) -> Slot:
         """Parse/Bind/Execute of `sql` on the unnamed statement and portal."""
         slot = Slot(label or sql)
         oids = [0 if t >= _FIRST_USER_OID else t for t in types]
@@ -64,7 +75,7 @@ class Pipeline:
         bind += struct.pack("!h", len(params))
         for value in params:
             bind += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
-        bind += struct.pack("!h", 0)   # every result column in text
+        bind += struct.pack("!h", 0)  # every result column in text
         self._add(codes.BIND, bytes(bind), slot)
         self._add(codes.EXECUTE, cstr("") + struct.pack("!i", 0), slot)
         return slot
@@ -75,7 +86,7 @@ class Pipeline:
         self._add(codes.QUERY, cstr(sql), slot)
         payload = data or b""
         for start in range(0, len(payload), _CHUNK):
-            self.chunks.append(message(codes.COPY_DATA, payload[start:start + _CHUNK]))
+            self.chunks.append(message(codes.COPY_DATA, payload[start : start + _CHUNK]))
         self.chunks.append(message(codes.COPY_DONE))
         return slot
 
@@ -100,7 +111,7 @@ class TargetSession:
 
     def __init__(self, conn: BackendConnection) -> None:
         self.conn = conn
-        self.status = b"I"   # the last ReadyForQuery's transaction status
+        self.status = b"I"  # the last ReadyForQuery's transaction status
 
     @classmethod
     async def open(cls, server: ServerConfig, timeout: float = CONNECT_TIMEOUT) -> TargetSession:
@@ -141,7 +152,7 @@ class TargetSession:
                 self._answer(tracker, kind, body)
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise TransientApplyError(f"connection to the target lost: {exc or type(exc).__name__}") from exc
+            raise TransientApplyError(f"connection to the target lost: {_lost(exc)}") from exc
         except (ProtocolError, ExchangeError) as exc:
             raise TransientApplyError(f"the target's answers did not fit the pipeline ({exc}); reconnecting") from exc
         return self.status
@@ -184,7 +195,7 @@ class TargetSession:
                     self.status = body[:1]
                     break
         except (OSError, asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
-            raise TransientApplyError(f"connection to the target lost: {exc or type(exc).__name__}") from exc
+            raise TransientApplyError(f"connection to the target lost: {_lost(exc)}") from exc
         if error is not None:
             raise TargetRefusedError(f"the target refused pgleap's statement {sql!r}: {error}")
         return rows
@@ -200,6 +211,12 @@ def _data_row(body: bytes) -> tuple[str | None, ...]:
         if length < 0:
             values.append(None)
         else:
-            values.append(body[offset:offset + length].decode())
+            values.append(body[offset : offset + length].decode())
             offset += length
     return tuple(values)
+
+
+def _lost(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "the target closed the connection"
+    return str(exc) or type(exc).__name__
