@@ -193,3 +193,17 @@ def test_transaction_spanning_pause(proxy: ProxyThread, backend: LabServer) -> N
         proxy.loop.call_soon_threadsafe(proxy.proxy.resume)
         in_tx.close()
         newcomer.close()
+
+
+def test_pause_after_simple_copy_does_not_wait_on_an_idle_session(proxy: ProxyThread) -> None:
+    """After COPY FROM STDIN the session is idle again: PAUSE must not count it as mid-transaction."""
+    assert proxy.proxy is not None
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("drop table if exists copy_idle; create table copy_idle (v text)")
+        with conn.cursor().copy("copy copy_idle from stdin") as copy:
+            copy.write_row(("a",))
+        try:
+            assert proxy.call(proxy.proxy.pause(timeout=10)) == 0, "an idle session was counted as busy"
+        finally:
+            proxy.loop.call_soon_threadsafe(proxy.proxy.resume)
+        assert conn.execute("select count(*) from copy_idle").fetchone() == (1,)

@@ -31,6 +31,11 @@ _Q, _S, _F, _X = codes.QUERY, codes.SYNC, codes.FUNCTION_CALL, codes.TERMINATE
 _Z, _C, _E, _PS = codes.READY_FOR_QUERY, codes.COMMAND_COMPLETE, codes.ERROR_RESPONSE, codes.PARAMETER_STATUS
 _IDLE = ord("I")
 _VALID_FRONTEND = bytes(1 if i in codes.FRONTEND_TYPES else 0 for i in range(256))
+# Extended-protocol messages open a batch that only Sync closes; CopyData/CopyDone/CopyFail and
+# Flush do not (after a simple-protocol COPY the session is idle again at ReadyForQuery).
+_OPENS_BATCH = bytes(
+    1 if i in (codes.PARSE, codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.CLOSE) else 0 for i in range(256)
+)
 _TERMINATE = message(codes.TERMINATE)
 
 
@@ -225,7 +230,7 @@ class Forwarder:
                 self.server_transport.write(data[:i])
                 self.close()
                 return
-            else:
+            elif _OPENS_BATCH[kind]:
                 self.open_batch = True
             i += 1 + length
             if i >= n:
