@@ -12,7 +12,7 @@ from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.lab import Lab, LabServer
 from pgleap.store import StateStore
 from pgleap.upgrade.copy import CopyJob, CopyOptions, CopyReport
-from pgleap.upgrade.copy.compare import compare_database
+from pgleap.upgrade.copy.compare import compare_database, database_differences
 from pgleap.upgrade.copy.connect import connect
 
 pytestmark = pytest.mark.integration
@@ -121,24 +121,9 @@ async def _check(source: ServerConfig, target: ServerConfig) -> list[str]:
     return problems
 
 
-async def _diffs(source: ServerConfig, target: ServerConfig) -> list[str]:
-    a = await connect(source, role="source")
-    b = await connect(target, role="target")
-    try:
-        return [
-            f"{d.table}: {d.source_rows} vs {d.target_rows} rows; only source {d.only_source[:3]}; "
-            f"only target {d.only_target[:3]}"
-            for d in await compare_database(a, b)
-            if not d.equal
-        ]
-    finally:
-        await a.close()
-        await b.close()
-
-
 def check_rows_equal(source: LabServer, target: LabServer) -> None:
     """Every table of the source equals the target's, row by row (multisets: duplicates count)."""
-    problems = asyncio.run(_diffs(server_config(source), server_config(target)))
+    problems = asyncio.run(database_differences(server_config(source), server_config(target)))
     assert not problems, "\n".join(problems)
 
 

@@ -25,7 +25,7 @@ from pgleap.lab import Lab, LabServer
 from pgleap.store import SQLiteChangeLog
 from pgleap.testing import ProxyThread
 from pgleap.upgrade.capture.capture import Capture
-from pgleap.upgrade.copy.compare import compare_database
+from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import ApplyJournal, ErrorKind, Replayer, ReplayStatus
 
 from conftest import start_proxy
@@ -187,23 +187,6 @@ def run_workers(dsn: str, workers: int, count: int) -> int:
     return sum(results)
 
 
-async def _diffs(env: Env) -> list[str]:
-    upgrade = env.upgrade
-    assert upgrade.target is not None
-    a = await _connect(upgrade.source)
-    b = await _connect(upgrade.target)
-    try:
-        return [
-            f"{d.table}: {d.source_rows} vs {d.target_rows} rows; only source {d.only_source[:3]}; "
-            f"only target {d.only_target[:3]}"
-            for d in await compare_database(a, b)
-            if not d.equal
-        ]
-    finally:
-        await a.close()
-        await b.close()
-
-
 async def _connect(server: ServerConfig) -> asyncpg.Connection:
     return await asyncpg.connect(
         host=server.host, port=server.port, user=server.user, password=server.password, database=server.database
@@ -212,7 +195,8 @@ async def _connect(server: ServerConfig) -> asyncpg.Connection:
 
 def assert_equal(env: Env) -> None:
     """Every source table equals the target's, row by row."""
-    problems = asyncio.run(_diffs(env))
+    assert env.upgrade.target is not None
+    problems = asyncio.run(database_differences(env.upgrade.source, env.upgrade.target))
     assert not problems, "\n".join(problems)
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from pgleap.upgrade.copy.connect import qualified, quote_ident
+from pgleap.config import ServerConfig
+from pgleap.upgrade.copy.connect import connect, qualified, quote_ident
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,19 @@ async def compare_database(source: asyncpg.Connection, target: asyncpg.Connectio
         "AND n.nspname !~ '^pg_toast' ORDER BY 1, 2"
     )
     return [await compare_table(source, target, schema, table) for schema, table in names]
+
+
+async def database_differences(source: ServerConfig, target: ServerConfig) -> list[str]:
+    """One line per table that differs between the two databases (empty when they are equal)."""
+    a = await connect(source, role="source")
+    b = await connect(target, role="target")
+    try:
+        return [
+            f"{d.table}: {d.source_rows} vs {d.target_rows} rows; only source {d.only_source[:3]}; "
+            f"only target {d.only_target[:3]}"
+            for d in await compare_database(a, b)
+            if not d.equal
+        ]
+    finally:
+        await a.close()
+        await b.close()
