@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pgleap.store.records import CapturedTransaction
 from pgleap.upgrade.capture import classify
 from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
 
@@ -21,8 +22,12 @@ def run(assembler: TransactionAssembler, sql: str, tags: list[str | None], statu
     assembler.ready(status)
 
 
+def take_committed(assembler: TransactionAssembler) -> list[CapturedTransaction]:
+    return [e.transaction for e in assembler.take_ended() if e.committed and e.transaction is not None]
+
+
 def committed_sql(assembler: TransactionAssembler) -> list[list[str]]:
-    return [[s.sql for s in tx.statements] for tx in assembler.take_committed()]
+    return [[s.sql for s in tx.statements] for tx in take_committed(assembler)]
 
 
 def test_implicit_single_statement_commits() -> None:
@@ -118,7 +123,7 @@ def test_probe_values_travel_with_the_transaction() -> None:
     assert a.needs_probe()
     a.probe(12345, "2026-11-25 04:00:00+00", (("TimeZone", "UTC"),))
     run(a, "commit", ["COMMIT"], I)
-    (tx,) = a.take_committed()
+    (tx,) = take_committed(a)
     assert (tx.txid, tx.source_now, tx.settings, tx.session_id, tx.database) == (
         12345,
         "2026-11-25 04:00:00+00",
@@ -138,6 +143,6 @@ def test_extended_parameters_and_copy_data_are_kept() -> None:
     (copy,) = classify("copy t from stdin")
     a.completed(Pending(copy, copy_data=[b"1\n", b"2\n"]), "COPY 2")
     a.ready(I)
-    (tx,) = a.take_committed()
+    (tx,) = take_committed(a)
     assert tx.statements[0].params == (b"1", None) and tx.statements[0].param_types == (23, 25)
     assert tx.statements[1].copy_data == b"1\n2\n" and tx.statements[1].tag == "COPY 2"

@@ -49,6 +49,7 @@ class StatementInfo:
     savepoint: str | None = None
     setting: tuple[str, bool] | None = None  # (name, SET LOCAL?) for SET/RESET
     start: int = 0  # character offset of the statement within its query string
+    refuses_block: bool = False  # cannot run inside a transaction block (CREATE DATABASE, ... CONCURRENTLY)
 
     @property
     def writes(self) -> bool:
@@ -190,6 +191,41 @@ def _classify_select(node: ast.SelectStmt, command: str, text: str) -> Statement
     return StatementInfo(Kind.READ, command, text)
 
 
+# Statements PostgreSQL refuses inside a transaction block (or that may end the transaction themselves:
+# CALL and DO can COMMIT from 11 on), so capture never wraps them in BEGIN nor appends its probe to them.
+_NO_BLOCK_NODES = tuple(
+    getattr(ast, n)
+    for n in (
+        "CreatedbStmt",
+        "DropdbStmt",
+        "CreateTableSpaceStmt",
+        "DropTableSpaceStmt",
+        "AlterSystemStmt",
+        "VacuumStmt",
+        "ClusterStmt",
+        "CallStmt",
+        "DoStmt",
+        "CreateSubscriptionStmt",
+        "DropSubscriptionStmt",
+        "AlterSubscriptionStmt",
+        "AlterEnumStmt",  # ALTER TYPE ... ADD VALUE: refused in a block before 12
+    )
+    if hasattr(ast, n)
+)
+
+
+def _refuses_block(node: ast.Node) -> bool:
+    if isinstance(node, _NO_BLOCK_NODES):
+        return True
+    if isinstance(node, (ast.IndexStmt, ast.DropStmt)):
+        return bool(node.concurrent)
+    if isinstance(node, ast.ReindexStmt):
+        return any(getattr(p, "defname", "") == "concurrently" for p in node.params or ()) or bool(
+            getattr(node, "concurrent", False)
+        )
+    return False
+
+
 @lru_cache(maxsize=_CACHE_SIZE)
 def classify(sql: str) -> tuple[StatementInfo, ...]:
     """Classify every statement of a query string (cached by text)."""
@@ -206,5 +242,11 @@ def classify(sql: str) -> tuple[StatementInfo, ...]:
         end = start + stmt.stmt_len if stmt.stmt_len else len(sql)
         if stmt.stmt is not None:
             info = _classify_node(stmt.stmt, sql[start:end].strip())
-            infos.append(replace(info, start=start + len(sql[start:end]) - len(sql[start:end].lstrip())))
+            infos.append(
+                replace(
+                    info,
+                    start=start + len(sql[start:end]) - len(sql[start:end].lstrip()),
+                    refuses_block=_refuses_block(stmt.stmt),
+                )
+            )
     return tuple(infos)

@@ -25,6 +25,7 @@ _EMPTY_QUERY, _PORTAL_SUSPENDED = ord("I"), ord("s")
 _COPY_IN, _COPY_OUT, _COPY_BOTH = ord("G"), ord("H"), ord("W")
 _COPY_DATA, _COPY_DONE = ord("d"), ord("c")
 _FUNCTION_RESULT = ord("V")
+_RUNS_STATEMENTS = frozenset((codes.QUERY, codes.EXECUTE, codes.FUNCTION_CALL, codes.SYNC))
 
 
 class Outcome(enum.Enum):
@@ -65,9 +66,16 @@ class ExchangeTracker:
         """Requests still waiting for (the end of) their answer."""
         return len(self.queue)
 
+    def outstanding_statements(self) -> bool:
+        """Whether a request that runs statements (or ends a batch) still waits for its answer."""
+        return any(r.kind in _RUNS_STATEMENTS for r in self.queue)
+
     def received(self, kind: int, body: bytes = b"") -> tuple[Request | None, Outcome]:
         """Match one server message; returns the request it answers (None for async) and what it means."""
         if kind in ASYNC_MESSAGES:
+            return None, Outcome.ASYNC
+        if not self.queue and kind == codes.ERROR_RESPONSE:
+            # A FATAL with nothing asked (pg_terminate_backend, idle timeouts): the client must see it as sent.
             return None, Outcome.ASYNC
         if not self.queue:
             raise ExchangeError(f"server sent message type {chr(kind)!r} with no request outstanding")

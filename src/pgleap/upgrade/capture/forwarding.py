@@ -2,24 +2,39 @@
 
 Databases with capture on use this subclass of the proxy's Forwarder. It reassembles whole
 messages in both directions, pairs answers with requests (`ExchangeTracker`), feeds the
-`TransactionAssembler`, and hands committed transactions to the database's `Capture`.
+`TransactionAssembler`, and writes each write transaction to the change log *before* its
+COMMIT reaches the source (invariant I4: a crash at any instant loses no committed write):
+
+- the probe (`SELECT txid, now(), settings`) runs inside the transaction, hidden from the
+  client: appended to the first write of an explicit transaction, or just before its end;
+- at the commit point (a COMMIT, or the Sync that ends an implicit extended-protocol
+  transaction) the client's bytes from that message on are *stashed* until every statement
+  of the transaction is answered and its record is durable as `pending`; then they go on;
+- an implicit simple-query write (autocommit) is sent as `BEGIN; <query>; <probe>`, and
+  pgleap sends the COMMIT itself once the record is durable, hiding what it added;
+- the source's answer to the COMMIT settles the record (committed or aborted).
+
+A COMMIT inside a longer query string (`INSERT ...; COMMIT; ...`) cannot be held apart from
+the rest of the string: such a transaction is logged after the answer and counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pgleap.protocol import codes
-from pgleap.protocol.messages import error_response
+from pgleap.protocol.messages import error_response, message
 from pgleap.proxy.forward import _IDLE, _VALID_FRONTEND, Forwarder, _now
 from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
 from pgleap.upgrade.capture.decode import bind_message, codec_for, execute_portal, name_of, parse_message
 from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outcome, Request
-from pgleap.upgrade.capture.probe import PROBE_SQL, parse_probe_row, probe_extended
+from pgleap.upgrade.capture.probe import parse_probe_row, parse_text_row, probe_extended, probe_query, probe_sql
 from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
+from pgleap.upgrade.compat import UnsupportedVersionError, facts_for, version_num_of
 
 if TYPE_CHECKING:
     from pgleap.upgrade.capture.capture import Capture
@@ -27,7 +42,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")
 _PROBE = "probe"
+_HIDDEN = "hidden"  # pgleap's own BEGIN in front of an implicit transaction
 _FAILED = ord("E")
+_COPY_IN = ord("G")
+_CONTROL = frozenset(
+    (Kind.BEGIN, Kind.COMMIT, Kind.ROLLBACK, Kind.SAVEPOINT, Kind.RELEASE, Kind.ROLLBACK_TO, Kind.TWO_PHASE)
+)
+(_BEGIN,) = classify("BEGIN")
+(_COMMIT,) = classify("COMMIT")
+(_ROLLBACK,) = classify("ROLLBACK")
+_FLUSH = message(codes.FLUSH)
+# The probe goes on a line of its own, so that a trailing `--` comment in the client's text cannot swallow it.
+_SEP = "\n;"
 
 
 @dataclass
@@ -36,9 +62,23 @@ class _QueryParts:
 
     parts: list[Pending | str]
     index: int = 0
+    wrapped: bool = False  # pgleap put BEGIN in front; its own COMMIT (a _WrapEnd) follows
 
     def current(self) -> Pending | str | None:
         return self.parts[self.index] if self.index < len(self.parts) else None
+
+
+@dataclass
+class _WrapEnd:
+    """pgleap's COMMIT (or ROLLBACK) ending a wrapped implicit transaction; its ReadyForQuery is the client's."""
+
+    pending: Pending
+
+
+class _PreparedLoad:
+    """pgleap's own query for the statements the session prepared before capture started."""
+
+    SQL = "SELECT name, statement, parameter_types::oid[]::text FROM pg_prepared_statements WHERE NOT from_sql"
 
 
 @dataclass
@@ -50,7 +90,7 @@ class _Prepared:
 
 @dataclass
 class _Portal:
-    statement: _Prepared
+    statement: _Prepared | None  # None: bound to a statement capture never saw prepared
     params: tuple[bytes | None, ...] = ()
     param_formats: tuple[int, ...] = ()
 
@@ -69,7 +109,28 @@ class CapturingForwarder(Forwarder):
         self._sin = bytearray()
         self._copy_target: Pending | None = None
         self._probe_in_batch = False
+        self._probe_inflight = False  # a probe was sent and has not answered yet
+        self._batch_refuses_block = False  # the open extended batch has a statement refusing a transaction block
+        self._batch_writes = False  # the open extended batch executes a write
+        self._pass_one = False  # the next client message is a released commit point: let it through
         self._out: list[bytes] = []
+        self._fwd: list[bytes] = []
+        self._stash: bytearray | None = None  # client bytes held until the transaction's record is durable
+        self._commit_point: str | None = None  # "commit" or "sync": why the stash was taken
+        self._preparing = False
+        self._log_id: int | None = None  # the pending record of the transaction whose COMMIT went out
+        self._held_tag: bytes | None = None  # a wrapped string's last CommandComplete, until the COMMIT answers
+        try:
+            facts = facts_for(version_num_of(self.backend.server_version))
+        except UnsupportedVersionError:
+            facts = facts_for(100000)
+        self._probe_sql = probe_sql(facts)
+        if self.server_transport is not None:
+            # Statements prepared before capture started are Bound later: learn them, or their writes go unseen.
+            self._send(
+                Request(codes.QUERY, injected=True, context=_PreparedLoad()), self._query_message(_PreparedLoad.SQL)
+            )
+            self._flush_to_server()
 
     @property
     def _codec(self) -> str:
@@ -78,20 +139,27 @@ class CapturingForwarder(Forwarder):
     # -- client -> server ----------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:
-        """Decode whole client messages, inject the probe where a transaction ends, forward."""
+        """Decode whole client messages, inject the probe, hold commit points until logged, forward."""
         if self.held is not None:
             self.held += data
             return
         self.stats.bytes_in += len(data)
+        if self._stash is not None:
+            self._stash += data
+            self.stats.bytes_in -= len(data)  # counted when released
+            return
         buf = self._cin
         buf += data
         offset = 0
         try:
             while len(buf) - offset >= 5:
+                if self._stash is not None:
+                    break
                 if not self.pending and not self.open_batch and self.tx_status == _IDLE and self._must_hold():
                     self._flush_to_server()
                     rest = bytes(buf[offset:])
                     del buf[:]
+                    offset = 0
                     self.stats.bytes_in -= len(rest)
                     self._hold(rest, 0)
                     return
@@ -105,19 +173,30 @@ class CapturingForwarder(Forwarder):
                 if end > len(buf):
                     break
                 raw = bytes(buf[offset:end])
-                offset = end
                 if kind == codes.TERMINATE:
                     self.terminating = True
                     self._flush_to_server()
                     self.close()
                     return
-                self._client_message(kind, raw)
+                stash = self._client_message(kind, raw)
+                self._pass_one = False
+                if stash:
+                    self._stash = bytearray()  # this message and everything after it wait
+                    break
+                offset = end
         except (ExchangeError, ValueError, struct.error, UnicodeDecodeError) as exc:
             self._capture_broken(exc)
             return
         finally:
+            if self._stash is not None and len(buf) > offset:
+                self._stash += buf[offset:]
+                self.stats.bytes_in -= len(buf) - offset
+                offset = len(buf)
             del buf[:offset]
         self._flush_to_server()
+        if self._stash is not None:
+            self.block_reading(True, "log")
+            self._check_commit_point()
 
     def _flush_to_server(self) -> None:
         if self._out:
@@ -128,40 +207,28 @@ class CapturingForwarder(Forwarder):
         self.tracker.sent(request)
         self._out.append(raw)
 
-    def _client_message(self, kind: int, raw: bytes) -> None:
+    def _client_message(self, kind: int, raw: bytes) -> bool:
+        """Forward one client message; True when it is a commit point that must wait for the log."""
         body = raw[5:]
         if kind == codes.QUERY:
-            self.pending.append(_now())
-            self.open_batch = False
-            self._client_query(body[:-1].decode(self._codec), raw)
-        elif kind == codes.PARSE:
+            return self._client_query(body[:-1].decode(self._codec), raw)
+        if kind == codes.PARSE:
             self.open_batch = True
             msg = parse_message(body)
             sql = msg.sql.decode(self._codec)
-            self.prepared[msg.name] = _Prepared(sql, classify(sql), msg.param_types)
+            infos = classify(sql)
+            self.prepared[msg.name] = _Prepared(sql, infos, msg.param_types)
             self._send(Request(kind), raw)
         elif kind == codes.BIND:
             self.open_batch = True
             bind = bind_message(body)
-            statement = self.prepared.get(bind.statement)
-            if statement is not None:
-                self.portals[bind.portal] = _Portal(statement, bind.params, bind.param_formats)
+            # A Bind of a statement capture never saw replaces the portal all the same: never leave a stale one.
+            self.portals[bind.portal] = _Portal(self.prepared.get(bind.statement), bind.params, bind.param_formats)
             self._send(Request(kind), raw)
         elif kind == codes.EXECUTE:
-            self.open_batch = True
-            self._client_execute(execute_portal(body), raw)
+            return self._client_execute(execute_portal(body), raw)
         elif kind == codes.SYNC:
-            self.pending.append(_now())
-            self.open_batch = False
-            if (
-                not self.assembler.explicit
-                and self.assembler.needs_probe()
-                and not self._probe_in_batch
-                and self._probe_allowed()
-            ):
-                self._inject_extended_probe()
-            self._probe_in_batch = False
-            self._send(Request(kind), raw)
+            return self._client_sync(raw)
         elif kind in (codes.DESCRIBE, codes.CLOSE):
             self.open_batch = True
             target, name = name_of(body)
@@ -182,59 +249,228 @@ class CapturingForwarder(Forwarder):
             if kind in (codes.COPY_DONE, codes.COPY_FAIL):
                 self._copy_target = None
             self._send(Request(kind), raw)
+        return False
 
-    def _client_query(self, sql: str, raw: bytes) -> None:
+    # -- simple Query -------------------------------------------------------------------
+
+    def _client_query(self, sql: str, raw: bytes) -> bool:
         infos = classify(sql)
-        assembler = self.assembler
+        a = self.assembler
+        in_block = a.explicit or self.tx_status != _IDLE
+        if infos and in_block and infos[0].kind is Kind.COMMIT and not self._pass_one and self._may_have_written():
+            if a.txid is None and not self._probe_inflight and self._probe_allowed():
+                self._probe_inflight = True
+                self._send(Request(codes.QUERY, injected=True), probe_query(self._probe_sql))
+            self._commit_point = "commit"
+            return True
+        self.pending.append(_now())
+        self.open_batch = False
+        parseable = not (len(infos) == 1 and infos[0].command == "Unparseable")
+        control = any(i.kind in _CONTROL for i in infos)
+        writes = any(i.writes for i in infos)
+        no_block = any(i.refuses_block for i in infos)
+        if not in_block and writes and parseable and not control and not no_block and self._probe_allowed():
+            self._send_wrapped(sql, infos)
+            return False
         parts: list[Pending | str] = []
-        explicit = assembler.explicit
-        # In an aborted transaction the probe would fail and the server would skip the client's COMMIT.
-        may_write = assembler.may_write and self._probe_allowed()
-        splice_at: int | None = None
         for info in infos:
+            a.sending(info)
+            parts.append(Pending(info))
+        text = sql
+        may_probe = parseable and not no_block and self._probe_allowed() and not self._probe_inflight
+        if may_probe and in_block and writes and not control and a.needs_probe():
+            text = f"{sql}{_SEP}{self._probe_sql}"  # learn the txid now, so the COMMIT need not wait for it
+            parts.append(_PROBE)
+            self._probe_inflight = True
+        elif may_probe and control:
+            text = self._splice_late_probe(sql, infos, parts, in_block)
+        if text is not sql:
+            raw = self._query_message(text)
+        self._send(Request(codes.QUERY, context=_QueryParts(parts)), raw)
+        return False
+
+    def _splice_late_probe(
+        self, sql: str, infos: tuple[StatementInfo, ...], parts: list[Pending | str], in_block: bool
+    ) -> str:
+        """A string with transaction control inside: probe before its COMMIT, or at its end; logged late."""
+        may_write = self.assembler.may_write and in_block
+        explicit = in_block
+        for i, info in enumerate(infos):
             if info.kind is Kind.BEGIN:
                 explicit = True
             elif info.kind in (Kind.COMMIT, Kind.ROLLBACK):
-                if info.kind is Kind.COMMIT and may_write and splice_at is None:
-                    splice_at = info.start
-                    parts.append(_PROBE)
+                if info.kind is Kind.COMMIT and may_write:
+                    parts.insert(i, _PROBE)
+                    return f"{sql[: info.start]}{self._probe_sql};{sql[info.start :]}"
                 explicit = False
                 may_write = False
             if info.writes:
                 may_write = True
-            assembler.sending(info)
-            parts.append(Pending(info))
-        text = sql
-        if splice_at is not None:
-            text = f"{sql[:splice_at]}{PROBE_SQL};{sql[splice_at:]}"
-        elif may_write and not explicit:
-            text = f"{sql};{PROBE_SQL}"  # the implicit transaction ends with the string
+        if may_write and not explicit:
             parts.append(_PROBE)
-        if text is not sql:
-            payload = text.encode(self._codec) + b"\0"
-            raw = bytes((codes.QUERY,)) + _LEN.pack(len(payload) + 4) + payload
-        self._send(Request(codes.QUERY, context=_QueryParts(parts)), raw)
+            return f"{sql}{_SEP}{self._probe_sql}"
+        return sql
 
-    def _client_execute(self, portal_name: str, raw: bytes) -> None:
+    def _send_wrapped(self, sql: str, infos: tuple[StatementInfo, ...]) -> None:
+        """An implicit write transaction: BEGIN; the client's string; the probe. pgleap commits it later."""
+        parts: list[Pending | str] = [_HIDDEN]
+        for info in infos:
+            self.assembler.sending(info)
+            parts.append(Pending(info))
+        parts.append(_PROBE)
+        self._probe_inflight = True
+        self._send(
+            Request(codes.QUERY, context=_QueryParts(parts, wrapped=True)),
+            self._query_message(f"BEGIN;{sql}{_SEP}{self._probe_sql}"),
+        )
+        # Whatever the client sends next must wait until pgleap's COMMIT has answered.
+        self._stash = bytearray()
+        self._commit_point = None
+
+    def _query_message(self, text: str) -> bytes:
+        payload = text.encode(self._codec) + b"\0"
+        return bytes((codes.QUERY,)) + _LEN.pack(len(payload) + 4) + payload
+
+    # -- extended protocol --------------------------------------------------------------------
+
+    def _client_execute(self, portal_name: str, raw: bytes) -> bool:
         portal = self.portals.get(portal_name)
-        if portal is None or not portal.statement.infos:
+        a = self.assembler
+        if portal is not None and portal.statement is None:
+            self.capture.report_unreplayable(
+                self.session.id, f"Execute of portal {portal_name!r}, bound to a statement prepared before capture"
+            )
+            a.may_write = True
+        if portal is None or portal.statement is None or not portal.statement.infos:
+            self.open_batch = True
             self._send(Request(codes.EXECUTE), raw)
-            return
+            return False
         info = portal.statement.infos[0]
-        if info.kind is Kind.COMMIT and self.assembler.needs_probe() and self._probe_allowed():
-            self._inject_extended_probe()
-        self.assembler.sending(info)
+        if info.kind is Kind.COMMIT and not self._pass_one and self._may_have_written():
+            if self._probe_allowed() and (
+                (self._batch_writes and not self._probe_in_batch) or (a.txid is None and not self._probe_inflight)
+            ):
+                self._inject_extended_probe()
+            self._out.append(_FLUSH)  # the answers the commit point waits for must come back now
+            self._commit_point = "commit"
+            return True
+        self.open_batch = True
+        if info.refuses_block:
+            self._batch_refuses_block = True
+        if info.writes:
+            self._batch_writes = True
+        a.sending(info)
         pending = Pending(info, portal.params, portal.param_formats, portal.statement.param_types)
         self._send(Request(codes.EXECUTE, context=pending), raw)
+        if info.writes and a.explicit and a.needs_probe() and not self._probe_inflight and self._probe_allowed():
+            self._inject_extended_probe()  # answered with the client's next Sync or Flush
+        return False
+
+    def _client_sync(self, raw: bytes) -> bool:
+        if self._batch_writes and not self._batch_refuses_block and not self._pass_one and self._probe_allowed():
+            # The Sync may end an implicit transaction that wrote: it would commit there, so it waits for the log.
+            if not self._probe_in_batch:
+                self._inject_extended_probe()
+            self._out.append(_FLUSH)
+            self._commit_point = "sync"
+            return True
+        if self._batch_refuses_block:
+            # No probe: it would put the statement in a transaction block. Logged late, without a txid.
+            self.capture.report_unreplayable(self.session.id, "a statement that refuses a transaction block")
+        self.pending.append(_now())
+        self.open_batch = False
+        self._probe_in_batch = False
+        self._batch_refuses_block = False
+        self._batch_writes = False
+        self._send(Request(codes.SYNC), raw)
+        return False
+
+    def _may_have_written(self) -> bool:
+        """Seen from the sending side: the open transaction may have written, and has not failed."""
+        a = self.assembler
+        return (a.may_write or a.statements or self._batch_writes) and self.tx_status != _FAILED and not a.failed
 
     def _probe_allowed(self) -> bool:
         """The probe may only run in a transaction that has not failed."""
         return self.tx_status != _FAILED and not self.assembler.failed
 
     def _inject_extended_probe(self) -> None:
-        for kind, raw in probe_extended():
+        for kind, raw in probe_extended(self._probe_sql):
             self._send(Request(kind, injected=True), raw)
         self._probe_in_batch = True
+        self._probe_inflight = True
+
+    # -- the commit point --------------------------------------------------------------------
+
+    def _check_commit_point(self) -> None:
+        """Once every statement before the stashed commit point is answered, log the transaction, then go on."""
+        if self._stash is None or self._commit_point is None or self._preparing:
+            return
+        if self.tracker.outstanding_statements():
+            return
+        a = self.assembler
+        point, self._commit_point = self._commit_point, None
+        # Decided from the answers, now all in: a COMMIT ends an explicit transaction; a Sync ends an implicit one.
+        commits_here = a.explicit if point == "commit" else not a.explicit
+        tx = a.current() if commits_here and not a.failed and self.tx_status != _FAILED else None
+        if tx is None or tx.txid is None:
+            # Nothing to log, or the probe could not run: then it is logged after the answer, never lost.
+            self._release_stash(point)
+            return
+        self._preparing = True
+        self.proxy.spawn(self._prepare_then_release(tx, point))
+
+    async def _prepare_then_release(self, tx: object, point: str) -> None:
+        from pgleap.store.records import CapturedTransaction
+
+        assert isinstance(tx, CapturedTransaction)
+        log_id = await self.capture.prepare(tx)
+        self._preparing = False
+        if self.closed.done():
+            if log_id is not None:
+                # The COMMIT never went out: the source rolled the transaction back with the connection.
+                self.capture.settle(log_id, None, committed=False)
+            return
+        self._log_id = log_id
+        self._release_stash(point)
+
+    def _release_stash(self, point: str | None) -> None:
+        """Forward what the commit point held (from a fresh call stack: never inside another callback)."""
+        asyncio.get_running_loop().call_soon(self._forward_stash, point is not None)
+
+    def _forward_stash(self, commit_point: bool) -> None:
+        if self._stash is None or self.closed.done():
+            return
+        data, self._stash = bytes(self._stash), None
+        self.unblock_reading(True, "log")
+        self._pass_one = commit_point
+        self.from_client(data)
+
+    def _commit_wrapped(self, failed: bool) -> None:
+        """The wrapped string has run: log it, then send pgleap's COMMIT (or ROLLBACK after an error)."""
+        tx = None if failed else self.assembler.current()
+        if tx is None or tx.txid is None:
+            self._send_wrap_end(_ROLLBACK if failed else _COMMIT)
+            return
+        self._preparing = True
+        self.proxy.spawn(self._prepare_then_commit(tx))
+
+    async def _prepare_then_commit(self, tx: object) -> None:
+        from pgleap.store.records import CapturedTransaction
+
+        assert isinstance(tx, CapturedTransaction)
+        log_id = await self.capture.prepare(tx)
+        self._preparing = False
+        if self.closed.done():
+            if log_id is not None:
+                self.capture.settle(log_id, None, committed=False)
+            return
+        self._log_id = log_id
+        self._send_wrap_end(_COMMIT)
+
+    def _send_wrap_end(self, info: StatementInfo) -> None:
+        self._send(Request(codes.QUERY, context=_WrapEnd(Pending(info))), self._query_message(info.text))
+        self._flush_to_server()
 
     # -- server -> client ----------------------------------------------------------------
 
@@ -244,7 +480,7 @@ class CapturingForwarder(Forwarder):
         buf = self._sin
         buf += data
         offset = 0
-        forward: list[bytes] = []
+        forward = self._fwd
         try:
             while len(buf) - offset >= 5:
                 kind = buf[offset]
@@ -256,6 +492,7 @@ class CapturingForwarder(Forwarder):
                 offset = end
                 self.last_server_type = kind
                 if self._server_message(kind, raw):
+                    self._flush_held_tag()
                     forward.append(raw)
         except (ExchangeError, ValueError, struct.error, UnicodeDecodeError) as exc:
             self._capture_broken(exc)
@@ -264,9 +501,22 @@ class CapturingForwarder(Forwarder):
             del buf[:offset]
         if forward:
             self.client_transport.write(b"".join(forward))
-        committed = self.assembler.take_committed()
-        if committed:
-            self.capture.record(committed)
+            forward.clear()
+        self._settle_ended()
+        self._check_commit_point()
+
+    def _settle_ended(self) -> None:
+        for ended in self.assembler.take_ended():
+            if self._log_id is not None:
+                self.capture.settle(self._log_id, ended.transaction, ended.committed)
+                self._log_id = None
+            elif ended.committed and ended.transaction is not None:
+                self.capture.record_late(ended.transaction)
+
+    def _flush_held_tag(self) -> None:
+        if self._held_tag is not None:
+            self._fwd.append(self._held_tag)
+            self._held_tag = None
 
     def _server_message(self, kind: int, raw: bytes) -> bool:
         """Handle one server message; True when the client must see it."""
@@ -275,44 +525,103 @@ class CapturingForwarder(Forwarder):
             if kind == codes.PARAMETER_STATUS:
                 self.session.note_parameter(raw[5:])
             return True
+        context = request.context
         if request.injected:
+            if isinstance(context, _PreparedLoad):
+                if kind == codes.DATA_ROW:
+                    self._load_prepared(raw[5:])
+                return False
             if kind == codes.DATA_ROW:
                 self.assembler.probe(*parse_probe_row(raw[5:]))
-            elif kind == codes.ERROR_RESPONSE:
+                self._probe_inflight = False
+                return False
+            if kind == codes.ERROR_RESPONSE:
+                # The client's transaction is now aborted: it must hear why, as from any statement.
                 log.warning("session %s: the capture probe failed", self.session.id)
+                self.stats.errors += 1
+                self.assembler.failed_statement()
+                self._probe_inflight = False
+                return True
+            if kind == codes.READY_FOR_QUERY:
+                self.tx_status = raw[5]
+                self._probe_inflight = False
             return False
+        if isinstance(context, _WrapEnd):
+            return self._wrap_end_answer(context, kind, raw)
         if kind == codes.ERROR_RESPONSE:
             self.stats.errors += 1
             self.assembler.failed_statement()
             return True
         if kind == codes.READY_FOR_QUERY:
+            self._probe_inflight = False
+            if isinstance(context, _QueryParts) and context.wrapped:
+                self.tx_status = raw[5]
+                self._commit_wrapped(failed=raw[5] == _FAILED)
+                return False
             self._client_ready(raw[5])
             return True
-        context = request.context
         if isinstance(context, _QueryParts):
-            return self._query_answer(context, kind, request, raw[5:])
+            return self._query_answer(context, kind, request, raw)
         if isinstance(context, Pending):
-            if kind == ord("G"):
+            if kind == _COPY_IN:
                 self._copy_target = context
             elif outcome is Outcome.DONE and kind == codes.COMMAND_COMPLETE and request.tag is not None:
                 self.assembler.completed(context, request.tag)
         return True
 
-    def _query_answer(self, context: _QueryParts, kind: int, request: Request, body: bytes) -> bool:
+    def _query_answer(self, context: _QueryParts, kind: int, request: Request, raw: bytes) -> bool:
         part = context.current()
         if part == _PROBE:
             if kind == codes.DATA_ROW:
-                self.assembler.probe(*parse_probe_row(body))
+                self.assembler.probe(*parse_probe_row(raw[5:]))
+                self._probe_inflight = False
             if kind == codes.COMMAND_COMPLETE:
                 context.index += 1
             return False
+        if part == _HIDDEN:
+            if kind == codes.COMMAND_COMPLETE:
+                self.assembler.completed(Pending(_BEGIN), "BEGIN")
+                context.index += 1
+            return False
         if isinstance(part, Pending):
-            if kind == ord("G"):
+            if kind == _COPY_IN:
                 self._copy_target = part
             elif kind == codes.COMMAND_COMPLETE and request.tag is not None:
                 self.assembler.completed(part, request.tag)
                 context.index += 1
+                if context.wrapped:
+                    # Held: if pgleap's COMMIT fails, the client must see the error instead, as directly.
+                    self._flush_held_tag()
+                    self._held_tag = raw
+                    return False
         return True
+
+    def _wrap_end_answer(self, context: _WrapEnd, kind: int, raw: bytes) -> bool:
+        if kind == codes.COMMAND_COMPLETE:
+            tag = raw[5:].rstrip(b"\0").decode(errors="replace")
+            self.assembler.completed(context.pending, tag)
+            if not tag.startswith("COMMIT"):
+                self._held_tag = None
+            return False
+        if kind == codes.ERROR_RESPONSE:
+            self.stats.errors += 1
+            self._held_tag = None  # the commit failed: the last statement's tag is replaced by the error
+            self.assembler.failed_statement()
+            self.assembler.completed(context.pending, "ROLLBACK")
+            return True
+        if kind == codes.READY_FOR_QUERY:
+            self._client_ready(raw[5])
+            if self._stash is not None and self._commit_point is None:
+                self._release_stash(None)
+            return True
+        return True
+
+    def _load_prepared(self, body: bytes) -> None:
+        name, sql, types = parse_text_row(body)
+        if name is None or sql is None:
+            return
+        oids = tuple(int(t) for t in (types or "{}").strip("{}").split(",") if t)
+        self.prepared[name] = _Prepared(sql, classify(sql), oids)
 
     def _client_ready(self, status: int) -> None:
         self.tx_status = status

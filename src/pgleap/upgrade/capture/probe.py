@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 from pgleap.protocol import codes
 from pgleap.protocol.messages import cstr, message
+from pgleap.upgrade.compat import Facts
 
 # Settings that change what a replayed statement means; captured with each transaction.
 CAPTURED_SETTINGS = ("search_path", "TimeZone", "DateStyle", "IntervalStyle", "standard_conforming_strings")
@@ -14,40 +16,59 @@ CAPTURED_SETTINGS = ("search_path", "TimeZone", "DateStyle", "IntervalStyle", "s
 # depend on the session's DateStyle or TimeZone.
 SOURCE_NOW_SQL = "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00'"
 
-PROBE_SQL = f"SELECT txid_current()::text, {SOURCE_NOW_SQL}, " + ", ".join(
-    f"current_setting('{name}')" for name in CAPTURED_SETTINGS
-)
 PROBE_NAME = "pgleap_probe"  # statement and portal name used in the extended protocol
 
 
-def probe_query() -> bytes:
+@lru_cache(maxsize=8)
+def probe_sql(facts: Facts) -> str:
+    """The probe's text for a source of this version: txid (NULL if nothing written), now(), settings."""
+    settings = ", ".join(f"current_setting('{name}')" for name in CAPTURED_SETTINGS)
+    return f"SELECT {facts.capture_txid_sql()}, {SOURCE_NOW_SQL}, {settings}"
+
+
+def probe_query(sql: str) -> bytes:
     """The probe as a simple Query message."""
-    return message(codes.QUERY, cstr(PROBE_SQL))
+    return message(codes.QUERY, cstr(sql))
 
 
-def probe_extended() -> list[tuple[int, bytes]]:
+def probe_extended(sql: str) -> list[tuple[int, bytes]]:
     """The probe as extended-protocol messages (Close, Parse, Bind, Execute) on pgleap's own names.
 
-    Closing first makes the Parse safe whether or not an earlier probe left the statement behind,
-    and the named statement and portal never disturb the client's unnamed ones.
+    Closing first makes the Parse and Bind safe whether or not an earlier probe of the same
+    transaction left its portal or statement behind
+    (or the client's DISCARD ALL removed it), and the named statement and portal never disturb
+    the client's unnamed ones.
     """
     return [
+        (codes.CLOSE, message(codes.CLOSE, b"P" + cstr(PROBE_NAME))),
         (codes.CLOSE, message(codes.CLOSE, b"S" + cstr(PROBE_NAME))),
-        (codes.PARSE, message(codes.PARSE, cstr(PROBE_NAME) + cstr(PROBE_SQL) + struct.pack("!h", 0))),
+        (codes.PARSE, message(codes.PARSE, cstr(PROBE_NAME) + cstr(sql) + struct.pack("!h", 0))),
         (codes.BIND, message(codes.BIND, cstr(PROBE_NAME) + cstr(PROBE_NAME) + struct.pack("!hhh", 0, 0, 0))),
         (codes.EXECUTE, message(codes.EXECUTE, cstr(PROBE_NAME) + struct.pack("!i", 0))),
     ]
 
 
-def parse_probe_row(body: bytes) -> tuple[int, str, tuple[tuple[str, str], ...]]:
-    """txid, now() and settings from the probe's DataRow (text format)."""
-    values: list[str] = []
+def parse_text_row(body: bytes) -> list[str | None]:
+    """The values of a text-format DataRow (None for SQL NULL)."""
+    values: list[str | None] = []
     (count,) = struct.unpack_from("!h", body)
     offset = 2
     for _ in range(count):
         (length,) = struct.unpack_from("!i", body, offset)
         offset += 4
+        if length < 0:
+            values.append(None)
+            continue
         values.append(body[offset : offset + length].decode())
         offset += length
-    txid, now, *settings = values
-    return int(txid), now, tuple(zip(CAPTURED_SETTINGS, settings, strict=True))
+    return values
+
+
+def parse_probe_row(body: bytes) -> tuple[int | None, str, tuple[tuple[str, str], ...]]:
+    """txid (None when the transaction has written nothing), now() and settings from the probe's DataRow."""
+    txid, now, *settings = parse_text_row(body)
+    return (
+        int(txid) if txid is not None else None,
+        now or "",
+        tuple((name, value or "") for name, value in zip(CAPTURED_SETTINGS, settings, strict=True)),
+    )

@@ -3,8 +3,9 @@
 The forwarder tells the assembler what the client sent (query strings; Parse, Bind, Execute)
 and what the server answered (each statement's CommandComplete, errors, ReadyForQuery, the
 probe's txid). The assembler keeps the statements of the open transaction, drops what a
-ROLLBACK TO SAVEPOINT undid, discards failed and rolled-back transactions, and hands out
-each committed transaction exactly once.
+ROLLBACK TO SAVEPOINT undid, and hands out the end of every transaction exactly once, with
+whether it committed: the forwarder settles the change-log record it prepared before the
+COMMIT from that outcome.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ class Pending:
     copy_data: list[bytes] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Ended:
+    """A transaction that ended: its content (None when it wrote nothing) and whether it committed."""
+
+    transaction: CapturedTransaction | None
+    committed: bool
+
+
 @dataclass
 class _Savepoint:
     name: str
@@ -48,8 +57,9 @@ class TransactionAssembler:
         self.txid: int | None = None
         self.source_now: str | None = None
         self.settings: tuple[tuple[str, str], ...] = ()
-        self.committed: list[CapturedTransaction] = []  # ready to log, oldest first
+        self.ended: list[Ended] = []  # not handed out yet, oldest first
         self.may_write = False  # a write was sent in the current transaction (the probe is needed)
+        self.probed = False  # the probe answered after the last write was sent
 
     # -- what the client sent -------------------------------------------------------------
 
@@ -57,10 +67,16 @@ class TransactionAssembler:
         """A statement is about to be forwarded."""
         if info.writes:
             self.may_write = True
+            self.probed = False
 
     def needs_probe(self) -> bool:
-        """Whether the transaction about to end may have written and so needs its txid."""
-        return self.may_write and not self.failed
+        """Whether the transaction may have written and its txid is not known yet."""
+        return self.may_write and not self.failed and self.txid is None and not self.probed
+
+    @property
+    def wrote_nothing(self) -> bool:
+        """The probe found no txid after the last write: the source changed nothing, there is nothing to log."""
+        return self.txid is None and self.probed
 
     # -- what the server answered ---------------------------------------------------------
 
@@ -101,11 +117,13 @@ class TransactionAssembler:
         """An ErrorResponse ended the current statement."""
         self.failed = True
 
-    def probe(self, txid: int, source_now: str, settings: tuple[tuple[str, str], ...]) -> None:
-        """The probe answered inside the transaction: its txid, now() and settings."""
-        self.txid = txid
+    def probe(self, txid: int | None, source_now: str, settings: tuple[tuple[str, str], ...]) -> None:
+        """The probe answered inside the transaction: its txid (None: nothing written yet), now() and settings."""
+        if txid is not None:
+            self.txid = txid
         self.source_now = source_now
         self.settings = settings
+        self.probed = True
 
     def ready(self, status: int) -> None:
         """ReadyForQuery with transaction status `status` ('I', 'T' or 'E')."""
@@ -128,19 +146,23 @@ class TransactionAssembler:
                 return statements
         return None
 
+    def current(self) -> CapturedTransaction | None:
+        """The open transaction as it stands (what the change log holds before its COMMIT is forwarded)."""
+        if not self.statements or self.wrote_nothing:
+            return None
+        return CapturedTransaction(
+            database=self.database,
+            txid=self.txid,
+            source_now=self.source_now,
+            settings=self.settings,
+            statements=tuple(self.statements),
+            session_id=self.session_id,
+            captured_at=time.time(),
+        )
+
     def _end(self, committed: bool) -> None:
-        if committed and self.statements:
-            self.committed.append(
-                CapturedTransaction(
-                    database=self.database,
-                    txid=self.txid,
-                    source_now=self.source_now,
-                    settings=self.settings,
-                    statements=tuple(self.statements),
-                    session_id=self.session_id,
-                    captured_at=time.time(),
-                )
-            )
+        if self.statements or self.may_write:
+            self.ended.append(Ended(self.current(), committed))
         self.explicit = False
         self.failed = False
         self.statements = []
@@ -148,8 +170,9 @@ class TransactionAssembler:
         self.txid = None
         self.source_now = None
         self.may_write = False
+        self.probed = False
 
-    def take_committed(self) -> list[CapturedTransaction]:
-        """The committed transactions not handed out yet, oldest first."""
-        out, self.committed = self.committed, []
+    def take_ended(self) -> list[Ended]:
+        """The transactions that ended since the last call, oldest first."""
+        out, self.ended = self.ended, []
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pgleap.errors import PgleapError
@@ -88,6 +89,16 @@ class Facts:
     def has_txid_status(self) -> bool:
         """txid_status(bigint) exists (10+): tells whether a recent transaction committed."""
         return self.version_num >= PG10
+
+    def capture_txid_sql(self) -> str:
+        """The capture probe's txid of the running transaction, NULL when it has written nothing.
+
+        9.6+ has txid_current_if_assigned(), which never assigns a txid. Before it, txid_current()
+        assigns one and fails in a read-only transaction, which cannot have written anyway.
+        """
+        if self.version_num >= PG96:
+            return "txid_current_if_assigned()::text"
+        return "CASE WHEN current_setting('transaction_read_only') = 'on' THEN NULL ELSE txid_current()::text END"
 
     def txid_status_sql(self) -> str:
         """'committed' / 'aborted' / 'in progress' / NULL (too old) for $1."""
@@ -177,6 +188,17 @@ class Facts:
                 f"{what} needs PostgreSQL {minimum // 10000}.{minimum // 100 % 100} or later; this server is "
                 f"server_version_num {self.version_num}"
             )
+
+
+def version_num_of(server_version: str) -> int:
+    """server_version_num from the server_version parameter ("10.23", "9.3.25", "18.6 (Debian 18.6-1)")."""
+    match = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", server_version.strip())
+    if match is None:
+        raise UnsupportedVersionError(f"cannot read a PostgreSQL version from server_version {server_version!r}")
+    major, minor, patch = (int(g) if g else 0 for g in match.groups())
+    if major >= 10:
+        return major * 10000 + minor
+    return major * 10000 + minor * 100 + patch
 
 
 def facts_for(version_num: int) -> Facts:
