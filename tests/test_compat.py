@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pgleap.upgrade.compat import UnsupportedVersionError, binary_safe, facts_for
+from pgleap.upgrade.compat.activity import writing_sessions_sql
 from pgleap.upgrade.copy.roles import adapt, split_statements
 from pgleap.upgrade.copy.schema import parse_restore_errors
 
@@ -76,3 +77,20 @@ def test_roles_script_adapted() -> None:
         'ALTER ROLE "app owner" WITH LOGIN;',
         "COMMENT ON ROLE \"app owner\" IS 'two\nlines';",
     ]
+
+
+@pytest.mark.parametrize(
+    ("version", "pid", "client_filter"),
+    [
+        (90100, "a.procpid", "a.current_query"),  # 9.0/9.1: procpid, current_query
+        (90400, "a.pid", "a.query"),
+        (100023, "a.pid", "a.backend_type = 'client backend'"),
+        (180001, "a.pid", "a.backend_type = 'client backend'"),
+    ],
+)
+def test_writing_sessions_query_by_version(version: int, pid: str, client_filter: str) -> None:
+    """Writers are found by their transactionid lock (backend_xid is 9.4+), with the columns each major has."""
+    sql = writing_sessions_sql(facts_for(version))
+    assert f"JOIN pg_stat_activity a ON {pid} = l.pid" in sql and client_filter in sql
+    assert "l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted" in sql
+    assert "backend_xid" not in sql and (version >= 100000) == ("backend_type" in sql)

@@ -368,3 +368,11 @@ def test_load_config_records_path(tmp_path: Path) -> None:
     path = tmp_path / "pgleap.toml"
     path.write_text(config())
     assert load_config(path).path == path.resolve()
+
+
+def test_bypass_check_interval_is_a_positive_duration() -> None:
+    """bypass_check_interval defaults to 5 s, takes a duration, and refuses 0 (a busy loop on the source)."""
+    assert parse_config(config()).proxy.bypass_check_interval == 5.0
+    cfg = parse_config(config(pgleap=PGLEAP + 'bypass_check_interval = "250ms"\n'))
+    assert cfg.proxy.bypass_check_interval == 0.25
+    assert "bypass_check_interval" in rejected(config(pgleap=PGLEAP + "bypass_check_interval = 0\n"))

@@ -239,9 +239,12 @@ def _proxy(table: _Table, base: Path | None) -> tuple[ProxyConfig, AdminConfig]:
         changelog_path=path("changelog_path") or (base / "pgleap-changes.db" if base else ProxyConfig.changelog_path),
         durability=table.choice("durability", ("commit", "batch"), ProxyConfig.durability),
         batch_interval=table.duration("batch_interval", ProxyConfig.batch_interval),
+        bypass_check_interval=table.duration("bypass_check_interval", ProxyConfig.bypass_check_interval),
     )
     admin = AdminConfig(user=table.require("admin_user", str), password=table.require("admin_password", str))
     table.finish()
+    if proxy.bypass_check_interval <= 0:
+        raise ConfigError('pgleap.bypass_check_interval: must be more than 0 (for example "5s")')
     if (proxy.tls_cert is None) != (proxy.tls_key is None):
         raise ConfigError("pgleap.tls_cert and pgleap.tls_key: set both or neither")
     for key, p in (("tls_cert", proxy.tls_cert), ("tls_key", proxy.tls_key)):

@@ -97,6 +97,7 @@ class ProxyConfig:
     changelog_path: Path = Path("pgleap-changes.db")  # the change log (SQLite, WAL)
     durability: str = "commit"  # "commit": fsync per transaction; "batch": group commit
     batch_interval: float = 0.005  # seconds a batch waits for more transactions
+    bypass_check_interval: float = 5.0  # seconds between looks for writers on the source that bypass pgleap
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ PREFERRED_USER = "postgres"
 FALLBACK_USER = "pgleap"
 
 
-
 @functools.cache
 def server_user() -> str | None:
     """The unprivileged user servers run as when we are root (postgres refuses root); None otherwise."""

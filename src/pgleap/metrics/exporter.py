@@ -59,6 +59,8 @@ class ProxyCollector(Collector):
         yield latency
         yield from self._copy_gauges()
         yield from self._capture_metrics()
+        yield from self._replay_metrics()
+        yield from self._bypass_metrics()
         yield GaugeMetricFamily("pgleap_paused", "1 while PAUSE holds new transactions", value=int(proxy.gate.paused))
 
     def _capture_metrics(self) -> Iterator[Metric]:
@@ -81,6 +83,59 @@ class ProxyCollector(Collector):
             failures.add_metric([name], capture.log_failures)
             healthy.add_metric([name], 1.0 if capture.changelog.healthy else 0.0)
         yield from (captured, failures, healthy)
+
+    def _replay_metrics(self) -> Iterator[Metric]:
+        # The replay service samples in the proxy's loop; this thread only reads the latest sample.
+        service = self.proxy.replay
+        if service is None:
+            return
+        labels = ["database"]
+        gauges = {
+            "running": GaugeMetricFamily("pgleap_replay_running", "1 while replay applies the log", labels=labels),
+            "transactions": GaugeMetricFamily(
+                "pgleap_replay_lag_transactions", "Committed transactions in the log not yet applied", labels=labels
+            ),
+            "bytes": GaugeMetricFamily(
+                "pgleap_replay_lag_bytes", "Size in the log of the transactions not yet applied", labels=labels
+            ),
+            "seconds": GaugeMetricFamily(
+                "pgleap_replay_lag_seconds", "Age of the oldest transaction not yet applied", labels=labels
+            ),
+            "position": GaugeMetricFamily(
+                "pgleap_replay_applied_position", "Log position applied on the target", labels=labels
+            ),
+        }
+        applied = CounterMetricFamily(
+            "pgleap_replay_applied", "Source transactions applied on the target", labels=labels
+        )
+        divergences = CounterMetricFamily(
+            "pgleap_replay_divergences", "Replayed statements whose row count differed from the source", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "pgleap_replay_apply_errors", "Transactions the target refused (paused or skipped)", labels=labels
+        )
+        for report in service.sampled():
+            name = [report.database]
+            gauges["running"].add_metric(name, int(report.running))
+            gauges["transactions"].add_metric(name, report.lag.transactions)
+            gauges["bytes"].add_metric(name, report.lag.bytes)
+            gauges["seconds"].add_metric(name, report.lag.seconds)
+            gauges["position"].add_metric(name, report.status.applied_position)
+            applied.add_metric(name, report.applied_total)
+            divergences.add_metric(name, report.divergences_total)
+            errors.add_metric(name, report.apply_errors)
+        yield from gauges.values()
+        yield from (applied, divergences, errors)
+
+    def _bypass_metrics(self) -> Iterator[Metric]:
+        writers = GaugeMetricFamily(
+            "pgleap_bypass_writers",
+            "Distinct sessions seen writing on the source without going through pgleap",
+            labels=["database"],
+        )
+        for name, monitor in sorted(self.proxy.bypass_monitors.items()):
+            writers.add_metric([name], len(monitor.writers))
+        yield writers
 
     def _copy_gauges(self) -> Iterator[Metric]:
         from pgleap.upgrade.copy.progress import copy_gauges

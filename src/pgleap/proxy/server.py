@@ -55,6 +55,8 @@ class Proxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._state: StateStore | None = None
         self._changelog: Any = None  # the SQLiteChangeLog once capture has started
+        self.replay: Any = None  # the ReplayService (upgrade/replay/service.py) once START REPLAY ran
+        self.bypass_monitors: dict[str, Any] = {}  # database -> BypassMonitor (capture/bypass.py)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` in the background, keeping a reference until it ends."""
@@ -70,6 +72,11 @@ class Proxy:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("pgleap listening on %s:%s", proxy.listen_addr, self.port)
+        store = self.state_store()
+        if store is not None and store.capturing():
+            # Capture was on when pgleap stopped (or was killed): every write from now on is captured again.
+            for note in self.start_capture():
+                log.info("resuming capture: %s", note)
 
     async def wait_stopped(self) -> None:
         """Return once `shutdown` has finished."""
@@ -104,14 +111,32 @@ class Proxy:
         if self._changelog is None:
             durability: Durability = "batch" if proxy.durability == "batch" else "commit"
             self._changelog = SQLiteChangeLog(proxy.changelog_path, durability, proxy.batch_interval)
+        store = self.state_store() or StateStore(proxy.state_path)
+        self._state = store
         notes = []
         for name, database in sorted(self.databases.items()):
-            if database.capture is None:
-                database.capture = Capture(name, self._changelog)
-                notes.append(f"database {name}: capturing into {proxy.changelog_path}")
-            else:
+            if database.capture is not None:
                 notes.append(f"database {name}: already capturing")
+                continue
+            # Read before any session captures: these records were left pending by an earlier run's crash.
+            left = [(log_id, tx) for log_id, tx in self._changelog.pending() if tx.database == name]
+            database.capture = Capture(name, self._changelog)
+            store.set_capturing(name, True)
+            self.start_bypass_monitor(name)
+            notes.append(f"database {name}: capturing into {proxy.changelog_path}")
+            if left:
+                notes.append(f"database {name}: settling {len(left)} change-log records a crash left pending")
+                self.spawn(self._settle_pending(database, left))
         return notes
+
+    async def _settle_pending(self, database: Database, left: list[Any]) -> None:
+        from pgleap.upgrade.capture.recovery import settle_pending
+
+        try:
+            await settle_pending(self._changelog, database.upgrade.source, left, database.upgrade.database)
+        except Exception as exc:
+            # Replay stays held back behind these records until a restart settles them: say so loudly.
+            log.error("database %s: could not settle pending change-log records: %s", database.upgrade.database, exc)
 
     async def stop_capture(self) -> list[str]:
         """Stop capturing (sessions stop at their next boundary) once what was captured is in the log."""
@@ -120,7 +145,10 @@ class Proxy:
             capture = database.capture
             if capture is not None:
                 database.capture = None
+                self.stop_bypass_monitor(name)
                 await capture.drain()
+                if self._state is not None:
+                    self._state.set_capturing(name, False)
                 notes.append(f"database {name}: stopped; {capture.transactions} transactions in the log")
         return notes
 
@@ -215,5 +243,78 @@ class Proxy:
             else:
                 session.writer.close()
         await asyncio.sleep(0)
+        for name in list(self.bypass_monitors):
+            self.stop_bypass_monitor(name)
+        await self._close_changelog()
         self._stopped.set()
         log.info("pgleap stopped")
+
+    async def _close_changelog(self) -> None:
+        """Make every settle durable before exiting, so that a clean stop leaves nothing pending to recover."""
+        if self._changelog is None:
+            return
+        if self.replay is not None:
+            await self.stop_replay()
+        for database in self.databases.values():
+            if database.capture is not None:
+                try:
+                    await database.capture.drain()
+                except Exception as exc:  # the log's own errors are already reported; say what this means
+                    log.error("shutdown: the change log could not be flushed (%s); the next start recovers it", exc)
+        self._changelog.close()
+
+    def start_replay(self, snapshots: dict[str, str] | None = None) -> list[str]:
+        """Apply each database's change log on its target, from the copy's S (or from `snapshots[database]`)."""
+        from pgleap.upgrade.replay.errors import ReplayError
+        from pgleap.upgrade.replay.journal import ApplyJournal
+        from pgleap.upgrade.replay.service import ReplayService
+
+        if self._changelog is None:
+            # Only this process may open the log (it is locked), and capture is what opens it.
+            raise ReplayError("no change log is open: START CAPTURE first (replay applies what capture logs)")
+        if self.replay is None:
+            path = self.config.proxy.changelog_path
+            journal = ApplyJournal(path.with_name(f"{path.stem}.journal.db"))
+            self.replay = ReplayService(self._changelog, journal)
+        upgrades = [self.databases[name].upgrade for name in sorted(self.databases)]
+        notes: list[str] = self.replay.start_all(upgrades, self.state_store(), snapshots)
+        return notes
+
+    async def stop_replay(self) -> list[str]:
+        """Stop every database's replay after its current batch."""
+        if self.replay is None:
+            return []
+        notes: list[str] = await self.replay.stop_all()
+        return notes
+
+    def start_bypass_monitor(self, database_name: str) -> None:
+        """Start looking for sessions writing on the database's source without going through pgleap."""
+        from pgleap.upgrade.capture.bypass import BypassMonitor
+
+        database = self.databases.get(database_name)
+        if database is None:
+            return
+        source = database.upgrade.source
+        monitor = self.bypass_monitors.get(database_name)
+        if monitor is None or monitor.source != source:
+            if monitor is not None:
+                monitor.stop()
+
+            def own_pids() -> set[int]:
+                # Every server connection pgleap holds to this source, whatever state its session is in.
+                return {
+                    s.forwarder.backend.pid
+                    for s in list(self.sessions.values())
+                    if s.forwarder is not None
+                    and (s.forwarder.backend.server.host, s.forwarder.backend.server.port) == (source.host, source.port)
+                }
+
+            monitor = BypassMonitor(database_name, source, own_pids, self.config.proxy.bypass_check_interval)
+            self.bypass_monitors[database_name] = monitor
+        monitor.start()
+
+    def stop_bypass_monitor(self, database_name: str) -> None:
+        """Stop looking for bypassing writers on the database's source (what was seen stays in status)."""
+        monitor = self.bypass_monitors.get(database_name)
+        if monitor is not None:
+            monitor.stop()

@@ -1,4 +1,4 @@
-"""The state store: copy runs, their steps and chunks, schema errors (SQLite, WAL mode)."""
+"""The state store: copy runs, their steps and chunks, schema errors, capture on/off (SQLite, WAL mode)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from pathlib import Path
 from pgleap.errors import PgleapError
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS capture_state (
+    database TEXT PRIMARY KEY,
+    capturing INTEGER NOT NULL,        -- 1 from START CAPTURE until STOP CAPTURE: a restart resumes it
+    changed_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS copy_run (
     database TEXT PRIMARY KEY,
     run_id INTEGER NOT NULL,
@@ -171,6 +176,21 @@ class StateStore:
                 return list(self._db.execute(sql, args).fetchall())
             except sqlite3.Error as exc:
                 raise StoreError(f"state store {self.path}: {exc}") from exc
+
+    # -- capture ----------------------------------------------------------------------------
+
+    def set_capturing(self, database: str, capturing: bool) -> None:
+        """Record that `database`'s writes are (or no longer are) captured, so a restart resumes capture."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO capture_state (database, capturing, changed_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (database) DO UPDATE SET capturing = excluded.capturing, changed_at = excluded.changed_at",
+                (database, int(capturing), time.time()),
+            )
+
+    def capturing(self) -> list[str]:
+        """The databases whose capture was on when pgleap last stopped."""
+        return [str(r[0]) for r in self._query("SELECT database FROM capture_state WHERE capturing = 1 ORDER BY 1")]
 
     # -- runs --------------------------------------------------------------------------------
 

@@ -194,6 +194,8 @@ class BypassMonitor:
         self._close()
 
     def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.terminate()
-            self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # Also runs when the loop is torn down under the task, with the transport already gone.
+            with contextlib.suppress(Exception):
+                conn.terminate()
