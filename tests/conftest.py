@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from pgleap.lab import Lab, LabServer, client_tool
+from pgleap.store.changelog import ChangeLog
 from pgleap.testing import ProxyThread, render_config
+from pgleap.upgrade.capture.capture import Capture
 
 # The old major every test can get from the registries (9.x binaries cannot be had here) and the newest.
 OLD_MAJOR = 10
@@ -49,6 +51,18 @@ def start_proxy(tmp_path: Path, sources: dict[str, LabServer], **kwargs: object)
     path = tmp_path / "pgleap.toml"
     path.write_text(render_config(sources, **kwargs))  # type: ignore[arg-type]
     return ProxyThread(path).start()
+
+
+def capture_into(proxy: ProxyThread, changelog: ChangeLog, database: str = "app") -> Capture:
+    """Turn capture on for `database` of an in-process proxy, into `changelog` (from each session's next boundary)."""
+    capture = Capture(database, changelog)
+
+    async def enable() -> None:
+        assert proxy.proxy is not None
+        proxy.proxy.databases[database].capture = capture
+
+    proxy.call(enable())
+    return capture
 
 
 @pytest.fixture

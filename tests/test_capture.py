@@ -14,7 +14,7 @@ from pgleap.store import SQLiteChangeLog
 from pgleap.testing import ProxyThread
 from pgleap.upgrade.capture.capture import Capture
 
-from conftest import start_proxy, tool
+from conftest import capture_into, start_proxy, tool
 
 pytestmark = pytest.mark.integration
 
@@ -25,13 +25,7 @@ def capturing(tmp_path: Path, backend: LabServer) -> Iterator[tuple[ProxyThread,
     backend.psql("drop table if exists cap; create table cap (id int primary key, txid bigint, v text)")
     proxy = start_proxy(tmp_path, {"app": backend})
     changelog = SQLiteChangeLog(tmp_path / "changes.db")
-    capture = Capture("app", changelog)
-
-    async def enable() -> None:
-        assert proxy.proxy is not None
-        proxy.proxy.databases["app"].capture = capture
-
-    proxy.call(enable())
+    capture = capture_into(proxy, changelog)
     try:
         yield proxy, capture
     finally:

@@ -23,7 +23,7 @@ from pgleap.store.records import CapturedTransaction
 from pgleap.testing import ProxyThread
 from pgleap.upgrade.capture.capture import Capture
 
-from conftest import start_proxy, tool
+from conftest import capture_into, start_proxy, tool
 
 pytestmark = pytest.mark.integration
 
@@ -50,13 +50,7 @@ def held(tmp_path: Path, backend: LabServer) -> Iterator[tuple[ProxyThread, Capt
     backend.psql("drop table if exists dur; create table dur (id int primary key, v text)")
     proxy = start_proxy(tmp_path, {"app": backend})
     changelog = HeldChangeLog(tmp_path / "changes.db")
-    capture = Capture("app", changelog)
-
-    async def enable() -> None:
-        assert proxy.proxy is not None
-        proxy.proxy.databases["app"].capture = capture
-
-    proxy.call(enable())
+    capture = capture_into(proxy, changelog)
     try:
         yield proxy, capture, changelog
     finally:

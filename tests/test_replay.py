@@ -28,7 +28,7 @@ from pgleap.upgrade.capture.capture import Capture
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import ApplyJournal, ErrorKind, Replayer, ReplayStatus
 
-from conftest import start_proxy
+from conftest import capture_into, start_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -98,13 +98,7 @@ def env(tmp_path: Path, pg_old: LabServer, target18: LabServer) -> Iterator[Env]
         server.psql(SCHEMA, dbname=dbname)
     proxy = start_proxy(tmp_path, {"app": server_config(pg_old, dbname)})  # type: ignore[dict-item]
     changelog = SQLiteChangeLog(tmp_path / "changes.db")
-    capture = Capture("app", changelog)
-
-    async def enable() -> None:
-        assert proxy.proxy is not None
-        proxy.proxy.databases["app"].capture = capture
-
-    proxy.call(enable())
+    capture = capture_into(proxy, changelog)
     try:
         yield Env(pg_old, target18, dbname, proxy, capture, changelog)
     finally:

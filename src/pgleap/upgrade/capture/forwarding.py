@@ -23,12 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from pgleap.protocol import codes
 from pgleap.protocol.messages import error_response, message
 from pgleap.proxy.forward import _IDLE, _VALID_FRONTEND, Forwarder, _now
+from pgleap.store.records import CapturedTransaction
 from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
 from pgleap.upgrade.capture.decode import bind_message, codec_for, execute_portal, name_of, parse_message
 from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outcome, Request
@@ -418,12 +421,10 @@ class CapturingForwarder(Forwarder):
             self._release_stash(point)
             return
         self._preparing = True
-        self.proxy.spawn(self._prepare_then_release(tx, point))
+        self.proxy.spawn(self._prepare_then(tx, partial(self._release_stash, point)))
 
-    async def _prepare_then_release(self, tx: object, point: str) -> None:
-        from pgleap.store.records import CapturedTransaction
-
-        assert isinstance(tx, CapturedTransaction)
+    async def _prepare_then(self, tx: CapturedTransaction, go_on: Callable[[], None]) -> None:
+        """Durably log `tx` as pending, then let its COMMIT go (`go_on`)."""
         log_id = await self.capture.prepare(tx)
         self._preparing = False
         if self.closed.done():
@@ -432,7 +433,7 @@ class CapturingForwarder(Forwarder):
                 self.capture.settle(log_id, None, committed=False)
             return
         self._log_id = log_id
-        self._release_stash(point)
+        go_on()
 
     def _release_stash(self, point: str | None) -> None:
         """Forward what the commit point held (from a fresh call stack: never inside another callback)."""
@@ -453,20 +454,7 @@ class CapturingForwarder(Forwarder):
             self._send_wrap_end(_ROLLBACK if failed else _COMMIT)
             return
         self._preparing = True
-        self.proxy.spawn(self._prepare_then_commit(tx))
-
-    async def _prepare_then_commit(self, tx: object) -> None:
-        from pgleap.store.records import CapturedTransaction
-
-        assert isinstance(tx, CapturedTransaction)
-        log_id = await self.capture.prepare(tx)
-        self._preparing = False
-        if self.closed.done():
-            if log_id is not None:
-                self.capture.settle(log_id, None, committed=False)
-            return
-        self._log_id = log_id
-        self._send_wrap_end(_COMMIT)
+        self.proxy.spawn(self._prepare_then(tx, partial(self._send_wrap_end, _COMMIT)))
 
     def _send_wrap_end(self, info: StatementInfo) -> None:
         self._send(Request(codes.QUERY, context=_WrapEnd(Pending(info))), self._query_message(info.text))
