@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from pgleap.lab import Lab, LabServer, client_tool
@@ -71,6 +74,24 @@ def proxy(tmp_path: Path, backend: LabServer) -> Iterator[ProxyThread]:
     p = start_proxy(tmp_path, {"app": backend})
     yield p
     p.stop()
+
+
+def show(conn: psycopg.Connection[Any], command: str) -> list[dict[str, Any]]:
+    """Run an admin command and return its rows as dicts keyed by column name."""
+    cur = conn.execute(command)
+    assert cur.description is not None, f"{command} returned no columns"
+    names = [c.name for c in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    """Poll `predicate` until it returns something truthy, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return value
 
 
 def tool(name: str) -> str:

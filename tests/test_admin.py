@@ -6,7 +6,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 from pgleap.lab import LabServer
 from pgleap.testing import ProxyThread
 
-from conftest import run_tool, start_proxy, tool
+from conftest import run_tool, show, start_proxy, tool, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,24 +28,8 @@ def admin_connect(p: ProxyThread, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(p.dsn("pgleap", ADMIN_USER, ADMIN_PASSWORD), autocommit=True, connect_timeout=20, **kwargs)
 
 
-def show(conn: psycopg.Connection[Any], command: str) -> list[dict[str, Any]]:
-    """Run an admin command and return its rows as dicts keyed by column name."""
-    cur = conn.execute(command)
-    assert cur.description is not None, f"{command} returned no columns"
-    names = [c.name for c in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

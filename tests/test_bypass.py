@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from pgleap.lab import LabServer
 from pgleap.metrics import ProxyCollector
 from pgleap.testing import ProxyThread
 
-from conftest import start_proxy
+from conftest import show, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,21 +47,8 @@ def proxy(tmp_path: Path, backend: LabServer, source_db: str) -> Iterator[ProxyT
         p.stop()
 
 
-def show(conn: psycopg.Connection[Any], command: str) -> list[dict[str, Any]]:
-    """An admin command's rows as dicts by column name."""
-    cursor = conn.execute(command)
-    names = [c.name for c in cursor.description or []]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    """Poll until `predicate` returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def direct(server: LabServer, dbname: str, **extra: str) -> psycopg.Connection[Any]:

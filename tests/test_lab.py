@@ -15,7 +15,8 @@ from pgleap.lab.config import initdb_password
 from pgleap.lab.conninfo import conf_literal, conninfo
 from pgleap.lab.pidfile import alive
 from pgleap.lab.replica import parse_lsn
-from pgleap.lab.versions import npm_version_key, parse_version_output, version_num
+from pgleap.lab.versions import npm_version_key, parse_version_output
+from pgleap.upgrade.compat import version_num_of
 
 # Fixtures of tests/conftest_lab.py: module_lab, pg10_primary, pg17_primary.
 pytest_plugins = ["conftest_lab"]
@@ -26,9 +27,9 @@ pytest_plugins = ["conftest_lab"]
 
 def test_version_parsing() -> None:
     assert parse_version_output("postgres (PostgreSQL) 10.23\n") == "10.23"
-    assert version_num("10.23") == 100023
-    assert version_num("9.6.24") == 90624
-    assert version_num("9.3") == 90300
+    assert version_num_of("10.23") == 100023
+    assert version_num_of("9.6.24") == 90624
+    assert version_num_of("9.3") == 90300
 
 
 def test_npm_versions_sort_numerically() -> None:

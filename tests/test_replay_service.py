@@ -6,10 +6,9 @@ target directly, and S is recorded in the state store the way `pgleap copy` reco
 
 from __future__ import annotations
 
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from pgleap.testing import ProxyThread
 from pgleap.upgrade.replay import ReplayError
 from pgleap.upgrade.replay.service import copy_start_point
 
-from conftest import start_proxy
+from conftest import show, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -89,21 +88,8 @@ async def _quiesce(proxy: Proxy) -> None:
         await monitor.wait_stopped()
 
 
-def show(conn: psycopg.Connection[Any], command: str) -> list[dict[str, Any]]:
-    """An admin command's rows as dicts by column name."""
-    cursor = conn.execute(command)
-    names = [c.name for c in cursor.description or []]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    """Poll until `predicate` returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def record_copy_snapshot(path: Path, snapshot: str) -> None:
@@ -165,7 +151,7 @@ def test_start_replay_over_the_console_follows_the_log(env: Env) -> None:
                         app.execute("UPDATE items SET qty = qty + %s WHERE id = %s", (i, i - 1))
                         app.execute("UPDATE items SET note = note || ' +' WHERE id = 0")
             last = 1 + 20 + 10
-            row = wait_for(lambda: caught_up(admin, last), "replay to catch up")
+            row = wait_for(lambda: caught_up(admin, last), "replay to catch up", timeout=60)
             assert row["running"] == "t" and row["connected"] == "t"
             assert (row["applied"], row["skipped_in_snapshot"], row["skipped_on_error"]) == ("30", "1", "0")
             assert row["lag_bytes"] == "0" and float(row["lag_seconds"]) == 0.0 and float(row["apply_rate"]) > 0
@@ -175,7 +161,7 @@ def test_start_replay_over_the_console_follows_the_log(env: Env) -> None:
 
             samples = wait_for(
                 lambda: (s := scrape(metrics.port)).get("pgleap_replay_applied_total") == 30 and s,
-                "the metrics to show the applied transactions",
+                "the metrics to show the applied transactions", timeout=60
             )
             for name in ("lag_transactions", "lag_bytes", "lag_seconds"):
                 assert samples[f"pgleap_replay_{name}"] == 0
@@ -192,12 +178,12 @@ def test_start_replay_over_the_console_follows_the_log(env: Env) -> None:
 
             # Started again, it resumes at the target's applied position: the new row only.
             admin.execute("START REPLAY")
-            row = wait_for(lambda: caught_up(admin, last + 1), "replay to resume")
+            row = wait_for(lambda: caught_up(admin, last + 1), "replay to resume", timeout=60)
             assert row["applied"] == "1" and row["skipped_in_snapshot"] == "0"
             assert env.rows(env.target) == env.rows(env.source)
             wait_for(
                 lambda: scrape(metrics.port).get("pgleap_replay_applied_total") == 31,
-                "the applied counter to carry over the restart",
+                "the applied counter to carry over the restart", timeout=60
             )
     finally:
         metrics.stop()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgleap.lab.errors import MissingBinaryError
-from pgleap.lab.versions import version_num
+from pgleap.upgrade.compat.facts import version_num_of
 
 SERVER_TOOLS = ("initdb", "pg_ctl", "postgres")
 
@@ -31,7 +31,7 @@ class PgInstall:
     @property
     def version_num(self) -> int:
         """The server_version_num these binaries report (e.g. 100023)."""
-        return version_num(self.version)
+        return version_num_of(self.version)
 
     def has(self, name: str) -> bool:
         """Whether this install ships an executable called `name`."""

@@ -18,17 +18,6 @@ def parse_version_output(text: str) -> str:
     return match.group(1)
 
 
-def version_num(version: str) -> int:
-    """Return the server_version_num form of a version string ("10.23" -> 100023, "9.6.24" -> 90624)."""
-    parts = [int(p) for p in version.split(".")]
-    if parts[0] >= 10:
-        minor = parts[1] if len(parts) > 1 else 0
-        return parts[0] * 10000 + minor
-    while len(parts) < 3:
-        parts.append(0)
-    return parts[0] * 10000 + parts[1] * 100 + parts[2]
-
-
 def major_of(version: str) -> int:
     """Return the first component of a version ("10.23" -> 10); 9.x majors are not fetchable, so 9 is enough."""
     return int(version.split(".", 1)[0])

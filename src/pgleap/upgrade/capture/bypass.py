@@ -24,13 +24,13 @@ import asyncpg
 from pgleap.config import ServerConfig
 from pgleap.upgrade.compat.activity import writing_sessions_sql
 from pgleap.upgrade.compat.facts import facts_for
+from pgleap.upgrade.copy.connect import connect, version_num
 
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "pgleap_bypass_monitor"
 # Connections pgleap's engine opens on the source name themselves so; they are not bypassing writers.
 ENGINE_APPLICATION_PREFIX = "pgleap_"
-CONNECT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -173,18 +173,8 @@ class BypassMonitor:
         return writer
 
     async def _connect(self) -> None:
-        source = self.source
-        self._conn = await asyncpg.connect(
-            host=source.host,
-            port=source.port,
-            user=source.user,
-            password=source.password,
-            database=source.database,
-            timeout=CONNECT_TIMEOUT,
-            server_settings={"application_name": APPLICATION_NAME},
-            statement_cache_size=0,
-        )
-        self._sql = writing_sessions_sql(facts_for(int(await self._conn.fetchval("SHOW server_version_num"))))
+        self._conn = await connect(self.source, role="source", settings={"application_name": APPLICATION_NAME})
+        self._sql = writing_sessions_sql(facts_for(await version_num(self._conn)))
 
     def _failed(self, exc: BaseException) -> None:
         message = f"cannot look for writers bypassing pgleap on {self.source.describe()}: {exc}"

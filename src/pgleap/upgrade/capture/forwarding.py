@@ -38,6 +38,7 @@ from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outc
 from pgleap.upgrade.capture.probe import parse_probe_row, parse_text_row, probe_extended, probe_query, probe_sql
 from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
 from pgleap.upgrade.compat import UnsupportedVersionError, facts_for, version_num_of
+from pgleap.upgrade.compat.facts import PG90
 
 if TYPE_CHECKING:
     from pgleap.upgrade.capture.capture import Capture
@@ -126,7 +127,8 @@ class CapturingForwarder(Forwarder):
         try:
             facts = facts_for(version_num_of(self.backend.server_version))
         except UnsupportedVersionError:
-            facts = facts_for(100000)
+            # An unreadable server_version: the oldest supported major's probe runs on every major.
+            facts = facts_for(PG90)
         self._probe_sql = probe_sql(facts)
         if self.server_transport is not None:
             # Statements prepared before capture started are Bound later: learn them, or their writes go unseen.
@@ -219,8 +221,7 @@ class CapturingForwarder(Forwarder):
             self.open_batch = True
             msg = parse_message(body)
             sql = msg.sql.decode(self._codec)
-            infos = classify(sql)
-            self.prepared[msg.name] = _Prepared(sql, infos, msg.param_types)
+            self.prepared[msg.name] = _Prepared(sql, classify(sql), msg.param_types)
             self._send(Request(kind), raw)
         elif kind == codes.BIND:
             self.open_batch = True
@@ -328,7 +329,6 @@ class CapturingForwarder(Forwarder):
         )
         # Whatever the client sends next must wait until pgleap's COMMIT has answered.
         self._stash = bytearray()
-        self._commit_point = None
 
     def _query_message(self, text: str) -> bytes:
         payload = text.encode(self._codec) + b"\0"
