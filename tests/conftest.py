@@ -17,6 +17,7 @@ from pgleap.lab import Lab, LabServer, client_tool
 from pgleap.store.changelog import ChangeLog
 from pgleap.testing import ProxyThread, render_config
 from pgleap.upgrade.capture.capture import Capture
+from pgleap.upgrade.capture.catalog import SourceCatalog
 
 # The old major every test can get from the registries (9.x binaries cannot be had here) and the newest.
 OLD_MAJOR = 10
@@ -56,13 +57,23 @@ def start_proxy(tmp_path: Path, sources: dict[str, LabServer], **kwargs: object)
     return ProxyThread(path).start()
 
 
-def capture_into(proxy: ProxyThread, changelog: ChangeLog, database: str = "app") -> Capture:
-    """Turn capture on for `database` of an in-process proxy, into `changelog` (from each session's next boundary)."""
+def capture_into(
+    proxy: ProxyThread, changelog: ChangeLog, database: str = "app", *, row_images: bool = True
+) -> Capture:
+    """Turn capture on for `database` of an in-process proxy, into `changelog` (from each session's next boundary).
+
+    With `row_images`, the source catalog is loaded first, as START CAPTURE does.
+    """
     capture = Capture(database, changelog)
 
     async def enable() -> None:
         assert proxy.proxy is not None
-        proxy.proxy.databases[database].capture = capture
+        db = proxy.proxy.databases[database]
+        if row_images:
+            capture.catalog = SourceCatalog(db.upgrade.database, db.upgrade.source)
+            assert await capture.catalog.load_once(), f"source catalog: {capture.catalog.last_error}"
+            capture.catalog.start()
+        db.capture = capture
 
     proxy.call(enable())
     return capture

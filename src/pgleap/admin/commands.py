@@ -254,6 +254,7 @@ async def start_capture(proxy: Proxy, _session: Session) -> Result:
         notes = proxy.start_capture()
     except PgleapError as exc:
         raise AdminCommandError(f"START CAPTURE failed: {exc}") from exc
+    notes += await proxy.row_images_ready()
     return Result("START CAPTURE", ["note"], [[n] for n in notes])
 
 

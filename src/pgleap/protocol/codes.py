@@ -51,6 +51,8 @@ NOTICE_RESPONSE = ord("N")
 COMMAND_COMPLETE = ord("C")
 ROW_DESCRIPTION = ord("T")
 DATA_ROW = ord("D")
+NO_DATA = ord("n")
+PORTAL_SUSPENDED = ord("s")
 NEGOTIATE_PROTOCOL_VERSION = ord("v")
 
 # Authentication request codes.

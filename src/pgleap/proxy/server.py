@@ -106,6 +106,7 @@ class Proxy:
         """Capture every database's committed writes into the change log, from each session's next boundary."""
         from pgleap.store.changelog import Durability, SQLiteChangeLog
         from pgleap.upgrade.capture.capture import Capture
+        from pgleap.upgrade.capture.catalog import SourceCatalog
 
         proxy = self.config.proxy
         if self._changelog is None:
@@ -120,7 +121,9 @@ class Proxy:
                 continue
             # Read before any session captures: these records were left pending by an earlier run's crash.
             left = [(log_id, tx) for log_id, tx in self._changelog.pending() if tx.database == name]
-            database.capture = Capture(name, self._changelog)
+            catalog = SourceCatalog(database.upgrade.database, database.upgrade.source)
+            catalog.start()
+            database.capture = Capture(name, self._changelog, catalog=catalog)
             store.set_capturing(name, True)
             self.start_bypass_monitor(name)
             notes.append(f"database {name}: capturing into {proxy.changelog_path}")
@@ -138,6 +141,23 @@ class Proxy:
             # Replay stays held back behind these records until a restart settles them: say so loudly.
             log.error("database %s: could not settle pending change-log records: %s", database.upgrade.database, exc)
 
+    async def row_images_ready(self, timeout: float = 10.0) -> list[str]:
+        """Wait until every capturing database has loaded its source catalog; a note for each that has not."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        notes = []
+        for name, database in sorted(self.databases.items()):
+            catalog = database.capture.catalog if database.capture is not None else None
+            if catalog is None:
+                continue
+            while not catalog.loaded and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            if not catalog.loaded:
+                notes.append(
+                    f"database {name}: the source catalog is not loaded yet ({catalog.last_error or 'no answer'}); "
+                    f"until it is, INSERTs are replayed as statements and their tables need verification"
+                )
+        return notes
+
     async def stop_capture(self) -> list[str]:
         """Stop capturing (sessions stop at their next boundary) once what was captured is in the log."""
         notes = []
@@ -146,6 +166,8 @@ class Proxy:
             if capture is not None:
                 database.capture = None
                 self.stop_bypass_monitor(name)
+                if capture.catalog is not None:
+                    capture.catalog.stop()
                 await capture.drain()
                 if self._state is not None:
                     self._state.set_capturing(name, False)
@@ -245,6 +267,9 @@ class Proxy:
         await asyncio.sleep(0)
         for name in list(self.bypass_monitors):
             self.stop_bypass_monitor(name)
+        for database in self.databases.values():
+            if database.capture is not None and database.capture.catalog is not None:
+                database.capture.catalog.stop()
         await self._close_changelog()
         self._stopped.set()
         log.info("pgleap stopped")

@@ -15,6 +15,7 @@ from pgleap.errors import PgleapError
 # never change what an existing one means.
 FORMAT_V1 = 1
 CURRENT_FORMAT = FORMAT_V1
+IMAGE_FORMAT_V1 = 1  # the first byte of CapturedStatement.images
 
 
 class RecordFormatError(PgleapError):
@@ -130,3 +131,40 @@ def _optional_bytes(value: object) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
     raise TypeError(f"expected bytes or nil, found {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class RowImage:
+    """The rows one INSERT wrote on the source (its RETURNING rows), replayed instead of the statement."""
+
+    schema: str
+    table: str
+    columns: tuple[str, ...]
+    upsert_key: tuple[str, ...]  # the primary key when the source ran ON CONFLICT DO UPDATE, else ()
+    identity_always: bool  # the target needs OVERRIDING SYSTEM VALUE
+    rows: tuple[tuple[str | None, ...], ...]  # values in text, as the target's input functions read them
+
+
+def encode_image(image: RowImage) -> bytes:
+    """CapturedStatement.images for `image`: a format byte, then a msgpack array."""
+    body = [image.schema, image.table, list(image.columns), list(image.upsert_key), image.identity_always]
+    packed: bytes = msgpack.packb([*body, [list(r) for r in image.rows]], use_bin_type=True)
+    return bytes([IMAGE_FORMAT_V1]) + packed
+
+
+def decode_image(data: bytes) -> RowImage:
+    """Read back what `encode_image` wrote."""
+    if not data or data[0] != IMAGE_FORMAT_V1:
+        raise RecordFormatError(f"row image in format {data[:1]!r}, which this pgleap cannot read")
+    try:
+        schema, table, columns, key, identity, rows = msgpack.unpackb(data[1:], raw=False)
+        return RowImage(
+            str(schema),
+            str(table),
+            tuple(map(str, columns)),
+            tuple(map(str, key)),
+            bool(identity),
+            tuple(tuple(None if v is None else str(v) for v in row) for row in rows),
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise RecordFormatError(f"damaged row image: {exc}") from exc

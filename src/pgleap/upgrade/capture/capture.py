@@ -10,6 +10,7 @@ from typing import Any
 
 from pgleap.store.changelog import ChangeLog, ChangeLogError
 from pgleap.store.records import CapturedTransaction
+from pgleap.upgrade.capture.catalog import SourceCatalog
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class Capture:
     log_failures: int = 0
     logged_after_commit: int = 0  # transactions appended only after the source's COMMIT answer
     problems: list[CaptureProblem] = field(default_factory=list)
+    catalog: SourceCatalog | None = None  # the source's tables, for row images; None: statements only
+    inserts_without_image: int = 0  # INSERTs replayed as statements (verification checks their tables)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def prepare(self, tx: CapturedTransaction) -> int | None:

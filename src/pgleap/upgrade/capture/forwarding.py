@@ -35,6 +35,7 @@ from pgleap.store.records import CapturedTransaction
 from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
 from pgleap.upgrade.capture.decode import bind_message, codec_for, execute_portal, name_of, parse_message
 from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outcome, Request
+from pgleap.upgrade.capture.images import ImagePlan, ImageRows, client_bind, client_row_description, plan_insert
 from pgleap.upgrade.capture.probe import parse_probe_row, parse_text_row, probe_extended, probe_query, probe_sql
 from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
 from pgleap.upgrade.compat import UnsupportedVersionError, facts_for, version_num_of
@@ -90,6 +91,14 @@ class _Prepared:
     sql: str
     infos: tuple[StatementInfo, ...]
     param_types: tuple[int, ...]
+    image: ImagePlan | None = None  # capture appended a RETURNING clause to it
+
+
+@dataclass
+class _ImageDescribe:
+    """A Describe of a statement (or portal) capture added image columns to: the client sees its own only."""
+
+    plan: ImagePlan
 
 
 @dataclass
@@ -221,13 +230,25 @@ class CapturingForwarder(Forwarder):
             self.open_batch = True
             msg = parse_message(body)
             sql = msg.sql.decode(self._codec)
-            self.prepared[msg.name] = _Prepared(sql, classify(sql), msg.param_types)
+            infos = classify(sql)
+            if any(i.kind is Kind.DDL for i in infos):
+                self._ddl_sent()
+            plan = self._image_plan(infos[0]) if len(infos) == 1 else None
+            self.prepared[msg.name] = _Prepared(sql, infos, msg.param_types, plan)
+            if plan is not None:
+                end = infos[0].start + len(infos[0].text)
+                rewritten = (sql[:end] + plan.suffix + sql[end:]).encode(self._codec)
+                tail = body[len(msg.name.encode()) + 1 + len(msg.sql) + 1 :]
+                raw = message(kind, msg.name.encode() + b"\0" + rewritten + b"\0" + tail)
             self._send(Request(kind), raw)
         elif kind == codes.BIND:
             self.open_batch = True
             bind = bind_message(body)
+            statement = self.prepared.get(bind.statement)
             # A Bind of a statement capture never saw replaces the portal all the same: never leave a stale one.
-            self.portals[bind.portal] = _Portal(self.prepared.get(bind.statement), bind.params, bind.param_formats)
+            self.portals[bind.portal] = _Portal(statement, bind.params, bind.param_formats)
+            if statement is not None and statement.image is not None:
+                raw = message(kind, client_bind(body, statement.image))  # the image columns come back in text
             self._send(Request(kind), raw)
         elif kind == codes.EXECUTE:
             return self._client_execute(execute_portal(body), raw)
@@ -238,7 +259,9 @@ class CapturingForwarder(Forwarder):
             target, name = name_of(body)
             if kind == codes.CLOSE:
                 (self.prepared if target == "S" else self.portals).pop(name, None)
-            self._send(Request(kind, describe_statement=kind == codes.DESCRIBE and target == "S"), raw)
+            plan = self._described_image(target, name) if kind == codes.DESCRIBE else None
+            context = _ImageDescribe(plan) if plan is not None else None
+            self._send(Request(kind, describe_statement=kind == codes.DESCRIBE and target == "S", context=context), raw)
         elif kind == codes.COPY_DATA:
             if self._copy_target is not None:
                 self._copy_target.copy_data.append(body)
@@ -255,6 +278,14 @@ class CapturingForwarder(Forwarder):
             self._send(Request(kind), raw)
         return False
 
+    def _described_image(self, target: str, name: str) -> ImagePlan | None:
+        if target == "S":
+            statement = self.prepared.get(name)
+        else:
+            portal = self.portals.get(name)
+            statement = portal.statement if portal is not None else None
+        return statement.image if statement is not None else None
+
     # -- simple Query -------------------------------------------------------------------
 
     def _client_query(self, sql: str, raw: bytes) -> bool:
@@ -269,17 +300,21 @@ class CapturingForwarder(Forwarder):
             return True
         self.pending.append(_now())
         self.open_batch = False
+        if any(i.kind is Kind.DDL for i in infos):
+            self._ddl_sent()
+        original = sql
+        sql, images, starts = self._rewrite_inserts(sql, infos)
         parseable = not (len(infos) == 1 and infos[0].command == "Unparseable")
         control = any(i.kind in _CONTROL for i in infos)
         writes = any(i.writes for i in infos)
         no_block = any(i.refuses_block for i in infos)
         if not in_block and writes and parseable and not control and not no_block and self._probe_allowed():
-            self._send_wrapped(sql, infos)
+            self._send_wrapped(sql, infos, images)
             return False
         parts: list[Pending | str] = []
-        for info in infos:
+        for info, image in zip(infos, images, strict=True):
             a.sending(info)
-            parts.append(Pending(info))
+            parts.append(Pending(info, image=image))
         text = sql
         may_probe = parseable and not no_block and self._probe_allowed() and not self._probe_inflight
         if may_probe and in_block and writes and not control and a.needs_probe():
@@ -287,14 +322,19 @@ class CapturingForwarder(Forwarder):
             parts.append(_PROBE)
             self._probe_inflight = True
         elif may_probe and control:
-            text = self._splice_late_probe(sql, infos, parts, in_block)
-        if text is not sql:
+            text = self._splice_late_probe(sql, infos, starts, parts, in_block)
+        if text is not original:
             raw = self._query_message(text)
         self._send(Request(codes.QUERY, context=_QueryParts(parts)), raw)
         return False
 
     def _splice_late_probe(
-        self, sql: str, infos: tuple[StatementInfo, ...], parts: list[Pending | str], in_block: bool
+        self,
+        sql: str,
+        infos: tuple[StatementInfo, ...],
+        starts: list[int],
+        parts: list[Pending | str],
+        in_block: bool,
     ) -> str:
         """A string with transaction control inside: probe before its COMMIT, or at its end; logged late."""
         may_write = self.assembler.may_write and in_block
@@ -305,7 +345,7 @@ class CapturingForwarder(Forwarder):
             elif info.kind in (Kind.COMMIT, Kind.ROLLBACK):
                 if info.kind is Kind.COMMIT and may_write:
                     parts.insert(i, _PROBE)
-                    return f"{sql[: info.start]}{self._probe_sql};{sql[info.start :]}"
+                    return f"{sql[: starts[i]]}{self._probe_sql};{sql[starts[i] :]}"
                 explicit = False
                 may_write = False
             if info.writes:
@@ -315,12 +355,12 @@ class CapturingForwarder(Forwarder):
             return f"{sql}{_SEP}{self._probe_sql}"
         return sql
 
-    def _send_wrapped(self, sql: str, infos: tuple[StatementInfo, ...]) -> None:
+    def _send_wrapped(self, sql: str, infos: tuple[StatementInfo, ...], images: list[ImageRows | None]) -> None:
         """An implicit write transaction: BEGIN; the client's string; the probe. pgleap commits it later."""
         parts: list[Pending | str] = [_HIDDEN]
-        for info in infos:
+        for info, image in zip(infos, images, strict=True):
             self.assembler.sending(info)
-            parts.append(Pending(info))
+            parts.append(Pending(info, image=image))
         parts.append(_PROBE)
         self._probe_inflight = True
         self._send(
@@ -329,6 +369,44 @@ class CapturingForwarder(Forwarder):
         )
         # Whatever the client sends next must wait until pgleap's COMMIT has answered.
         self._stash = bytearray()
+
+    def _rewrite_inserts(
+        self, sql: str, infos: tuple[StatementInfo, ...]
+    ) -> tuple[str, list[ImageRows | None], list[int]]:
+        """The string with a RETURNING clause for each INSERT that can carry row images; where each statement starts."""
+        images: list[ImageRows | None] = [None] * len(infos)
+        starts = [info.start for info in infos]
+        if not any(info.command == "InsertStmt" for info in infos):
+            return sql, images, starts
+        pieces: list[str] = []
+        done = 0
+        for i, info in enumerate(infos):
+            starts[i] += sum(len(p) for p in pieces[1::2])
+            plan = self._image_plan(info)
+            if plan is None:
+                continue
+            end = info.start + len(info.text)
+            pieces += [sql[done:end], plan.suffix]
+            done = end
+            images[i] = ImageRows(plan, self._codec)
+        if not pieces:
+            return sql, images, starts
+        return "".join(pieces) + sql[done:], images, starts
+
+    def _image_plan(self, info: StatementInfo) -> ImagePlan | None:
+        if info.command != "InsertStmt":
+            return None
+        # RETURNING needs SELECT for the role the server connection logged in as (not the client's proxy login).
+        role = self.backend.parameters.get("session_authorization") or self.backend.server.user
+        plan = plan_insert(info.text, self.capture.catalog, role)
+        if plan is None:
+            self.capture.inserts_without_image += 1
+        return plan
+
+    def _ddl_sent(self) -> None:
+        catalog = self.capture.catalog
+        if catalog is not None:
+            catalog.ddl_started(self.session.id)
 
     def _query_message(self, text: str) -> bytes:
         payload = text.encode(self._codec) + b"\0"
@@ -363,7 +441,13 @@ class CapturingForwarder(Forwarder):
         if info.writes:
             self._batch_writes = True
         a.sending(info)
-        pending = Pending(info, portal.params, portal.param_formats, portal.statement.param_types)
+        plan = portal.statement.image
+        image = ImageRows(plan, self._codec) if plan is not None else None
+        if plan is not None and (plan.client_columns == 0 or plan.single_row) and raw[-4:] != b"\0\0\0\0":
+            # No client rows, or at most one (fewer than any row limit): the portal ends in this Execute, as
+            # it may without a limit; the image rows all come back. Otherwise a suspension loses the image.
+            raw = raw[:-4] + b"\0\0\0\0"
+        pending = Pending(info, portal.params, portal.param_formats, portal.statement.param_types, image=image)
         self._send(Request(codes.EXECUTE, context=pending), raw)
         if info.writes and a.explicit and a.needs_probe() and not self._probe_inflight and self._probe_allowed():
             self._inject_extended_probe()  # answered with the client's next Sync or Flush
@@ -550,7 +634,14 @@ class CapturingForwarder(Forwarder):
             return True
         if isinstance(context, _QueryParts):
             return self._query_answer(context, kind, request, raw)
+        if isinstance(context, _ImageDescribe):
+            if kind == codes.ROW_DESCRIPTION:
+                self._forward_instead(client_row_description(raw[5:], context.plan))
+                return False
+            return True
         if isinstance(context, Pending):
+            if context.image is not None and kind in (codes.DATA_ROW, codes.PORTAL_SUSPENDED):
+                return self._image_answer(context.image, kind, raw)
             if kind == _COPY_IN:
                 self._copy_target = context
             elif outcome is Outcome.DONE and kind == codes.COMMAND_COMPLETE and request.tag is not None:
@@ -572,6 +663,13 @@ class CapturingForwarder(Forwarder):
                 context.index += 1
             return False
         if isinstance(part, Pending):
+            image = part.image
+            if image is not None and kind == codes.ROW_DESCRIPTION:
+                if image.plan.client_columns:  # the simple protocol sends no RowDescription for no columns
+                    self._forward_instead(client_row_description(raw[5:], image.plan))
+                return False
+            if image is not None and kind == codes.DATA_ROW:
+                return self._image_answer(image, kind, raw)
             if kind == _COPY_IN:
                 self._copy_target = part
             elif kind == codes.COMMAND_COMPLETE and request.tag is not None:
@@ -583,6 +681,24 @@ class CapturingForwarder(Forwarder):
                     self._held_tag = raw
                     return False
         return True
+
+    def _image_answer(self, image: ImageRows, kind: int, raw: bytes) -> bool:
+        """Keep a row's image, hand the client its own columns; True when the client sees `raw` as it is."""
+        if kind == codes.PORTAL_SUSPENDED:
+            # The client stopped fetching its RETURNING rows: the rest of the image is never seen.
+            image.complete = False
+            self.capture.report_unreplayable(
+                self.session.id, "an INSERT ... RETURNING portal was suspended: replayed as a statement"
+            )
+            return True
+        client_row = image.data_row(raw[5:])
+        if client_row is not None:
+            self._forward_instead(client_row)
+        return False
+
+    def _forward_instead(self, raw: bytes) -> None:
+        self._flush_held_tag()
+        self._fwd.append(raw)
 
     def _wrap_end_answer(self, context: _WrapEnd, kind: int, raw: bytes) -> bool:
         if kind == codes.COMMAND_COMPLETE:
@@ -621,7 +737,16 @@ class CapturingForwarder(Forwarder):
             stats.transactions += 1
             if self.gate.paused and not self.pending:
                 self.gate.notify()
+            if self.capture.catalog is not None:
+                self.capture.catalog.transaction_ended(self.session.id)
         self.assembler.ready(status)
+
+    def close(self, error: bytes | None = None) -> None:
+        """Close the session; a DDL transaction it left open no longer holds row images back."""
+        catalog = getattr(self, "capture", None) and self.capture.catalog
+        if catalog is not None:
+            catalog.transaction_ended(self.session.id)
+        super().close(error)
 
     def _capture_broken(self, exc: Exception) -> None:
         """The stream no longer makes sense to capture: close this session loudly rather than guess."""

@@ -13,8 +13,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pgleap.store.records import CapturedStatement, CapturedTransaction
+from pgleap.store.records import CapturedStatement, CapturedTransaction, encode_image
 from pgleap.upgrade.capture.classify import Kind, StatementInfo
+from pgleap.upgrade.capture.images import ImageRows
 
 _IDLE = ord("I")
 
@@ -28,6 +29,7 @@ class Pending:
     param_formats: tuple[int, ...] = ()
     param_types: tuple[int, ...] = ()
     copy_data: list[bytes] = field(default_factory=list)
+    image: ImageRows | None = None  # the rows it wrote, when capture added a RETURNING clause
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,9 @@ class TransactionAssembler:
             self._end(committed=False)
         elif info.writes or (kind is Kind.SESSION and self.explicit and info.setting and info.setting[1]):
             data = b"".join(pending.copy_data) if pending.copy_data else None
+            image = pending.image
+            # An image a suspended portal left incomplete is not used: the statement is replayed instead.
+            images = encode_image(image.image()) if image is not None and image.complete else None
             self.statements.append(
                 CapturedStatement(
                     sql=info.text,
@@ -110,6 +115,7 @@ class TransactionAssembler:
                     param_types=pending.param_types,
                     copy_data=data,
                     tag=tag,
+                    images=images,
                 )
             )
 

@@ -25,7 +25,7 @@ from typing import Literal
 from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.protocol.messages import ServerError
 from pgleap.store.changelog import ChangeLog
-from pgleap.store.records import LoggedTransaction
+from pgleap.store.records import LoggedTransaction, decode_image
 from pgleap.upgrade.capture.classify import Kind, classify
 from pgleap.upgrade.capture.pinning import pin_time
 from pgleap.upgrade.compat.facts import facts_for
@@ -37,6 +37,7 @@ from pgleap.upgrade.replay.errors import (
     TransientApplyError,
     classify_sqlstate,
 )
+from pgleap.upgrade.replay.images import combined_tag, image_statements
 from pgleap.upgrade.replay.journal import ApplyJournal
 from pgleap.upgrade.replay.lag import RateMeter, ReplayLag
 from pgleap.upgrade.replay.position import (
@@ -374,6 +375,11 @@ class Replayer:
         for index, statement in enumerate(tx.statements):
             if index in copied:
                 continue
+            if statement.images is not None:
+                # The rows the source wrote, not the statement: keys and defaults as they were there (I3).
+                for sql, values in image_statements(decode_image(statement.images)):
+                    planned.slots.append((index, sql, pipeline.extended(sql, values, label=statement.sql)))
+                continue
             sql = pin_time(statement.sql, tx.source_now) if tx.source_now else statement.sql
             if statement.copy_data is not None or is_copy_from_stdin(sql):
                 slot = pipeline.copy_in(sql, statement.copy_data)
@@ -411,12 +417,10 @@ class Replayer:
                 self.skipped_in_snapshot += 1
                 continue
             self.applied += 1
-            for index, sql, slot in planned.slots:
-                if index < 0:
-                    continue
+            for index, sql, target_tag in _statement_tags(planned):
                 source_tag = tx.statements[index].tag
-                if source_tag and slot.tag is not None and slot.tag != source_tag:
-                    divergences.append(Divergence(self.database, position, tx.txid, index, sql, source_tag, slot.tag))
+                if source_tag and target_tag is not None and target_tag != source_tag:
+                    divergences.append(Divergence(self.database, position, tx.txid, index, sql, source_tag, target_tag))
         last = plans[-1].record.position
         assert last is not None
         self.position = last
@@ -544,6 +548,23 @@ def touched_tables(record: LoggedTransaction) -> tuple[str, ...]:
     for statement in record.transaction.statements:
         names.update(dict.fromkeys(touched_relations(statement.sql)))
     return tuple(names)
+
+
+def _statement_tags(planned: _Planned) -> list[tuple[int, str, str | None]]:
+    """(statement index, what was sent, the target's tag) per source statement; row images add up their INSERTs."""
+    by_index: dict[int, list[tuple[str, Slot]]] = {}
+    for index, sql, slot in planned.slots:
+        if index >= 0:
+            by_index.setdefault(index, []).append((sql, slot))
+    tags = []
+    for index, sent in by_index.items():
+        if planned.record.transaction.statements[index].images is not None:
+            tags.append(
+                (index, planned.record.transaction.statements[index].sql, combined_tag([s.tag for _, s in sent]))
+            )
+        else:
+            tags.append((index, sent[0][0], sent[0][1].tag))
+    return tags
 
 
 def _first_failure(begin: Slot, plans: list[_Planned], position: Slot, commit: Slot) -> _Failure | None:

@@ -1,0 +1,178 @@
+"""The source's tables as row images need them, loaded from its catalog and kept fresh across DDL.
+
+Capture appends a RETURNING clause to an INSERT only when the table is known to take it without
+changing what the client sees: an ordinary or partitioned table, no rules, no row security, the
+login may SELECT it. The catalog is a snapshot; DDL makes it stale. While any session runs DDL, and
+until a load taken after that DDL ended has arrived, no statement is rewritten (it is replayed as a
+statement instead), so a dropped or renamed column can never make a client's INSERT fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+
+from pgleap.config import ServerConfig
+from pgleap.upgrade.compat.facts import PG12, facts_for
+from pgleap.upgrade.compat.images import image_columns_sql, image_readers_sql
+from pgleap.upgrade.copy.connect import connect, version_num
+
+log = logging.getLogger(__name__)
+
+APPLICATION_NAME = "pgleap_capture_catalog"
+_FLOATS = frozenset(("float4", "float8"))
+
+
+@dataclass(frozen=True)
+class ImageColumn:
+    """A column a row image carries."""
+
+    name: str
+    float_send: str | None = None  # "float4" or "float8": returned through floatNsend, exact on every major
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """One source table as capture sees it."""
+
+    schema: str
+    name: str
+    columns: tuple[ImageColumn, ...]  # insertable columns, in order (no generated ones)
+    visible_columns: int  # what `*` expands to, generated columns included
+    key: tuple[str, ...]  # primary key columns, () without one
+    identity_always: bool  # a GENERATED ALWAYS identity column: replay needs OVERRIDING SYSTEM VALUE
+    readers: frozenset[str]
+    unsafe: str | None = None  # why row images cannot be used for it, None when they can
+
+
+class SourceCatalog:
+    """What capture knows of one source database's tables, refreshed after DDL and every `interval`."""
+
+    def __init__(self, database: str, source: ServerConfig, interval: float = 30.0) -> None:
+        self.database = database  # the name clients use, for messages; the source's own name is in `source`
+        self.source = source
+        self.interval = interval
+        self.tables: dict[tuple[str, str], TableShape] = {}
+        self.loaded = False
+        self.last_error: str | None = None
+        self._by_name: dict[str, list[TableShape]] = {}
+        self._generation = 0  # bumped by every DDL sent: a load started before it is stale
+        self._ddl_sessions: set[int] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Whether statements may be rewritten now."""
+        return self.loaded and not self._ddl_sessions
+
+    def resolve(self, schema: str | None, name: str) -> TableShape | None:
+        """The table a written name refers to; None when unknown or ambiguous without the search_path."""
+        if schema is not None:
+            return self.tables.get((schema, name))
+        found = self._by_name.get(name, [])
+        return found[0] if len(found) == 1 else None
+
+    def ddl_started(self, session_id: int) -> None:
+        """A session sent DDL: rewrite nothing until it ended and a fresh load arrived."""
+        self._ddl_sessions.add(session_id)
+        self._generation += 1
+        self.loaded = False
+
+    def transaction_ended(self, session_id: int) -> None:
+        """A session's transaction ended: if it ran DDL, load the catalog again."""
+        if session_id in self._ddl_sessions:
+            self._ddl_sessions.discard(session_id)
+            self._generation += 1
+            self._wake.set()
+
+    def start(self) -> None:
+        """Keep the catalog loaded in the background."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"catalog-{self.database}")
+
+    def stop(self) -> None:
+        """Stop refreshing."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def load_once(self) -> bool:
+        """Load now; False (with `last_error`) when the source could not be read."""
+        generation = self._generation
+        try:
+            conn = await connect(self.source, role="source", settings={"application_name": APPLICATION_NAME})
+        except Exception as exc:  # an unreachable source must not stop capture: images wait, statements replay
+            self.last_error = str(exc)
+            return False
+        try:
+            facts = facts_for(await version_num(conn))
+            columns = await conn.fetch(image_columns_sql(facts))
+            readers = await conn.fetch(image_readers_sql())
+        except Exception as exc:
+            self.last_error = str(exc)
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        if generation != self._generation or self._ddl_sessions:
+            return False  # DDL ran meanwhile: this snapshot may predate it
+        self._install(_shapes(columns, readers, exact_floats=facts.version_num >= PG12))
+        self.last_error = None
+        return True
+
+    def _install(self, tables: dict[tuple[str, str], TableShape]) -> None:
+        by_name: dict[str, list[TableShape]] = {}
+        for shape in tables.values():
+            by_name.setdefault(shape.name, []).append(shape)
+        self.tables, self._by_name, self.loaded = tables, by_name, True
+
+    async def _run(self) -> None:
+        while True:
+            ok = await self.load_once()
+            if not ok and self.last_error is not None:
+                log.warning(
+                    "database %s: cannot read the source catalog for row images: %s", self.database, self.last_error
+                )
+            delay = self.interval if ok else 1.0
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+
+def _shapes(
+    columns: list[asyncpg.Record], readers: list[asyncpg.Record], *, exact_floats: bool
+) -> dict[tuple[str, str], TableShape]:
+    allowed: dict[tuple[str, str], set[str]] = {}
+    for schema, table, role in readers:
+        allowed.setdefault((schema, table), set()).add(role)
+    grouped: dict[tuple[str, str], list[asyncpg.Record]] = {}
+    for row in columns:
+        grouped.setdefault((row[0], row[1]), []).append(row)
+    shapes = {}
+    for key, rows in grouped.items():
+        has_rules, row_security = rows[0][2], rows[0][3]
+        image: list[ImageColumn] = []
+        unsafe = "it has rules" if has_rules else "it has row security" if row_security else None
+        for _s, _t, _r, _rls, name, generated, _identity, base, typtype, element, _key in rows:
+            if generated:
+                continue
+            if not exact_floats and (typtype == "c" or element in _FLOATS):
+                # Text output of floats inside arrays or composites is rounded before 12: not exact.
+                unsafe = unsafe or f"column {name} holds floats a pre-12 source prints rounded"
+            image.append(ImageColumn(name, base if base in _FLOATS else None))
+        shapes[key] = TableShape(
+            schema=key[0],
+            name=key[1],
+            columns=tuple(image),
+            visible_columns=len(rows),
+            key=tuple(r[4] for r in rows if r[10]),
+            identity_always=any(r[6] for r in rows),
+            readers=frozenset(allowed.get(key, ())),
+            unsafe=unsafe,
+        )
+    return shapes

@@ -1,0 +1,264 @@
+"""Row images (I3): serial keys, volatile defaults and upserts replay to identical rows, with no re-sync.
+
+A PG 10 source behind a capturing proxy takes concurrent writes whose values the target could not
+compute again by running the statements: sequences advancing under concurrency and rollbacks,
+`DEFAULT now()` and `clock_timestamp()`, `random()`, identity columns, `ON CONFLICT DO UPDATE`. The
+log is replayed on PG 18 and every table must equal the source row by row. The client must not notice:
+its own RETURNING rows and psql's output are what it gets straight from the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgleap.config import ServerConfig, UpgradeConfig
+from pgleap.lab import Lab, LabServer
+from pgleap.store import SQLiteChangeLog
+from pgleap.store.records import decode_image
+from pgleap.testing import ProxyThread
+from pgleap.upgrade.capture.capture import Capture
+from pgleap.upgrade.copy.compare import database_differences
+from pgleap.upgrade.replay import Replayer
+
+from conftest import capture_into, start_proxy, tool
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = """
+CREATE TABLE orders (id serial PRIMARY KEY, worker int NOT NULL, created timestamptz NOT NULL DEFAULT now(),
+                     amount float8 DEFAULT random(), ratio float4, note text, tags int[], doc jsonb, raw bytea);
+CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text,
+                    at timestamp DEFAULT clock_timestamp());
+CREATE TABLE keyless (worker int, v float8 DEFAULT random(), at timestamptz DEFAULT now());
+CREATE TABLE upserts (k text PRIMARY KEY, n int NOT NULL, touched timestamptz NOT NULL DEFAULT now());
+CREATE TABLE guarded (id serial PRIMARY KEY, v text);
+CREATE RULE guarded_log AS ON INSERT TO guarded DO ALSO NOTIFY guarded;
+"""
+
+
+def server_config(server: LabServer, database: str) -> ServerConfig:
+    """A lab server's superuser on `database`."""
+    return ServerConfig(
+        host=server.host, port=server.port, database=database, user=server.superuser, password=server.password
+    )
+
+
+@dataclass
+class Env:
+    """A PG 10 source database behind a capturing proxy, and the same (empty) schema on PG 18."""
+
+    source: LabServer
+    target: LabServer
+    dbname: str
+    proxy: ProxyThread
+    capture: Capture
+    changelog: SQLiteChangeLog
+
+    @property
+    def upgrade(self) -> UpgradeConfig:
+        """The upgrade config replay reads."""
+        return UpgradeConfig(
+            database="app",
+            source=server_config(self.source, self.dbname),
+            target=server_config(self.target, self.dbname),
+        )
+
+    @property
+    def dsn(self) -> str:
+        """The proxy, as the application reaches it."""
+        return self.proxy.dsn()
+
+
+@pytest.fixture(scope="module")
+def target18(lab: Lab) -> Iterator[LabServer]:
+    """A PG 18 target for this module (each test has its own database)."""
+    server = lab.target(18)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path, pg_old: LabServer, target18: LabServer) -> Iterator[Env]:
+    """SCHEMA on a fresh PG 10 database behind a capturing proxy, and on PG 18."""
+    dbname = f"ri_{uuid.uuid4().hex[:10]}"
+    for server in (pg_old, target18):
+        server.psql(f"CREATE DATABASE {dbname}")
+        server.psql(SCHEMA, dbname=dbname)
+    proxy = start_proxy(tmp_path, {"app": server_config(pg_old, dbname)})  # type: ignore[dict-item]
+    changelog = SQLiteChangeLog(tmp_path / "changes.db")
+    capture = capture_into(proxy, changelog)
+    try:
+        yield Env(pg_old, target18, dbname, proxy, capture, changelog)
+    finally:
+        proxy.stop()
+        changelog.close()
+        pg_old.psql(f"DROP DATABASE IF EXISTS {dbname}")
+        target18.psql(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+
+
+def replay_and_compare(env: Env, snapshot: str) -> list[str]:
+    """Drain capture, replay the whole log on the target from `snapshot`, and compare every table."""
+    env.proxy.call(env.capture.drain())
+
+    async def go() -> list[str]:
+        replayer = Replayer(env.upgrade, env.changelog, snapshot, max_retries=5)
+        try:
+            status = await replayer.run_until_caught_up()
+        finally:
+            replayer.close()
+        assert status.paused is None, f"replay paused: {status.paused}"
+        assert status.divergences == 0, "a replayed statement's row count differed from the source's"
+        return await database_differences(env.upgrade.source, env.upgrade.target)
+
+    return asyncio.run(go())
+
+
+def psycopg_worker(dsn: str, worker: int, rounds: int, returned: list[tuple[int, int]]) -> None:
+    """Simple and extended protocol, autocommit and explicit, savepoints and rollbacks, RETURNING."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(rounds):
+            conn.execute(f"INSERT INTO orders (worker, note) VALUES ({worker}, 'simple {i}')", prepare=False)
+            row = conn.execute(
+                "INSERT INTO orders (worker, ratio, tags, doc, raw) VALUES (%s, %s, %s, %s, %s) RETURNING id, worker",
+                (
+                    worker,
+                    1 / (i + 3),
+                    [i, worker],
+                    psycopg.types.json.Jsonb({"i": i, "w": [worker]}),
+                    bytes([i % 256, 0]),
+                ),
+            ).fetchone()
+            assert row is not None and row[1] == worker
+            returned.append((row[0], worker))
+            with conn.transaction():
+                conn.execute("INSERT INTO ident (v) VALUES (%s)", (f"w{worker}-{i}",))
+                try:
+                    with conn.transaction():  # a savepoint whose sequence values are consumed, then rolled back
+                        conn.execute("INSERT INTO orders (worker, note) VALUES (%s, 'undone')", (worker,))
+                        conn.execute("INSERT INTO orders (id, worker) VALUES (1, 0)")  # duplicate key: fails
+                except psycopg.errors.UniqueViolation:
+                    pass
+                conn.execute("INSERT INTO keyless (worker) SELECT %s FROM generate_series(1, 3)", (worker,))
+            conn.execute(
+                "INSERT INTO upserts AS u (k, n) VALUES (%s, 1) "
+                "ON CONFLICT (k) DO UPDATE SET n = u.n + 1, touched = now()",
+                (f"k{i % 5}",),
+            )
+            try:
+                with conn.transaction():
+                    conn.execute("INSERT INTO orders (worker, note) VALUES (%s, 'rolled back')", (worker,))
+                    raise _Rollback
+            except _Rollback:
+                pass
+
+
+class _Rollback(Exception):
+    pass
+
+
+async def asyncpg_worker(port: int, worker: int, rounds: int, returned: list[tuple[int, int]]) -> None:
+    """asyncpg: prepared statements, binary results for the client's own RETURNING columns."""
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=port, user="app", password="app-secret", database="app", statement_cache_size=100
+    )
+    try:
+        for i in range(rounds):
+            new_id = await conn.fetchval(
+                "INSERT INTO orders (worker, amount) VALUES ($1, $2) RETURNING id", worker, i * 0.1
+            )
+            returned.append((new_id, worker))
+            await conn.execute("INSERT INTO ident (v) VALUES ($1)", f"a{worker}-{i}")
+            async with conn.transaction():
+                row = await conn.fetchrow("INSERT INTO orders (worker) VALUES ($1) RETURNING *", worker)
+                assert row is not None and row["worker"] == worker and row["created"] is not None
+                returned.append((row["id"], worker))
+    finally:
+        await conn.close()
+
+
+def test_concurrent_volatile_inserts_replay_identically(env: Env) -> None:
+    """Serial keys, defaults and upserts from four concurrent clients replay to equal tables (no re-sync)."""
+    snapshot = env.source.psql("SELECT txid_current_snapshot()", dbname=env.dbname)
+    returned: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def run(target: object, *args: object) -> None:
+        try:
+            if asyncio.iscoroutinefunction(target):
+                asyncio.run(target(*args))
+            else:
+                target(*args)  # type: ignore[operator]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(psycopg_worker, env.dsn, w, 25, returned)) for w in (1, 2, 3)]
+    threads.append(threading.Thread(target=run, args=(asyncpg_worker, env.proxy.port, 4, 25, returned)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    # The client got the ids the source assigned, with its own columns only.
+    on_source = dict(
+        tuple(map(int, line.split("|")))
+        for line in env.source.psql("SELECT id, worker FROM orders", dbname=env.dbname).split()
+    )
+    assert all(on_source[i] == w for i, w in returned)
+    images = [s for r in env.changelog.read_committed("app", 0, 100_000) for s in r.transaction.statements if s.images]
+    assert len(images) > 300, "INSERTs were replayed as statements instead of row images"
+    assert {decode_image(s.images).table for s in images if s.images} >= {"orders", "ident", "keyless", "upserts"}
+    assert env.capture.inserts_without_image == 0
+    assert replay_and_compare(env, snapshot) == []
+
+
+def test_a_table_with_rules_is_replayed_as_statements(env: Env) -> None:
+    """A rule forbids RETURNING: capture leaves the statement alone, the client sees no error."""
+    with psycopg.connect(env.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO guarded (v) VALUES ('x')")
+    env.proxy.call(env.capture.drain())
+    statements = [s for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements]
+    assert [s.images for s in statements] == [None]
+    assert env.capture.inserts_without_image == 1
+
+
+def test_psql_sees_the_same_bytes_as_directly(env: Env) -> None:
+    """psql output of INSERTs, with and without RETURNING, is identical through the capturing proxy."""
+    script = (
+        "INSERT INTO orders (id, worker, created, amount) VALUES (100000, 7, '2020-01-01', 0.5);\n"
+        "INSERT INTO orders (id, worker, created, amount) VALUES (100001, 7, '2020-01-01', 0.5) RETURNING id, worker;\n"
+        "INSERT INTO orders (id, worker, created, amount) VALUES (100002, 7, '2020-01-01', 0.5) RETURNING *;\n"
+        "BEGIN; INSERT INTO orders (id, worker, created) VALUES (100003, 7, '2020-01-01')\n"
+        "  RETURNING amount IS NULL; COMMIT;\n"
+    )
+    direct_script = script.replace("1000", "2000")
+
+    def psql(dsn: str, text: str) -> str:
+        env_vars = {"PATH": "/usr/bin:/bin"}
+        done = subprocess.run(
+            [tool("psql"), "-X", "-d", dsn],
+            input=text,
+            capture_output=True,
+            text=True,
+            env=env_vars,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout
+
+    through = psql(env.proxy.dsn(), script)
+    direct = psql(env.source.dsn(env.dbname), direct_script)
+    assert through.replace("1000", "2000") == direct
+    env.proxy.call(env.capture.drain())
+    assert (
+        sum(1 for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements if s.images) == 4
+    )
