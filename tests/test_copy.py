@@ -75,6 +75,12 @@ OBJECTS = {
     "large object": ("SELECT count(*) FROM pg_largeobject_metadata", 1),
     "owner": ("SELECT tableowner FROM pg_tables WHERE tablename = 'owned'", "app_owner"),
     "unlogged": ("SELECT relpersistence::text FROM pg_class WHERE relname = 'scratch'", "u"),
+    # Statistics do not travel with a dump: each table and matview was analyzed on the target.
+    "not analyzed": (
+        "SELECT count(*) FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid "
+        "WHERE c.relkind IN ('r', 'm') AND s.last_analyze IS NULL",
+        0,
+    ),
 }
 
 
@@ -217,6 +223,71 @@ def test_schema_error_stop_and_skip(lab: Lab, tmp_path: Path) -> None:
         assert "already exists" in report.schema_errors[0].error
         assert "CREATE FUNCTION public.clash()" in report.schema_errors[0].definition
         assert target.psql("SELECT count(*) FROM ok", dbname="app") == "1"
+    finally:
+        target.stop()
+        source.stop()
+
+
+def test_post_data_error_stop_and_skip(lab: Lab, tmp_path: Path) -> None:
+    """An index the target rejects while other tables still copy is reported on its own; stop, then skip."""
+    from pgleap.upgrade.copy import SchemaObjectError
+
+    source = lab.primary(15)
+    target = lab.target(17)
+    try:
+        source.psql("CREATE DATABASE app")
+        source.psql(
+            "CREATE TABLE big (id int PRIMARY KEY, v text); "
+            "INSERT INTO big SELECT i, 'v' || i FROM generate_series(1, 20000) i; "
+            "CREATE INDEX big_v ON big (v); "
+            "CREATE TABLE small (id int PRIMARY KEY, big_id int REFERENCES big (id)); "
+            "INSERT INTO small SELECT i, i FROM generate_series(1, 100) i; "
+            "CREATE INDEX small_clash ON small (big_id);",
+            dbname="app",
+        )
+        upgrade = UpgradeConfig(database="app", source=server_config(source), target=server_config(target))
+
+        async def clash(snapshot: str) -> None:
+            # After the target was checked empty: a relation named like one of the source's indexes.
+            conn = await connect(server_config(target), role="target")
+            try:
+                await conn.execute("CREATE SEQUENCE small_clash")
+            finally:
+                await conn.close()
+
+        def copy(state: Path, on_schema_error: str) -> CopyReport:
+            opts = CopyOptions(
+                parallel_workers=2,
+                split_threshold_bytes=200_000,
+                chunk_bytes=200_000,
+                copy_roles=False,
+                on_schema_error=on_schema_error,
+            )
+            store = StateStore(state)
+            try:
+                return asyncio.run(CopyJob(upgrade, store, opts, on_snapshot=clash).run())
+            finally:
+                store.close()
+
+        with pytest.raises(SchemaObjectError, match="small_clash"):
+            copy(tmp_path / "stop.db", "stop")
+        target.psql("DROP DATABASE app")
+        report = copy(tmp_path / "skip.db", "skip")
+        assert len(report.schema_errors) == 1
+        error = report.schema_errors[0]
+        assert error.section == "post-data"
+        assert "small_clash" in error.object and "already exists" in error.error
+        assert "CREATE INDEX small_clash" in error.definition
+        # Everything else of post-data is there: both keys, the other index, the foreign key.
+        assert (
+            target.psql(
+                "SELECT count(*) FROM pg_constraint WHERE conrelid IN ('big'::regclass, 'small'::regclass)",
+                dbname="app",
+            )
+            == "3"
+        )
+        assert target.psql("SELECT count(*) FROM pg_indexes WHERE indexname = 'big_v'", dbname="app") == "1"
+        check_rows_equal(source, target)
     finally:
         target.stop()
         source.stop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
+from collections.abc import Callable
 
 import asyncpg
 
@@ -75,6 +77,7 @@ class DataCopy:
         target: ServerConfig,
         options: CopyOptions,
         live: LiveCounters,
+        on_table_done: Callable[[Table], None] | None = None,
     ) -> None:
         self.store = store
         self.database = database
@@ -85,6 +88,9 @@ class DataCopy:
         self.live = live
         self._primary_side: PrimaryReadSide | None = None
         self._primary_lock = asyncio.Lock()
+        # Called once all of a table's chunks are committed: its indexes can be built right away.
+        self.on_table_done = on_table_done
+        self._chunks_left: Counter[str] = Counter()
 
     async def run(self) -> None:
         """Plan (first run only), settle in-flight chunks, copy the pending ones."""
@@ -100,7 +106,12 @@ class DataCopy:
         finally:
             await planner.close()
         await settle_inflight(self.store, self.database, self.target)
-        pending = [c for c in self.store.chunks(self.database) if c.status == "pending"]
+        chunks = self.store.chunks(self.database)
+        pending = [c for c in chunks if c.status == "pending"]
+        self._chunks_left = Counter(f"{c.schema_name}.{c.table_name}" for c in pending)
+        for label in dict.fromkeys(f"{c.schema_name}.{c.table_name}" for c in chunks):
+            if not self._chunks_left[label] and label in tables:
+                self._table_done(tables[label])
         if not pending:
             return
         try:
@@ -108,6 +119,10 @@ class DataCopy:
         finally:
             if self._primary_side is not None:
                 await self._primary_side.close(success=True)
+
+    def _table_done(self, table: Table) -> None:
+        if self.on_table_done is not None:
+            self.on_table_done(table)
 
     async def _side_for(self, table: Table) -> tuple[ReadSide, str | None]:
         # A standby cannot read unlogged tables (they are not WAL-logged): read them on the primary
@@ -155,6 +170,9 @@ class DataCopy:
                 await copy_chunk(
                     self.store, self.database, sessions[id(side)], target, table, chunk, self.live, snapshot
                 )
+                self._chunks_left[table.label] -= 1
+                if not self._chunks_left[table.label]:
+                    self._table_done(table)
         finally:
             for conn in [*sessions.values(), target]:
                 await conn.close()

@@ -5,30 +5,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pgleap.config import UpgradeConfig
 from pgleap.store import SchemaErrorRecord, StateStore
 from pgleap.upgrade.compat import catalog as sql
 from pgleap.upgrade.compat import facts_for
 from pgleap.upgrade.copy import roles, schema
-from pgleap.upgrade.copy.connect import connect, version_num
+from pgleap.upgrade.copy.connect import connect, qualified, version_num
 from pgleap.upgrade.copy.data import DataCopy
 from pgleap.upgrade.copy.errors import CopyError, SchemaObjectError, SnapshotLostError
 from pgleap.upgrade.copy.largeobjects import copy_large_objects
 from pgleap.upgrade.copy.matviews import refresh_matviews
-from pgleap.upgrade.copy.model import CopyOptions
+from pgleap.upgrade.copy.model import CopyOptions, Table
+from pgleap.upgrade.copy.plan import load_tables
+from pgleap.upgrade.copy.postdata import TablePostData, analyze_step
 from pgleap.upgrade.copy.progress import LiveCounters, total_progress
 from pgleap.upgrade.copy.readside import PrimaryReadSide, ReadSide, ReplicaReadSide
 from pgleap.upgrade.copy.sequences import copy_sequences
 from pgleap.upgrade.copy.target import prepare_target, source_encoding
+from pgleap.upgrade.copy.toc import owning_tables, parse_listing
 from pgleap.upgrade.copy.tools import find_tool
 
 log = logging.getLogger(__name__)
 
-STEPS = ("roles", "dump", "pre_data", "data", "large_objects", "post_data", "matviews", "sequences", "analyze")
+# Steps in stages; the steps of one stage need nothing of each other and run concurrently. Each
+# table's indexes, keys and ANALYZE run during "data", as soon as its rows are in (see postdata);
+# "post_data" waits for them, then builds what spans tables (foreign keys, triggers, attached indexes).
+# Large objects and sequences need nothing of post-data; matviews come after it, as their definition may.
+STAGES: tuple[tuple[str, ...], ...] = (
+    ("roles", "dump"),
+    ("pre_data",),
+    ("data",),
+    ("large_objects", "sequences"),
+    ("post_data",),
+    ("matviews",),
+    ("analyze",),
+)
+STEPS = tuple(step for stage in STAGES for step in stage)
 
 
 @dataclass
@@ -57,12 +74,27 @@ def format_schema_errors(errors: list[SchemaErrorRecord]) -> str:
 
 
 _TABLES_BY_SIZE = """
-SELECT format('%I.%I', n.nspname, c.relname)
+SELECT n.nspname, c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
 ORDER BY c.relpages DESC
 """
+
+
+async def _all(steps: list[Coroutine[Any, Any, None]]) -> None:
+    """Run steps concurrently; the first failure cancels the others and is raised as it is."""
+    if len(steps) == 1:
+        await steps[0]
+        return
+    tasks = [asyncio.create_task(step) for step in steps]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class CopyJob:
@@ -95,6 +127,8 @@ class CopyJob:
         self.live = LiveCounters()
         self.step = "starting"
         self._read_side: ReadSide | None = None
+        self._post: TablePostData | None = None
+        self._tools: dict[str, Path] = {}
         # Called once a new S is recorded, before any data is read (the state machine, tests).
         self.on_snapshot = on_snapshot
 
@@ -170,21 +204,16 @@ class CopyJob:
         assert side is not None
         success = False
         try:
-            for step in STEPS:
-                if self.store.step_status(self.database, step) == "done" and not (
-                    step == "dump" and not self._dump_path.exists()
-                ):
-                    continue
-                rerun = self.store.step_status(self.database, step) == "started"
-                self.step = step
-                self.store.mark_step(self.database, step, "started")
-                t0 = time.monotonic()
-                await getattr(self, f"_step_{step}")(side, rerun)
-                report.step_seconds[step] = time.monotonic() - t0
-                self.store.mark_step(self.database, step, "done")
+            for stage in STAGES:
+                todo = [step for step in stage if self._needs(step)]
+                if todo:
+                    self.step = "+".join(todo)
+                    await _all([self._run_step(step, side, report) for step in todo])
             success = True
         finally:
             self.step = "done" if success else "failed"
+            if self._post is not None and not success:
+                await self._post.cancel()
             await side.close(success=success and self.options.resume_replay)
             if not success:
                 self.store.finish_run(self.database, "failed")
@@ -195,6 +224,19 @@ class CopyJob:
         report.schema_errors = self.store.schema_errors(self.database)
         return report
 
+    def _needs(self, step: str) -> bool:
+        # A dump removed since (a new run) must be taken again, even though its step is done.
+        done = self.store.step_status(self.database, step) == "done"
+        return not done or (step == "dump" and not self._dump_path.exists())
+
+    async def _run_step(self, step: str, side: ReadSide, report: CopyReport) -> None:
+        rerun = self.store.step_status(self.database, step) == "started"
+        self.store.mark_step(self.database, step, "started")
+        t0 = time.monotonic()
+        await getattr(self, f"_step_{step}")(side, rerun)
+        report.step_seconds[step] = time.monotonic() - t0
+        self.store.mark_step(self.database, step, "done")
+
     def _handle(self, errors: list[SchemaErrorRecord]) -> None:
         for error in errors:
             self.store.add_schema_error(self.database, error)
@@ -204,12 +246,16 @@ class CopyJob:
                 f'"skip" to copy without them) and run the copy again:\n\n' + format_schema_errors(errors)
             )
 
-    async def _target_major(self) -> int:
-        conn = await connect(self.target, role="target")
-        try:
-            return await version_num(conn) // 10000
-        finally:
-            await conn.close()
+    async def _tool(self, name: str) -> Path:
+        # Looked up once per name: each lookup runs the program and connects to the target.
+        if name not in self._tools:
+            conn = await connect(self.target, role="target")
+            try:
+                major = await version_num(conn) // 10000
+            finally:
+                await conn.close()
+            self._tools[name] = find_tool(name, major, self.bindir)
+        return self._tools[name]
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -217,7 +263,7 @@ class CopyJob:
         del rerun  # applying roles is idempotent
         if not self.options.copy_roles:
             return
-        tool = find_tool("pg_dumpall", await self._target_major(), self.bindir)
+        tool = await self._tool("pg_dumpall")
         conn = await connect(side.server, role=side.role)
         try:
             superuser = bool(await conn.fetchval(sql.is_superuser_sql()))
@@ -229,11 +275,11 @@ class CopyJob:
 
     async def _step_dump(self, side: ReadSide, rerun: bool) -> None:
         del rerun
-        tool = find_tool("pg_dump", await self._target_major(), self.bindir)
+        tool = await self._tool("pg_dump")
         await schema.dump_schema(tool, side.server, self._dump_path, side.dump_args())
 
     async def _restore(self, section: str, jobs: int, rerun: bool) -> None:
-        tool = find_tool("pg_restore", await self._target_major(), self.bindir)
+        tool = await self._tool("pg_restore")
         self._handle(
             await schema.restore_section(
                 tool,
@@ -250,9 +296,62 @@ class CopyJob:
         del side
         await self._restore("pre-data", 1, rerun)
 
+    async def _restore_entries(self, lines: list[str], what: str, rerun: bool, jobs: int = 1) -> None:
+        list_file = self.workdir / f"post-data-{lines[0].split(';', 1)[0]}.list"
+        self._handle(
+            await schema.restore_entries(
+                await self._tool("pg_restore"),
+                self.target,
+                self._dump_path,
+                lines,
+                list_file,
+                section="post-data",
+                what=what,
+                jobs=jobs,
+                stop_on_error=self.options.on_schema_error == "stop",
+                rerun=rerun,
+            )
+        )
+
+    async def _start_post(self, side: ReadSide) -> TablePostData:
+        """The pool that builds each table's keys once its data is in."""
+        listing = await schema.list_section(await self._tool("pg_restore"), self._dump_path, "post-data")
+        conn = await side.session()
+        try:
+            index_tables, key_tables = await owning_tables(conn)
+        finally:
+            await conn.close()
+        self._post = TablePostData(
+            self.store,
+            self.database,
+            self.target,
+            parse_listing(listing, index_tables, key_tables),
+            self._restore_entries,
+            workers=self.options.parallel_workers,
+            analyze=self.options.analyze,
+        )
+        return self._post
+
+    async def _copied_tables(self, side: ReadSide) -> list[Table]:
+        conn = await side.session()
+        try:
+            return await load_tables(conn, side.facts, allow_binary=self.options.binary)
+        finally:
+            await conn.close()
+
     async def _step_data(self, side: ReadSide, rerun: bool) -> None:
         del rerun
-        await DataCopy(self.store, self.database, side, self.upgrade.source, self.target, self.options, self.live).run()
+        post = await self._start_post(side)
+        await DataCopy(
+            self.store,
+            self.database,
+            side,
+            self.upgrade.source,
+            self.target,
+            self.options,
+            self.live,
+            on_table_done=post.table_done,
+        ).run()
 
     async def _step_large_objects(self, side: ReadSide, rerun: bool) -> None:
         del rerun
@@ -266,8 +365,17 @@ class CopyJob:
             await target.close()
 
     async def _step_post_data(self, side: ReadSide, rerun: bool) -> None:
-        del side
-        await self._restore("post-data", self.options.parallel_workers, rerun)
+        post = self._post
+        if post is None:  # resumed after the data step: every table's rows are in
+            post = await self._start_post(side)
+            for table in await self._copied_tables(side):
+                post.table_done(table)
+        await post.finish()
+        # What spans tables, or belongs to none that was copied: foreign keys (now that every key
+        # they reference exists), triggers, rules, partitioned indexes and their attachments, ...
+        rest = [e.line for e in post.plan.rest_without(post.handled)]
+        if rest:
+            await self._restore_entries(rest, "the rest of post-data", rerun, self.options.parallel_workers)
 
     async def _step_matviews(self, side: ReadSide, rerun: bool) -> None:
         del rerun
@@ -304,8 +412,10 @@ class CopyJob:
         finally:
             await target.close()
         tables: asyncio.Queue[str] = asyncio.Queue()
-        for row in rows:
-            tables.put_nowait(row[0])
+        for schema_name, name in rows:
+            # Most tables were analyzed right after their indexes, during the data step.
+            if self.store.step_status(self.database, analyze_step(f"{schema_name}.{name}")) != "done":
+                tables.put_nowait(qualified(schema_name, name))
 
         async def analyze_worker() -> None:
             conn = await connect(self.target, role="target")
@@ -315,5 +425,7 @@ class CopyJob:
             finally:
                 await conn.close()
 
-        workers = max(1, min(self.options.parallel_workers, len(rows)))
+        if tables.empty():
+            return
+        workers = min(self.options.parallel_workers, tables.qsize())
         await asyncio.gather(*(analyze_worker() for _ in range(workers)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pgleap.clientenv import client_env
 from pgleap.config import ServerConfig
 from pgleap.store import SchemaErrorRecord
 from pgleap.upgrade.copy.errors import ToolError
@@ -87,16 +88,58 @@ async def restore_section(
     if jobs > 1:
         argv.append(f"--jobs={jobs}")
     argv.append(str(dump))
+    return await _run_restore(argv, target, section, f"--section={section}", rerun)
+
+
+async def list_section(pg_restore: Path, dump: Path, section: str) -> str:
+    """`pg_restore -l` of one section of the dump: one line per entry, what `-L` selects by."""
+    result = await run_tool([str(pg_restore), "-l", f"--section={section}", str(dump)], client_env())
+    if result.returncode != 0:
+        raise ToolError(f"pg_restore -l --section={section} of {dump} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+async def restore_entries(
+    pg_restore: Path,
+    target: ServerConfig,
+    dump: Path,
+    lines: list[str],
+    list_file: Path,
+    *,
+    section: str,
+    what: str,
+    jobs: int,
+    stop_on_error: bool,
+    rerun: bool,
+) -> list[SchemaErrorRecord]:
+    """pg_restore only the TOC entries `lines` (via a -L list file); returns the objects the target rejected."""
+    list_file.write_text("\n".join(lines) + "\n")
+    argv = [str(pg_restore), "-w", "-d", conninfo(target), "-L", str(list_file)]
+    # On a rerun the entries created before the interruption fail with "already exists": with
+    # --exit-on-error the first of them would stop pg_restore before the entries still missing.
+    if stop_on_error and not rerun:
+        argv.append("--exit-on-error")
+    if jobs > 1:
+        argv.append(f"--jobs={jobs}")
+    argv.append(str(dump))
+    try:
+        return await _run_restore(argv, target, section, what, rerun)
+    finally:
+        list_file.unlink(missing_ok=True)
+
+
+async def _run_restore(
+    argv: list[str], target: ServerConfig, section: str, what: str, rerun: bool
+) -> list[SchemaErrorRecord]:
     result = await run_tool(argv, tool_env(target))
     records, fatal = parse_restore_errors(result.stderr, section)
     if fatal and not records:
-        raise ToolError(f"pg_restore --section={section} into {target.describe()} failed: " + "; ".join(fatal))
+        raise ToolError(f"pg_restore {what} into {target.describe()} failed: " + "; ".join(fatal))
     if rerun:
         records = [r for r in records if not any(marker in r.error for marker in _ALREADY_THERE)]
     if result.returncode != 0 and not records and not rerun:
         raise ToolError(
-            f"pg_restore --section={section} into {target.describe()} exited {result.returncode}: "
-            f"{result.stderr.strip()[-2000:]}"
+            f"pg_restore {what} into {target.describe()} exited {result.returncode}: {result.stderr.strip()[-2000:]}"
         )
     for record in records:
         log.warning("target rejected %s (%s): %s", record.object, section, record.error)

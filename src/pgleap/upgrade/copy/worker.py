@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -104,7 +105,6 @@ async def copy_chunk(
 
 
 async def _rollback(tx: asyncpg.transaction.Transaction) -> None:
-    try:
+    # If the connection is gone, the server rolls the transaction back itself.
+    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
         await tx.rollback()
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-        pass  # the connection is gone: the server rolls the transaction back itself
