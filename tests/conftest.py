@@ -14,6 +14,8 @@ import psycopg
 import pytest
 
 from pgleap.lab import Lab, LabServer, client_tool
+from pgleap.proxy.server import Proxy
+from pgleap.store import StateStore
 from pgleap.store.changelog import ChangeLog
 from pgleap.testing import ProxyThread, render_config
 from pgleap.upgrade.capture.capture import Capture
@@ -85,6 +87,26 @@ def proxy(tmp_path: Path, backend: LabServer) -> Iterator[ProxyThread]:
     p = start_proxy(tmp_path, {"app": backend})
     yield p
     p.stop()
+
+
+async def quiesce(proxy: Proxy) -> None:
+    """Stop replay, capture and the bypass monitors, so no engine task outlives the proxy's loop."""
+    await proxy.stop_replay()
+    await proxy.stop_capture()
+    for monitor in proxy.bypass_monitors.values():
+        monitor.stop()
+        await monitor.wait_stopped()
+
+
+def record_copy_snapshot(path: Path, snapshot: str) -> None:
+    """What `pgleap copy` leaves in the state store: a finished run of database "app" at S."""
+    store = StateStore(path)
+    try:
+        store.start_run("app", "primary")
+        store.set_snapshot("app", snapshot, None, None)
+        store.finish_run("app")
+    finally:
+        store.close()
 
 
 def show(conn: psycopg.Connection[Any], command: str) -> list[dict[str, Any]]:

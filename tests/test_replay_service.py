@@ -20,13 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pgleap.config import ServerConfig
 from pgleap.lab import LabServer
 from pgleap.metrics import start_metrics_server
-from pgleap.proxy.server import Proxy
 from pgleap.store import ChunkRecord, StateStore
 from pgleap.testing import ProxyThread
 from pgleap.upgrade.replay import ReplayError
 from pgleap.upgrade.replay.service import copy_start_point
 
-from conftest import show, start_proxy, wait_for
+from conftest import quiesce, record_copy_snapshot, show, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -73,34 +72,10 @@ def env(tmp_path: Path, pg_old: LabServer, pg_new: LabServer) -> Iterator[Env]:
         yield Env(pg_old, pg_new, dbname, proxy, tmp_path / "pgleap-state.db")
     finally:
         if proxy.proxy is not None:
-            proxy.call(_quiesce(proxy.proxy))
+            proxy.call(quiesce(proxy.proxy))
         proxy.stop()
         pg_old.psql(f"DROP DATABASE IF EXISTS {dbname}")
         pg_new.psql(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
-
-
-async def _quiesce(proxy: Proxy) -> None:
-    """Stop replay, capture and the bypass monitors, so no engine task outlives the proxy's loop."""
-    await proxy.stop_replay()
-    await proxy.stop_capture()
-    for monitor in proxy.bypass_monitors.values():
-        monitor.stop()
-        await monitor.wait_stopped()
-
-
-
-
-
-
-def record_copy_snapshot(path: Path, snapshot: str) -> None:
-    """What `pgleap copy` leaves in the state store: a finished run of database "app" at S."""
-    store = StateStore(path)
-    try:
-        store.start_run("app", "primary")
-        store.set_snapshot("app", snapshot, None, None)
-        store.finish_run("app")
-    finally:
-        store.close()
 
 
 def scrape(port: int) -> dict[str, float]:

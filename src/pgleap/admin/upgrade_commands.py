@@ -1,18 +1,19 @@
-"""Admin commands of the upgrade engine: replay (START/STOP/SHOW REPLAY) and SHOW UPGRADE RISKS."""
+"""Admin commands of the upgrade engine: replay (START/STOP/RESUME/SHOW REPLAY, queued DDL) and SHOW UPGRADE RISKS."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pgleap.admin.commands import AdminCommandError, Result, _ts, command
 from pgleap.errors import PgleapError
+from pgleap.upgrade.replay.ddl_queue import Decision
 
 if TYPE_CHECKING:
     from pgleap.proxy.server import Proxy
     from pgleap.proxy.session import Session
     from pgleap.upgrade.replay.errors import ApplyError
-    from pgleap.upgrade.replay.service import ReplayReport
+    from pgleap.upgrade.replay.service import ReplayReport, ReplayService
 
 SHOW_REPLAY_COLUMNS = (
     "database",
@@ -30,6 +31,7 @@ SHOW_REPLAY_COLUMNS = (
     "divergences",
     "apply_errors",
     "paused_error",
+    "held_ddl",
     "retries",
     "last_transient_error",
     "stopped_error",
@@ -52,6 +54,36 @@ async def stop_replay(proxy: Proxy, _session: Session) -> Result:
     """Stop replay after the current batch; START REPLAY resumes at the target's applied position."""
     notes = await proxy.stop_replay()
     return Result("STOP REPLAY", ["note"], [[n] for n in notes])
+
+
+@command("RESUME REPLAY")
+async def resume_replay(proxy: Proxy, _session: Session) -> Result:
+    """Retry the transaction a paused replay stopped at (after fixing the target)."""
+    return _replay_notes("RESUME REPLAY", proxy, lambda service: service.resume(skip=False))
+
+
+@command("RESUME REPLAY SKIP")
+async def resume_replay_skip(proxy: Proxy, _session: Session) -> Result:
+    """Skip the transaction a paused replay stopped at; its tables are flagged for re-sync."""
+    return _replay_notes("RESUME REPLAY", proxy, lambda service: service.resume(skip=True))
+
+
+@command("APPLY QUEUED DDL")
+async def apply_queued_ddl(proxy: Proxy, _session: Session) -> Result:
+    """Replay the schema change replay holds at (ddl = "queue") as the source ran it."""
+    return _replay_notes("APPLY QUEUED DDL", proxy, lambda service: service.decide_ddl(Decision.APPLY))
+
+
+@command("SKIP QUEUED DDL")
+async def skip_queued_ddl(proxy: Proxy, _session: Session) -> Result:
+    """Go on past the held schema change without running it (it was applied on the target by hand)."""
+    return _replay_notes("SKIP QUEUED DDL", proxy, lambda service: service.decide_ddl(Decision.SKIP_DDL))
+
+
+def _replay_notes(tag: str, proxy: Proxy, act: Callable[[ReplayService], list[str]]) -> Result:
+    if proxy.replay is None:
+        raise AdminCommandError(f"{tag}: replay has not started (START REPLAY)")
+    return Result(tag, ["note"], [[n] for n in act(proxy.replay)])
 
 
 @command("SHOW REPLAY")
@@ -85,6 +117,7 @@ def _replay_row(report: ReplayReport) -> list[Any]:
         status.divergences,
         report.apply_errors,
         _paused_text(status.paused),
+        status.held_ddl.describe() if status.held_ddl is not None else None,
         status.retries,
         status.last_transient_error,
         report.stopped_error,

@@ -240,6 +240,9 @@ def _proxy(table: _Table, base: Path | None) -> tuple[ProxyConfig, AdminConfig]:
         durability=table.choice("durability", ("commit", "batch"), ProxyConfig.durability),
         batch_interval=table.duration("batch_interval", ProxyConfig.batch_interval),
         bypass_check_interval=table.duration("bypass_check_interval", ProxyConfig.bypass_check_interval),
+        ddl=table.choice("ddl", ("block", "replay", "queue"), ProxyConfig.ddl),
+        replay_batch_size=table.positive("replay_batch_size", ProxyConfig.replay_batch_size),
+        on_apply_error=table.choice("on_apply_error", ("pause", "skip_and_resync"), ProxyConfig.on_apply_error),
     )
     admin = AdminConfig(user=table.require("admin_user", str), password=table.require("admin_password", str))
     table.finish()

@@ -98,6 +98,9 @@ class ProxyConfig:
     durability: str = "commit"  # "commit": fsync per transaction; "batch": group commit
     batch_interval: float = 0.005  # seconds a batch waits for more transactions
     bypass_check_interval: float = 5.0  # seconds between looks for writers on the source that bypass pgleap
+    ddl: str = "replay"  # schema changes while capturing: "block", "replay" or "queue" (held for the operator)
+    replay_batch_size: int = 200  # source transactions per target transaction
+    on_apply_error: str = "pause"  # a transaction the target refuses: "pause" or "skip_and_resync"
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,8 @@ class Proxy:
         for name in set(self.databases) - {u.database for u in new.upgrades}:
             notes.append(f"database {name} removed from the config: its connected sessions stay until they close")
             del self.databases[name]
+        if new.proxy.ddl != self.config.proxy.ddl:
+            notes.append(f'ddl = "{new.proxy.ddl}": applies to capture now, and to replay at its next START REPLAY')
         self.config = new
         notes.append("users, admin credentials and limits reloaded")
         return notes
@@ -300,7 +302,13 @@ class Proxy:
         if self.replay is None:
             path = self.config.proxy.changelog_path
             journal = ApplyJournal(path.with_name(f"{path.stem}.journal.db"))
-            self.replay = ReplayService(self._changelog, journal)
+            proxy = self.config.proxy
+            options = {
+                "batch_size": proxy.replay_batch_size,
+                "on_apply_error": proxy.on_apply_error,
+                "queue_ddl": proxy.ddl == "queue",
+            }
+            self.replay = ReplayService(self._changelog, journal, replayer_options=options)
         upgrades = [self.databases[name].upgrade for name in sorted(self.databases)]
         notes: list[str] = self.replay.start_all(upgrades, self.state_store(), snapshots)
         return notes

@@ -2,9 +2,15 @@
 
 Capture appends a RETURNING clause to an INSERT only when the table is known to take it without
 changing what the client sees: an ordinary or partitioned table, no rules, no row security, the
-login may SELECT it. The catalog is a snapshot; DDL makes it stale. While any session runs DDL, and
-until a load taken after that DDL ended has arrived, no statement is rewritten (it is replayed as a
-statement instead), so a dropped or renamed column can never make a client's INSERT fail.
+login may SELECT it.
+
+The catalog is a snapshot; DDL makes it stale. From the moment a session sends DDL until a load
+taken after its transaction ended has arrived, the tables it may reshape are stale: those it names,
+with their inheritance children and partitions, or every table for DDL that cannot be pinned down
+(DROP SCHEMA, say). An INSERT into a stale table waits for the fresh load; the DDL's own lock on the
+source would hold it as long. Inside the DDL's own transaction, or past the wait, it goes out
+unchanged and is replayed as a statement. So a dropped or renamed column can never make a client's
+INSERT fail.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import asyncpg
 
 from pgleap.config import ServerConfig
 from pgleap.upgrade.compat.facts import PG12, facts_for
-from pgleap.upgrade.compat.images import image_columns_sql, image_readers_sql
+from pgleap.upgrade.compat.images import image_columns_sql, image_inherits_sql, image_readers_sql
 from pgleap.upgrade.copy.connect import connect, version_num
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,11 @@ class TableShape:
     unsafe: str | None = None  # why row images cannot be used for it, None when they can
 
 
+# Names a DDL statement may reshape: a set of table names, or ALL when it cannot be told.
+Reshaped = set[str] | None
+ALL: Reshaped = None
+
+
 class SourceCatalog:
     """What capture knows of one source database's tables, refreshed after DDL and every `interval`."""
 
@@ -60,35 +71,65 @@ class SourceCatalog:
         self.loaded = False
         self.last_error: str | None = None
         self._by_name: dict[str, list[TableShape]] = {}
-        self._generation = 0  # bumped by every DDL sent: a load started before it is stale
-        self._ddl_sessions: set[int] = set()
+        self._children: dict[str, set[str]] = {}  # table name -> names of its inheritance children, partitions
+        self._open: dict[int, Reshaped] = {}  # sessions inside a transaction that sent DDL
+        self._ended: list[tuple[int, Reshaped]] = []  # (generation, names) of DDL transactions not yet reloaded
+        self._generation = 0  # bumped when a DDL transaction ends
+        self._fresh = asyncio.Event()  # set while nothing is stale
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @property
     def usable(self) -> bool:
-        """Whether statements may be rewritten now."""
-        return self.loaded and not self._ddl_sessions
+        """Whether statements may be rewritten at all (the first load has arrived)."""
+        return self.loaded
 
     def resolve(self, schema: str | None, name: str) -> TableShape | None:
-        """The table a written name refers to; None when unknown or ambiguous without the search_path."""
+        """The table a written name refers to; None when unknown, stale, or ambiguous without the search_path."""
+        if self.is_stale(name):
+            return None
         if schema is not None:
             return self.tables.get((schema, name))
         found = self._by_name.get(name, [])
         return found[0] if len(found) == 1 else None
 
-    def ddl_started(self, session_id: int) -> None:
-        """A session sent DDL: rewrite nothing until it ended and a fresh load arrived."""
-        self._ddl_sessions.add(session_id)
-        self._generation += 1
-        self.loaded = False
+    def is_stale(self, name: str) -> bool:
+        """Whether DDL may have reshaped tables called `name` since the catalog was read (or it never was)."""
+        if not self.loaded:
+            return True
+        sets = [*self._open.values(), *(names for _, names in self._ended)]
+        return any(names is None or name in names for names in sets)
+
+    def in_ddl(self, session_id: int) -> bool:
+        """Whether this session's open transaction sent DDL (waiting for a reload would wait for itself)."""
+        return session_id in self._open
+
+    def ddl_started(self, session_id: int, tables: tuple[str, ...] | None) -> None:
+        """A session sent DDL that may reshape `tables` (None: any): leave them alone until a fresh load."""
+        held = self._open.get(session_id, set())
+        if tables is None or held is None:
+            self._open[session_id] = ALL
+        else:
+            names = set(tables)
+            for table in tables:
+                names |= self._descendants(table)
+            self._open[session_id] = held | names
+        self._fresh.clear()
 
     def transaction_ended(self, session_id: int) -> None:
-        """A session's transaction ended: if it ran DDL, load the catalog again."""
-        if session_id in self._ddl_sessions:
-            self._ddl_sessions.discard(session_id)
+        """A session's transaction ended: if it sent DDL, read the catalog again."""
+        if session_id in self._open:
             self._generation += 1
+            self._ended.append((self._generation, self._open.pop(session_id)))
             self._wake.set()
+
+    async def wait_fresh(self, timeout: float) -> bool:
+        """Wait until nothing is stale (at most `timeout` seconds); whether it is so."""
+        try:
+            await asyncio.wait_for(self._fresh.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def start(self) -> None:
         """Keep the catalog loaded in the background."""
@@ -103,7 +144,7 @@ class SourceCatalog:
 
     async def load_once(self) -> bool:
         """Load now; False (with `last_error`) when the source could not be read."""
-        generation = self._generation
+        generation = self._generation  # DDL transactions that ended before this are in what it reads
         try:
             conn = await connect(self.source, role="source", settings={"application_name": APPLICATION_NAME})
         except Exception as exc:  # an unreachable source must not stop capture: images wait, statements replay
@@ -113,23 +154,41 @@ class SourceCatalog:
             facts = facts_for(await version_num(conn))
             columns = await conn.fetch(image_columns_sql(facts))
             readers = await conn.fetch(image_readers_sql())
+            inherits = await conn.fetch(image_inherits_sql())
         except Exception as exc:
             self.last_error = str(exc)
             return False
         finally:
             with contextlib.suppress(Exception):
                 await conn.close()
-        if generation != self._generation or self._ddl_sessions:
-            return False  # DDL ran meanwhile: this snapshot may predate it
-        self._install(_shapes(columns, readers, exact_floats=facts.version_num >= PG12))
+        self._install(_shapes(columns, readers, exact_floats=facts.version_num >= PG12), inherits, generation)
         self.last_error = None
         return True
 
-    def _install(self, tables: dict[tuple[str, str], TableShape]) -> None:
+    def _install(
+        self, tables: dict[tuple[str, str], TableShape], inherits: list[asyncpg.Record], generation: int
+    ) -> None:
         by_name: dict[str, list[TableShape]] = {}
         for shape in tables.values():
             by_name.setdefault(shape.name, []).append(shape)
-        self.tables, self._by_name, self.loaded = tables, by_name, True
+        children: dict[str, set[str]] = {}
+        for parent, child in inherits:
+            children.setdefault(parent, set()).add(child)
+        self.tables, self._by_name, self._children, self.loaded = tables, by_name, children, True
+        # DDL that ended before the load began is in it; DDL still open, or ended since, stays stale.
+        self._ended = [(g, names) for g, names in self._ended if g > generation]
+        if not self._open and not self._ended:
+            self._fresh.set()
+
+    def _descendants(self, table: str) -> set[str]:
+        found: set[str] = set()
+        todo = [table]
+        while todo:
+            for child in self._children.get(todo.pop(), ()):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+        return found
 
     async def _run(self) -> None:
         while True:

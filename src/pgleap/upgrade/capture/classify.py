@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from pglast import ast, parse_sql
-from pglast.enums import TransactionStmtKind
+from pglast.enums import GrantTargetType, ObjectType, TransactionStmtKind
 from pglast.parser import ParseError
 from pglast.visitors import Visitor
 
@@ -50,6 +50,14 @@ class StatementInfo:
     setting: tuple[str, bool] | None = None  # (name, SET LOCAL?) for SET/RESET
     start: int = 0  # character offset of the statement within its query string
     refuses_block: bool = False  # cannot run inside a transaction block (CREATE DATABASE, ... CONCURRENTLY)
+    temporary: bool = False  # creates a temporary object: session state, not the schema the target must hold
+    # Table names (unqualified) whose columns, rules or privileges this statement may change; None: any table.
+    reshapes: tuple[str, ...] | None = ()
+
+    @property
+    def changes_schema(self) -> bool:
+        """DDL that changes what the target's schema must hold (the `ddl` setting governs it)."""
+        return self.kind is Kind.DDL and not self.temporary and self.command != "TruncateStmt"
 
     @property
     def writes(self) -> bool:
@@ -177,12 +185,76 @@ def _classify_node(node: ast.Node, text: str) -> StatementInfo:
     if isinstance(node, (ast.CallStmt, ast.DoStmt, ast.ExecuteStmt)):
         return StatementInfo(Kind.MAYBE_WRITE, command, text)
     # CREATE/ALTER/DROP/GRANT/COMMENT/TRUNCATE... all change what the target must hold.
-    return StatementInfo(Kind.DDL, command, text)
+    return _ddl(node, command, text)
+
+
+def _temporary_name(node: ast.Node) -> str | None:
+    """The name of the temporary relation a CREATE (or SELECT INTO) makes; None when it makes no temporary one."""
+    into = getattr(node, "into", None) or getattr(node, "intoClause", None)
+    rel = getattr(into, "rel", None) or next(
+        (getattr(node, a) for a in ("relation", "view", "sequence") if getattr(node, a, None) is not None), None
+    )
+    return rel.relname if isinstance(rel, ast.RangeVar) and rel.relpersistence == "t" else None
+
+
+def _ddl(node: ast.Node, command: str, text: str) -> StatementInfo:
+    name = _temporary_name(node)
+    return StatementInfo(
+        Kind.DDL, command, text, (name,) if name else (), temporary=name is not None, reshapes=_reshapes(node)
+    )
+
+
+# DDL that cannot change an existing table's columns, rules, row security or privileges.
+_SHAPE_NEUTRAL = tuple(
+    getattr(ast, n)
+    for n in (
+        "IndexStmt",
+        "CommentStmt",
+        "CreateFunctionStmt",
+        "ViewStmt",
+        "CreateTrigStmt",
+        "CreateSeqStmt",
+        "AlterSeqStmt",
+        "CreateEnumStmt",
+        "CreateDomainStmt",
+        "CompositeTypeStmt",
+        "DefineStmt",
+        "TruncateStmt",
+        "CreateSchemaStmt",
+        "SecLabelStmt",
+    )
+    if hasattr(ast, n)
+)
+_TABLE_OBJECTS = (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_FOREIGN_TABLE, ObjectType.OBJECT_VIEW)
+
+
+def _reshapes(node: ast.Node) -> tuple[str, ...] | None:
+    """The table names whose shape a DDL statement may change, None when it cannot be told (any table)."""
+    if isinstance(node, _SHAPE_NEUTRAL):
+        return ()
+    if isinstance(node, (ast.AlterTableStmt, ast.RuleStmt, ast.CreateStmt)):
+        return (node.relation.relname,) if node.relation is not None and node.relation.relname else None
+    if isinstance(node, (ast.CreatePolicyStmt, ast.AlterPolicyStmt)):
+        return (node.table.relname,) if node.table is not None and node.table.relname else None
+    if isinstance(node, ast.CreateTableAsStmt):
+        rel = node.into.rel if node.into is not None else None
+        return (rel.relname,) if rel is not None and rel.relname else None
+    if isinstance(node, ast.RenameStmt) and node.relation is not None and node.relation.relname:
+        return tuple(n for n in (node.relation.relname, node.newname) if n)
+    if isinstance(node, ast.DropStmt) and node.removeType in _TABLE_OBJECTS:
+        return tuple(obj[-1].sval or "" for obj in node.objects or () if obj and isinstance(obj[-1], ast.String))
+    if (
+        isinstance(node, ast.GrantStmt)
+        and node.targtype == GrantTargetType.ACL_TARGET_OBJECT
+        and node.objtype in _TABLE_OBJECTS
+    ):
+        return tuple(o.relname for o in node.objects or () if isinstance(o, ast.RangeVar) and o.relname)
+    return None
 
 
 def _classify_select(node: ast.SelectStmt, command: str, text: str) -> StatementInfo:
     if node.intoClause is not None:  # SELECT ... INTO creates a table
-        return StatementInfo(Kind.DDL, command, text)
+        return _ddl(node, command, text)
     scan = _scan(node)
     if scan.writes:  # a writable CTE
         return StatementInfo(Kind.WRITE, command, text, tuple(dict.fromkeys(scan.writes)))

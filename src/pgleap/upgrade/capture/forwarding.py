@@ -32,10 +32,19 @@ from pgleap.protocol import codes
 from pgleap.protocol.messages import error_response, message
 from pgleap.proxy.forward import _IDLE, _VALID_FRONTEND, Forwarder, _now
 from pgleap.store.records import CapturedTransaction
+from pgleap.upgrade.capture.catalog import SourceCatalog
 from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
+from pgleap.upgrade.capture.ddl_block import blocked_command, refusal_sql
 from pgleap.upgrade.capture.decode import bind_message, codec_for, execute_portal, name_of, parse_message
 from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outcome, Request
-from pgleap.upgrade.capture.images import ImagePlan, ImageRows, client_bind, client_row_description, plan_insert
+from pgleap.upgrade.capture.images import (
+    ImagePlan,
+    ImageRows,
+    client_bind,
+    client_row_description,
+    insert_target,
+    plan_insert,
+)
 from pgleap.upgrade.capture.probe import parse_probe_row, parse_text_row, probe_extended, probe_query, probe_sql
 from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
 from pgleap.upgrade.compat import UnsupportedVersionError, facts_for, version_num_of
@@ -57,6 +66,10 @@ _CONTROL = frozenset(
 (_COMMIT,) = classify("COMMIT")
 (_ROLLBACK,) = classify("ROLLBACK")
 _FLUSH = message(codes.FLUSH)
+_NO_PARAMS = struct.pack("!h", 0)
+# How long an INSERT into a table DDL has just reshaped waits for the catalog to be read again. The DDL's
+# own lock on the source would hold it as long; past this it goes on and is replayed as a statement.
+CATALOG_WAIT = 30.0
 # The probe goes on a line of its own, so that a trailing `--` comment in the client's text cannot swallow it.
 _SEP = "\n;"
 
@@ -133,6 +146,8 @@ class CapturingForwarder(Forwarder):
         self._preparing = False
         self._log_id: int | None = None  # the pending record of the transaction whose COMMIT went out
         self._held_tag: bytes | None = None  # a wrapped string's last CommandComplete, until the COMMIT answers
+        self._temp_names: set[str] = set()  # temporary tables this session may have created (never shrinks)
+        self._catalog_waited = False  # the held message comes back from waiting for the catalog
         try:
             facts = facts_for(version_num_of(self.backend.server_version))
         except UnsupportedVersionError:
@@ -231,8 +246,13 @@ class CapturingForwarder(Forwarder):
             msg = parse_message(body)
             sql = msg.sql.decode(self._codec)
             infos = classify(sql)
-            if any(i.kind is Kind.DDL for i in infos):
-                self._ddl_sent()
+            if self._wait_for_catalog(infos):
+                return True
+            refused = self._refused_ddl(infos)
+            if refused is not None:
+                sql, infos = refused, classify(refused)
+                raw = message(kind, msg.name.encode() + b"\0" + refused.encode() + b"\0" + _NO_PARAMS)
+            self._ddl_sent(infos)
             plan = self._image_plan(infos[0]) if len(infos) == 1 else None
             self.prepared[msg.name] = _Prepared(sql, infos, msg.param_types, plan)
             if plan is not None:
@@ -290,6 +310,12 @@ class CapturingForwarder(Forwarder):
 
     def _client_query(self, sql: str, raw: bytes) -> bool:
         infos = classify(sql)
+        if self._wait_for_catalog(infos):
+            return True
+        refused = self._refused_ddl(infos)
+        if refused is not None:
+            sql, raw = refused, self._query_message(refused)
+            infos = classify(sql)
         a = self.assembler
         in_block = a.explicit or self.tx_status != _IDLE
         if infos and in_block and infos[0].kind is Kind.COMMIT and not self._pass_one and self._may_have_written():
@@ -300,8 +326,7 @@ class CapturingForwarder(Forwarder):
             return True
         self.pending.append(_now())
         self.open_batch = False
-        if any(i.kind is Kind.DDL for i in infos):
-            self._ddl_sent()
+        self._ddl_sent(infos)
         original = sql
         sql, images, starts = self._rewrite_inserts(sql, infos)
         parseable = not (len(infos) == 1 and infos[0].command == "Unparseable")
@@ -398,15 +423,54 @@ class CapturingForwarder(Forwarder):
             return None
         # RETURNING needs SELECT for the role the server connection logged in as (not the client's proxy login).
         role = self.backend.parameters.get("session_authorization") or self.backend.server.user
-        plan = plan_insert(info.text, self.capture.catalog, role)
+        plan = plan_insert(info.text, self.capture.catalog, role, self._temp_names)
         if plan is None:
             self.capture.inserts_without_image += 1
         return plan
 
-    def _ddl_sent(self) -> None:
+    def _refused_ddl(self, infos: tuple[StatementInfo, ...]) -> str | None:
+        """Under ddl = "block", the statement that makes the source refuse this DDL; None to let it through."""
+        if self.proxy.config.proxy.ddl != "block":
+            return None
+        command = blocked_command(infos)
+        if command is None:
+            return None
+        log.warning('session %s: %s refused (ddl = "block")', self.session.id, command)
+        return refusal_sql(command)
+
+    def _wait_for_catalog(self, infos: tuple[StatementInfo, ...]) -> bool:
+        """Hold an INSERT into a table DDL may have reshaped until the catalog is read again (True: held)."""
+        if self._catalog_waited:
+            self._catalog_waited = False  # back from a wait: go on, with row images or without
+            return False
         catalog = self.capture.catalog
-        if catalog is not None:
-            catalog.ddl_started(self.session.id)
+        if catalog is None or catalog.in_ddl(self.session.id):
+            return False  # inside its own DDL transaction a reload would wait for this very session
+        targets = (insert_target(i.text) for i in infos if i.command == "InsertStmt")
+        if not any(t is not None and catalog.is_stale(t.name) for t in targets):
+            return False
+        self._preparing = True  # nothing else may release what is held meanwhile
+        self.proxy.spawn(self._await_catalog(catalog))
+        return True
+
+    async def _await_catalog(self, catalog: SourceCatalog) -> None:
+        if not await catalog.wait_fresh(CATALOG_WAIT):
+            log.warning("session %s: the source catalog is still stale after %g s", self.session.id, CATALOG_WAIT)
+        self._preparing = False
+        self._catalog_waited = True
+        self._release_stash(None)
+
+    def _ddl_sent(self, infos: tuple[StatementInfo, ...]) -> None:
+        """DDL on its way: the tables it may reshape get no row images until the catalog is read again."""
+        catalog = self.capture.catalog
+        for info in infos:
+            if info.kind is not Kind.DDL or info.reshapes == ():
+                continue
+            if info.temporary:
+                # A temporary table hides a permanent one of the same name for this session only.
+                self._temp_names.update(info.relations)
+            elif catalog is not None:
+                catalog.ddl_started(self.session.id, info.reshapes)
 
     def _query_message(self, text: str) -> bytes:
         payload = text.encode(self._codec) + b"\0"

@@ -86,12 +86,18 @@ class ImagePlan:
         return len(self.shape.columns)
 
 
-def plan_insert(text: str, catalog: SourceCatalog | None, user: str) -> ImagePlan | None:
-    """The rewrite for one statement, or None when it is not an INSERT row images can serve."""
+def plan_insert(
+    text: str, catalog: SourceCatalog | None, user: str, temporary: set[str] | frozenset[str] = frozenset()
+) -> ImagePlan | None:
+    """The rewrite for one statement, or None when it is not an INSERT row images can serve.
+
+    `temporary` holds the names of the session's temporary tables: an unqualified name among them may
+    be the temporary table, which the catalog does not describe.
+    """
     if catalog is None or not catalog.usable:
         return None
     target = insert_target(text)
-    if target is None:
+    if target is None or (target.schema is None and target.name in temporary):
         return None
     shape = catalog.resolve(target.schema, target.name)
     if shape is None or shape.unsafe is not None or user not in shape.readers:

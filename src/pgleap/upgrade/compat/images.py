@@ -41,3 +41,11 @@ def image_readers_sql() -> str:
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace CROSS JOIN pg_roles r "
         f"WHERE r.rolcanlogin AND {_USER_TABLES} AND has_table_privilege(r.oid, c.oid, 'SELECT')"
     )
+
+
+def image_inherits_sql() -> str:
+    """(parent table name, child table name) for every inheritance or partition link between user tables."""
+    return (
+        "SELECT p.relname::text, c.relname::text FROM pg_inherits i "
+        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_class c ON c.oid = i.inhrelid"
+    )

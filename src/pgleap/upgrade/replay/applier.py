@@ -29,6 +29,7 @@ from pgleap.store.records import LoggedTransaction, decode_image
 from pgleap.upgrade.capture.classify import Kind, classify
 from pgleap.upgrade.capture.pinning import pin_time
 from pgleap.upgrade.compat.facts import facts_for
+from pgleap.upgrade.replay.ddl_queue import DDLQueue, HeldDDL, changes_schema
 from pgleap.upgrade.replay.errors import (
     ApplyError,
     Divergence,
@@ -88,6 +89,7 @@ class ReplayStatus:
     skipped_on_error: int  # source transactions skipped under on_apply_error = "skip_and_resync"
     divergences: int  # statements whose command tag differed from the source's
     paused: ApplyError | None  # the transaction replay is stopped at, under on_apply_error = "pause"
+    held_ddl: HeldDDL | None  # the schema change replay waits in front of, under ddl = "queue"
     connected: bool
     retries: int  # transient failures retried (reconnects)
     last_transient_error: str | None
@@ -111,6 +113,7 @@ class Replayer:
         max_retries: int | None = None,
         connect_timeout: float = 10.0,
         table_snapshots: dict[str, str] | None = None,
+        queue_ddl: bool = False,
     ) -> None:
         if upgrade.target is None:
             raise ReplayError(
@@ -147,6 +150,7 @@ class Replayer:
         self._failures = 0
         self._skip_paused: ApplyError | None = None
         self._rate = RateMeter()
+        self.ddl_queue = DDLQueue(self.database, queue_ddl)
 
     # -- driving ----------------------------------------------------------------------------
 
@@ -187,6 +191,7 @@ class Replayer:
             self.skipped_on_error,
             self.divergence_count,
             self.paused,
+            self.ddl_queue.held,
             self._session is not None,
             self.retries,
             self.last_transient_error,
@@ -292,6 +297,9 @@ class Replayer:
             if skip.position == records[0].position:
                 await self._skip(records[0], skip)
                 return True
+        records = self.ddl_queue.cut(records)
+        if not records:
+            return False  # held in front of queued DDL
         await self._apply_batch(_cut_after_session_settings(records))
         return True
 
@@ -372,8 +380,9 @@ class Replayer:
             params = tuple(part.encode() for pair in tx.settings for part in pair)
             slot = pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="session settings")
             planned.slots.append((_SETTINGS_INDEX, sql, slot))
+        skip_ddl = self.ddl_queue.skips_ddl_of(record.position)
         for index, statement in enumerate(tx.statements):
-            if index in copied:
+            if index in copied or (skip_ddl and changes_schema(statement)):
                 continue
             if statement.images is not None:
                 # The rows the source wrote, not the statement: keys and defaults as they were there (I3).
@@ -424,6 +433,7 @@ class Replayer:
         last = plans[-1].record.position
         assert last is not None
         self.position = last
+        self.ddl_queue.applied_through(last)
         self._rate.add(len(plans))
         if divergences:
             # Written after the COMMIT: a crash in between loses these records (verification still finds the

@@ -20,6 +20,7 @@ from pgleap.config import UpgradeConfig
 from pgleap.store.changelog import ChangeLog
 from pgleap.store.state import StateStore
 from pgleap.upgrade.replay.applier import Replayer, ReplayStatus
+from pgleap.upgrade.replay.ddl_queue import Decision
 from pgleap.upgrade.replay.errors import ReplayError
 from pgleap.upgrade.replay.journal import ApplyJournal
 from pgleap.upgrade.replay.lag import ReplayLag
@@ -200,6 +201,27 @@ class ReplayService:
     async def stop_all(self) -> list[str]:
         """Stop every running replay."""
         return [await self.stop(name) for name in sorted(self._runs) if self.running(name)]
+
+    def resume(self, *, skip: bool) -> list[str]:
+        """Continue every replay paused at a refused transaction: retry it, or skip it and flag its tables."""
+        notes = []
+        for name, run in sorted(self._runs.items()):
+            paused = run.replayer.paused
+            if paused is not None and run.running:
+                run.replayer.resume(skip=skip)
+                action = "skipping" if skip else "retrying"
+                notes.append(f"database {name}: {action} position {paused.position} (txid {paused.txid})")
+        return notes or ["no replay is paused"]
+
+    def decide_ddl(self, decision: Decision) -> list[str]:
+        """Release every replay held at queued DDL with the operator's `decision`."""
+        notes = []
+        for name, run in sorted(self._runs.items()):
+            held = run.replayer.ddl_queue.decide(decision)
+            if held is not None:
+                verb = "applying" if decision is Decision.APPLY else "applying without its DDL"
+                notes.append(f"database {name}: {verb} position {held.position} (txid {held.txid})")
+        return notes or ["no replay holds queued DDL"]
 
     def report(self, database: str) -> ReplayReport | None:
         """The replay of `database` now (None if it never started); call from the event loop."""
