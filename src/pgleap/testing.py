@@ -30,7 +30,7 @@ def render_config(
     extra: str = "",
     targets: dict[str, Any] | None = None,
 ) -> str:
-    """TOML for a proxy on a free port in front of `sources`: {database: a LabServer (its superuser) or ServerConfig}."""
+    """TOML for a proxy on a free port in front of `sources`: {database: a LabServer (superuser) or ServerConfig}."""
     lines = [
         "[pgleap]",
         'listen_addr = "127.0.0.1"',
@@ -54,12 +54,15 @@ def render_config(
         ]
         target = (targets or {}).get(database)
         if target is not None:
+            target_user = target.user if isinstance(target, ServerConfig) else target.superuser
             lines += [
                 f'target_host = "{target.host}"',
                 f"target_port = {target.port}",
-                f'target_user = "{target.superuser}"',
+                f'target_user = "{target_user}"',
                 f'target_password = "{target.password}"',
             ]
+            if isinstance(target, ServerConfig):
+                lines.append(f'target_database = "{target.database}"')
     return "\n".join(lines) + "\n"
 
 
@@ -130,13 +133,22 @@ def accepts(port: int, host: str = "127.0.0.1") -> bool:
 class ProxyProcess:
     """`pgleap run -c FILE` in a subprocess on free ports, its output in a log file."""
 
-    def __init__(self, workdir: Path, sources: dict[str, Any], *, extra: str = "", metrics: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sources: dict[str, Any],
+        *,
+        extra: str = "",
+        metrics: bool = False,
+        targets: dict[str, Any] | None = None,
+    ) -> None:
         self.port = free_port()
         self.metrics_port = free_port() if metrics else 0
         if metrics:
             extra = f"{extra}\nmetrics_port = {self.metrics_port}"
         self.config = workdir / "pgleap.toml"
-        text = render_config(sources, extra=extra).replace("listen_port = 0", f"listen_port = {self.port}")
+        text = render_config(sources, extra=extra, targets=targets)
+        text = text.replace("listen_port = 0", f"listen_port = {self.port}")
         self.config.write_text(text)
         self.log = workdir / "pgleap.log"
         executable = Path(sys.executable).with_name("pgleap")

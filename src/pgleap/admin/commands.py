@@ -212,6 +212,8 @@ async def show_capture(proxy: Proxy, _session: Session) -> Result:
         "statements",
         "log_failures",
         "unreplayable",
+        "inserts_without_image",
+        "row_images_ready",
         "log_healthy",
         "log_pending",
         "log_error",
@@ -226,7 +228,7 @@ async def show_capture(proxy: Proxy, _session: Session) -> Result:
         monitor = proxy.bypass_monitors.get(name)
         bypass = [len(monitor.writers), monitor.addresses()] if monitor is not None else [0, ""]
         if capture is None:
-            rows.append([name, False, 0, 0, 0, 0, 0, None, None, None, *bypass])
+            rows.append([name, False, 0, 0, 0, 0, 0, 0, None, None, None, None, *bypass])
             continue
         stats = capture.changelog.stats()
         rows.append(
@@ -238,6 +240,8 @@ async def show_capture(proxy: Proxy, _session: Session) -> Result:
                 capture.statements,
                 capture.log_failures,
                 len(capture.problems),
+                capture.inserts_without_image,
+                capture.catalog is not None and capture.catalog.loaded,
                 stats.healthy,
                 stats.pending,
                 stats.last_error,
