@@ -209,3 +209,41 @@ def test_lost_snapshot_starts_over(lab: Lab, pair: tuple[LabServer, LabServer], 
         check_rows_equal(primary, target)
     finally:
         target.stop()
+
+
+def test_rerun_after_a_rejected_key_keeps_the_data(lab: Lab, pair: tuple[LabServer, LabServer], tmp_path: Path) -> None:
+    """A key the target rejects stops the copy after the data; once fixed, the rerun builds it at the same S."""
+    from pgleap.upgrade.copy import SchemaObjectError
+
+    primary, replica = pair
+    target = lab.target(18)
+    upgrade = _upgrade(primary, replica, target)
+    options = CopyOptions(copy_roles=False, parallel_workers=2, split_threshold_bytes=200_000, chunk_bytes=200_000)
+
+    async def clash(snapshot: str) -> None:
+        # A relation named like big's primary key: ALTER TABLE ... ADD CONSTRAINT big_pkey fails.
+        conn = await connect(server_config(target), role="target")
+        try:
+            await conn.execute("CREATE SEQUENCE big_pkey")
+        finally:
+            await conn.close()
+
+    try:
+        store = StateStore(tmp_path / "state.db")
+        with pytest.raises(SchemaObjectError, match="big_pkey"):
+            asyncio.run(CopyJob(upgrade, store, options, on_snapshot=clash).run())
+        assert replica.psql("SELECT pg_is_wal_replay_paused()") == "t"
+        done_before = {c.chunk_id: c.finished_at for c in store.chunks("app")}
+        assert all(done_before.values()), "every chunk is copied before the copy stops"
+        target.psql("DROP SEQUENCE big_pkey", dbname="app")
+        report = asyncio.run(CopyJob(upgrade, store, options).run())
+        # (The store keeps the run's rejections, so the report still lists the one the DBA fixed.)
+        assert report.resumed
+        # The data was kept, and the key built on the rerun.
+        assert {c.chunk_id: c.finished_at for c in store.chunks("app")} == done_before
+        store.close()
+        assert target.psql("SELECT count(*) FROM pg_constraint WHERE conname = 'big_pkey'", dbname="app") == "1"
+        check_rows_equal(primary, target)
+        assert replica.psql("SELECT pg_is_wal_replay_paused()") == "f"
+    finally:
+        target.stop()
