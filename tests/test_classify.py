@@ -77,3 +77,36 @@ def test_savepoint_names_and_settings() -> None:
 
 def test_results_are_cached_by_text() -> None:
     assert classify("select 42") is classify("select 42")
+
+
+TEMPLATED = [
+    "UPDATE pgbench_accounts SET abalance = abalance + -4021 WHERE aid = 77;",
+    "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (3, 1, 77, -4021, CURRENT_TIMESTAMP);",
+    "  SELECT abalance FROM pgbench_accounts WHERE aid = 12 ; ",
+    "INSERT INTO t (a, b) VALUES (1.5e3, 'it''s') ON CONFLICT (a) DO UPDATE SET b = 'x'",
+    "SELECT nextval('orders_id_seq')",
+    "SET LOCAL statement_timeout = 5000",
+    "SAVEPOINT s1",
+    "CREATE TEMP TABLE t2 AS SELECT 1",
+    "ALTER TABLE items ADD COLUMN qty numeric(10,2) DEFAULT 0",
+    "DELETE FROM t WHERE ts < now() - interval '3 days'",
+]
+
+
+@pytest.mark.parametrize("sql", TEMPLATED)
+def test_template_cache_answers_as_a_full_parse(sql: str) -> None:
+    """A one-statement string classified through its literal-free template gets what parsing it gives."""
+    from pgleap.upgrade.capture.classify import _classify_text, template
+
+    assert template(sql) is not None
+    assert classify(sql) == _classify_text(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ['SELECT "it\'s" FROM t', "SELECT $$a;b$$", "INSERT INTO t VALUES ('a\\b')", "SELECT 1; SELECT 2", "SELECT 1 -- c"],
+)
+def test_strings_the_template_cannot_read_are_parsed_as_they_are(sql: str) -> None:
+    from pgleap.upgrade.capture.classify import template
+
+    assert template(sql) is None

@@ -291,11 +291,12 @@ class _OpQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    def take(self, window: float, one_prepare: bool) -> list[_Op] | None:
-        """The next group, or None once closed and empty.
+    def take(self, window: float) -> list[_Op] | None:
+        """The next group: everything queued, or None once closed and empty.
 
-        window: how long after the first op arrived to keep collecting (group commit);
-        one_prepare: at most one prepare per group (durability "commit"); settles and the like may join it.
+        window: how long after the first op arrived to keep collecting more (durability "batch"). With 0
+        (durability "commit") nobody waits for company, but what queued while the last fsync ran shares
+        the next one: one prepare per fsync would cap a busy source at one transaction per fsync.
         """
         with self._cond:
             while not self._items and not self._closed:
@@ -305,25 +306,12 @@ class _OpQueue:
             group: list[_Op] = []
             deadline = self._items[0].enqueued_at + window
             while True:
-                self._move(group, one_prepare)
+                while self._items and len(group) < _MAX_GROUP:
+                    group.append(self._items.popleft())
                 remaining = deadline - time.monotonic()
-                if self._full(group, one_prepare) or self._closed or remaining <= 0:
+                if len(group) >= _MAX_GROUP or self._closed or remaining <= 0:
                     return group
                 self._cond.wait(remaining)
-
-    def _move(self, group: list[_Op], one_prepare: bool) -> None:
-        while self._items and not self._full(group, one_prepare):
-            if one_prepare and self._items[0].kind is _Kind.PREPARE and _has_prepare(group):
-                return
-            group.append(self._items.popleft())
-
-    @staticmethod
-    def _full(group: list[_Op], one_prepare: bool) -> bool:
-        return len(group) >= _MAX_GROUP or (one_prepare and _has_prepare(group))
-
-
-def _has_prepare(group: list[_Op]) -> bool:
-    return any(op.kind is _Kind.PREPARE for op in group)
 
 
 # -- SQLite implementation --------------------------------------------------------------------------
@@ -554,8 +542,7 @@ class SQLiteChangeLog(ChangeLog):
 
     def _write_loop(self) -> None:
         window = self.batch_interval if self.durability == "batch" else 0.0
-        one_prepare = self.durability == "commit"
-        while (group := self._queue.take(window, one_prepare)) is not None:
+        while (group := self._queue.take(window)) is not None:
             try:
                 self._write_group(group)
             except Exception as exc:

@@ -9,6 +9,7 @@ little, missing a write loses data.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -298,9 +299,45 @@ def _refuses_block(node: ast.Node) -> bool:
     return False
 
 
+# Literals, for the template a one-statement string is cached under: quoted strings and numbers.
+_LITERALS = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d*)?(?:[eE][+-]?\d+)?\b")
+# Where a literal cannot be told from its surroundings by the pattern above, the text is parsed as it is.
+_NOT_PLAIN = re.compile(r"""[\\"$]|--|/\*""")
+
+
+def template(sql: str) -> str | None:
+    """`sql` with its literals replaced, when it is one plain statement; None when it is not.
+
+    Simple-protocol clients send literals inline, so the same statement comes with other text every
+    time and a cache by text never hits; what a statement does for capture (its kind, the tables it
+    writes, what DDL it is) does not depend on its literals. Strings with quoted identifiers, dollar
+    quotes, backslashes, comments or several statements are parsed as they are.
+    """
+    body = sql.strip()
+    if body.endswith(";"):
+        body = body[:-1]
+    if ";" in body or _NOT_PLAIN.search(body):
+        return None
+    return _LITERALS.sub(lambda m: "''" if m.group().startswith("'") else "0", body)
+
+
 @lru_cache(maxsize=_CACHE_SIZE)
 def classify(sql: str) -> tuple[StatementInfo, ...]:
-    """Classify every statement of a query string (cached by text)."""
+    """Classify every statement of a query string (cached by text, or by template for one plain statement)."""
+    shape = template(sql)
+    if shape is None:
+        return _classify_text(sql)
+    infos = _classify_text(shape)
+    if len(infos) != 1 or infos[0].command == "Unparseable":
+        return _classify_text(sql)
+    text = sql.strip()
+    if text.endswith(";"):
+        text = text[:-1].rstrip()
+    return (replace(infos[0], text=text, start=len(sql) - len(sql.lstrip())),)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _classify_text(sql: str) -> tuple[StatementInfo, ...]:
     try:
         raw = parse_sql(sql)
     except ParseError:

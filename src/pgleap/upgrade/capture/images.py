@@ -23,6 +23,7 @@ from pgleap.protocol import codes
 from pgleap.protocol.messages import message
 from pgleap.store.records import RowImage
 from pgleap.upgrade.capture.catalog import SourceCatalog, TableShape
+from pgleap.upgrade.capture.classify import template
 from pgleap.upgrade.copy.connect import quote_ident
 
 _H = struct.Struct("!h")
@@ -42,9 +43,13 @@ class InsertTarget:
     single_row: bool  # VALUES with one row: it writes (and returns) at most one
 
 
-@lru_cache(maxsize=4096)
 def insert_target(text: str) -> InsertTarget | None:
     """The INSERT a statement's text is, or None when it is something else (or has a writable CTE)."""
+    return _insert_target(template(text) or text)
+
+
+@lru_cache(maxsize=4096)
+def _insert_target(text: str) -> InsertTarget | None:
     try:
         raw = parse_sql(text)
     except ParseError:
