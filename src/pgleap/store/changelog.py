@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -82,6 +83,10 @@ CREATE TABLE IF NOT EXISTS log_head (
 # Ops are grouped into one SQLite transaction up to this many, so one huge burst cannot hold a single
 # transaction (and every waiter in it) for long.
 _MAX_GROUP = 1024
+# After a settle-only group, how long the writer waits for a group that fsyncs anyway before it fsyncs the WAL
+# itself: under load the next prepare makes the settles durable for free.
+_SETTLE_SYNC_DELAY = 0.01
+_NO_BOUND = 2**62
 
 # SQLite primary result codes (sqlite3.h); extended codes carry them in the low byte.
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR = 5, 6, 8, 10
@@ -291,6 +296,13 @@ class _OpQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def wait_for_more(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for an op to arrive; whether one is queued (or the queue closed)."""
+        with self._cond:
+            if not self._items and not self._closed:
+                self._cond.wait(timeout)
+            return bool(self._items) or self._closed
+
     def take(self, window: float) -> list[_Op] | None:
         """The next group: everything queued, or None once closed and empty.
 
@@ -369,6 +381,13 @@ class SQLiteChangeLog(ChangeLog):
         self._counts_lock = threading.Lock()
         self._queue = _OpQueue()
         self._read_lock = threading.Lock()
+        # Settle-only groups are committed without an fsync (recovery can redo a settle), so the positions
+        # they give are not durable yet: replay must not apply them before they are (a power loss would let
+        # recovery hand the same position to another transaction). Per database, the last durable one.
+        self._volatile: dict[str, int] = {}
+        self._volatile_lock = threading.Lock()
+        self._synchronous_full = True
+        self._unsynced: list[tuple[_Op, object]] = []  # settles committed without an fsync, answered once synced
         self._lock_file = self._take_lock()
         self._db = self._connect_or_unlock()
         try:
@@ -545,6 +564,8 @@ class SQLiteChangeLog(ChangeLog):
         while (group := self._queue.take(window)) is not None:
             try:
                 self._write_group(group)
+                if self._unsynced and not self._queue.wait_for_more(_SETTLE_SYNC_DELAY):
+                    self._sync_wal()
             except Exception as exc:
                 # A bug here must not leave callers awaiting forever with their COMMIT held: fail this
                 # group loudly and keep serving the next ones.
@@ -557,10 +578,16 @@ class SQLiteChangeLog(ChangeLog):
                 self._report(error)
                 for op in group:
                     self._fail_op(op, error)
+        if self._unsynced:
+            self._sync_wal()  # closing: nothing answered may stay undurable
 
     def _write_group(self, group: list[_Op]) -> None:
         fx = _Effects()
+        durable = any(op.kind is not _Kind.SETTLE for op in group)
         try:
+            if durable != self._synchronous_full:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._synchronous_full = durable
             self._db.execute("BEGIN IMMEDIATE")
             results = [self._apply(op, fx) for op in group]
             for database, late in fx.touched.items():
@@ -577,7 +604,18 @@ class SQLiteChangeLog(ChangeLog):
         self.sqlite_commits += 1
         with self._counts_lock:
             self._counts.merge(fx.counts)
+        if not durable:
+            self._unsynced += zip(group, results, strict=True)
+            return
+        self._synced()  # this fsync made every earlier commit durable too (one WAL)
         for op, result in zip(group, results, strict=True):
+            self._finish_op(op, result)
+
+    def _synced(self) -> None:
+        with self._volatile_lock:
+            self._volatile.clear()
+        unsynced, self._unsynced = self._unsynced, []
+        for op, result in unsynced:
             self._finish_op(op, result)
 
     def _finish_op(self, op: _Op, result: object) -> None:
@@ -651,6 +689,9 @@ class SQLiteChangeLog(ChangeLog):
         Once per database per group, after all its settles: one scan from the frontier, however many settles.
         """
         last_position, frontier = self._head(database)
+        if not self._synchronous_full:
+            with self._volatile_lock:
+                self._volatile.setdefault(database, last_position)
         assign: list[tuple[int, int]] = []
         for log_id in late:
             if log_id <= frontier:
@@ -730,12 +771,27 @@ class SQLiteChangeLog(ChangeLog):
 
     def read_committed(self, database: str, after_position: int, limit: int) -> list[LoggedTransaction]:
         """Committed records of `database` after `after_position`, in position order."""
+        with self._volatile_lock:
+            durable = self._volatile.get(database)
         rows = self._read(
             "SELECT log_id, position, state, record FROM change_log WHERE database = ? "
-            "AND position > ? ORDER BY position LIMIT ?",
-            (database, after_position, limit),
+            "AND position > ? AND position <= ? ORDER BY position LIMIT ?",
+            (database, after_position, _NO_BOUND if durable is None else durable, limit),
         )
         return [_logged(row) for row in rows]
+
+    def _sync_wal(self) -> None:
+        """fsync the WAL, making the settles committed without one durable (the log is idle meanwhile)."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("change log %s: could not fsync its WAL (%s); settles wait for the next write", self.path, exc)
+            return
+        self._synced()
 
     def last_position(self, database: str) -> int:
         """The highest position given to a committed record of `database` (0 if none)."""
