@@ -341,6 +341,9 @@ class CopyJob:
 
     async def _step_data(self, side: ReadSide, rerun: bool) -> None:
         del rerun
+        # The pool runs on after this step; post_data waits for it and raises what it met. A key the
+        # target rejects therefore stops the copy (on_schema_error = "stop") only once all data is
+        # in, as before the overlap: a rerun keeps that data and builds only what is missing.
         post = await self._start_post(side)
         await DataCopy(
             self.store,
