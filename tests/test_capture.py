@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -184,3 +186,82 @@ def test_start_and_stop_capture_from_the_console(tmp_path: Path, pg_new: LabServ
         assert [r.transaction.txid for r in records] == [int(txid_2)]
     finally:
         proxy.stop()
+
+
+def _extended_copy(conn: psycopg.Connection[Any], sql: str, rows: bytes) -> psycopg.pq.ExecStatus:
+    """COPY FROM STDIN the way libpq sends it through the extended protocol (Parse/Bind/Execute/Sync first).
+
+    libpq is driven non-blocking, sleeping between polls: a blocking libpq call would keep the GIL from
+    the in-process proxy's thread.
+    """
+    pgconn = conn.pgconn
+
+    def flush() -> None:
+        while pgconn.flush():
+            time.sleep(0.001)
+
+    def result() -> psycopg.pq.abc.PGresult | None:
+        deadline = time.monotonic() + 30
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                return pgconn.get_result()
+            assert time.monotonic() < deadline, "no answer through the proxy"
+            time.sleep(0.001)
+
+    def drain() -> None:
+        while result() is not None:
+            pass
+
+    pgconn.send_query_params(sql.encode(), None)
+    flush()
+    first = result()
+    assert first is not None
+    if first.status != psycopg.pq.ExecStatus.COPY_IN:
+        drain()
+        return first.status
+    pgconn.put_copy_data(rows)
+    pgconn.put_copy_end()
+    flush()
+    final = result()
+    assert final is not None
+    drain()
+    return final.status
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["implicit", "explicit"])
+def test_copy_from_stdin_through_the_extended_protocol(capturing: tuple[ProxyThread, Capture], explicit: bool) -> None:
+    """libpq's extended COPY (its Sync reaches a server in copy-in mode) is captured, data and all."""
+    proxy, capture = capturing
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        if explicit:
+            conn.execute("BEGIN")
+        status = _extended_copy(conn, "COPY cap (id, v) FROM STDIN", b"1\tone\n2\ttwo\n")
+        assert status == psycopg.pq.ExecStatus.COMMAND_OK
+        # A COPY that fails before copy-in mode: the Sync is answered normally, the session goes on.
+        if explicit:
+            conn.execute("COMMIT")
+        failed = _extended_copy(conn, "COPY nosuchtable FROM STDIN", b"")
+        assert failed == psycopg.pq.ExecStatus.FATAL_ERROR
+        conn.execute("INSERT INTO cap (id, v) VALUES (3, 'after')")
+        assert conn.execute("SELECT count(*) FROM cap").fetchone() == (3,)
+    log = logged(proxy, capture)
+    assert [statements for _, statements in log] == [
+        ["COPY cap (id, v) FROM STDIN"],
+        ["INSERT INTO cap (id, v) VALUES (3, 'after')"],
+    ]
+    record = capture.changelog.read_committed("app", 0, 1)[0]
+    assert record.transaction.statements[0].copy_data == b"1\tone\n2\ttwo\n"
+    assert all(txid is not None for txid, _ in log)
+
+
+def test_two_phase_commit_is_reported(capturing: tuple[ProxyThread, Capture]) -> None:
+    """PREPARE TRANSACTION may be committed from another session, or never: capture says it cannot follow."""
+    proxy, capture = capturing
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO cap VALUES (1, 0, 'in a prepared transaction')")
+        with pytest.raises(psycopg.Error):  # the lab servers run with max_prepared_transactions = 0
+            conn.execute("PREPARE TRANSACTION 'pgleap_test'")
+    proxy.call(capture.drain())
+    assert any("two-phase commit is not captured" in p.what for p in capture.problems), capture.problems

@@ -134,6 +134,10 @@ class CapturingForwarder(Forwarder):
         self._cin = bytearray()
         self._sin = bytearray()
         self._copy_target: Pending | None = None
+        # Extended-protocol COPY FROM STDIN: the Execute whose answer (copy-in, or an error) is not in yet,
+        # and whether the server is in copy-in mode, where it ignores the client's Sync and Flush.
+        self._copy_execute: Pending | None = None
+        self._copy_in = False
         self._probe_in_batch = False
         self._probe_inflight = False  # a probe was sent and has not answered yet
         self._batch_refuses_block = False  # the open extended batch has a statement refusing a transaction block
@@ -213,7 +217,7 @@ class CapturingForwarder(Forwarder):
                     self._stash = bytearray()  # this message and everything after it wait
                     break
                 offset = end
-        except (ExchangeError, ValueError, struct.error, UnicodeDecodeError) as exc:
+        except Exception as exc:  # any surprise here (a malformed message, a bug) must end this session, not the proxy
             self._capture_broken(exc)
             return
         finally:
@@ -248,6 +252,7 @@ class CapturingForwarder(Forwarder):
             infos = classify(sql)
             if self._wait_for_catalog(infos):
                 return True
+            self._note_two_phase(infos)
             refused = self._refused_ddl(infos)
             if refused is not None:
                 sql, infos = refused, classify(refused)
@@ -295,6 +300,7 @@ class CapturingForwarder(Forwarder):
         else:  # Flush, CopyDone, CopyFail
             if kind in (codes.COPY_DONE, codes.COPY_FAIL):
                 self._copy_target = None
+                self._copy_in = False
             self._send(Request(kind), raw)
         return False
 
@@ -310,6 +316,7 @@ class CapturingForwarder(Forwarder):
 
     def _client_query(self, sql: str, raw: bytes) -> bool:
         infos = classify(sql)
+        self._note_two_phase(infos)
         if self._wait_for_catalog(infos):
             return True
         refused = self._refused_ddl(infos)
@@ -428,6 +435,14 @@ class CapturingForwarder(Forwarder):
             self.capture.inserts_without_image += 1
         return plan
 
+    def _note_two_phase(self, infos: tuple[StatementInfo, ...]) -> None:
+        """Two-phase commit is not captured: a prepared transaction may be committed from any session, or none."""
+        for info in infos:
+            if info.kind is Kind.TWO_PHASE:
+                self.capture.report_unreplayable(
+                    self.session.id, f"{info.text[:60]}: two-phase commit is not captured; verify what it wrote"
+                )
+
     def _refused_ddl(self, infos: tuple[StatementInfo, ...]) -> str | None:
         """Under ddl = "block", the statement that makes the source refuse this DDL; None to let it through."""
         if self.proxy.config.proxy.ddl != "block":
@@ -512,12 +527,30 @@ class CapturingForwarder(Forwarder):
             # it may without a limit; the image rows all come back. Otherwise a suspension loses the image.
             raw = raw[:-4] + b"\0\0\0\0"
         pending = Pending(info, portal.params, portal.param_formats, portal.statement.param_types, image=image)
+        if info.command == "CopyStmt" and info.kind is Kind.WRITE:
+            self._copy_execute = pending
         self._send(Request(codes.EXECUTE, context=pending), raw)
-        if info.writes and a.explicit and a.needs_probe() and not self._probe_inflight and self._probe_allowed():
+        copy_in = self._copy_execute is not None  # the server reads only copy data after this Execute
+        if (
+            info.writes
+            and a.explicit
+            and a.needs_probe()
+            and not self._probe_inflight
+            and self._probe_allowed()
+            and not copy_in
+        ):
             self._inject_extended_probe()  # answered with the client's next Sync or Flush
         return False
 
     def _client_sync(self, raw: bytes) -> bool:
+        if self._copy_in:
+            self._out.append(raw)  # ignored by a server in copy-in mode: nothing answers it
+            return False
+        if self._copy_execute is not None:
+            # Whether the server enters copy-in mode (and ignores this Sync) is known from the Execute's answer.
+            self._out.append(_FLUSH)
+            self._commit_point = "copy"
+            return True
         if self._batch_writes and not self._batch_refuses_block and not self._pass_one and self._probe_allowed():
             # The Sync may end an implicit transaction that wrote: it would commit there, so it waits for the log.
             if not self._probe_in_batch:
@@ -555,7 +588,7 @@ class CapturingForwarder(Forwarder):
 
     def _check_commit_point(self) -> None:
         """Once every statement before the stashed commit point is answered, log the transaction, then go on."""
-        if self._stash is None or self._commit_point is None or self._preparing:
+        if self._stash is None or self._commit_point in (None, "copy") or self._preparing:
             return
         if self.tracker.outstanding_statements():
             return
@@ -630,7 +663,7 @@ class CapturingForwarder(Forwarder):
                 if self._server_message(kind, raw):
                     self._flush_held_tag()
                     forward.append(raw)
-        except (ExchangeError, ValueError, struct.error, UnicodeDecodeError) as exc:
+        except Exception as exc:  # any surprise here (a malformed message, a bug) must end this session, not the proxy
             self._capture_broken(exc)
             return
         finally:
@@ -687,6 +720,8 @@ class CapturingForwarder(Forwarder):
         if kind == codes.ERROR_RESPONSE:
             self.stats.errors += 1
             self.assembler.failed_statement()
+            if self._copy_execute is not None:
+                self._copy_answered(copy_in=False)  # the server now skips to the held Sync, and answers it
             return True
         if kind == codes.READY_FOR_QUERY:
             self._probe_inflight = False
@@ -708,6 +743,8 @@ class CapturingForwarder(Forwarder):
                 return self._image_answer(context.image, kind, raw)
             if kind == _COPY_IN:
                 self._copy_target = context
+                if context is self._copy_execute:
+                    self._copy_answered(copy_in=True)
             elif outcome is Outcome.DONE and kind == codes.COMMAND_COMPLETE and request.tag is not None:
                 self.assembler.completed(context, request.tag)
         return True
@@ -745,6 +782,14 @@ class CapturingForwarder(Forwarder):
                     self._held_tag = raw
                     return False
         return True
+
+    def _copy_answered(self, *, copy_in: bool) -> None:
+        """The held Sync after an extended COPY FROM STDIN can go: ignored in copy-in mode, answered after an error."""
+        self._copy_execute = None
+        self._copy_in = copy_in
+        if self._commit_point == "copy":
+            self._commit_point = None
+            self._release_stash(None)
 
     def _image_answer(self, image: ImageRows, kind: int, raw: bytes) -> bool:
         """Keep a row's image, hand the client its own columns; True when the client sees `raw` as it is."""
@@ -814,7 +859,13 @@ class CapturingForwarder(Forwarder):
 
     def _capture_broken(self, exc: Exception) -> None:
         """The stream no longer makes sense to capture: close this session loudly rather than guess."""
-        log.error("session %s: capture lost track of the protocol (%s); closing the session", self.session.id, exc)
+        expected = isinstance(exc, (ExchangeError, ValueError, struct.error, UnicodeDecodeError))
+        log.error(
+            "session %s: capture lost track of the protocol (%s); closing the session",
+            self.session.id,
+            exc,
+            exc_info=None if expected else exc,
+        )
         self.capture.report_unreplayable(self.session.id, f"capture lost track of the protocol: {exc}")
         self.close(
             error_response(
