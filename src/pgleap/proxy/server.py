@@ -167,7 +167,7 @@ class Proxy:
                 database.capture = None
                 self.stop_bypass_monitor(name)
                 if capture.catalog is not None:
-                    capture.catalog.stop()
+                    await capture.catalog.stop()
                 await capture.drain()
                 if self._state is not None:
                     self._state.set_capturing(name, False)
@@ -271,7 +271,7 @@ class Proxy:
             self.stop_bypass_monitor(name)
         for database in self.databases.values():
             if database.capture is not None and database.capture.catalog is not None:
-                database.capture.catalog.stop()
+                await database.capture.catalog.stop()
         await self._close_changelog()
         self._stopped.set()
         log.info("pgleap stopped")

@@ -136,11 +136,13 @@ class SourceCatalog:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"catalog-{self.database}")
 
-    def stop(self) -> None:
-        """Stop refreshing."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+    async def stop(self) -> None:
+        """Stop refreshing, waiting until the refresh task has ended (a load in flight is abandoned)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def load_once(self) -> bool:
         """Load now; False (with `last_error`) when the source could not be read."""
