@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgleap.config import ServerConfig
 from pgleap.lab import Lab, LabServer, client_tool
 from pgleap.proxy.server import Proxy
 from pgleap.store import StateStore
@@ -87,6 +89,52 @@ def proxy(tmp_path: Path, backend: LabServer) -> Iterator[ProxyThread]:
     p = start_proxy(tmp_path, {"app": backend})
     yield p
     p.stop()
+
+
+def server_config(server: LabServer, database: str = "app") -> ServerConfig:
+    """A lab server's superuser on `database`."""
+    return ServerConfig(server.host, server.port, database, server.superuser, server.password)
+
+
+class ReconnectingWriters:
+    """Client threads that write through pgleap until stopped, reconnecting to `dsn` (which may change) when
+    pgleap goes away; `one(conn, worker, i)` is one unit of work and returns whether it committed."""
+
+    def __init__(self, dsn: str, workers: int, one: Callable[[psycopg.Connection[Any], int, int], bool]) -> None:
+        self.dsn = dsn
+        self.one = one
+        self.stop = threading.Event()
+        self.committed = 0
+        self.reconnects = 0
+        self.errors: list[BaseException] = []
+        self._threads = [threading.Thread(target=self._run, args=(w,)) for w in range(1, workers + 1)]
+
+    def start(self) -> None:
+        """Start every writer."""
+        for t in self._threads:
+            t.start()
+
+    def join(self) -> None:
+        """Stop the writers and wait for them."""
+        self.stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def _run(self, worker: int) -> None:
+        i = 0
+        while not self.stop.is_set():
+            try:
+                with psycopg.connect(self.dsn, connect_timeout=5) as conn:
+                    while not self.stop.is_set():
+                        i += 1
+                        if self.one(conn, worker, i):
+                            self.committed += 1
+            except psycopg.OperationalError:
+                self.reconnects += 1  # pgleap died: connect again, to wherever self.dsn points now
+                time.sleep(0.2)
+            except BaseException as exc:
+                self.errors.append(exc)
+                return
 
 
 async def quiesce(proxy: Proxy) -> None:

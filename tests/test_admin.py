@@ -28,10 +28,6 @@ def admin_connect(p: ProxyThread, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(p.dsn("pgleap", ADMIN_USER, ADMIN_PASSWORD), autocommit=True, connect_timeout=20, **kwargs)
 
 
-
-
-
-
 @pytest.fixture
 def admin(proxy: ProxyThread) -> Iterator[psycopg.Connection[Any]]:
     """An admin console connection to the `proxy` fixture."""

@@ -47,10 +47,6 @@ def proxy(tmp_path: Path, backend: LabServer, source_db: str) -> Iterator[ProxyT
         p.stop()
 
 
-
-
-
-
 def direct(server: LabServer, dbname: str, **extra: str) -> psycopg.Connection[Any]:
     """A session straight to the source, not through pgleap (transactions open on the first statement)."""
     conninfo = make_conninfo(

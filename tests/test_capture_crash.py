@@ -10,21 +10,23 @@ log is replayed on a PG 18 target, and every table equals the source row by row.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from pgleap.config import ServerConfig, UpgradeConfig
+from pgleap.config import UpgradeConfig
 from pgleap.lab import Lab, LabServer
 from pgleap.store import SQLiteChangeLog
 from pgleap.testing import ProxyProcess
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import Replayer, ReplayStatus
+
+from conftest import ReconnectingWriters, server_config
 
 pytestmark = pytest.mark.integration
 
@@ -34,11 +36,6 @@ INSERT INTO acct SELECT g, 0 FROM generate_series(0, 49) g;
 CREATE TABLE hist (id bigint PRIMARY KEY, worker int NOT NULL, i int NOT NULL, note text, ts timestamptz);
 """
 WORKERS = 4
-
-
-def config(server: LabServer, database: str) -> ServerConfig:
-    """The lab server's superuser on `database`."""
-    return ServerConfig(server.host, server.port, database, server.superuser, server.password)
 
 
 @pytest.fixture
@@ -56,60 +53,26 @@ def databases(pg_old: LabServer, lab: Lab) -> Iterator[tuple[str, LabServer]]:
         target.stop()
 
 
-class Clients:
-    """Writers that follow pgleap to its new port after a crash, until told to stop."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.stop = threading.Event()
-        self.committed = 0
-        self.reconnects = 0
-        self.errors: list[BaseException] = []
-        self._threads = [threading.Thread(target=self._run, args=(w,)) for w in range(1, WORKERS + 1)]
-
-    def start(self) -> None:
-        for t in self._threads:
-            t.start()
-
-    def join(self) -> None:
-        self.stop.set()
-        for t in self._threads:
-            t.join(60)
-
-    def _run(self, worker: int) -> None:
-        i = 0
-        while not self.stop.is_set():
-            try:
-                with psycopg.connect(self.dsn, connect_timeout=5) as conn:
-                    while not self.stop.is_set():
-                        i += 1
-                        self._one(conn, worker, i)
-            except psycopg.OperationalError:
-                self.reconnects += 1  # pgleap died: connect again (to wherever self.dsn now points)
-                time.sleep(0.2)
-            except BaseException as exc:
-                self.errors.append(exc)
-                return
-
-    def _one(self, conn: psycopg.Connection, worker: int, i: int) -> None:
-        key = worker * 1_000_000 + i
-        if i % 3 == 0:
-            conn.autocommit = True  # an implicit transaction: pgleap commits it itself once logged
-            conn.execute("INSERT INTO hist VALUES (%s, %s, %s, 'autocommit', now())", (key, worker, i))
-            conn.autocommit = False
-            return
-        with conn.transaction():
-            conn.execute("INSERT INTO hist VALUES (%s, %s, %s, 'explicit', now())", (key, worker, i))
-            conn.execute("UPDATE acct SET n = n + 1 WHERE id = %s", (i % 50,))
-            if i % 5 == 0:
-                with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
-                    conn.execute("INSERT INTO hist VALUES (%s, %s, %s, 'undone', now())", (key, worker, i))
-        self.committed += 1
+def write_one(conn: psycopg.Connection[Any], worker: int, i: int) -> bool:
+    """One unit of the workload: an autocommit INSERT, or an explicit transaction with a failing savepoint."""
+    key = worker * 1_000_000 + i
+    if i % 3 == 0:
+        conn.autocommit = True  # an implicit transaction: pgleap commits it itself once logged
+        conn.execute("INSERT INTO hist VALUES (%s, %s, %s, 'autocommit', now())", (key, worker, i))
+        conn.autocommit = False
+        return False
+    with conn.transaction():
+        conn.execute("INSERT INTO hist VALUES (%s, %s, %s, 'explicit', now())", (key, worker, i))
+        conn.execute("UPDATE acct SET n = n + 1 WHERE id = %s", (i % 50,))
+        if i % 5 == 0:
+            with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():
+                conn.execute("INSERT INTO hist VALUES (%s, %s, %s, 'undone', now())", (key, worker, i))
+    return True
 
 
 def test_kill9_under_load_loses_nothing(tmp_path: Path, pg_old: LabServer, databases: tuple[str, LabServer]) -> None:
     name, target = databases
-    source = config(pg_old, name)
+    source = server_config(pg_old, name)
     extra = f'state_path = "{tmp_path / "state.db"}"\nchangelog_path = "{tmp_path / "changes.db"}"'
     for run in ("one", "two"):
         (tmp_path / run).mkdir()
@@ -122,7 +85,7 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, pg_old: LabServer, datab
             console.execute("START CAPTURE")
         # Every session connects after capture started, so S taken now splits the log exactly.
         snapshot = pg_old.psql("SELECT txid_current_snapshot()", dbname=name)
-        clients = Clients(first.dsn())
+        clients = ReconnectingWriters(first.dsn(), WORKERS, write_one)
         clients.start()
         time.sleep(3)
         first.kill()
@@ -145,13 +108,13 @@ def test_kill9_under_load_loses_nothing(tmp_path: Path, pg_old: LabServer, datab
     try:
         assert changelog.pending() == [], "records left pending after the restart settled them"
         assert changelog.unresolved() == []  # PG 10 has txid_status: every outcome is known
-        upgrade = UpgradeConfig(database="app", source=source, target=config(target, name))
+        upgrade = UpgradeConfig(database="app", source=source, target=server_config(target, name))
         status = asyncio.run(_replay(Replayer(upgrade, changelog, snapshot)))
         assert status.paused is None and status.divergences == 0, status
         assert status.applied > 50
     finally:
         changelog.close()
-    problems = asyncio.run(database_differences(source, config(target, name)))
+    problems = asyncio.run(database_differences(source, server_config(target, name)))
     assert not problems, "\n".join(problems)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgleap.config import ServerConfig, UpgradeConfig
+from pgleap.config import UpgradeConfig
 from pgleap.lab import Lab, LabServer
 from pgleap.store import StateStore
 from pgleap.testing import ProxyProcess
@@ -31,7 +30,7 @@ from pgleap.upgrade.copy import CopyJob, CopyOptions
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import ApplyJournal
 
-from conftest import show, tool, wait_for
+from conftest import ReconnectingWriters, server_config, show, tool, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +42,6 @@ INSERT INTO accounts (id) SELECT g FROM generate_series(1, 20) g;
 CREATE TABLE events (id bigint PRIMARY KEY, worker int NOT NULL, payload jsonb);
 CREATE TABLE tallies (k text PRIMARY KEY, n int NOT NULL, seen timestamptz NOT NULL DEFAULT now());
 """
-
-
-def config(server: LabServer, database: str) -> ServerConfig:
-    """The lab server's superuser on `database`."""
-    return ServerConfig(server.host, server.port, database, server.superuser, server.password)
 
 
 @pytest.fixture
@@ -73,78 +67,43 @@ def target(lab: Lab) -> Iterator[LabServer]:
     server.stop()
 
 
-class Workload:
-    """Four clients of every shape, following pgleap to a new port after a crash, until stopped."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.stop = threading.Event()
-        self.committed = 0
-        self.reconnects = 0
-        self.errors: list[BaseException] = []
-        self._threads = [threading.Thread(target=self._run, args=(w,)) for w in range(1, 5)]
-
-    def start(self) -> None:
-        for t in self._threads:
-            t.start()
-
-    def join(self) -> None:
-        self.stop.set()
-        for t in self._threads:
-            t.join(60)
-
-    def _run(self, worker: int) -> None:
-        i = 0
-        while not self.stop.is_set():
+def write_one(conn: psycopg.Connection[Any], worker: int, i: int) -> bool:
+    """One unit of every shape the issue names; True when it committed."""
+    kind = i % 6
+    conn.autocommit = kind in (0, 4, 5)
+    if kind == 0:  # autocommit INSERT: serial key and DEFAULT now()
+        conn.execute("INSERT INTO orders (worker, note) VALUES (%s, 'auto')", (worker,))
+    elif kind == 1:  # explicit: RETURNING, now() in UPDATE, a savepoint rolled back after using the sequence
+        with conn.transaction():
+            (new_id,) = conn.execute(
+                "INSERT INTO orders (worker, amount) VALUES (%s, %s) RETURNING id", (worker, i / 7)
+            ).fetchone() or (None,)
+            assert new_id is not None
+            conn.execute("UPDATE accounts SET n = n + 1, touched = now() WHERE id = %s", (i % 20 + 1,))
             try:
-                with psycopg.connect(self.dsn, connect_timeout=5) as conn:
-                    while not self.stop.is_set():
-                        i += 1
-                        self._one(conn, worker, i)
-            except psycopg.OperationalError:
-                self.reconnects += 1  # pgleap died: connect again, to wherever self.dsn points now
-                time.sleep(0.2)
-            except BaseException as exc:
-                self.errors.append(exc)
-                return
-
-    def _one(self, conn: psycopg.Connection[Any], worker: int, i: int) -> None:
-        kind = i % 6
-        conn.autocommit = kind in (0, 4, 5)
-        if kind == 0:  # autocommit INSERT: serial key and DEFAULT now()
-            conn.execute("INSERT INTO orders (worker, note) VALUES (%s, 'auto')", (worker,))
-        elif kind == 1:  # explicit: RETURNING, now() in UPDATE, a savepoint rolled back after using the sequence
-            with conn.transaction():
-                (new_id,) = conn.execute(
-                    "INSERT INTO orders (worker, amount) VALUES (%s, %s) RETURNING id", (worker, i / 7)
-                ).fetchone() or (None,)
-                assert new_id is not None
-                conn.execute("UPDATE accounts SET n = n + 1, touched = now() WHERE id = %s", (i % 20 + 1,))
-                try:
-                    with conn.transaction():
-                        conn.execute("INSERT INTO orders (worker, note) VALUES (%s, 'undone')", (worker,))
-                        conn.execute("INSERT INTO orders (id, worker) VALUES (%s, 0)", (new_id,))
-                except psycopg.errors.UniqueViolation:
-                    pass
-        elif kind == 2:  # a whole transaction rolled back, its sequence values consumed
-            conn.execute("BEGIN")
-            conn.execute("INSERT INTO orders (worker, note) VALUES (%s, 'rolled back')", (worker,))
-            conn.execute("ROLLBACK")
-        elif kind == 3:  # COPY FROM STDIN with explicit keys
-            with conn.transaction(), conn.cursor().copy("COPY events (id, worker, payload) FROM STDIN") as copy:
-                for j in range(3):
-                    copy.write_row((worker * 10_000_000 + i * 10 + j, worker, f'{{"i": {i}, "j": {j}}}'))
-        elif kind == 4:  # extended protocol with parameters of several types
-            conn.execute(
-                "INSERT INTO orders (worker, amount, tags) VALUES (%s, %s, %s)", (worker, i * 0.25, [f"t{i}", "x"])
-            )
-        else:  # an upsert with now()
-            conn.execute(
-                "INSERT INTO tallies AS t (k, n) VALUES (%s, 1) "
-                "ON CONFLICT (k) DO UPDATE SET n = t.n + 1, seen = now()",
-                (f"k{i % 7}",),
-            )
-        self.committed += 1
+                with conn.transaction():
+                    conn.execute("INSERT INTO orders (worker, note) VALUES (%s, 'undone')", (worker,))
+                    conn.execute("INSERT INTO orders (id, worker) VALUES (%s, 0)", (new_id,))
+            except psycopg.errors.UniqueViolation:
+                pass
+    elif kind == 2:  # a whole transaction rolled back, its sequence values consumed
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO orders (worker, note) VALUES (%s, 'rolled back')", (worker,))
+        conn.execute("ROLLBACK")
+    elif kind == 3:  # COPY FROM STDIN with explicit keys
+        with conn.transaction(), conn.cursor().copy("COPY events (id, worker, payload) FROM STDIN") as copy:
+            for j in range(3):
+                copy.write_row((worker * 10_000_000 + i * 10 + j, worker, f'{{"i": {i}, "j": {j}}}'))
+    elif kind == 4:  # extended protocol with parameters of several types
+        conn.execute(
+            "INSERT INTO orders (worker, amount, tags) VALUES (%s, %s, %s)", (worker, i * 0.25, [f"t{i}", "x"])
+        )
+    else:  # an upsert with now()
+        conn.execute(
+            "INSERT INTO tallies AS t (k, n) VALUES (%s, 1) ON CONFLICT (k) DO UPDATE SET n = t.n + 1, seen = now()",
+            (f"k{i % 7}",),
+        )
+    return kind != 2
 
 
 def pgbench(dsn: str, seconds: int) -> subprocess.Popen[str]:
@@ -179,7 +138,7 @@ def replay_caught_up(console: psycopg.Connection[Any]) -> dict[str, Any] | None:
 def test_live_workload_during_copy_replays_to_equal_tables(
     tmp_path: Path, pg_old: LabServer, source_db: str, target: LabServer, crash: bool
 ) -> None:
-    source, target_config = config(pg_old, source_db), config(target, source_db)
+    source, target_config = server_config(pg_old, source_db), server_config(target, source_db)
     upgrade = UpgradeConfig(database="app", source=source, target=target_config)
     state, changes = tmp_path / "state.db", tmp_path / "changes.db"
     extra = f'state_path = "{state}"\nchangelog_path = "{changes}"\ndurability = "batch"'
@@ -193,7 +152,7 @@ def test_live_workload_during_copy_replays_to_equal_tables(
         pgleap.wait_accepting()
         with psycopg.connect(pgleap.dsn(**admin), autocommit=True) as console:
             console.execute("START CAPTURE")
-        workload = Workload(pgleap.dsn())
+        workload = ReconnectingWriters(pgleap.dsn(), 4, write_one)
         workload.start()
         bench = pgbench(pgleap.dsn(), 12 if crash else 20)
         time.sleep(1)

@@ -28,7 +28,7 @@ from pgleap.upgrade.capture.capture import Capture
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import ApplyJournal, ErrorKind, Replayer, ReplayStatus
 
-from conftest import capture_into, start_proxy
+from conftest import capture_into, server_config, start_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +39,6 @@ CREATE TABLE events (id int PRIMARY KEY, payload jsonb, b bytea);
 CREATE TABLE counter (id int PRIMARY KEY, n bigint NOT NULL);
 INSERT INTO counter VALUES (1, 0);
 """
-
-
-def server_config(server: LabServer, database: str) -> ServerConfig:
-    """A lab server's superuser on `database`."""
-    return ServerConfig(
-        host=server.host, port=server.port, database=database, user=server.superuser, password=server.password
-    )
 
 
 @dataclass

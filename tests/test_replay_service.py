@@ -136,7 +136,8 @@ def test_start_replay_over_the_console_follows_the_log(env: Env) -> None:
 
             samples = wait_for(
                 lambda: (s := scrape(metrics.port)).get("pgleap_replay_applied_total") == 30 and s,
-                "the metrics to show the applied transactions", timeout=60
+                "the metrics to show the applied transactions",
+                timeout=60,
             )
             for name in ("lag_transactions", "lag_bytes", "lag_seconds"):
                 assert samples[f"pgleap_replay_{name}"] == 0
@@ -158,7 +159,8 @@ def test_start_replay_over_the_console_follows_the_log(env: Env) -> None:
             assert env.rows(env.target) == env.rows(env.source)
             wait_for(
                 lambda: scrape(metrics.port).get("pgleap_replay_applied_total") == 31,
-                "the applied counter to carry over the restart", timeout=60
+                "the applied counter to carry over the restart",
+                timeout=60,
             )
     finally:
         metrics.stop()

@@ -21,7 +21,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from pgleap.config import ServerConfig, UpgradeConfig
+from pgleap.config import UpgradeConfig
 from pgleap.lab import Lab, LabServer
 from pgleap.store import SQLiteChangeLog
 from pgleap.store.records import decode_image
@@ -30,7 +30,7 @@ from pgleap.upgrade.capture.capture import Capture
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import Replayer
 
-from conftest import capture_into, start_proxy, tool
+from conftest import capture_into, server_config, start_proxy, tool
 
 pytestmark = pytest.mark.integration
 
@@ -44,13 +44,6 @@ CREATE TABLE upserts (k text PRIMARY KEY, n int NOT NULL, touched timestamptz NO
 CREATE TABLE guarded (id serial PRIMARY KEY, v text);
 CREATE RULE guarded_log AS ON INSERT TO guarded DO ALSO NOTIFY guarded;
 """
-
-
-def server_config(server: LabServer, database: str) -> ServerConfig:
-    """A lab server's superuser on `database`."""
-    return ServerConfig(
-        host=server.host, port=server.port, database=database, user=server.superuser, password=server.password
-    )
 
 
 @dataclass
