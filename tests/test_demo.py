@@ -66,9 +66,15 @@ def test_demo_runs_end_to_end() -> None:
         "pgleap_transactions_total",
         "replay_lag_bytes",
         "failed transactions",
+        "START CAPTURE",
+        "copy done",
+        "SHOW REPLAY",
+        "skipped_in_snapshot",
     ):
         assert heading in output, f"{heading!r} missing from:\n{output}"
     tps = re.search(r"^\s*tps\s+([\d,.]+)\s*$", output, re.MULTILINE)
     assert tps is not None and float(tps.group(1).replace(",", "")) > 0, output
     assert re.search(r"^\s*failed transactions\s+0\s*$", output, re.MULTILINE), output
+    assert "equals Alice (PostgreSQL 10), every table row by row" in output, output
+    assert re.search(r"\b0 divergences, 0 apply errors", output), output
     assert "\x1b[" not in output, "no terminal: rich must print plain text"

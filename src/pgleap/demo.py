@@ -1,4 +1,5 @@
-"""`pgleap demo`: real servers from the lab, pgleap in front, a pgbench workload, the console and metrics."""
+"""`pgleap demo`: real servers from the lab, pgleap in front, a pgbench workload, the console and metrics,
+capture and the copy to the new server under that load, replay, and a row-by-row equality check."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +27,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from pgleap.config import parse_config
+from pgleap.config import UpgradeConfig, parse_config
+from pgleap.demo_upgrade import Mirroring
+from pgleap.demo_upgrade import server as mirror_server
 from pgleap.lab import Lab, LabError, LabServer, MissingBinaryError, client_tool
 from pgleap.metrics import start_metrics_server
 from pgleap.testing import ProxyThread, render_config
@@ -45,6 +49,17 @@ PGBENCH_SCALE = 5
 PGBENCH_CLIENTS, PGBENCH_THREADS = 4, 2
 REFRESH_SECONDS = 3.0
 LOG_WIDTH = 160
+REPLAY_COLUMNS = (
+    "database",
+    "applied_position",
+    "last_position",
+    "lag_transactions",
+    "lag_seconds",
+    "applied",
+    "skipped_in_snapshot",
+    "divergences",
+    "apply_errors",
+)
 PGBENCH_GRACE_SECONDS = 120.0  # beyond -T: connection setup, the last transactions, the summary
 SETUP_HINT = "run scripts/setup (it fetches the PostgreSQL binaries the lab needs), then try again"
 _PG10 = 100000
@@ -178,24 +193,32 @@ def _run(console: Console, seconds: int) -> int:
     import psycopg  # imported here so a broken install gets the setup hint rather than a traceback
 
     console.rule("[bold]pgleap demo")
-    with Lab() as lab:
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="pgleap-demo-") as workdir:
         cast = _start_servers(lab, console)
-        with _start_proxy(cast.alice) as proxy, _serve_metrics(proxy) as metrics_port:
+        state = Path(workdir)
+        with _start_proxy(cast, state) as proxy, _serve_metrics(proxy) as metrics_port:
             _show_endpoints(console, cast, proxy.port, metrics_port)
             with (
                 psycopg.connect(_admin_dsn(proxy.port), autocommit=True) as admin,
                 psycopg.connect(cast.alice.dsn(), autocommit=True) as alice,
             ):
                 _pgbench_init(console, proxy.port)
+                mirroring = Mirroring(_upgrade(cast), state / "pgleap-state.db", _admin_dsn(proxy.port))
+                mirroring.start(admin, console)
                 summary = _run_workload(console, seconds, admin, alice, metrics_port, proxy.port)
+                try:
+                    mirroring.finish(admin, console)
+                except RuntimeError as exc:
+                    raise DemoError(str(exc)) from exc
+                console.print(result_table(_columns(console_query(admin, "SHOW REPLAY"), REPLAY_COLUMNS)))
                 with psycopg.connect(_app_dsn(proxy.port), autocommit=True) as app:
                     history_rows = _check_history(app, summary)
                     # The app session stays open so that SHOW SERVERS has a server connection to list.
                     _show_final(console, summary, history_rows, admin)
             _show_psql_equivalents(console, proxy.port, metrics_port)
     console.print(
-        "[bold]What's next:[/] later steps add the copy to Charles, mirroring, validation and the "
-        "cutover, all through this same proxy."
+        "[bold]What's next:[/] later steps add validation of live queries, the cutover to Charles "
+        "and the rollback, all through this same proxy."
     )
     console.print("[green]demo finished: servers and proxy stopped.[/]")
     return 0
@@ -216,11 +239,29 @@ def _start_servers(lab: Lab, console: Console) -> Cast:
     return Cast(alice, bob, charles)
 
 
+def _upgrade(cast: Cast) -> UpgradeConfig:
+    """Database `app`: Alice the source, Bob the replica the copy reads, Charles the target."""
+    return UpgradeConfig(
+        DATABASE,
+        mirror_server(cast.alice, DATABASE),
+        target=mirror_server(cast.charles, DATABASE),
+        replica=mirror_server(cast.bob, DATABASE),
+    )
+
+
 @contextmanager
-def _start_proxy(alice: LabServer) -> Iterator[ProxyThread]:
-    """pgleap on a free port, routing database `app` to Alice's `app` database; stopped on exit."""
+def _start_proxy(cast: Cast, state: Path) -> Iterator[ProxyThread]:
+    """pgleap on a free port, routing database `app` to Alice's, with Charles as its target; stopped on exit."""
+    alice = cast.alice
     source = SourceEndpoint(alice.host, alice.port, alice.superuser, alice.password, DATABASE)
-    config = parse_config(render_config({DATABASE: source}, admin=(ADMIN_USER, ADMIN_PASSWORD)))
+    extra = f'state_path = "{state / "pgleap-state.db"}"\nchangelog_path = "{state / "pgleap-changes.db"}"'
+    text = render_config(
+        {DATABASE: source},
+        admin=(ADMIN_USER, ADMIN_PASSWORD),
+        extra=extra,
+        targets={DATABASE: mirror_server(cast.charles, DATABASE)},
+    )
+    config = parse_config(text)
     proxy = ProxyThread(config)
     try:
         proxy.start()
@@ -536,6 +577,12 @@ def _display(console: Console) -> Iterator[Any]:
             live.update(renderable, refresh=True)
 
         yield show
+
+
+def _columns(result: ResultTable, names: Sequence[str]) -> ResultTable:
+    """Only the named columns of a result (a console row can be wider than a terminal)."""
+    keep = [result.columns.index(n) for n in names]
+    return ResultTable(result.title, list(names), [tuple(row[i] for i in keep) for row in result.rows])
 
 
 def result_table(result: ResultTable, caption: str | None = None) -> Table:
