@@ -376,3 +376,17 @@ def test_bypass_check_interval_is_a_positive_duration() -> None:
     cfg = parse_config(config(pgleap=PGLEAP + 'bypass_check_interval = "250ms"\n'))
     assert cfg.proxy.bypass_check_interval == 0.25
     assert "bypass_check_interval" in rejected(config(pgleap=PGLEAP + "bypass_check_interval = 0\n"))
+
+
+def test_ddl_and_replay_keys() -> None:
+    """ddl, replay_batch_size and on_apply_error: defaults, accepted values, and what a typo gets told."""
+    proxy = parse_config(config()).proxy
+    assert (proxy.ddl, proxy.replay_batch_size, proxy.on_apply_error) == ("replay", 200, "pause")
+    cfg = parse_config(
+        config(pgleap=PGLEAP + 'ddl = "queue"\nreplay_batch_size = 50\non_apply_error = "skip_and_resync"\n')
+    ).proxy
+    assert (cfg.ddl, cfg.replay_batch_size, cfg.on_apply_error) == ("queue", 50, "skip_and_resync")
+    message = rejected(config(pgleap=PGLEAP + 'ddl = "allow"\n'))
+    assert "ddl" in message and "block" in message and "queue" in message
+    assert "replay_batch_size" in rejected(config(pgleap=PGLEAP + "replay_batch_size = 0\n"))
+    assert "on_apply_error" in rejected(config(pgleap=PGLEAP + 'on_apply_error = "ignore"\n'))
