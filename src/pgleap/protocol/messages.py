@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pgleap.protocol import codes
 
 _I32 = struct.Struct("!i")
+_I16 = struct.Struct("!h")
 _HEADER = struct.Struct("!cI")
 
 
@@ -107,6 +108,30 @@ def data_row(values: Iterable[object]) -> bytes:
             encoded = str(value).encode()
             parts.append(_I32.pack(len(encoded)) + encoded)
     return message(codes.DATA_ROW, b"".join(parts))
+
+
+def data_row_values(body: bytes) -> tuple[list[bytes | None], list[int]]:
+    """A DataRow body's values (None for SQL NULL) and where each value's length word starts, then its end."""
+    (count,) = _I16.unpack_from(body)
+    offset = 2
+    values: list[bytes | None] = []
+    offsets: list[int] = []
+    for _ in range(count):
+        offsets.append(offset)
+        (length,) = _I32.unpack_from(body, offset)
+        offset += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[offset : offset + length])
+            offset += length
+    offsets.append(offset)
+    return values, offsets
+
+
+def text_row(body: bytes) -> list[str | None]:
+    """The values of a text-format DataRow in UTF-8 (None for SQL NULL)."""
+    return [None if v is None else v.decode() for v in data_row_values(body)[0]]
 
 
 def startup_message(params: dict[str, str], protocol: int = codes.PROTOCOL_3_0) -> bytes:

@@ -29,7 +29,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from pgleap.protocol import codes
-from pgleap.protocol.messages import error_response, message
+from pgleap.protocol.messages import error_response, message, text_row
 from pgleap.proxy.forward import _IDLE, _VALID_FRONTEND, Forwarder, _now
 from pgleap.store.records import CapturedTransaction
 from pgleap.upgrade.capture.catalog import SourceCatalog
@@ -45,7 +45,7 @@ from pgleap.upgrade.capture.images import (
     insert_target,
     plan_insert,
 )
-from pgleap.upgrade.capture.probe import parse_probe_row, parse_text_row, probe_extended, probe_query, probe_sql
+from pgleap.upgrade.capture.probe import parse_probe_row, probe_extended, probe_query, probe_sql
 from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
 from pgleap.upgrade.compat import UnsupportedVersionError, facts_for, version_num_of
 from pgleap.upgrade.compat.facts import PG90
@@ -832,7 +832,7 @@ class CapturingForwarder(Forwarder):
         return True
 
     def _load_prepared(self, body: bytes) -> None:
-        name, sql, types = parse_text_row(body)
+        name, sql, types = text_row(body)
         if name is None or sql is None:
             return
         oids = tuple(int(t) for t in (types or "{}").strip("{}").split(",") if t)

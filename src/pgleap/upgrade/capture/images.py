@@ -20,7 +20,7 @@ from pglast.enums import OnConflictAction
 from pglast.parser import ParseError
 
 from pgleap.protocol import codes
-from pgleap.protocol.messages import message
+from pgleap.protocol.messages import data_row_values, message
 from pgleap.store.records import RowImage
 from pgleap.upgrade.capture.catalog import SourceCatalog, TableShape
 from pgleap.upgrade.capture.classify import template
@@ -135,7 +135,7 @@ class ImageRows:
 
     def data_row(self, body: bytes) -> bytes | None:
         """Keep a DataRow's image; the client's part of it as a DataRow message, None when it gets nothing."""
-        values, offsets = _split_row(body)
+        values, offsets = data_row_values(body)
         k = self.plan.client_columns
         self.rows.append([None if v is None else v.decode(self.codec) for v in values[k:]])
         if k == 0:
@@ -184,24 +184,6 @@ def client_bind(body: bytes, plan: ImagePlan) -> bytes:
     client = list(asked) if nresult == k else [asked[0] if asked else 0] * k
     formats = client + [0] * plan.image_columns
     return body[:offset] + struct.pack(f"!h{len(formats)}h", len(formats), *formats)
-
-
-def _split_row(body: bytes) -> tuple[list[bytes | None], list[int]]:
-    (count,) = _H.unpack_from(body)
-    offset = 2
-    values: list[bytes | None] = []
-    offsets: list[int] = []
-    for _ in range(count):
-        offsets.append(offset)
-        (length,) = _I.unpack_from(body, offset)
-        offset += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(body[offset : offset + length])
-            offset += length
-    offsets.append(offset)
-    return values, offsets
 
 
 def _float_text(value: str, kind: str) -> str:

@@ -6,7 +6,7 @@ import struct
 from functools import lru_cache
 
 from pgleap.protocol import codes
-from pgleap.protocol.messages import cstr, message
+from pgleap.protocol.messages import cstr, message, text_row
 from pgleap.upgrade.compat import Facts
 
 # Settings that change what a replayed statement means; captured with each transaction.
@@ -48,25 +48,9 @@ def probe_extended(sql: str) -> list[tuple[int, bytes]]:
     ]
 
 
-def parse_text_row(body: bytes) -> list[str | None]:
-    """The values of a text-format DataRow (None for SQL NULL)."""
-    values: list[str | None] = []
-    (count,) = struct.unpack_from("!h", body)
-    offset = 2
-    for _ in range(count):
-        (length,) = struct.unpack_from("!i", body, offset)
-        offset += 4
-        if length < 0:
-            values.append(None)
-            continue
-        values.append(body[offset : offset + length].decode())
-        offset += length
-    return values
-
-
 def parse_probe_row(body: bytes) -> tuple[int | None, str, tuple[tuple[str, str], ...]]:
     """txid (None when the transaction has written nothing), now() and settings from the probe's DataRow."""
-    txid, now, *settings = parse_text_row(body)
+    txid, now, *settings = text_row(body)
     return (
         int(txid) if txid is not None else None,
         now or "",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pgleap.config import ServerConfig
 from pgleap.errors import AuthenticationError, ServerUnavailableError
 from pgleap.protocol import codes
-from pgleap.protocol.messages import ProtocolError, ServerError, cstr, message, parse_error
+from pgleap.protocol.messages import ProtocolError, ServerError, cstr, message, parse_error, text_row
 from pgleap.protocol.stream import read_message
 from pgleap.proxy.backend import BackendConnection, connect_backend
 from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outcome, Request
@@ -186,7 +186,7 @@ class TargetSession:
             while True:
                 kind, body = await read_message(reader, _MAX_ANSWER)
                 if kind == codes.DATA_ROW:
-                    rows.append(_data_row(body))
+                    rows.append(tuple(text_row(body)))
                 elif kind == codes.ERROR_RESPONSE:
                     error = parse_error(body)
                     if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
@@ -199,21 +199,6 @@ class TargetSession:
         if error is not None:
             raise TargetRefusedError(f"the target refused pgleap's statement {sql!r}: {error}")
         return rows
-
-
-def _data_row(body: bytes) -> tuple[str | None, ...]:
-    (count,) = struct.unpack_from("!h", body)
-    offset = 2
-    values: list[str | None] = []
-    for _ in range(count):
-        (length,) = struct.unpack_from("!i", body, offset)
-        offset += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(body[offset : offset + length].decode())
-            offset += length
-    return tuple(values)
 
 
 def _lost(exc: BaseException) -> str:
