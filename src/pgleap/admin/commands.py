@@ -26,6 +26,11 @@ class Result:
     rows: Sequence[Sequence[Any]] = field(default_factory=list)
 
 
+def notes_result(tag: str, notes: Sequence[str]) -> Result:
+    """A command's answer as one `note` column, a row per note."""
+    return Result(tag, ["note"], [[n] for n in notes])
+
+
 class AdminCommandError(Exception):
     """A command that is unknown or cannot run now."""
 
@@ -259,14 +264,14 @@ async def start_capture(proxy: Proxy, _session: Session) -> Result:
     except PgleapError as exc:
         raise AdminCommandError(f"START CAPTURE failed: {exc}") from exc
     notes += await proxy.row_images_ready()
-    return Result("START CAPTURE", ["note"], [[n] for n in notes])
+    return notes_result("START CAPTURE", notes)
 
 
 @command("STOP CAPTURE")
 async def stop_capture(proxy: Proxy, _session: Session) -> Result:
     """Stop capturing; returns once what was captured is in the log."""
     notes = await proxy.stop_capture()
-    return Result("STOP CAPTURE", ["note"], [[n] for n in notes])
+    return notes_result("STOP CAPTURE", notes)
 
 
 @command("PAUSE")
@@ -290,7 +295,7 @@ async def reload(proxy: Proxy, _session: Session) -> Result:
         notes = proxy.reload()
     except Exception as exc:
         raise AdminCommandError(f"RELOAD failed, the running config is unchanged: {exc}") from exc
-    return Result("RELOAD", ["note"], [[n] for n in notes])
+    return notes_result("RELOAD", notes)
 
 
 @command("SHUTDOWN")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pgleap.admin.commands import AdminCommandError, Result, _ts, command
+from pgleap.admin.commands import AdminCommandError, Result, _ts, command, notes_result
 from pgleap.errors import PgleapError
 from pgleap.upgrade.replay.ddl_queue import Decision
 
@@ -46,14 +46,14 @@ async def start_replay(proxy: Proxy, _session: Session) -> Result:
         notes = proxy.start_replay()
     except PgleapError as exc:
         raise AdminCommandError(f"START REPLAY failed: {exc}") from exc
-    return Result("START REPLAY", ["note"], [[n] for n in notes])
+    return notes_result("START REPLAY", notes)
 
 
 @command("STOP REPLAY")
 async def stop_replay(proxy: Proxy, _session: Session) -> Result:
     """Stop replay after the current batch; START REPLAY resumes at the target's applied position."""
     notes = await proxy.stop_replay()
-    return Result("STOP REPLAY", ["note"], [[n] for n in notes])
+    return notes_result("STOP REPLAY", notes)
 
 
 @command("RESUME REPLAY")
@@ -83,7 +83,7 @@ async def skip_queued_ddl(proxy: Proxy, _session: Session) -> Result:
 def _replay_notes(tag: str, proxy: Proxy, act: Callable[[ReplayService], list[str]]) -> Result:
     if proxy.replay is None:
         raise AdminCommandError(f"{tag}: replay has not started (START REPLAY)")
-    return Result(tag, ["note"], [[n] for n in act(proxy.replay)])
+    return notes_result(tag, act(proxy.replay))
 
 
 @command("SHOW REPLAY")

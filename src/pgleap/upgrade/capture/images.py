@@ -43,8 +43,12 @@ class InsertTarget:
     single_row: bool  # VALUES with one row: it writes (and returns) at most one
 
 
+@lru_cache(maxsize=4096)
 def insert_target(text: str) -> InsertTarget | None:
-    """The INSERT a statement's text is, or None when it is something else (or has a writable CTE)."""
+    """The INSERT a statement's text is, or None when it is something else (or has a writable CTE).
+
+    Cached by text, then by template: capture asks twice per INSERT (wait for the catalog? rewrite?).
+    """
     return _insert_target(template(text) or text)
 
 
