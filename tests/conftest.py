@@ -7,17 +7,19 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 
-from pgleap.config import ServerConfig
+from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.lab import Lab, LabServer, client_tool
 from pgleap.proxy.server import Proxy
-from pgleap.store import StateStore
+from pgleap.store import SQLiteChangeLog, StateStore
 from pgleap.store.changelog import ChangeLog
 from pgleap.testing import ProxyThread, render_config
 from pgleap.upgrade.capture.capture import Capture
@@ -135,6 +137,64 @@ class ReconnectingWriters:
             except BaseException as exc:
                 self.errors.append(exc)
                 return
+
+
+@dataclass
+class CapturingPair:
+    """A source database behind a capturing in-process proxy (database "app"), and the same schema on a target."""
+
+    source: LabServer
+    target: LabServer
+    dbname: str
+    proxy: ProxyThread
+    capture: Capture
+    changelog: SQLiteChangeLog
+
+    @property
+    def upgrade(self) -> UpgradeConfig:
+        """The upgrade config replay reads."""
+        return UpgradeConfig(
+            database="app",
+            source=server_config(self.source, self.dbname),
+            target=server_config(self.target, self.dbname),
+        )
+
+    def drain(self) -> None:
+        """Wait until everything captured is in the log."""
+        self.proxy.call(self.capture.drain())
+
+
+Pair = TypeVar("Pair", bound=CapturingPair)
+
+
+def capturing_pair(
+    tmp_path: Path, source: LabServer, target: LabServer, schema: str, prefix: str, kind: type[Pair]
+) -> Iterator[Pair]:
+    """`schema` in a fresh database on both servers, the source's behind a capturing proxy; all removed after."""
+    dbname = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    for server in (source, target):
+        server.psql(f"CREATE DATABASE {dbname}")
+        server.psql(schema, dbname=dbname)
+    proxy = start_proxy(tmp_path, {"app": server_config(source, dbname)})  # type: ignore[dict-item]
+    changelog = SQLiteChangeLog(tmp_path / "changes.db")
+    capture = capture_into(proxy, changelog)
+    try:
+        yield kind(source, target, dbname, proxy, capture, changelog)
+    finally:
+        proxy.stop()
+        changelog.close()
+        if not target.is_running():  # a test may have stopped it
+            target.start()
+        source.psql(f"DROP DATABASE IF EXISTS {dbname}")
+        target.psql(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def target18(lab: Lab) -> Iterator[LabServer]:
+    """A PG 18 target for one test module (each test uses its own database)."""
+    server = lab.target(18)
+    yield server
+    server.stop()
 
 
 async def quiesce(proxy: Proxy) -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
@@ -20,15 +18,12 @@ import asyncpg
 import psycopg
 import pytest
 
-from pgleap.config import ServerConfig, UpgradeConfig
-from pgleap.lab import Lab, LabServer
-from pgleap.store import SQLiteChangeLog
-from pgleap.testing import ProxyThread
-from pgleap.upgrade.capture.capture import Capture
+from pgleap.config import ServerConfig
+from pgleap.lab import LabServer
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import ApplyJournal, ErrorKind, Replayer, ReplayStatus
 
-from conftest import capture_into, server_config, start_proxy
+from conftest import CapturingPair, capturing_pair
 
 pytestmark = pytest.mark.integration
 
@@ -41,66 +36,22 @@ INSERT INTO counter VALUES (1, 0);
 """
 
 
-@dataclass
-class Env:
-    """A source database behind a capturing proxy, and an empty-schema target database."""
-
-    source: LabServer
-    target: LabServer
-    dbname: str
-    proxy: ProxyThread
-    capture: Capture
-    changelog: SQLiteChangeLog
-
-    @property
-    def upgrade(self) -> UpgradeConfig:
-        """The upgrade config replay reads (database "app" through pgleap)."""
-        return UpgradeConfig(
-            database="app",
-            source=server_config(self.source, self.dbname),
-            target=server_config(self.target, self.dbname),
-        )
+class Env(CapturingPair):
+    """The pair, with what the replay tests read from it."""
 
     def snapshot(self) -> str:
         """txid_current_snapshot() on the source, now."""
         return self.source.psql("SELECT txid_current_snapshot()", dbname=self.dbname)
-
-    def drain(self) -> None:
-        """Wait until everything captured is in the log."""
-        self.proxy.call(self.capture.drain())
 
     def counter(self, server: LabServer) -> int:
         """The counter every committed workload transaction increments."""
         return int(server.psql("SELECT n FROM counter", dbname=self.dbname))
 
 
-@pytest.fixture(scope="module")
-def target18(lab: Lab) -> Iterator[LabServer]:
-    """A PG 18 target for this module's tests (each test uses its own database)."""
-    server = lab.target(18)
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def env(tmp_path: Path, pg_old: LabServer, target18: LabServer) -> Iterator[Env]:
     """PG 10 source database with SCHEMA behind a capturing proxy; the same schema on the PG 18 target."""
-    dbname = f"rp_{uuid.uuid4().hex[:10]}"
-    for server in (pg_old, target18):
-        server.psql(f"CREATE DATABASE {dbname}")
-        server.psql(SCHEMA, dbname=dbname)
-    proxy = start_proxy(tmp_path, {"app": server_config(pg_old, dbname)})  # type: ignore[dict-item]
-    changelog = SQLiteChangeLog(tmp_path / "changes.db")
-    capture = capture_into(proxy, changelog)
-    try:
-        yield Env(pg_old, target18, dbname, proxy, capture, changelog)
-    finally:
-        proxy.stop()
-        changelog.close()
-        if not target18.is_running():
-            target18.start()
-        pg_old.psql(f"DROP DATABASE IF EXISTS {dbname}")
-        target18.psql(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+    yield from capturing_pair(tmp_path, pg_old, target18, SCHEMA, "rp", Env)
 
 
 def workload(dsn: str, worker: int, count: int) -> int:

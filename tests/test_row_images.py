@@ -12,25 +12,19 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import psycopg
 import pytest
 
-from pgleap.config import UpgradeConfig
-from pgleap.lab import Lab, LabServer
-from pgleap.store import SQLiteChangeLog
+from pgleap.lab import LabServer
 from pgleap.store.records import decode_image
-from pgleap.testing import ProxyThread
-from pgleap.upgrade.capture.capture import Capture
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import Replayer
 
-from conftest import capture_into, server_config, start_proxy, tool
+from conftest import CapturingPair, capturing_pair, tool
 
 pytestmark = pytest.mark.integration
 
@@ -46,62 +40,15 @@ CREATE RULE guarded_log AS ON INSERT TO guarded DO ALSO NOTIFY guarded;
 """
 
 
-@dataclass
-class Env:
-    """A PG 10 source database behind a capturing proxy, and the same (empty) schema on PG 18."""
-
-    source: LabServer
-    target: LabServer
-    dbname: str
-    proxy: ProxyThread
-    capture: Capture
-    changelog: SQLiteChangeLog
-
-    @property
-    def upgrade(self) -> UpgradeConfig:
-        """The upgrade config replay reads."""
-        return UpgradeConfig(
-            database="app",
-            source=server_config(self.source, self.dbname),
-            target=server_config(self.target, self.dbname),
-        )
-
-    @property
-    def dsn(self) -> str:
-        """The proxy, as the application reaches it."""
-        return self.proxy.dsn()
-
-
-@pytest.fixture(scope="module")
-def target18(lab: Lab) -> Iterator[LabServer]:
-    """A PG 18 target for this module (each test has its own database)."""
-    server = lab.target(18)
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def env(tmp_path: Path, pg_old: LabServer, target18: LabServer) -> Iterator[Env]:
+def env(tmp_path: Path, pg_old: LabServer, target18: LabServer) -> Iterator[CapturingPair]:
     """SCHEMA on a fresh PG 10 database behind a capturing proxy, and on PG 18."""
-    dbname = f"ri_{uuid.uuid4().hex[:10]}"
-    for server in (pg_old, target18):
-        server.psql(f"CREATE DATABASE {dbname}")
-        server.psql(SCHEMA, dbname=dbname)
-    proxy = start_proxy(tmp_path, {"app": server_config(pg_old, dbname)})  # type: ignore[dict-item]
-    changelog = SQLiteChangeLog(tmp_path / "changes.db")
-    capture = capture_into(proxy, changelog)
-    try:
-        yield Env(pg_old, target18, dbname, proxy, capture, changelog)
-    finally:
-        proxy.stop()
-        changelog.close()
-        pg_old.psql(f"DROP DATABASE IF EXISTS {dbname}")
-        target18.psql(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+    yield from capturing_pair(tmp_path, pg_old, target18, SCHEMA, "ri", CapturingPair)
 
 
-def replay_and_compare(env: Env, snapshot: str) -> list[str]:
+def replay_and_compare(env: CapturingPair, snapshot: str) -> list[str]:
     """Drain capture, replay the whole log on the target from `snapshot`, and compare every table."""
-    env.proxy.call(env.capture.drain())
+    env.drain()
 
     async def go() -> list[str]:
         replayer = Replayer(env.upgrade, env.changelog, snapshot, max_retries=5)
@@ -179,7 +126,7 @@ async def asyncpg_worker(port: int, worker: int, rounds: int, returned: list[tup
         await conn.close()
 
 
-def test_concurrent_volatile_inserts_replay_identically(env: Env) -> None:
+def test_concurrent_volatile_inserts_replay_identically(env: CapturingPair) -> None:
     """Serial keys, defaults and upserts from four concurrent clients replay to equal tables (no re-sync)."""
     snapshot = env.source.psql("SELECT txid_current_snapshot()", dbname=env.dbname)
     returned: list[tuple[int, int]] = []
@@ -194,7 +141,7 @@ def test_concurrent_volatile_inserts_replay_identically(env: Env) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(psycopg_worker, env.dsn, w, 25, returned)) for w in (1, 2, 3)]
+    threads = [threading.Thread(target=run, args=(psycopg_worker, env.proxy.dsn(), w, 25, returned)) for w in (1, 2, 3)]
     threads.append(threading.Thread(target=run, args=(asyncpg_worker, env.proxy.port, 4, 25, returned)))
     for t in threads:
         t.start()
@@ -214,17 +161,17 @@ def test_concurrent_volatile_inserts_replay_identically(env: Env) -> None:
     assert replay_and_compare(env, snapshot) == []
 
 
-def test_a_table_with_rules_is_replayed_as_statements(env: Env) -> None:
+def test_a_table_with_rules_is_replayed_as_statements(env: CapturingPair) -> None:
     """A rule forbids RETURNING: capture leaves the statement alone, the client sees no error."""
-    with psycopg.connect(env.dsn, autocommit=True) as conn:
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
         conn.execute("INSERT INTO guarded (v) VALUES ('x')")
-    env.proxy.call(env.capture.drain())
+    env.drain()
     statements = [s for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements]
     assert [s.images for s in statements] == [None]
     assert env.capture.inserts_without_image == 1
 
 
-def test_psql_sees_the_same_bytes_as_directly(env: Env) -> None:
+def test_psql_sees_the_same_bytes_as_directly(env: CapturingPair) -> None:
     """psql output of INSERTs, with and without RETURNING, is identical through the capturing proxy."""
     script = (
         "INSERT INTO orders (id, worker, created, amount) VALUES (100000, 7, '2020-01-01', 0.5);\n"
@@ -251,7 +198,7 @@ def test_psql_sees_the_same_bytes_as_directly(env: Env) -> None:
     through = psql(env.proxy.dsn(), script)
     direct = psql(env.source.dsn(env.dbname), direct_script)
     assert through.replace("1000", "2000") == direct
-    env.proxy.call(env.capture.drain())
+    env.drain()
     assert (
         sum(1 for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements if s.images) == 4
     )
