@@ -172,6 +172,8 @@ def _upgrade(table: _Table) -> UpgradeConfig:
         chunk_mb=s.size_mb("chunk_mb", SyncConfig.chunk_mb),
         copy_roles=bool(s.get("copy_roles", bool, True)),
         copy_binary=bool(s.get("copy_binary", bool, True)),
+        verify_chunk_rows=s.positive("verify_chunk_rows", SyncConfig.verify_chunk_rows),
+        verify_chunks_per_round=s.positive("verify_chunks_per_round", SyncConfig.verify_chunks_per_round),
     )
     s.finish()
     table.finish()

@@ -46,6 +46,8 @@ class SyncConfig:
     chunk_mb: float = 128.0  # the size of one range
     copy_roles: bool = True
     copy_binary: bool = True  # binary COPY where every column type allows it
+    verify_chunk_rows: int = 10000  # rows per checksum chunk of `pgleap verify`
+    verify_chunks_per_round: int = 10  # chunks compared at one source point (bounds replay's pause)
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,18 @@ class ChangeLog(abc.ABC):
         """Committed records of `database` after `after_position`: (count, bytes), for lag."""
 
     @abc.abstractmethod
+    def last_log_id(self) -> int:
+        """The log id of the most recent prepare (0 if none): every COMMIT forwarded so far is at or below it."""
+
+    @abc.abstractmethod
+    def position_through(self, database: str, log_id: int) -> int | None:
+        """The last position of `database` given to a record prepared at or before `log_id`.
+
+        None while a record of `database` prepared at or before `log_id` is still pending (its position,
+        if it commits, is not known yet).
+        """
+
+    @abc.abstractmethod
     def stats(self) -> ChangeLogStats:
         """Counts per state, sizes, commits and health, for status and metrics."""
 
@@ -805,6 +817,27 @@ class SQLiteChangeLog(ChangeLog):
             (database, after_position),
         )
         return int(rows[0][0]), int(rows[0][1])
+
+    def last_log_id(self) -> int:
+        """The log id of the most recent prepare (0 if none): every COMMIT forwarded so far is at or below it."""
+        rows = self._read("SELECT seq FROM sqlite_sequence WHERE name = 'change_log'")
+        return int(rows[0][0]) if rows else 0
+
+    def position_through(self, database: str, log_id: int) -> int | None:
+        """The last position of `database` given to a record prepared at or before `log_id` (None: not known yet)."""
+        # One statement, so one read snapshot. Positions follow log ids, so the first positioned record after
+        # log_id bounds the answer; without one, every position given out belongs to a record at or before it.
+        ((pending, after, last),) = self._read(
+            "SELECT EXISTS (SELECT 1 FROM change_log WHERE database = ?1 AND log_id <= ?2 AND state = 'pending'), "
+            "(SELECT min(position) FROM change_log WHERE database = ?1 AND log_id > ?2 AND position IS NOT NULL), "
+            "(SELECT last_position FROM log_head WHERE database = ?1)",
+            (database, log_id),
+        )
+        if pending:
+            return None
+        if after is not None:
+            return int(after) - 1
+        return int(last or 0)
 
     def oldest_pending_age(self) -> float:
         """Seconds since the oldest pending record was prepared (0 if none); a stuck one holds replay back."""

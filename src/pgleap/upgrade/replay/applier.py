@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,6 +42,7 @@ from pgleap.upgrade.replay.errors import (
 from pgleap.upgrade.replay.images import combined_tag, image_statements
 from pgleap.upgrade.replay.journal import ApplyJournal
 from pgleap.upgrade.replay.lag import RateMeter, ReplayLag
+from pgleap.upgrade.replay.point import WORK_SETTINGS, PointRequest, SourcePoint, Work
 from pgleap.upgrade.replay.position import (
     GUARD_SQL,
     POSITION_MOVED,
@@ -151,6 +153,9 @@ class Replayer:
         self._skip_paused: ApplyError | None = None
         self._rate = RateMeter()
         self.ddl_queue = DDLQueue(self.database, queue_ddl)
+        self._points: deque[PointRequest] = deque()
+        self.points_run = 0  # works run at a source point
+        self.points_reordered = 0  # of those, how many had unseen transactions applied after the work
 
     # -- driving ----------------------------------------------------------------------------
 
@@ -171,6 +176,12 @@ class Replayer:
         if skip:
             self._skip_paused = self.paused
         self.paused = None
+
+    def request_point(self, work: Work, **timeouts: float) -> PointRequest:
+        """Queue `work` to run on the target at a source point the caller fixes once replay holds (see point)."""
+        request = PointRequest(work, **timeouts)
+        self._points.append(request)
+        return request
 
     def close(self) -> None:
         """Close the target connection."""
@@ -214,6 +225,7 @@ class Replayer:
 
     async def _loop(self, stop: asyncio.Event | None, follow: bool) -> None:
         while stop is None or not stop.is_set():
+            self._expire_points()
             if self.paused is not None:
                 if not follow:
                     return
@@ -232,6 +244,18 @@ class Replayer:
                 if not follow:
                     return
                 await _wait(stop, self.poll_interval)
+
+    def _expire_points(self) -> None:
+        while self._points:
+            request = self._points[0]
+            reason = request.overdue()
+            if self.paused is not None:
+                reason = f"replay is paused at position {self.paused.position}: {self.paused.message}"
+            if reason is not None:
+                request.fail(reason)
+            if not request.done:
+                return
+            self._points.popleft()
 
     def _retry_later(self, exc: TransientApplyError) -> None:
         self._drop_connection()
@@ -282,7 +306,17 @@ class Replayer:
     # -- one step ---------------------------------------------------------------------------
 
     async def _step(self) -> bool:
+        request = self._points[0] if self._points else None
+        if request is not None and request.point is None:
+            request.hold()  # nothing is applied while the caller takes its source snapshot
+            return False
         records = self.changelog.read_committed(self.database, self.position, self.batch_size)
+        if request is not None and request.point is not None:
+            # Only what the source point sees, until the target stands exactly there.
+            visible = _visible_prefix(records, request.point)
+            if not visible:
+                return await self._reach_point(request, request.point)
+            records = visible
         if not records:
             return False
         if records[0].position != self.position + 1:
@@ -302,6 +336,90 @@ class Replayer:
             return False  # held in front of queued DDL
         await self._apply_batch(_cut_after_session_settings(records))
         return True
+
+    # -- a source point (replay/point.py) --------------------------------------------------------
+
+    async def _reach_point(self, request: PointRequest, point: SourcePoint) -> bool:
+        """Run the request's work once every record up to the point has settled; False while waiting."""
+        through = self.changelog.position_through(self.database, point.last_log_id)
+        if through is None:
+            return False  # a record prepared before the point is still pending
+        count = through - self.position
+        records = self.changelog.read_committed(self.database, self.position, count) if count > 0 else []
+        if len(records) < count:
+            return False  # not durable yet
+        if self._skip_paused is not None or self.ddl_queue.cut(records) != records or _sets_session(records):
+            # Those need replay's own handling (one at a time, or an operator's decision) first.
+            self._points.popleft()
+            request.fail("a transaction replay must apply on its own is in the way; take a new snapshot")
+            return True
+        await self._run_point(request, point, records)
+        self._points.popleft()
+        return True
+
+    async def _run_point(self, request: PointRequest, point: SourcePoint, records: list[LoggedTransaction]) -> None:
+        assert self._session is not None
+        session = self._session
+        seen = [r for r in records if point.visible(r)]
+        unseen = [r for r in records if not point.visible(r)]
+        before = Pipeline()
+        begin = before.extended("BEGIN")
+        guard = before.extended(
+            GUARD_SQL,
+            (self.database.encode(), str(self.position).encode()),
+            (),
+            POSITION_PARAM_TYPES,
+            label="check the applied position",
+        )
+        seen_plans = [self._plan(before, record, False) for record in seen]
+        before.sync()
+        status = await session.run(before)
+        failure = _first_failure(begin, seen_plans, None, None) or (
+            _Failure(guard.error, None, _SETTINGS_INDEX, guard.label) if guard.error is not None else None
+        )
+        if failure is not None or status != b"T":
+            await self._abandon_point(request, f"applying up to the point failed: {_failure_text(failure, status)}")
+            return
+        try:
+            value = await _run_work(session, request.work)
+        except TransientApplyError:
+            request.fail("the target connection was lost at the point")
+            raise
+        except Exception as exc:  # the work's own failure must never stop replay
+            await self._abandon_point(request, f"the work at the point failed: {exc}")
+            return
+        after = Pipeline()
+        unseen_plans = [self._plan(after, record, False) for record in unseen]
+        position = None
+        if records:
+            last = records[-1].position
+            assert last is not None
+            position = after.extended(
+                self._store_sql,
+                (self.database.encode(), str(last).encode()),
+                (),
+                POSITION_PARAM_TYPES,
+                label="store the applied position",
+            )
+        commit = after.extended("COMMIT")
+        after.sync()
+        status = await session.run(after)
+        failure = _first_failure(None, unseen_plans, position, commit)
+        if failure is not None or status != b"I":
+            await self._abandon_point(request, f"applying after the point failed: {_failure_text(failure, status)}")
+            return
+        if records:
+            self._committed(sorted(seen_plans + unseen_plans, key=lambda p: p.record.position or 0))
+        self.points_run += 1
+        self.points_reordered += bool(unseen)
+        request.answer(value)
+
+    async def _abandon_point(self, request: PointRequest, reason: str) -> None:
+        # Rolled back whole: replay goes on normally and meets (and handles) any refused transaction itself.
+        assert self._session is not None
+        if self._session.status != b"I":
+            await self._session.query("ROLLBACK")
+        request.fail(reason)
 
     async def _apply_batch(self, records: list[LoggedTransaction]) -> None:
         plans, failure = await self._execute(records)
@@ -535,6 +653,39 @@ class Replayer:
         )
 
 
+def _visible_prefix(records: list[LoggedTransaction], point: SourcePoint) -> list[LoggedTransaction]:
+    """The records before the first one the source point does not see."""
+    for i, record in enumerate(records):
+        if not point.visible(record):
+            return records[:i]
+    return records
+
+
+def _sets_session(records: list[LoggedTransaction]) -> bool:
+    return any(info.kind is Kind.SESSION for r in records for s in r.transaction.statements for info in classify(s.sql))
+
+
+async def _run_work(session: TargetSession, work: Work) -> object:
+    """`work` under pgleap's WORK_SETTINGS, restoring afterwards what the replayed transactions had set."""
+    names = list(WORK_SETTINGS)
+    saved = (await session.query("SELECT " + ", ".join(f"current_setting('{n}')" for n in names)))[0]
+    await session.query(
+        "SELECT " + ", ".join(f"set_config('{n}', {_literal(v)}, true)" for n, v in WORK_SETTINGS.items())
+    )
+    value = await work(session)
+    restore = (f"set_config('{n}', {_literal(v)}, true)" for n, v in zip(names, saved, strict=True))
+    await session.query("SELECT " + ", ".join(restore))
+    return value
+
+
+def _failure_text(failure: _Failure | None, status: bytes) -> str:
+    return str(failure.error) if failure is not None else f"transaction status {status.decode()}"
+
+
+def _literal(value: str | None) -> str:
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
 def _cut_after_session_settings(records: list[LoggedTransaction]) -> list[LoggedTransaction]:
     """The batch up to the first transaction that SETs something (included).
 
@@ -577,18 +728,20 @@ def _statement_tags(planned: _Planned) -> list[tuple[int, str, str | None]]:
     return tags
 
 
-def _first_failure(begin: Slot, plans: list[_Planned], position: Slot, commit: Slot) -> _Failure | None:
+def _first_failure(
+    begin: Slot | None, plans: list[_Planned], position: Slot | None, commit: Slot | None
+) -> _Failure | None:
     # Answers come in order and the server skips to Sync after an error, so the first error is the cause
     # (a failed COPY, sent as a simple Query, is followed by 25P02 errors that are only consequences).
-    if begin.error is not None:
+    if begin is not None and begin.error is not None:
         return _Failure(begin.error, None, _SETTINGS_INDEX, "BEGIN")
     for planned in plans:
         for index, sql, slot in planned.slots:
             if slot.error is not None:
                 return _Failure(slot.error, planned, index, sql)
-    if position.error is not None:
+    if position is not None and position.error is not None:
         return _Failure(position.error, None, _SETTINGS_INDEX, position.label)
-    if commit.error is not None:
+    if commit is not None and commit.error is not None:
         return _Failure(commit.error, None, _SETTINGS_INDEX, "COMMIT")
     return None
 

@@ -1,0 +1,1 @@
+"""Verification: reading source and target at one point, checksums over key ranges, bisecting, re-sync."""

@@ -1,0 +1,52 @@
+"""Running one read on the source and one on the target at the same logical point of the change stream."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from pgleap.upgrade.replay.applier import Replayer
+from pgleap.upgrade.replay.point import PointMissedError, Work
+from pgleap.upgrade.replay.snapshot import parse_snapshot
+
+log = logging.getLogger(__name__)
+
+SourceWork = Callable[[asyncpg.Connection], Awaitable[Any]]
+HOLD_WAIT = 30.0  # seconds to wait for replay to hold (it finishes the batch it is applying first)
+
+
+async def at_same_point(
+    replayer: Replayer,
+    source: asyncpg.Connection,
+    source_work: SourceWork,
+    target_work: Work,
+    *,
+    attempts: int = 5,
+) -> tuple[Any, Any]:
+    """(source_work's result, target_work's result), both read at one source snapshot (replay/point.py).
+
+    `source` must be a connection to the source primary outside any transaction. A point replay could not
+    honour is tried again with a new snapshot, up to `attempts` times; then PointMissedError.
+    """
+    for attempt in range(1, attempts + 1):
+        request = replayer.request_point(target_work)
+        await request.wait_held(HOLD_WAIT)
+        try:
+            async with source.transaction(isolation="repeatable_read", readonly=True):
+                snapshot = parse_snapshot(await source.fetchval("SELECT txid_current_snapshot()::text"))
+                # Read after the snapshot: every COMMIT forwarded before it was taken is at or below this id.
+                request.fix(snapshot, replayer.changelog.last_log_id())
+                source_result = await source_work(source)
+        except BaseException:
+            request.cancel()
+            raise
+        try:
+            return source_result, await request.wait()
+        except PointMissedError as exc:
+            if attempt == attempts:
+                raise
+            log.info("reading %s at one point: %s; trying again (%d/%d)", replayer.database, exc, attempt, attempts)
+    raise AssertionError("unreachable")
