@@ -3,42 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-import uvloop
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
-from pgleap.config import Config, UpgradeConfig, load_config
-from pgleap.errors import PgleapError
-from pgleap.store import StateStore
-from pgleap.upgrade.copy import CopyJob, CopyOptions, CopyReport, format_schema_errors, table_progress, total_progress
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
-console = Console(stderr=True)
+    from pgleap.config import Config, UpgradeConfig
+    from pgleap.upgrade.copy import CopyJob, CopyReport
+
+# Every `pgleap` command imports this module (cli/main.py registers its commands), so the copy engine,
+# asyncpg, rich and the state store are imported inside the commands that use them, not here.
+
+
+@functools.cache
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]pgleap: {message}[/red]", markup=True, highlight=False)
+    _console().print(f"[red]pgleap: {message}[/red]", markup=True, highlight=False)
     raise typer.Exit(code=2)
 
 
 def _pick(config: Path, database: str | None) -> tuple[Config, UpgradeConfig]:
+    from pgleap.config import load_config
+
     cfg = load_config(config)
     return cfg, _entry(cfg, config, database)
 
 
 def _entry(cfg: Config, config: Path, database: str | None) -> UpgradeConfig:
+    from pgleap.errors import PgleapError
+
     if database is None:
         if len(cfg.upgrades) != 1:
             names = ", ".join(u.database for u in cfg.upgrades)
@@ -51,6 +56,8 @@ def _entry(cfg: Config, config: Path, database: str | None) -> UpgradeConfig:
 
 
 async def _display(job: CopyJob, progress: Progress) -> None:
+    from pgleap.upgrade.copy import table_progress, total_progress
+
     overall: TaskID = progress.add_task("total", total=None)
     tasks: dict[str, TaskID] = {}
     while True:
@@ -78,6 +85,8 @@ async def _display(job: CopyJob, progress: Progress) -> None:
 async def _run(job: CopyJob, show_progress: bool) -> CopyReport:
     if not show_progress:
         return await job.run()
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -85,7 +94,7 @@ async def _run(job: CopyJob, show_progress: bool) -> CopyReport:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=_console(), transient=False) as progress:
         display = asyncio.create_task(_display(job, progress))
         try:
             return await job.run()
@@ -95,6 +104,8 @@ async def _run(job: CopyJob, show_progress: bool) -> CopyReport:
 
 
 def _print_report(report: CopyReport) -> None:
+    from pgleap.upgrade.copy import format_schema_errors
+
     mb = report.bytes / 1e6
     typer.echo(
         f"copied database {report.database} ({report.mode}, run {report.run_id}"
@@ -125,6 +136,11 @@ def copy_command(
         None, help="split tables larger than this (sync.split_threshold_mb)"
     ),
     chunk_mb: float | None = typer.Option(None, help="size of one range of a split table (sync.chunk_mb)"),
+    split_policy: str = typer.Option(
+        "makespan",
+        help="makespan: split a table above the threshold only when that shortens the estimated copy; "
+        "always: split every one",
+    ),
     on_schema_error: str | None = typer.Option(None, help="stop or skip (sync.on_schema_error)"),
     no_roles: bool = typer.Option(False, "--no-roles", help="do not copy roles (overrides sync.copy_roles)"),
     text: bool = typer.Option(False, "--text", help="text COPY for every table (overrides sync.copy_binary)"),
@@ -135,6 +151,12 @@ def copy_command(
 ) -> None:
     """Copy schema, data and sequences of a source database to its target at one snapshot S (resumable)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    from pgleap.errors import PgleapError
+    from pgleap.store import StateStore
+    from pgleap.upgrade.copy import CopyJob, CopyOptions
+
     try:
         cfg, upgrade = _pick(config, database)
         sync = upgrade.sync
@@ -142,6 +164,7 @@ def copy_command(
             parallel_workers=workers or sync.parallel_workers,
             split_threshold_bytes=int((split_threshold_mb or sync.split_threshold_mb) * 1024 * 1024),
             chunk_bytes=max(1, int((chunk_mb or sync.chunk_mb) * 1024 * 1024)),
+            split_policy=split_policy,
             on_schema_error=on_schema_error or sync.on_schema_error,
             copy_roles=sync.copy_roles and not no_roles,
             binary=sync.copy_binary and not text,
@@ -172,6 +195,7 @@ def replica_create(
     timeout: float = typer.Option(120, "--timeout", help="seconds to wait for the replica to start and stream"),
 ) -> None:
     """Provision Bob from Alice with pg_basebackup, configure it as a standby, start it, wait until it streams."""
+    from pgleap.errors import PgleapError
     from pgleap.lab.osuser import as_server_user
     from pgleap.upgrade.copy.provision import provision_replica
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pgleap.upgrade.copy.connect import qualified
 
 INTEGER_KEY_TYPES = frozenset({"int2", "int4", "int8"})
+SPLIT_POLICIES = ("makespan", "always")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class CopyOptions:
     parallel_workers: int = 4
     split_threshold_bytes: int = 256 * 1024 * 1024  # tables above this are split into ranges
     chunk_bytes: int = 128 * 1024 * 1024  # target size of one range
+    # "makespan": split a table above the threshold only when that shortens the estimated copy (plan.py);
+    # "always": split every table above the threshold.
+    split_policy: str = "makespan"
     on_schema_error: str = "stop"  # or "skip"
     copy_roles: bool = True
     binary: bool = True  # False forces text COPY everywhere
@@ -76,5 +80,7 @@ class CopyOptions:
     def __post_init__(self) -> None:
         if self.on_schema_error not in ("stop", "skip"):
             raise ValueError(f"on_schema_error must be 'stop' or 'skip', got {self.on_schema_error!r}")
+        if self.split_policy not in SPLIT_POLICIES:
+            raise ValueError(f"split_policy must be 'makespan' or 'always', got {self.split_policy!r}")
         if self.parallel_workers < 1:
             raise ValueError("parallel_workers must be at least 1")
