@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import platform
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,9 @@ class AdminCommandError(Exception):
 
 
 Handler = Callable[["Proxy", "Session"], Awaitable[Result]]
+ArgumentHandler = Callable[["Proxy", "Session", str], Awaitable[Result]]
 _COMMANDS: dict[str, Handler] = {}
+_ARGUMENT_COMMANDS: dict[str, tuple[re.Pattern[str], ArgumentHandler]] = {}
 
 _SECRET_KEYS = ("password", "scram_verifier", "md5_hash")
 
@@ -56,9 +59,20 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
+def command_with_argument(name: str) -> Callable[[ArgumentHandler], ArgumentHandler]:
+    """Register a command that takes one string literal after its name: VERIFY TABLE 'public.accounts'."""
+    pattern = re.compile(r"\s*" + r"\s+".join(name.split()) + r"\s+'((?:[^']|'')*)'\s*", re.IGNORECASE)
+
+    def register(handler: ArgumentHandler) -> ArgumentHandler:
+        _ARGUMENT_COMMANDS[name] = (pattern, handler)
+        return handler
+
+    return register
+
+
 def valid_commands() -> list[str]:
     """Every command the console understands."""
-    return sorted(_COMMANDS)
+    return sorted([*_COMMANDS, *(f"{name} '...'" for name in _ARGUMENT_COMMANDS)])
 
 
 async def run_command(proxy: Proxy, session: Session, statement: str) -> Result:
@@ -66,6 +80,10 @@ async def run_command(proxy: Proxy, session: Session, statement: str) -> Result:
     normalised = " ".join(statement.upper().split())
     handler = _COMMANDS.get(normalised)
     if handler is None:
+        for pattern, with_argument in _ARGUMENT_COMMANDS.values():
+            found = pattern.fullmatch(statement)
+            if found is not None:
+                return await with_argument(proxy, session, found.group(1).replace("''", "'"))
         raise AdminCommandError(
             f"unknown admin command: {statement}",
             syntax=True,
@@ -306,4 +324,4 @@ async def shutdown(proxy: Proxy, _session: Session) -> Result:
 
 
 # The upgrade engine's commands live in their own module; importing it registers them.
-from pgleap.admin import upgrade_commands  # noqa: E402, F401
+from pgleap.admin import upgrade_commands, verify_commands  # noqa: E402, F401

@@ -53,6 +53,7 @@ ROW_DESCRIPTION = ord("T")
 DATA_ROW = ord("D")
 NO_DATA = ord("n")
 PORTAL_SUSPENDED = ord("s")
+COPY_IN_RESPONSE = ord("G")
 NEGOTIATE_PROTOCOL_VERSION = ord("v")
 
 # Authentication request codes.

@@ -57,6 +57,7 @@ class Proxy:
         self._changelog: Any = None  # the SQLiteChangeLog once capture has started
         self.replay: Any = None  # the ReplayService (upgrade/replay/service.py) once START REPLAY ran
         self.bypass_monitors: dict[str, Any] = {}  # database -> BypassMonitor (capture/bypass.py)
+        self._verifier: Any = None  # the VerifyService (upgrade/verify/service.py), made on first use
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` in the background, keeping a reference until it ends."""
@@ -319,6 +320,17 @@ class Proxy:
             return []
         notes: list[str] = await self.replay.stop_all()
         return notes
+
+    def verifier(self) -> Any:
+        """The VerifyService: verification and re-sync at replay's points (VERIFY TABLE, FORCE RESYNC TABLE)."""
+        if self._verifier is None:
+            from pgleap.upgrade.verify.service import VerifyService
+
+            self._verifier = VerifyService(
+                lambda name: self.config.upgrade_for(name),
+                lambda name: self.replay.replayer(name) if self.replay is not None else None,
+            )
+        return self._verifier
 
     def start_bypass_monitor(self, database_name: str) -> None:
         """Start looking for sessions writing on the database's source without going through pgleap."""

@@ -109,6 +109,11 @@ class ReplayService:
         self._runs: dict[str, _Run] = {}
         self._carried: dict[str, tuple[int, int]] = {}  # (applied, divergences) of runs that ended
 
+    def replayer(self, database: str) -> Replayer | None:
+        """The Replayer of `database` while its replay runs (verification reads at its points)."""
+        run = self._runs.get(database)
+        return run.replayer if run is not None and run.running else None
+
     def running(self, database: str) -> bool:
         """Whether replay of `database` is running."""
         run = self._runs.get(database)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import re
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from pgleap.config import ServerConfig
@@ -177,8 +178,18 @@ class TargetSession:
 
     async def query(self, sql: str) -> list[tuple[str | None, ...]]:
         """Run a simple query of pgleap's own; rows in text. A server error raises TargetRefusedError."""
+        rows, _ = await self._simple(sql)
+        return rows
+
+    async def execute(self, sql: str) -> str:
+        """Run a statement of pgleap's own; its command tag. A server error raises TargetRefusedError."""
+        _, tag = await self._simple(sql)
+        return tag
+
+    async def _simple(self, sql: str) -> tuple[list[tuple[str | None, ...]], str]:
         rows: list[tuple[str | None, ...]] = []
         error: ServerError | None = None
+        tag = ""
         writer, reader = self.conn.writer, self.conn.reader
         try:
             writer.write(message(codes.QUERY, cstr(sql)))
@@ -187,6 +198,8 @@ class TargetSession:
                 kind, body = await read_message(reader, _MAX_ANSWER)
                 if kind == codes.DATA_ROW:
                     rows.append(tuple(text_row(body)))
+                elif kind == codes.COMMAND_COMPLETE:
+                    tag = body.rstrip(b"\0").decode()
                 elif kind == codes.ERROR_RESPONSE:
                     error = parse_error(body)
                     if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
@@ -198,7 +211,47 @@ class TargetSession:
             raise TransientApplyError(f"connection to the target lost: {_lost(exc)}") from exc
         if error is not None:
             raise TargetRefusedError(f"the target refused pgleap's statement {sql!r}: {error}")
-        return rows
+        return rows, tag
+
+    async def copy_in_stream(self, sql: str, data: AsyncIterator[bytes]) -> str:
+        """COPY ... FROM STDIN fed from `data` as it comes; the command tag. A server error raises
+        TargetRefusedError; an error raised by `data` aborts the COPY (CopyFail) and is raised again."""
+        writer, reader = self.conn.writer, self.conn.reader
+        error: ServerError | None = None
+        failure: BaseException | None = None
+        tag = ""
+        try:
+            writer.write(message(codes.QUERY, cstr(sql)))
+            kind, body = await read_message(reader, _MAX_ANSWER)
+            if kind == codes.COPY_IN_RESPONSE:
+                try:
+                    async for chunk in data:
+                        writer.write(message(codes.COPY_DATA, chunk))
+                        await writer.drain()
+                except Exception as exc:
+                    failure = exc
+                    writer.write(message(codes.COPY_FAIL, cstr(f"pgleap: the source side failed: {exc}")))
+                else:
+                    writer.write(message(codes.COPY_DONE))
+                kind, body = await read_message(reader, _MAX_ANSWER)
+            while True:
+                if kind == codes.ERROR_RESPONSE:
+                    error = error or parse_error(body)
+                    if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
+                        raise TransientApplyError(f"target: {error}")
+                elif kind == codes.COMMAND_COMPLETE:
+                    tag = body.rstrip(b"\0").decode()
+                elif kind == codes.READY_FOR_QUERY:
+                    self.status = body[:1]
+                    break
+                kind, body = await read_message(reader, _MAX_ANSWER)
+        except (OSError, asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
+            raise TransientApplyError(f"connection to the target lost: {_lost(exc)}") from exc
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise TargetRefusedError(f"the target refused pgleap's {sql!r}: {error}")
+        return tag
 
 
 def _lost(exc: BaseException) -> str:

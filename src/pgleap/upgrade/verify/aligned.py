@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,8 +30,9 @@ async def at_same_point(
 ) -> tuple[Any, Any]:
     """(source_work's result, target_work's result), both read at one source snapshot (replay/point.py).
 
-    `source` must be a connection to the source primary outside any transaction. A point replay could not
-    honour is tried again with a new snapshot, up to `attempts` times; then PointMissedError.
+    `source` must be a connection to the source primary outside any transaction. The two works run at the
+    same time (the target's may consume what the source's produces). A point replay could not honour is
+    tried again with a new snapshot, up to `attempts` times; then PointMissedError.
     """
     for attempt in range(1, attempts + 1):
         request = replayer.request_point(target_work)
@@ -39,7 +42,15 @@ async def at_same_point(
                 snapshot = parse_snapshot(await source.fetchval("SELECT txid_current_snapshot()::text"))
                 # Read after the snapshot: every COMMIT forwarded before it was taken is at or below this id.
                 request.fix(snapshot, replayer.changelog.last_log_id())
-                source_result = await source_work(source)
+                reading = asyncio.ensure_future(source_work(source))
+                await asyncio.wait({reading, request.result}, return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done() and request.result.exception() is not None:
+                    reading.cancel()  # the point is missed: nobody will consume what it reads
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reading
+                    source_result = None
+                else:
+                    source_result = await reading
         except BaseException:
             request.cancel()
             raise

@@ -1,0 +1,201 @@
+"""Verification and re-sync inside the pgleap process, where replay runs: what VERIFY TABLE and
+FORCE RESYNC TABLE call, and what status shows afterwards.
+
+A verification that finds differences repairs them when `resync_on_error` is on: the differing rows (or,
+for a table without a key, the whole table) are copied again at a point, then checked again at a new
+point, up to `max_resync_attempts` times. What stays different is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from pgleap.config import UpgradeConfig
+from pgleap.errors import PgleapError
+from pgleap.upgrade.compat.facts import facts_for
+from pgleap.upgrade.copy.connect import connect, version_num
+from pgleap.upgrade.copy.model import Table
+from pgleap.upgrade.copy.plan import load_tables
+from pgleap.upgrade.replay.applier import Replayer
+from pgleap.upgrade.replay.point import WORK_SETTINGS
+from pgleap.upgrade.verify.resync import ResyncResult, resync_keys, resync_table
+from pgleap.upgrade.verify.table import RowDifference, TableVerification, TableVerifier
+
+log = logging.getLogger(__name__)
+
+_HISTORY = 200  # table reports kept for SHOW UPGRADE STATUS / ERRORS
+
+
+class VerifyError(PgleapError):
+    """Verification cannot run: no replay for the database, an unknown table, the source unreachable."""
+
+
+@dataclass
+class TableReport:
+    """One table's verification, and the re-syncs it led to."""
+
+    verification: TableVerification
+    repairs: list[ResyncResult] = field(default_factory=list)
+    remaining: list[RowDifference] = field(default_factory=list)  # still different after the last repair
+    remaining_whole_table: bool = False
+    finished_at: float = field(default_factory=time.time)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing differs now (found clean, or repaired and checked again)."""
+        if self.repairs:
+            return not self.remaining and not self.remaining_whole_table
+        return self.verification.clean
+
+
+class VerifyService:
+    """Verifies and re-syncs tables of the databases whose replay runs in this process."""
+
+    def __init__(
+        self, upgrade_of: Callable[[str], UpgradeConfig | None], replayer_of: Callable[[str], Replayer | None]
+    ) -> None:
+        self.upgrade_of = upgrade_of
+        self.replayer_of = replayer_of
+        self.reports: list[TableReport] = []
+
+    def last_reports(self) -> dict[tuple[str, str], TableReport]:
+        """The latest report per (database, table)."""
+        latest: dict[tuple[str, str], TableReport] = {}
+        for report in self.reports:
+            latest[(report.verification.database, report.verification.table)] = report
+        return latest
+
+    async def verify(
+        self, database: str, names: list[str] | None = None, *, repair: bool | None = None
+    ) -> list[TableReport]:
+        """Verify the named tables (every table when None) of `database`, repairing per config or `repair`."""
+        upgrade, replayer = self._prepared(database)
+        do_repair = upgrade.sync.resync_on_error if repair is None else repair
+        source = await self._source(upgrade)
+        try:
+            reports = []
+            for table in await self._tables(source, database, names):
+                verifier = self._verifier(upgrade, replayer, source, table)
+                report = TableReport(await verifier.run())
+                if do_repair and not report.verification.clean:
+                    await self._repair(upgrade, replayer, source, table, verifier, report)
+                report.finished_at = time.time()
+                self._keep(report)
+                reports.append(report)
+            return reports
+        finally:
+            await source.close()
+
+    async def force_resync(self, database: str, name: str) -> ResyncResult:
+        """Copy one whole table again at a point, whatever verification would say."""
+        upgrade, replayer = self._prepared(database)
+        source = await self._source(upgrade)
+        try:
+            (table,) = await self._tables(source, database, [name])
+            result = await resync_table(replayer, source, table)
+            log.info(
+                "re-sync of %s.%s: %d rows copied, %d removed", database, table.label, result.copied, result.deleted
+            )
+            return result
+        finally:
+            await source.close()
+
+    async def _repair(
+        self,
+        upgrade: UpgradeConfig,
+        replayer: Replayer,
+        source: asyncpg.Connection,
+        table: Table,
+        verifier: TableVerifier,
+        report: TableReport,
+    ) -> None:
+        found = report.verification
+        keys = [d.key for d in found.differences]
+        whole = found.whole_table_differs
+        for _ in range(upgrade.sync.max_resync_attempts):
+            if whole:
+                report.repairs.append(await resync_table(replayer, source, table))
+                again = await self._verifier(upgrade, replayer, source, table).run()
+                whole, report.remaining_whole_table = again.whole_table_differs, again.whole_table_differs
+                report.remaining = again.differences
+                if not whole and not again.differences:
+                    return
+                keys = [d.key for d in again.differences]
+                continue
+            report.repairs.append(await resync_keys(replayer, source, table, keys))
+            report.remaining = await verifier.verify_keys(keys)
+            if not report.remaining:
+                return
+            keys = [d.key for d in report.remaining]
+        log.error(
+            "re-sync of %s.%s: still different after %d attempts (%d rows%s); see SHOW UPGRADE ERRORS",
+            found.database,
+            found.table,
+            len(report.repairs),
+            len(report.remaining),
+            ", whole table" if report.remaining_whole_table else "",
+        )
+
+    def _keep(self, report: TableReport) -> None:
+        self.reports.append(report)
+        del self.reports[:-_HISTORY]
+        v = report.verification
+        log.info(
+            "verified %s.%s: %d chunks, %d differing, %d rows differ%s, %.2fs, %d points%s",
+            v.database,
+            v.table,
+            v.chunks,
+            v.differing_chunks,
+            len(v.differences),
+            " (whole table, no primary key)" if v.whole_table_differs else "",
+            v.seconds,
+            v.points,
+            "; repaired" if report.repairs and report.clean else "",
+        )
+
+    def _verifier(
+        self, upgrade: UpgradeConfig, replayer: Replayer, source: asyncpg.Connection, table: Table
+    ) -> TableVerifier:
+        return TableVerifier(
+            replayer,
+            source,
+            table,
+            chunk_rows=upgrade.sync.verify_chunk_rows,
+            chunks_per_round=upgrade.sync.verify_chunks_per_round,
+        )
+
+    def _prepared(self, database: str) -> tuple[UpgradeConfig, Replayer]:
+        upgrade = self.upgrade_of(database)
+        if upgrade is None:
+            raise VerifyError(f"no [[auto_upgrade]] entry for database {database!r}")
+        replayer = self.replayer_of(database)
+        if replayer is None:
+            raise VerifyError(
+                f"database {database!r}: replay is not running; verification compares source and target at "
+                f"the same point of the change stream, which only replay can hold: START REPLAY first"
+            )
+        return upgrade, replayer
+
+    async def _source(self, upgrade: UpgradeConfig) -> asyncpg.Connection:
+        # Read on the primary: the point's snapshot must be one the change log's commits are ordered
+        # against, and unlogged tables cannot be read on a standby.
+        settings = {"application_name": "pgleap_verify", **WORK_SETTINGS}
+        return await connect(upgrade.source, role="source", settings=settings)
+
+    async def _tables(self, source: asyncpg.Connection, database: str, names: list[str] | None) -> list[Table]:
+        tables = await load_tables(source, facts_for(await version_num(source)), allow_binary=False)
+        if names is None:
+            return tables
+        chosen = []
+        for name in names:
+            matches = [t for t in tables if name in (t.label, t.name)]
+            if len(matches) != 1:
+                found = "no table" if not matches else f"{len(matches)} tables ({', '.join(t.label for t in matches)})"
+                raise VerifyError(f"database {database!r}: {found} named {name!r}; give it as schema.table")
+            chosen.append(matches[0])
+        return chosen
