@@ -173,7 +173,12 @@ def test_verification_under_load_finds_every_difference_and_resync_repairs_them(
         bench.terminate()
         bench.communicate(60)
 
+    assert env.proxy.proxy is not None
+    capture = env.proxy.proxy.databases["app"].capture
+    env.proxy.call(capture.drain())  # the COMMITs in flight when pgbench was stopped are settled
     with env.admin() as admin:
+        # A COMMIT pgbench sent just before it was stopped is settled from the source (txid_status).
+        wait_for(lambda: show(admin, "SHOW CAPTURE")[0]["log_pending"] == "0", "no change-log record pending", 60)
         wait_for(lambda: show(admin, "SHOW REPLAY")[0]["lag_transactions"] == "0", "replay to catch up", 120)
     source = ServerConfig(env.source.host, env.source.port, env.dbname, env.source.superuser, env.source.password)
     target = ServerConfig(env.target.host, env.target.port, env.dbname, env.target.superuser, env.target.password)

@@ -57,6 +57,12 @@ class Proxy:
         self._changelog: Any = None  # the SQLiteChangeLog once capture has started
         self.replay: Any = None  # the ReplayService (upgrade/replay/service.py) once START REPLAY ran
         self.bypass_monitors: dict[str, Any] = {}  # database -> BypassMonitor (capture/bypass.py)
+        # Result comparison of sampled reads (upgrade/verify/results.py); the capture path asks it per read.
+        from pgleap.upgrade.verify.results import ResultValidator, replayer_lookup
+
+        self.validator: ResultValidator | None = ResultValidator(
+            config.upgrades, replayer_lookup(self), lambda: self._changelog
+        )
         self._verifier: Any = None  # the VerifyService (upgrade/verify/service.py), made on first use
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -132,6 +138,10 @@ class Proxy:
                 notes.append(f"database {name}: settling {len(left)} change-log records a crash left pending")
                 self.spawn(self._settle_pending(database, left))
         return notes
+
+    def settle_orphan(self, database: Database, log_id: int, tx: Any) -> None:
+        """Settle, from the source, a record whose COMMIT went out on a session that closed before its answer."""
+        self.spawn(self._settle_pending(database, [(log_id, tx)]))
 
     async def _settle_pending(self, database: Database, left: list[Any]) -> None:
         from pgleap.upgrade.capture.recovery import settle_pending
@@ -246,6 +256,8 @@ class Proxy:
         if new.proxy.ddl != self.config.proxy.ddl:
             notes.append(f'ddl = "{new.proxy.ddl}": applies to capture now, and to replay at its next START REPLAY')
         self.config = new
+        if self.validator is not None:
+            self.validator.configure(new.upgrades)
         notes.append("users, admin credentials and limits reloaded")
         return notes
 

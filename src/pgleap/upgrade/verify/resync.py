@@ -33,7 +33,7 @@ from pgleap.upgrade.verify.checksums import Key
 
 log = logging.getLogger(__name__)
 
-KEYS_PER_POINT = 2000  # rows re-synced per point: one DELETE ... IN and one COPY
+KEYS_PER_POINT = 10000  # rows re-synced per point: one DELETE ... = ANY and one COPY
 ATTEMPTS = 5  # points tried before giving up (each with a new snapshot)
 _QUEUE_CHUNKS = 64  # COPY chunks buffered between source and target
 

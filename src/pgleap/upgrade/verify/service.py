@@ -23,6 +23,7 @@ from pgleap.upgrade.copy.model import Table
 from pgleap.upgrade.copy.plan import load_tables
 from pgleap.upgrade.replay.applier import Replayer
 from pgleap.upgrade.replay.point import WORK_SETTINGS
+from pgleap.upgrade.verify.checksums import Key
 from pgleap.upgrade.verify.resync import ResyncResult, resync_keys, resync_table
 from pgleap.upgrade.verify.table import RowDifference, TableVerification, TableVerifier
 
@@ -102,6 +103,17 @@ class VerifyService:
                 "re-sync of %s.%s: %d rows copied, %d removed", database, table.label, result.copied, result.deleted
             )
             return result
+        finally:
+            await source.close()
+
+    async def repair_rows(self, database: str, name: str, keys: list[Key]) -> tuple[ResyncResult, list[RowDifference]]:
+        """Re-sync the rows with these keys, then compare them again: (what was done, what still differs)."""
+        upgrade, replayer = self._prepared(database)
+        source = await self._source(upgrade)
+        try:
+            (table,) = await self._tables(source, database, [name])
+            done = await resync_keys(replayer, source, table, keys)
+            return done, await self._verifier(upgrade, replayer, source, table).verify_keys(keys)
         finally:
             await source.close()
 
