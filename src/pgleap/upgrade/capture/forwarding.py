@@ -149,6 +149,7 @@ class CapturingForwarder(Forwarder):
         self._commit_point: str | None = None  # "commit" or "sync": why the stash was taken
         self._preparing = False
         self._log_id: int | None = None  # the pending record of the transaction whose COMMIT went out
+        self._log_tx: CapturedTransaction | None = None  # and that transaction
         self._held_tag: bytes | None = None  # a wrapped string's last CommandComplete, until the COMMIT answers
         self._temp_names: set[str] = set()  # temporary tables this session may have created (never shrinks)
         self._catalog_waited = False  # the held message comes back from waiting for the catalog
@@ -615,7 +616,7 @@ class CapturingForwarder(Forwarder):
                 # The COMMIT never went out: the source rolled the transaction back with the connection.
                 self.capture.settle(log_id, None, committed=False)
             return
-        self._log_id = log_id
+        self._log_id, self._log_tx = log_id, tx
         go_on()
 
     def _release_stash(self, point: str | None) -> None:
@@ -857,6 +858,12 @@ class CapturingForwarder(Forwarder):
         catalog = getattr(self, "capture", None) and self.capture.catalog
         if catalog is not None:
             catalog.transaction_ended(self.session.id)
+        log_id = getattr(self, "_log_id", None)
+        if log_id is not None and self._log_tx is not None:
+            # The COMMIT went out but its answer will never be read (the client left): ask the source what
+            # became of it, or the pending record would hold back replay of every later transaction.
+            self.proxy.settle_orphan(self.database, log_id, self._log_tx)
+            self._log_id = self._log_tx = None
         super().close(error)
 
     def _capture_broken(self, exc: Exception) -> None:
