@@ -141,13 +141,14 @@ class Proxy:
 
     def settle_orphan(self, database: Database, log_id: int, tx: Any) -> None:
         """Settle, from the source, a record whose COMMIT went out on a session that closed before its answer."""
-        self.spawn(self._settle_pending(database, [(log_id, tx)]))
+        changelog = database.capture.changelog if database.capture is not None else self._changelog
+        self.spawn(self._settle_pending(database, [(log_id, tx)], changelog))
 
-    async def _settle_pending(self, database: Database, left: list[Any]) -> None:
+    async def _settle_pending(self, database: Database, left: list[Any], changelog: Any = None) -> None:
         from pgleap.upgrade.capture.recovery import settle_pending
 
         try:
-            await settle_pending(self._changelog, database.upgrade.source, left, database.upgrade.database)
+            await settle_pending(changelog or self._changelog, database.upgrade.source, left, database.upgrade.database)
         except Exception as exc:
             # Replay stays held back behind these records until a restart settles them: say so loudly.
             log.error("database %s: could not settle pending change-log records: %s", database.upgrade.database, exc)

@@ -39,7 +39,7 @@ class RecoveryReport:
     def describe(self) -> str:
         """One line for the log and the console."""
         parts = ", ".join(f"{n} {state.value}" for state, n in sorted(self.settled.items())) or "none pending"
-        return f"database {self.database}: change-log records left pending by a crash: {parts}"
+        return f"database {self.database}: change-log records left pending (by a crash, or a client gone): {parts}"
 
 
 async def settle_pending(
