@@ -10,7 +10,9 @@ through pgleap for the whole test.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -184,3 +186,24 @@ def test_verification_under_load_finds_every_difference_and_resync_repairs_them(
     target = ServerConfig(env.target.host, env.target.port, env.dbname, env.target.superuser, env.target.password)
     problems = asyncio.run(database_differences(source, target))
     assert not problems, "\n".join(problems)
+
+
+def test_pgleap_verify_command_asks_the_running_pgleap(env: Env, tmp_path: Path) -> None:
+    """`pgleap verify items` prints the table's verdict; a row changed on the target is found and re-synced."""
+    command = [sys.executable, "-m", "pgleap.cli.main", "verify", "-c", str(tmp_path / "pgleap.toml")]
+    command += ["--port", str(env.proxy.port)]
+    wide = {**os.environ, "COLUMNS": "250"}
+    first = subprocess.run([*command, "items"], capture_output=True, text=True, timeout=120, env=wide)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "public.items" in first.stdout and "yes" in first.stdout
+    env.target.psql("UPDATE items SET qty = qty + 1 WHERE code = 'item-00042'", dbname=env.dbname)
+    second = subprocess.run([*command, "public.items"], capture_output=True, text=True, timeout=120, env=wide)
+    assert second.returncode == 0, second.stdout + second.stderr  # found, re-synced (resync_on_error), clean
+    header = next(row for row in second.stdout.splitlines() if "different" in row)
+    line = next(row for row in second.stdout.splitlines() if "public.items" in row)
+    cells = dict(zip((h.strip() for h in header.split("┃")), (c.strip() for c in line.split("│")), strict=True))
+    assert (cells["different"], cells["repairs"], cells["clean"]) == ("1", "1", "yes"), line
+    query = "SELECT qty FROM items WHERE code = 'item-00042'"
+    assert env.target.psql(query, dbname=env.dbname) == env.source.psql(query, dbname=env.dbname)
+    unknown = subprocess.run([*command, "no_such_table"], capture_output=True, text=True, timeout=120, env=wide)
+    assert unknown.returncode == 2 and "no table named 'no_such_table'" in unknown.stdout, unknown.stdout
