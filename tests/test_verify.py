@@ -10,6 +10,7 @@ through pgleap for the whole test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -73,11 +74,18 @@ def make_database(server: LabServer, dbname: str) -> None:
 
 @pytest.fixture
 def env(tmp_path: Path, pg_old: LabServer, target18: LabServer) -> Iterator[Env]:
+    with replaying(tmp_path, pg_old, target18) as ready:
+        yield ready
+
+
+@contextlib.contextmanager
+def replaying(tmp_path: Path, pg_old: LabServer, target18: LabServer, extra: str = "") -> Iterator[Env]:
+    """The same data on both servers, capture and replay started from S; everything removed afterwards."""
     dbname = f"vf_{uuid.uuid4().hex[:10]}"
     for server in (pg_old, target18):
         make_database(server, dbname)
     source = ServerConfig(pg_old.host, pg_old.port, dbname, pg_old.superuser, pg_old.password)
-    proxy = start_proxy(tmp_path, {"app": source}, targets={"app": target18})  # type: ignore[dict-item]
+    proxy = start_proxy(tmp_path, {"app": source}, targets={"app": target18}, extra=extra)  # type: ignore[dict-item]
     try:
         with psycopg.connect(proxy.dsn("pgleap", "pgleap_admin", "admin-secret"), autocommit=True) as admin:
             admin.execute("START CAPTURE")
@@ -207,3 +215,27 @@ def test_pgleap_verify_command_asks_the_running_pgleap(env: Env, tmp_path: Path)
     assert env.target.psql(query, dbname=env.dbname) == env.source.psql(query, dbname=env.dbname)
     unknown = subprocess.run([*command, "no_such_table"], capture_output=True, text=True, timeout=120, env=wide)
     assert unknown.returncode == 2 and "no table named 'no_such_table'" in unknown.stdout, unknown.stdout
+
+
+def test_a_table_flagged_by_a_skipped_transaction_is_resynced_by_itself(
+    tmp_path: Path, pg_old: LabServer, target18: LabServer
+) -> None:
+    """on_apply_error = "skip_and_resync": the refused INSERT is skipped, its table re-synced, unflagged."""
+    with replaying(tmp_path, pg_old, target18, extra='on_apply_error = "skip_and_resync"') as env:
+        env.target.psql("INSERT INTO items SELECT 'zz-target', 1, 1, NULL, now()", dbname=env.dbname)
+        with psycopg.connect(env.proxy.dsn(), autocommit=True) as app:
+            app.execute("INSERT INTO items VALUES ('zz-target', 2.5, 7, NULL, '2024-01-01 00:00:00+00')")
+            app.execute("UPDATE items SET qty = 99 WHERE code = 'item-00001'")
+        assert env.proxy.proxy is not None and env.proxy.proxy.replay is not None
+        journal = env.proxy.proxy.replay.journal
+        wait_for(lambda: journal.errors("app"), "the refused INSERT to be skipped", 30)
+        assert journal.errors("app")[0].sqlstate == "23505"
+        # Flagged, then found (the target's own row differs), re-synced and unflagged by pgleap itself.
+        wait_for(lambda: not journal.resync_tables("app"), "the flagged table to be re-synced", 60)
+        query = (
+            "SELECT code, encode(float8send(price), 'hex'), qty FROM items "
+            "WHERE code IN ('zz-target', 'item-00001') ORDER BY code"
+        )
+        assert env.target.psql(query, dbname=env.dbname) == env.source.psql(query, dbname=env.dbname)
+        reports = env.proxy.proxy.verifier().reports
+        assert reports and reports[-1].repairs and reports[-1].clean

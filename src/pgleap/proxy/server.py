@@ -64,6 +64,7 @@ class Proxy:
             config.upgrades, replayer_lookup(self), lambda: self._changelog
         )
         self._verifier: Any = None  # the VerifyService (upgrade/verify/service.py), made on first use
+        self._watching = False  # whether the VerifyService re-syncs tables replay flags
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` in the background, keeping a reference until it ends."""
@@ -325,10 +326,24 @@ class Proxy:
             self.replay = ReplayService(self._changelog, journal, replayer_options=options)
         upgrades = [self.databases[name].upgrade for name in sorted(self.databases)]
         notes: list[str] = self.replay.start_all(upgrades, self.state_store(), snapshots)
+        if not self._watching:
+            self._watching = True
+            replay = self.replay
+            self.spawn(
+                self._watch_flagged(lambda: [n for n in sorted(self.databases) if replay.running(n)], replay.journal)
+            )
         return notes
+
+    async def _watch_flagged(self, databases: Any, journal: Any) -> None:
+        try:
+            await self.verifier().watch_flagged(databases, journal)
+        finally:
+            self._watching = False
 
     async def stop_replay(self) -> list[str]:
         """Stop every database's replay after its current batch."""
+        if self._verifier is not None:
+            self._verifier.stop_watching()
         if self.replay is None:
             return []
         notes: list[str] = await self.replay.stop_all()

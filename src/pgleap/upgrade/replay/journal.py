@@ -128,6 +128,11 @@ class ApplyJournal:
         ).fetchall()
         return [Divergence(*r) for r in rows]
 
+    def clear_resync(self, database: str, table: str) -> None:
+        """The table was re-synced and verified equal: no longer flagged."""
+        with self._lock:
+            self._db.execute("DELETE FROM resync_table WHERE database = ? AND table_name = ?", (database, table))
+
     def resync_tables(self, database: str) -> list[str]:
         """Tables of `database` flagged for re-sync, by name."""
         rows = self._db.execute(

@@ -8,6 +8,8 @@ point, up to `max_resync_attempts` times. What stays different is reported, neve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from pgleap.upgrade.copy.connect import connect, version_num
 from pgleap.upgrade.copy.model import Table
 from pgleap.upgrade.copy.plan import load_tables
 from pgleap.upgrade.replay.applier import Replayer
+from pgleap.upgrade.replay.journal import ApplyJournal
 from pgleap.upgrade.replay.point import WORK_SETTINGS
 from pgleap.upgrade.verify.checksums import Key
 from pgleap.upgrade.verify.resync import ResyncResult, resync_keys, resync_table
@@ -30,6 +33,7 @@ from pgleap.upgrade.verify.table import RowDifference, TableVerification, TableV
 log = logging.getLogger(__name__)
 
 _HISTORY = 200  # table reports kept for SHOW UPGRADE STATUS / ERRORS
+FLAGGED_INTERVAL = 10.0  # seconds between looks for tables replay flagged for re-sync
 
 
 class VerifyError(PgleapError):
@@ -63,6 +67,7 @@ class VerifyService:
         self.upgrade_of = upgrade_of
         self.replayer_of = replayer_of
         self.reports: list[TableReport] = []
+        self._stop_watching = asyncio.Event()
 
     def last_reports(self) -> dict[tuple[str, str], TableReport]:
         """The latest report per (database, table)."""
@@ -91,6 +96,35 @@ class VerifyService:
             return reports
         finally:
             await source.close()
+
+    async def resync_flagged(self, database: str, journal: ApplyJournal) -> list[TableReport]:
+        """Verify and repair the tables replay flagged for re-sync (a skipped transaction); unflag the clean ones."""
+        reports = []
+        for name in journal.resync_tables(database):
+            try:
+                (report,) = await self.verify(database, [name], repair=True)
+            except PgleapError as exc:
+                log.error("re-sync of flagged table %s.%s failed: %s; it stays flagged", database, name, exc)
+                continue
+            reports.append(report)
+            if report.clean:
+                journal.clear_resync(database, name)
+        return reports
+
+    async def watch_flagged(self, databases: Callable[[], list[str]], journal: ApplyJournal) -> None:
+        """Until stop_watching(): re-sync flagged tables of `databases()` whose resync_on_error is on."""
+        self._stop_watching.clear()
+        while not self._stop_watching.is_set():
+            for database in databases():
+                upgrade = self.upgrade_of(database)
+                if upgrade is not None and upgrade.sync.resync_on_error and journal.resync_tables(database):
+                    await self.resync_flagged(database, journal)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_watching.wait(), FLAGGED_INTERVAL)
+
+    def stop_watching(self) -> None:
+        """End watch_flagged (replay is stopping)."""
+        self._stop_watching.set()
 
     async def force_resync(self, database: str, name: str) -> ResyncResult:
         """Copy one whole table again at a point, whatever verification would say."""
