@@ -136,11 +136,11 @@ class TableVerifier:
                     small.append((piece, counts))  # too few source rows to cut by: the target has the surplus
                 else:
                     groups.append((pieces, max(counts)))
-            for batch in _batches(small, lambda item: max(item[1]), budget):
+            for batch in batches(small, lambda item: max(item[1]), budget):
                 queries = [sql.row_hashes_sql(self.table, sql.range_predicate(self.table, p)) for p, _ in batch]
                 self.result.differences += await self._rows_at_point(queries)
             differing = []
-            for group_batch in _batches(groups, lambda item: item[1], budget):
+            for group_batch in batches(groups, lambda item: item[1], budget):
                 sums = await self._sums_at_point([sql.chunk_sums_sql(self.table, g) for g, _ in group_batch])
                 for (group, _), (source, target) in zip(group_batch, sums, strict=True):
                     differing += _differing(group, source, target)
@@ -205,7 +205,7 @@ def _differing(
 T = TypeVar("T")
 
 
-def _batches(items: list[T], weight: Callable[[T], int], budget: int) -> Iterator[list[T]]:
+def batches(items: list[T], weight: Callable[[T], int], budget: int) -> Iterator[list[T]]:
     """Consecutive groups of `items` whose weights add up to at most `budget` (at least one item each)."""
     batch: list[T] = []
     total = 0

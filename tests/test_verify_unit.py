@@ -1,0 +1,85 @@
+"""Pure parts of verification: key ranges, the SQL text, batching and the row diff."""
+
+from __future__ import annotations
+
+from pgleap.upgrade.copy.model import Column, Table
+from pgleap.upgrade.verify import checksums as sql
+from pgleap.upgrade.verify.checksums import KeyRange
+from pgleap.upgrade.verify.table import RowDifference, batches, row_differences
+
+INT = Column("id", "int4", "pg_catalog", None)
+TEXT_KEY = Table(
+    "public", "t", 1, "p", 0, 0, False, False, (Column("k", "text", "pg_catalog", None),), ("k",), ("text",)
+)
+TWO_KEYS = Table(
+    "s",
+    "pair",
+    2,
+    "p",
+    0,
+    0,
+    False,
+    False,
+    (Column("a", "int4", "pg_catalog", None), Column("b", "text", "pg_catalog", None)),
+    ("a", "b"),
+    ("int4", "text"),
+)
+
+
+def test_chunks_cover_the_span_without_gaps_or_overlaps() -> None:
+    """(lower, b1], (b1, b2], ..., (bn, upper]; a bound equal to the span's end does not make an empty piece."""
+    open_span = sql.chunks(KeyRange(None, None), [("10",), ("20",)])
+    assert open_span == [KeyRange(None, ("10",)), KeyRange(("10",), ("20",)), KeyRange(("20",), None)]
+    closed = sql.chunks(KeyRange(("5",), ("20",)), [("10",), ("20",)])
+    assert closed == [KeyRange(("5",), ("10",)), KeyRange(("10",), ("20",))]
+    assert sql.chunks(KeyRange(("5",), ("9",)), []) == [KeyRange(("5",), ("9",))]
+
+
+def test_range_predicates_compare_keys_as_rows_cast_by_their_types() -> None:
+    """Composite keys compare as ROW(...); values are quoted literals cast by schema-qualified type."""
+    where = sql.range_predicate(TWO_KEYS, KeyRange(("1", "x'y"), None))
+    assert where == """ROW("a", "b") > ROW('1'::"pg_catalog"."int4", 'x''y'::"pg_catalog"."text")"""
+    assert sql.range_predicate(TWO_KEYS, KeyRange()) == "true"
+
+
+def test_one_column_keys_are_matched_with_one_array_literal() -> None:
+    """Quotes, backslashes and commas inside keys survive the array literal."""
+    where = sql.keys_predicate(TEXT_KEY, [('a"b',), ("c\\d",), ("e'f,g",)])
+    assert where == """"k" = ANY ('{"a\\"b","c\\\\d","e''f,g"}'::"pg_catalog"."text"[])"""
+    pair = sql.keys_predicate(TWO_KEYS, [("1", "x")])
+    assert pair == """ROW("a", "b") IN (ROW('1'::"pg_catalog"."int4", 'x'::"pg_catalog"."text"))"""
+
+
+def test_floats_are_hashed_by_their_bits_and_other_columns_by_text() -> None:
+    """float8send for floats and float arrays (their text changed in PG 12); ::text for the rest."""
+    assert sql.column_expression(Column("f", "float8", "pg_catalog", None)).startswith("encode(float8send(")
+    array = sql.column_expression(Column("fa", "_float4", "pg_catalog", "float4"))
+    assert "unnest" in array and "array_dims" in array and "IS NULL THEN NULL" in array
+    assert sql.column_expression(INT) == '"id"::text'
+
+
+def test_chunk_sums_bucket_rows_by_piece() -> None:
+    """One scan: a CASE gives each row its piece number, the last piece takes the rest."""
+    pieces = sql.chunks(KeyRange(None, None), [("10",), ("20",)])
+    query = sql.chunk_sums_sql(TEXT_KEY, pieces)
+    assert 'WHEN ROW("k") <= ROW(\'10\'::"pg_catalog"."text") THEN 1' in query
+    assert "THEN 2 ELSE 3 END" in query and "WHERE true GROUP BY 1" in query
+    assert sql.parse_sums([("1", "3", "-12"), (2, 1, None)]) == {1: (3, -12), 2: (1, 0)}
+
+
+def test_batches_respect_the_budget_and_never_drop_an_item() -> None:
+    """Consecutive groups under the budget; an item heavier than the budget goes alone."""
+    items = [5, 5, 5, 20, 1]
+    assert list(batches(items, lambda x: x, 10)) == [[5, 5], [5], [20], [1]]
+    assert list(batches([], lambda x: x, 10)) == []
+
+
+def test_row_differences_name_each_kind() -> None:
+    """Missing on the target, extra on it, or the same key with another hash."""
+    source = {("1",): "a", ("2",): "b", ("3",): "c"}
+    target = {("2",): "b", ("3",): "X", ("4",): "d"}
+    assert row_differences(source, target) == [
+        RowDifference(("1",), "missing_on_target"),
+        RowDifference(("3",), "different"),
+        RowDifference(("4",), "extra_on_target"),
+    ]
