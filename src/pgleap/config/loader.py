@@ -159,6 +159,9 @@ def _upgrade(table: _Table) -> UpgradeConfig:
         validation_duration=v.duration("validation_duration", ValidationConfig.validation_duration),
         compare_results=bool(v.get("compare_results", bool, True)),
         sample_rate=v.fraction("sample_rate", ValidationConfig.sample_rate),
+        sample_queue_size=v.positive("sample_queue_size", ValidationConfig.sample_queue_size),
+        sample_max_rows=v.positive("sample_max_rows", ValidationConfig.sample_max_rows),
+        compare_timeout=v.duration("compare_timeout", ValidationConfig.compare_timeout),
     )
     v.finish()
     s = table.sub("sync")

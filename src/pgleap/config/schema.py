@@ -31,6 +31,9 @@ class ValidationConfig:
     validation_duration: float = 24 * 3600.0
     compare_results: bool = True
     sample_rate: float = 0.01
+    sample_queue_size: int = 64  # sampled reads waiting for their point in the change stream; more are dropped
+    sample_max_rows: int = 10000  # a sampled result with more rows is dropped (hashing costs the client's time)
+    compare_timeout: float = 5.0  # seconds the target's run of a sampled read may take (replay waits meanwhile)
 
 
 @dataclass(frozen=True)

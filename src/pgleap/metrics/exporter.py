@@ -61,6 +61,7 @@ class ProxyCollector(Collector):
         yield from self._capture_metrics()
         yield from self._replay_metrics()
         yield from self._bypass_metrics()
+        yield from self._validation_metrics()
         yield GaugeMetricFamily("pgleap_paused", "1 while PAUSE holds new transactions", value=int(proxy.gate.paused))
 
     def _capture_metrics(self) -> Iterator[Metric]:
@@ -136,6 +137,71 @@ class ProxyCollector(Collector):
         for name, monitor in sorted(self.proxy.bypass_monitors.items()):
             writers.add_metric([name], len(monitor.writers))
         yield writers
+
+    def _validation_metrics(self) -> Iterator[Metric]:
+        # The validator's counters are read under its lock; nothing here touches a Replayer.
+        validator = getattr(self.proxy, "validator", None)
+        if validator is None:
+            return
+        labels = ["database"]
+        counters = {
+            "total": CounterMetricFamily(
+                "pgleap_validation_compared", "Sampled reads compared on the target to a conclusion", labels=labels
+            ),
+            "matching": CounterMetricFamily(
+                "pgleap_validation_matching", "Compared reads whose results matched", labels=labels
+            ),
+            "data_mismatches": CounterMetricFamily(
+                "pgleap_validation_data_mismatches", "Compared reads whose results differed", labels=labels
+            ),
+            "syntax_errors": CounterMetricFamily(
+                "pgleap_validation_syntax_errors", "Sampled reads the target's grammar rejected", labels=labels
+            ),
+            "timeouts": CounterMetricFamily(
+                "pgleap_validation_timeouts", "Sampled reads that timed out on the target", labels=labels
+            ),
+            "target_errors": CounterMetricFamily(
+                "pgleap_validation_target_errors", "Sampled reads the target failed otherwise", labels=labels
+            ),
+            "inconclusive": CounterMetricFamily(
+                "pgleap_validation_inconclusive",
+                "Differences seen while in-flight transactions wrote the tables read (not counted as mismatches)",
+                labels=labels,
+            ),
+            "dropped": CounterMetricFamily(
+                "pgleap_validation_dropped", "Samples dropped because comparison fell behind", labels=labels
+            ),
+        }
+        features = CounterMetricFamily(
+            "pgleap_validation_incompatibilities",
+            "Sampled reads the target refused for a missing feature, by SQLSTATE condition",
+            labels=["database", "feature"],
+        )
+        skipped = CounterMetricFamily(
+            "pgleap_validation_skipped", "Sampled reads not compared, by reason", labels=["database", "reason"]
+        )
+        rate = GaugeMetricFamily(
+            "pgleap_validation_error_rate", "Failed comparisons / compared over the sliding window", labels=labels
+        )
+        latency = HistogramMetricFamily(
+            "pgleap_validation_query_duration_seconds",
+            "Latency of the compared reads on the source and on the target",
+            labels=["database", "role"],
+        )
+        for name in validator.databases():
+            m = validator.metrics(name)
+            for attr, family in counters.items():
+                family.add_metric([name], getattr(m, attr))
+            for feature, count in sorted(m.feature_incompatibilities.items()):
+                features.add_metric([name, feature], count)
+            for reason, count in sorted(m.skipped.items()):
+                skipped.add_metric([name, reason], count)
+            rate.add_metric([name], m.error_rate_window)
+            source_buckets, source_sum, target_buckets, target_sum = validator.latency(name)
+            latency.add_metric([name, "source"], source_buckets, source_sum)
+            latency.add_metric([name, "target"], target_buckets, target_sum)
+        yield from counters.values()
+        yield from (features, skipped, rate, latency)
 
     def _copy_gauges(self) -> Iterator[Metric]:
         from pgleap.upgrade.copy.progress import copy_gauges

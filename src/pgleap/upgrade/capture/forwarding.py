@@ -52,6 +52,7 @@ from pgleap.upgrade.compat.facts import PG90
 
 if TYPE_CHECKING:
     from pgleap.upgrade.capture.capture import Capture
+    from pgleap.upgrade.verify.sampling import SourceSample
 
 log = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")
@@ -72,6 +73,8 @@ _NO_PARAMS = struct.pack("!h", 0)
 CATALOG_WAIT = 30.0
 # The probe goes on a line of its own, so that a trailing `--` comment in the client's text cannot swallow it.
 _SEP = "\n;"
+# Statements result comparison may sample: SELECTs, and texts pglast cannot parse (old syntax the source ran).
+_SAMPLED_COMMANDS = frozenset(["SelectStmt", "Unparseable"])
 
 
 @dataclass
@@ -81,6 +84,7 @@ class _QueryParts:
     parts: list[Pending | str]
     index: int = 0
     wrapped: bool = False  # pgleap put BEGIN in front; its own COMMIT (a _WrapEnd) follows
+    sample: SourceSample | None = None  # result comparison hashes this read's answer (verify/sampling.py)
 
     def current(self) -> Pending | str | None:
         return self.parts[self.index] if self.index < len(self.parts) else None
@@ -335,6 +339,10 @@ class CapturingForwarder(Forwarder):
         self.pending.append(_now())
         self.open_batch = False
         self._ddl_sent(infos)
+        sample = None
+        validator = self.proxy.validator
+        if validator is not None and not in_block and len(infos) == 1 and infos[0].command in _SAMPLED_COMMANDS:
+            sample = self._begin_sample(sql)
         original = sql
         sql, images, starts = self._rewrite_inserts(sql, infos)
         parseable = not (len(infos) == 1 and infos[0].command == "Unparseable")
@@ -342,7 +350,7 @@ class CapturingForwarder(Forwarder):
         writes = any(i.writes for i in infos)
         no_block = any(i.refuses_block for i in infos)
         if not in_block and writes and parseable and not control and not no_block and self._probe_allowed():
-            self._send_wrapped(sql, infos, images)
+            self._send_wrapped(sql, infos, images, sample)
             return False
         parts: list[Pending | str] = []
         for info, image in zip(infos, images, strict=True):
@@ -358,7 +366,7 @@ class CapturingForwarder(Forwarder):
             text = self._splice_late_probe(sql, infos, starts, parts, in_block)
         if text is not original:
             raw = self._query_message(text)
-        self._send(Request(codes.QUERY, context=_QueryParts(parts)), raw)
+        self._send(Request(codes.QUERY, context=_QueryParts(parts, sample=sample)), raw)
         return False
 
     def _splice_late_probe(
@@ -388,7 +396,13 @@ class CapturingForwarder(Forwarder):
             return f"{sql}{_SEP}{self._probe_sql}"
         return sql
 
-    def _send_wrapped(self, sql: str, infos: tuple[StatementInfo, ...], images: list[ImageRows | None]) -> None:
+    def _send_wrapped(
+        self,
+        sql: str,
+        infos: tuple[StatementInfo, ...],
+        images: list[ImageRows | None],
+        sample: SourceSample | None = None,
+    ) -> None:
         """An implicit write transaction: BEGIN; the client's string; the probe. pgleap commits it later."""
         parts: list[Pending | str] = [_HIDDEN]
         for info, image in zip(infos, images, strict=True):
@@ -397,7 +411,7 @@ class CapturingForwarder(Forwarder):
         parts.append(_PROBE)
         self._probe_inflight = True
         self._send(
-            Request(codes.QUERY, context=_QueryParts(parts, wrapped=True)),
+            Request(codes.QUERY, context=_QueryParts(parts, wrapped=True, sample=sample)),
             self._query_message(f"BEGIN;{sql}{_SEP}{self._probe_sql}"),
         )
         # Whatever the client sends next must wait until pgleap's COMMIT has answered.
@@ -723,11 +737,15 @@ class CapturingForwarder(Forwarder):
         if kind == codes.ERROR_RESPONSE:
             self.stats.errors += 1
             self.assembler.failed_statement()
+            if isinstance(context, _QueryParts) and context.sample is not None:
+                context.sample.error()
             if self._copy_execute is not None:
                 self._copy_answered(copy_in=False)  # the server now skips to the held Sync, and answers it
             return True
         if kind == codes.READY_FOR_QUERY:
             self._probe_inflight = False
+            if isinstance(context, _QueryParts) and context.sample is not None:
+                self._sample_done(context)
             if isinstance(context, _QueryParts) and context.wrapped:
                 self.tx_status = raw[5]
                 self._commit_wrapped(failed=raw[5] == _FAILED)
@@ -754,6 +772,8 @@ class CapturingForwarder(Forwarder):
 
     def _query_answer(self, context: _QueryParts, kind: int, request: Request, raw: bytes) -> bool:
         part = context.current()
+        if context.sample is not None and isinstance(part, Pending):
+            self._feed_sample(context, kind, raw)
         if part == _PROBE:
             if kind == codes.DATA_ROW:
                 self.assembler.probe(*parse_probe_row(raw[5:]))
@@ -785,6 +805,42 @@ class CapturingForwarder(Forwarder):
                     self._held_tag = raw
                     return False
         return True
+
+    def _begin_sample(self, sql: str) -> SourceSample | None:
+        """Whether result comparison samples this read (one countdown step when not); never fails the session."""
+        assert self.proxy.validator is not None
+        try:
+            return self.proxy.validator.begin(self.database.upgrade.database, sql, self.session.parameters)
+        except Exception as exc:
+            log.warning("session %s: result comparison could not sample a read (%s)", self.session.id, exc)
+            return None
+
+    def _feed_sample(self, context: _QueryParts, kind: int, raw: bytes) -> None:
+        """Hash the sampled read's answer as it goes to the client; a failure drops the sample, never the session."""
+        sample = context.sample
+        assert sample is not None
+        try:
+            if kind == codes.DATA_ROW:
+                sample.data_row(raw[5:])
+            elif kind == codes.ROW_DESCRIPTION:
+                sample.row_description(raw[5:])
+        except Exception as exc:
+            log.warning("session %s: result comparison could not read an answer (%s); dropped", self.session.id, exc)
+            context.sample = None
+
+    def _sample_done(self, context: _QueryParts) -> None:
+        """The sampled read's answer is complete: hand it to the validator (which never blocks)."""
+        sample, context.sample = context.sample, None
+        if sample is None or self.proxy.validator is None:
+            return
+        try:
+            if context.wrapped:
+                # A SELECT calling a function that wrote is logged and replayed: not a read to compare.
+                tx = self.assembler.current()
+                sample.wrote = tx is not None and tx.txid is not None
+            self.proxy.validator.finish(sample)
+        except Exception as exc:
+            log.warning("session %s: result comparison failed to queue a sample (%s)", self.session.id, exc)
 
     def _copy_answered(self, *, copy_in: bool) -> None:
         """The held Sync after an extended COPY FROM STDIN can go: ignored in copy-in mode, answered after an error."""

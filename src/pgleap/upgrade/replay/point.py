@@ -18,6 +18,12 @@ transactions visible in V. Replay gets there without stopping for long:
 Replay stays exactly-once throughout (the position still commits with the changes). A point that cannot be
 honoured (held too long, a transaction in the way that replay must treat specially, an error) fails the
 request with PointMissedError; the caller takes a new snapshot and asks again.
+
+A second kind of point, `LogPoint`, is an instant seen from the proxy rather than a source snapshot: the
+transactions prepared at or before a log id are visible, the later ones are not. Result comparison fixes
+one (`PointRequest.fix_at`) the moment a sampled read's answer is complete, without holding replay first;
+every record prepared after that moment has a higher log id, so replay cannot have applied one yet unless
+an earlier request moved it on (the work then sees replay past the point and gives up).
 """
 
 from __future__ import annotations
@@ -69,6 +75,20 @@ class SourcePoint:
         return txid is None or self.snapshot.visible(txid)
 
 
+@dataclass(frozen=True)
+class LogPoint(SourcePoint):
+    """An instant of the change log: the records prepared at or before `last_log_id` (`snapshot` is not used)."""
+
+    def visible(self, record: LoggedTransaction) -> bool:
+        """Whether the record was prepared at or before the point."""
+        return record.log_id <= self.last_log_id
+
+
+def log_point(last_log_id: int) -> LogPoint:
+    """The LogPoint at `last_log_id`."""
+    return LogPoint(Snapshot(1, 1, frozenset()), last_log_id)
+
+
 class PointRequest:
     """One caller's wish to run `work` on the target at a source point, handed to a Replayer."""
 
@@ -109,6 +129,11 @@ class PointRequest:
     def fix(self, snapshot: Snapshot, last_log_id: int) -> None:
         """The source point is taken: replay may go on, towards it."""
         self.point = SourcePoint(snapshot, last_log_id)
+        self.fixed_at = time.monotonic()
+
+    def fix_at(self, point: SourcePoint) -> None:
+        """Fix a point the caller defined itself (a LogPoint), with or without replay holding first."""
+        self.point = point
         self.fixed_at = time.monotonic()
 
     def cancel(self) -> None:

@@ -1,0 +1,644 @@
+"""Result comparison of sampled reads: the same query on the target at the same point of the change stream.
+
+A sampled read's result is hashed on the source as it streams to the client (sampling.py). When its
+answer is complete, the validator asks the database's Replayer for a `LogPoint` at the last log id
+prepared by then (replay/point.py): replay applies exactly the records prepared up to that instant and
+runs the query on the target there, inside its own transaction and a savepoint that is always rolled
+back, then goes on. The outcome is classified and grouped by query fingerprint.
+
+Which transactions the source's statement saw: those whose COMMIT was answered before the query was
+forwarded (their records had settled: log id at or below `low_log_id`) certainly; those prepared after
+its answer was complete (above `high_log_id`) certainly not; those in between are ambiguous. The point
+applies the ambiguous ones too; a difference found while one of them wrote a table the query reads is
+counted `inconclusive`, never as a mismatch.
+
+Shadow work never slows or fails a client (I5): at most `queue_size` samples wait for their point; more
+are dropped and counted; a sample with more than `max_rows` rows stops hashing and is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgleap.config import UpgradeConfig
+from pgleap.protocol import codes
+from pgleap.protocol.messages import cstr, message, parse_error
+from pgleap.protocol.stream import read_message
+from pgleap.store.changelog import ChangeLog
+from pgleap.upgrade.replay.errors import ErrorKind, TransientApplyError, classify_sqlstate, is_transient
+from pgleap.upgrade.replay.point import PointMissedError, log_point
+from pgleap.upgrade.replay.snapshot import parse_snapshot
+from pgleap.upgrade.replay.wire import TargetSession
+from pgleap.upgrade.verify.fingerprint import analyse
+from pgleap.upgrade.verify.resultcompare import Digest, ResultHasher, compare_digests, parse_row_description
+from pgleap.upgrade.verify.sampling import PRINT_SETTINGS, Sampler, SourceSample
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE = 64
+MAX_ROWS = 10_000
+COMPARE_TIMEOUT = 5.0  # seconds the target query may run (replay waits meanwhile)
+POINT_WAIT = 30.0  # seconds a sample waits for replay to reach its point
+WINDOW_SECONDS = 300.0
+RECHECKS_WAITING = 32  # differing samples waiting for an exact re-check; more keep their first verdict
+HOLD_WAIT = 30.0  # seconds a re-check waits for replay to hold
+_FAILURES_KEPT = 256
+_MAX_FINGERPRINTS = 10_000
+_MAX_ANSWER = 1 << 30
+_SAVEPOINT = "pgleap_sample"
+_CONDITIONS = {
+    "0A000": "feature_not_supported",
+    "42883": "undefined_function",
+    "42P01": "undefined_table",
+    "42703": "undefined_column",
+    "42704": "undefined_object",
+    "42725": "ambiguous_function",
+    "42804": "datatype_mismatch",
+    "42846": "cannot_coerce",
+    "42P18": "indeterminate_datatype",
+}
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+class Classification(enum.StrEnum):
+    """The outcome of one compared read."""
+
+    MATCH = "match"
+    DATA_MISMATCH = "data_mismatch"
+    SYNTAX_ERROR = "syntax_error"
+    FEATURE_INCOMPATIBILITY = "feature_incompatibility"
+    TIMEOUT = "timeout"
+    TARGET_ERROR = "target_error"
+    INCONCLUSIVE = "inconclusive"  # differed while an ambiguous transaction wrote a table it reads
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the target's run of a sampled read gave, against the source's."""
+
+    classification: Classification
+    detail: str
+    target_seconds: float
+    feature: str | None = None  # for incompatibilities: the SQLSTATE's condition name
+    sqlstate: str | None = None
+
+
+@dataclass(frozen=True)
+class ValidationMetrics:
+    """Counters of result comparison (one database, or all)."""
+
+    total: int  # reads compared to a conclusion (inconclusive ones are not counted)
+    matching: int
+    data_mismatches: int
+    syntax_errors: int
+    feature_incompatibilities: dict[str, int]  # by feature (SQLSTATE condition name)
+    timeouts: int
+    target_errors: int
+    dropped: int  # samples given up because comparison fell behind (queue full, too many rows)
+    error_rate_window: float  # errors / compared over the last window_seconds (0 when none compared)
+    window_seconds: float
+    inconclusive: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # samples not compared, by reason
+    source_seconds: float = 0.0  # summed latency of the compared reads on the source
+    target_seconds: float = 0.0  # and on the target
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """A fingerprint's latest failed comparison of one kind."""
+
+    fingerprint: str
+    example: str
+    classification: str
+    detail: str
+    last_seen: float  # epoch seconds
+    count: int = 1
+
+
+@dataclass
+class QueryStats:
+    """Per fingerprint: one example text, counts by classification, first and last seen, latency both sides."""
+
+    fingerprint: str
+    example: str
+    first_seen: float
+    last_seen: float
+    counts: dict[str, int] = field(default_factory=dict)
+    source_seconds: float = 0.0
+    target_seconds: float = 0.0
+    last_detail: str = ""
+
+    @property
+    def compared(self) -> int:
+        """Comparisons that reached a conclusion."""
+        return sum(n for c, n in self.counts.items() if c != Classification.INCONCLUSIVE)
+
+    @property
+    def mismatches(self) -> int:
+        """Comparisons that did not match (inconclusive ones aside)."""
+        return self.compared - self.counts.get(Classification.MATCH, 0)
+
+
+class _Histogram:
+    """Cumulative latency buckets, for Prometheus."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts, strict=True):
+            running += n
+            out.append((bound, float(running)))
+        return out
+
+
+@dataclass
+class _DatabaseCounters:
+    counts: dict[str, int] = field(default_factory=dict)
+    features: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    dropped: int = 0
+    window: deque[tuple[float, bool]] = field(default_factory=deque)
+    source_latency: _Histogram = field(default_factory=_Histogram)
+    target_latency: _Histogram = field(default_factory=_Histogram)
+
+
+ReplayerLookup = Callable[[str], Any]  # database -> its running Replayer, or None
+
+
+class ResultValidator:
+    """Samples reads, compares them on the target at their point, and keeps the counts (proxy.validator)."""
+
+    def __init__(
+        self,
+        upgrades: Iterable[UpgradeConfig],
+        replayer: ReplayerLookup,
+        changelog: Callable[[], ChangeLog | None],
+        *,
+        window_seconds: float = WINDOW_SECONDS,
+    ) -> None:
+        self._replayer = replayer
+        self._changelog = changelog
+        self.window_seconds = window_seconds
+        self.samplers: dict[str, Sampler] = {}
+        self._upgrades: dict[str, UpgradeConfig] = {}
+        self._options: dict[str, tuple[int, int, float]] = {}
+        self.configure(upgrades)
+        self._lock = threading.Lock()  # the metrics thread reads what the loop writes
+        self._counters: dict[str, _DatabaseCounters] = {}
+        self._queries: dict[str, QueryStats] = {}
+        self._failures: dict[tuple[str, str], FailureRecord] = {}
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recheck_lock = asyncio.Lock()
+        self._rechecking = 0
+
+    def configure(self, upgrades: Iterable[UpgradeConfig]) -> None:
+        """(Re)read each database's `validation` settings."""
+        for upgrade in upgrades:
+            self._upgrades[upgrade.database] = upgrade
+            v = upgrade.validation
+            rate = v.sample_rate if v.compare_results and upgrade.target is not None else 0.0
+            old = self.samplers.get(upgrade.database)
+            if old is None or old.rate != rate:
+                self.samplers[upgrade.database] = Sampler(rate)
+            self._options[upgrade.database] = (v.sample_queue_size, v.sample_max_rows, v.compare_timeout)
+
+    # -- the capture path's side (cheap unless sampled) -------------------------------------
+
+    def begin(self, database: str, sql: str, parameters: dict[str, str]) -> SourceSample | None:
+        """A SourceSample for this read when it is sampled, else None (one countdown step)."""
+        sampler = self.samplers.get(database)
+        if sampler is None or not sampler.take():
+            return None
+        changelog = self._changelog()
+        if changelog is None or self._replayer(database) is None:
+            self._skip(database, "replay_not_running")
+            return None
+        queue_size, max_rows, _ = self._options.get(database, (QUEUE_SIZE, MAX_ROWS, COMPARE_TIMEOUT))
+        if self._in_flight >= queue_size:
+            self._drop(database)
+            return None
+        try:
+            pending = changelog.pending()
+            low = min(log_id for log_id, _ in pending) - 1 if pending else changelog.last_log_id()
+        except Exception as exc:  # the log's own health is reported elsewhere; never fail the client for this
+            log.debug("result comparison: change log unreadable (%s); sample skipped", exc)
+            self._skip(database, "changelog_unreadable")
+            return None
+        settings = {name: parameters[name] for name in PRINT_SETTINGS if name in parameters}
+        return SourceSample(database, sql, analyse(sql), settings, low, max_rows)
+
+    def finish(self, sample: SourceSample) -> None:
+        """The source's answer is complete: queue the target side at the sample's point (never blocks)."""
+        if sample.failed or sample.wrote:
+            self._skip(sample.database, "source_error" if sample.failed else "wrote")
+            return
+        if sample.abandoned is not None or not sample.described:
+            if sample.abandoned is not None:
+                self._drop(sample.database)
+            else:
+                self._skip(sample.database, "no_rows_returned")
+            return
+        replayer = self._replayer(sample.database)
+        changelog = self._changelog()
+        if replayer is None or changelog is None:
+            self._skip(sample.database, "replay_not_running")
+            return
+        _, _, timeout = self._options.get(sample.database, (QUEUE_SIZE, MAX_ROWS, COMPARE_TIMEOUT))
+        try:
+            sample.complete(changelog.last_log_id())
+        except Exception:
+            self._skip(sample.database, "changelog_unreadable")
+            return
+        # Queued now, in the loop, before replay can apply anything prepared after this instant.
+        request = replayer.request_point(_TargetRun(sample, replayer, changelog, timeout), timeout=POINT_WAIT)
+        request.fix_at(log_point(sample.high_log_id))
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._await(sample, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _await(self, sample: SourceSample, request: Any) -> None:
+        try:
+            outcome: Outcome = await request.wait()
+        except PointMissedError as exc:
+            log.debug("result comparison of %r skipped: %s", sample.sql[:80], exc)
+            self._skip(sample.database, "point_missed")
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("result comparison of %r failed: %s", sample.sql[:80], exc)
+            self._skip(sample.database, "comparison_failed")
+            return
+        finally:
+            self._in_flight -= 1
+        if outcome.classification in (Classification.DATA_MISMATCH, Classification.INCONCLUSIVE):
+            outcome = await self._recheck(sample, outcome)
+        self.record(sample, outcome)
+
+    async def _recheck(self, sample: SourceSample, outcome: Outcome) -> Outcome:
+        """Run a differing read again on both sides at one source snapshot (verify/aligned.py's way); exact.
+
+        The first comparison places the source's statement from the proxy's view, which leaves room for
+        doubt; a difference is only reported once the query, re-run on the source at a REPEATABLE READ
+        snapshot and on the target at exactly that snapshot, still differs.
+        """
+        if self._rechecking >= RECHECKS_WAITING:
+            return _unconfirmed(outcome, "too many re-checks waiting")
+        self._rechecking += 1
+        try:
+            async with self._recheck_lock:
+                return await self._recheck_now(sample, outcome)
+        except Exception as exc:  # the source or target refused pgleap's own statements, or the point was missed
+            log.info("result comparison: re-check of %r not possible (%s)", sample.sql[:80], exc)
+            return _unconfirmed(outcome, str(exc))
+        finally:
+            self._rechecking -= 1
+
+    async def _recheck_now(self, sample: SourceSample, outcome: Outcome) -> Outcome:
+        replayer = self._replayer(sample.database)
+        changelog = self._changelog()
+        upgrade = self._upgrades.get(sample.database)
+        if replayer is None or changelog is None or upgrade is None:
+            return _unconfirmed(outcome, "replay is not running")
+        _, _, timeout = self._options.get(sample.database, (QUEUE_SIZE, MAX_ROWS, COMPARE_TIMEOUT))
+        session = await TargetSession.open(upgrade.source)  # pgleap's own wire connection, to the source
+        try:
+
+            async def on_target(target: TargetSession) -> tuple[Digest | None, Any, float]:
+                return await target_read(target, sample, timeout)
+
+            request = replayer.request_point(on_target)
+            await request.wait_held(HOLD_WAIT)
+            try:
+                await session.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                (snapshot_text,) = (await session.query("SELECT txid_current_snapshot()::text"))[0]
+                assert snapshot_text is not None
+                # Read after the snapshot: every COMMIT forwarded before it was taken is at or below this id.
+                request.fix(parse_snapshot(snapshot_text), changelog.last_log_id())
+                source, source_error, _ = await source_read(session, sample, timeout)
+                await session.query("ROLLBACK")
+            except BaseException:
+                request.cancel()
+                raise
+            target, target_error, seconds = await request.wait()
+        finally:
+            session.close()
+        if target_error is not None:
+            return _error_outcome(target_error, seconds)
+        if source_error is not None or source is None or target is None:
+            return _unconfirmed(outcome, "the source refused it when run again")
+        differs = compare_digests(source, target, sample.shape.values_comparable)
+        if differs is None:
+            return Outcome(Classification.MATCH, "matched when run again at one source snapshot", seconds)
+        return Outcome(Classification.DATA_MISMATCH, f"{differs} (also at one source snapshot)", seconds)
+
+    # -- counting -----------------------------------------------------------------------------
+
+    def _db(self, database: str) -> _DatabaseCounters:
+        counters = self._counters.get(database)
+        if counters is None:
+            counters = self._counters[database] = _DatabaseCounters()
+        return counters
+
+    def _skip(self, database: str, reason: str) -> None:
+        with self._lock:
+            skipped = self._db(database).skipped
+            skipped[reason] = skipped.get(reason, 0) + 1
+
+    def _drop(self, database: str) -> None:
+        with self._lock:
+            self._db(database).dropped += 1
+
+    def record(self, sample: SourceSample, outcome: Outcome) -> None:
+        """Count one compared read under its fingerprint."""
+        now = time.time()
+        key = outcome.classification.value
+        fp = sample.shape.fingerprint
+        with self._lock:
+            db = self._db(sample.database)
+            db.counts[key] = db.counts.get(key, 0) + 1
+            if outcome.feature is not None:
+                db.features[outcome.feature] = db.features.get(outcome.feature, 0) + 1
+            if outcome.classification is not Classification.INCONCLUSIVE:
+                failed = outcome.classification not in (Classification.MATCH, Classification.TIMEOUT)
+                db.window.append((now, failed))
+                db.source_latency.observe(sample.source_seconds)
+                db.target_latency.observe(outcome.target_seconds)
+            stats = self._queries.get(fp)
+            if stats is None and len(self._queries) < _MAX_FINGERPRINTS:
+                stats = self._queries[fp] = QueryStats(fp, sample.sql, sample.seen_at, now)
+            if stats is not None:
+                stats.counts[key] = stats.counts.get(key, 0) + 1
+                stats.last_seen = now
+                stats.source_seconds += sample.source_seconds
+                stats.target_seconds += outcome.target_seconds
+                if outcome.classification is not Classification.MATCH:
+                    stats.last_detail = outcome.detail
+            if outcome.classification is not Classification.MATCH:
+                old = self._failures.get((fp, key))
+                count = old.count + 1 if old is not None else 1
+                self._failures[(fp, key)] = FailureRecord(fp, sample.sql, key, outcome.detail, now, count)
+                if len(self._failures) > _FAILURES_KEPT:
+                    oldest = min(self._failures, key=lambda k: self._failures[k].last_seen)
+                    del self._failures[oldest]
+        if outcome.classification is not Classification.MATCH:
+            log.info("result comparison: %s for %r: %s", key, sample.sql[:120], outcome.detail)
+
+    # -- reading (SHOW UPGRADE STATUS / ERRORS / QUERIES, metrics) ------------------------------
+
+    def metrics(self, database: str | None = None) -> ValidationMetrics:
+        """The counters of one database, or of all together."""
+        now = time.time()
+        counts: dict[str, int] = {}
+        features: dict[str, int] = {}
+        skipped: dict[str, int] = {}
+        dropped = compared = errors = 0
+        source = target = 0.0
+        with self._lock:
+            for name, db in self._counters.items():
+                if database is not None and name != database:
+                    continue
+                while db.window and db.window[0][0] < now - self.window_seconds:
+                    db.window.popleft()
+                compared += len(db.window)
+                errors += sum(1 for _, failed in db.window if failed)
+                for target_dict, source_dict in ((counts, db.counts), (features, db.features), (skipped, db.skipped)):
+                    for k, n in source_dict.items():
+                        target_dict[k] = target_dict.get(k, 0) + n
+                dropped += db.dropped
+                source += db.source_latency.total
+                target += db.target_latency.total
+        c = Classification
+        total = sum(n for k, n in counts.items() if k != c.INCONCLUSIVE)
+        return ValidationMetrics(
+            total=total,
+            matching=counts.get(c.MATCH, 0),
+            data_mismatches=counts.get(c.DATA_MISMATCH, 0),
+            syntax_errors=counts.get(c.SYNTAX_ERROR, 0),
+            feature_incompatibilities=features,
+            timeouts=counts.get(c.TIMEOUT, 0),
+            target_errors=counts.get(c.TARGET_ERROR, 0),
+            dropped=dropped,
+            error_rate_window=errors / compared if compared else 0.0,
+            window_seconds=self.window_seconds,
+            inconclusive=counts.get(c.INCONCLUSIVE, 0),
+            skipped=skipped,
+            source_seconds=source,
+            target_seconds=target,
+        )
+
+    def recent_failures(self, limit: int = 50) -> list[FailureRecord]:
+        """The latest failed comparison per fingerprint and kind, newest first."""
+        with self._lock:
+            records = sorted(self._failures.values(), key=lambda r: r.last_seen, reverse=True)
+        return records[:limit]
+
+    def queries(self) -> list[QueryStats]:
+        """Every fingerprint seen, most mismatches first (then most compared)."""
+        with self._lock:
+            stats = [
+                QueryStats(
+                    q.fingerprint,
+                    q.example,
+                    q.first_seen,
+                    q.last_seen,
+                    dict(q.counts),
+                    q.source_seconds,
+                    q.target_seconds,
+                    q.last_detail,
+                )
+                for q in self._queries.values()
+            ]
+        return sorted(stats, key=lambda q: (-q.mismatches, -q.compared, q.fingerprint))
+
+    def latency(self, database: str) -> tuple[list[tuple[str, float]], float, list[tuple[str, float]], float]:
+        """(source buckets, source sum, target buckets, target sum) of one database's compared reads."""
+        with self._lock:
+            db = self._db(database)
+            return (
+                db.source_latency.cumulative(),
+                db.source_latency.total,
+                db.target_latency.cumulative(),
+                db.target_latency.total,
+            )
+
+    def databases(self) -> list[str]:
+        """Databases with any counter."""
+        with self._lock:
+            return sorted(self._counters)
+
+    async def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until no sample waits for its point (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
+
+
+class _TargetRun:
+    """The work run at the sample's point: the query in a savepoint, rolled back, compared with the source."""
+
+    def __init__(self, sample: SourceSample, replayer: Any, changelog: ChangeLog, timeout: float) -> None:
+        self.sample = sample
+        self.replayer = replayer
+        self.changelog = changelog
+        self.timeout = timeout
+
+    async def __call__(self, session: TargetSession) -> Outcome:
+        sample = self.sample
+        through = self.changelog.position_through(sample.database, sample.high_log_id)
+        if through is None or self.replayer.position > through:
+            # An earlier request (a verification point) moved replay past this one: the target is later.
+            raise PointMissedError("replay was already past the sample's point")
+        digest, error, seconds = await target_read(session, sample, self.timeout)
+        if error is not None:
+            return _error_outcome(error, seconds)
+        assert digest is not None
+        differs = compare_digests(sample.digest(), digest, sample.shape.values_comparable)
+        if differs is None:
+            return Outcome(Classification.MATCH, sample.shape.why_shape_only or "", seconds)
+        touched = self._ambiguous_tables(through)
+        relations = set(sample.shape.relations)
+        if touched and (not relations or touched & relations):
+            written = ", ".join(sorted(touched & relations or touched))
+            detail = f"{differs}; transactions in flight while it ran wrote {written}"
+            return Outcome(Classification.INCONCLUSIVE, detail, seconds)
+        return Outcome(Classification.DATA_MISMATCH, differs, seconds)
+
+    def _ambiguous_tables(self, through: int) -> set[str]:
+        """Tables written by the transactions the source's statement may or may not have seen."""
+        sample = self.sample
+        low = self.changelog.position_through(sample.database, sample.low_log_id)
+        if low is None:
+            low = 0
+        records = self.changelog.read_committed(sample.database, low, max(0, through - low))
+        from pgleap.upgrade.replay.applier import touched_tables
+
+        names: set[str] = set()
+        for record in records:
+            if record.log_id > sample.low_log_id:
+                for table in touched_tables(record) or ("?",):
+                    names.add(table.rsplit(".", 1)[-1].strip('"').lower())
+        return names
+
+
+async def target_read(session: TargetSession, sample: SourceSample, timeout: float) -> tuple[Digest | None, Any, float]:
+    """Run the sampled read on the target inside a savepoint that is always rolled back; (digest, error, seconds)."""
+    settings = [(name, value) for name, value in sample.settings.items()]
+    settings.append(("statement_timeout", str(max(1, int(timeout * 1000)))))
+    calls = ", ".join(f"set_config({_literal(n)}, {_literal(v)}, true)" for n, v in settings)
+    # search_path back to the login's own: a replayed transaction's SET LOCAL may still be in force.
+    calls += ", set_config('search_path', (SELECT reset_val FROM pg_settings WHERE name = 'search_path'), true)"
+    await session.query(f"SAVEPOINT {_SAVEPOINT}")
+    try:
+        await session.query(f"SELECT {calls}")
+        started = time.monotonic()
+        digest, error = await _run_read(session, sample.sql, sample.digest().columns, sample.shape.order_keys)
+        seconds = time.monotonic() - started
+    finally:
+        # Always rolled back: whatever the query did (a function that writes) never stays on the target.
+        await session.query(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        await session.query(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+    return digest, error, seconds
+
+
+async def source_read(session: TargetSession, sample: SourceSample, timeout: float) -> tuple[Digest | None, Any, float]:
+    """Run the sampled read again on the source, in the REPEATABLE READ transaction the caller opened."""
+    settings = [(name, value) for name, value in sample.settings.items()]
+    settings.append(("statement_timeout", str(max(1, int(timeout * 1000)))))
+    await session.query("SELECT " + ", ".join(f"set_config({_literal(n)}, {_literal(v)}, true)" for n, v in settings))
+    started = time.monotonic()
+    digest, error = await _run_read(session, sample.sql, None, sample.shape.order_keys)
+    return digest, error, time.monotonic() - started
+
+
+async def _run_read(
+    session: TargetSession, sql: str, reference: tuple[Any, ...] | None, order_keys: tuple[str | int, ...] | None
+) -> tuple[Digest | None, Any]:
+    """Run `sql` as a simple Query; (the digest of its result, None) or (None, the ServerError)."""
+    hasher = ResultHasher(order_keys, reference)
+    error = None
+    writer, reader = session.conn.writer, session.conn.reader
+    try:
+        writer.write(message(codes.QUERY, cstr(sql)))
+        await writer.drain()
+        while True:
+            kind, body = await read_message(reader, _MAX_ANSWER)
+            if kind == codes.DATA_ROW and error is None:
+                hasher.data_row(body)
+            elif kind == codes.ROW_DESCRIPTION:
+                hasher.describe(parse_row_description(body))
+            elif kind == codes.ERROR_RESPONSE:
+                error = parse_error(body)
+                if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
+                    raise TransientApplyError(f"target: {error}")
+            elif kind == codes.READY_FOR_QUERY:
+                session.status = body[:1]
+                break
+    except (OSError, asyncio.IncompleteReadError, ConnectionError, struct.error) as exc:
+        raise TransientApplyError(f"connection to the target lost: {exc}") from exc
+    if error is not None:
+        return None, error
+    return hasher.digest(), None
+
+
+def _unconfirmed(outcome: Outcome, why: str) -> Outcome:
+    """A first difference the exact re-check could not confirm: never counted as a mismatch."""
+    detail = f"{outcome.detail}; not confirmed at one source snapshot ({why})"
+    return Outcome(Classification.INCONCLUSIVE, detail, outcome.target_seconds)
+
+
+def _error_outcome(error: Any, seconds: float) -> Outcome:
+    sqlstate = error.sqlstate
+    detail = f"{sqlstate}: {error.message}"
+    if sqlstate == "57014":
+        return Outcome(Classification.TIMEOUT, detail, seconds, sqlstate=sqlstate)
+    kind = classify_sqlstate(sqlstate)
+    if kind is ErrorKind.SYNTAX:
+        return Outcome(Classification.SYNTAX_ERROR, detail, seconds, sqlstate=sqlstate)
+    if kind is ErrorKind.FEATURE_INCOMPATIBILITY:
+        feature = _CONDITIONS.get(sqlstate, sqlstate)
+        return Outcome(Classification.FEATURE_INCOMPATIBILITY, detail, seconds, feature, sqlstate)
+    return Outcome(Classification.TARGET_ERROR, detail, seconds, sqlstate=sqlstate)
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def replayer_lookup(proxy: Any) -> ReplayerLookup:
+    """database -> the Replayer running for it in the proxy's replay service, or None."""
+
+    def lookup(database: str) -> Any:
+        service = proxy.replay
+        if service is None:
+            return None
+        getter = getattr(service, "replayer", None)
+        if getter is not None:
+            return getter(database)
+        run = service._runs.get(database)  # before ReplayService.replayer existed
+        return run.replayer if run is not None and run.running else None
+
+    return lookup

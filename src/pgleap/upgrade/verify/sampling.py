@@ -1,0 +1,104 @@
+"""Choosing which reads to compare, and taking the source's side of one as it streams to the client.
+
+The capture path asks `Sampler.take()` for each eligible read: one decrement of a countdown drawn from a
+geometric distribution (so that `sample_rate` holds on average without a random number per query). A
+sampled read gets a `SourceSample`, which the forwarder feeds the RowDescription, DataRows and the end
+of the answer; it hashes the rows (resultcompare.ResultHasher) and notes the two change-log instants
+that bound which transactions the source's statement could have seen (see results.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from pgleap.upgrade.verify.fingerprint import ReadShape
+from pgleap.upgrade.verify.resultcompare import Digest, ResultHasher, parse_row_description
+
+_NEVER = 1 << 62
+# The client's settings that change how values are printed: the target query runs under the same.
+PRINT_SETTINGS = ("TimeZone", "DateStyle", "IntervalStyle")
+
+
+class Sampler:
+    """Says, cheaply, whether the next eligible read is compared."""
+
+    def __init__(self, rate: float, rng: random.Random | None = None) -> None:
+        self.rate = rate
+        self._rng = rng or random.Random()
+        self._countdown = self._gap()
+
+    def _gap(self) -> int:
+        if self.rate <= 0:
+            return _NEVER
+        if self.rate >= 1:
+            return 1
+        # Reads until the next sample: geometric, mean 1/rate.
+        return int(math.log(1.0 - self._rng.random()) / math.log(1.0 - self.rate)) + 1
+
+    def take(self) -> bool:
+        """True for the reads to compare (on average `rate` of them)."""
+        self._countdown -= 1
+        if self._countdown > 0:
+            return False
+        self._countdown = self._gap()
+        return True
+
+
+@dataclass
+class SourceSample:
+    """One sampled read on the source: its text, its result's digest, and when it ran."""
+
+    database: str
+    sql: str
+    shape: ReadShape
+    settings: dict[str, str]  # PRINT_SETTINGS of the client's session
+    low_log_id: int  # every record at or below it had settled before the query was forwarded
+    max_rows: int
+    started: float = field(default_factory=time.monotonic)
+    seen_at: float = field(default_factory=time.time)
+    ended: float | None = None
+    high_log_id: int = 0  # the last record prepared when the answer was complete
+    failed: bool = False  # the source answered with an error: nothing to compare
+    wrote: bool = False  # it called a function that wrote: logged and replayed, not a read to compare
+    abandoned: str | None = None  # why the sample was given up on the source side
+    hasher: ResultHasher = field(init=False)
+    described: bool = False
+
+    def __post_init__(self) -> None:
+        self.hasher = ResultHasher(self.shape.order_keys if self.shape.values_comparable else None)
+
+    def row_description(self, body: bytes) -> None:
+        """The source's RowDescription."""
+        self.described = True
+        self.hasher.describe(parse_row_description(body))
+
+    def data_row(self, body: bytes) -> None:
+        """One of the source's DataRows (text format: simple protocol)."""
+        if self.abandoned is not None:
+            return
+        if self.hasher.rows >= self.max_rows:
+            # Hashing costs the client's own forwarding time: past this, stop and count the sample dropped.
+            self.abandoned = "too_many_rows"
+            return
+        self.hasher.data_row(body)
+
+    def error(self) -> None:
+        """The source refused the query: the client saw the error; there is nothing to compare."""
+        self.failed = True
+
+    def complete(self, high_log_id: int) -> None:
+        """The answer is complete (the ReadyForQuery after it)."""
+        self.ended = time.monotonic()
+        self.high_log_id = high_log_id
+
+    @property
+    def source_seconds(self) -> float:
+        """How long the source took, as the proxy saw it."""
+        return (self.ended or self.started) - self.started
+
+    def digest(self) -> Digest:
+        """The source result's digest."""
+        return self.hasher.digest()
