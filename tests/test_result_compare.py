@@ -228,8 +228,8 @@ def test_no_false_mismatch_while_writers_run(env: Env) -> None:
         th.start()
     reads = ["SELECT sum(n) FROM acc", "SELECT * FROM acc", "SELECT id, x FROM m", "SELECT avg(x) FROM m"]
     try:
-        # prepare_threshold=None: psycopg would switch a repeated query to the extended protocol (not sampled).
-        with psycopg.connect(env.proxy.dsn(), autocommit=True, prepare_threshold=None) as app:
+        # psycopg prepares each read after 5 runs: both the simple and the extended protocol are compared.
+        with psycopg.connect(env.proxy.dsn(), autocommit=True) as app:
             deadline = time.monotonic() + 15
             done = 0
             while time.monotonic() < deadline:
@@ -248,3 +248,22 @@ def test_no_false_mismatch_while_writers_run(env: Env) -> None:
     # Most reads were compared; some were in flight with a commit (inconclusive) or missed their point.
     assert m.matching >= done // 2, (done, m)
     assert m.total + m.inconclusive + m.dropped + sum(m.skipped.values()) == done, (done, m)
+
+
+def test_extended_protocol_reads_are_compared(env: Env) -> None:
+    """Bound parameters (unnamed and prepared statements) are sent again to the target; binary results are dropped."""
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as app:  # prepares a query after 5 runs
+        for i in range(8):
+            app.execute("SELECT id, v FROM t WHERE id > %s", (290 - i,)).fetchall()
+            app.execute("SELECT x, y, arr FROM m WHERE id = %s", (i % 5 + 1,)).fetchall()
+        app.cursor(binary=True).execute("SELECT x FROM m WHERE id = %s", (1,)).fetchall()
+        env.settle()
+        env.target.psql("UPDATE t SET v = 'changed on the target' WHERE id = 299", dbname=env.dbname)
+        app.execute("SELECT v FROM t WHERE id = %s", (299,)).fetchall()
+    env.settle()
+    queries = {q.example: q for q in env.validator.queries()}
+    assert queries["SELECT id, v FROM t WHERE id > $1"].counts == {"match": 8}
+    assert queries["SELECT x, y, arr FROM m WHERE id = $1"].counts == {"match": 8}
+    assert queries["SELECT v FROM t WHERE id = $1"].counts == {"data_mismatch": 1}
+    m = env.validator.metrics()
+    assert (m.total, m.matching, m.data_mismatches, m.dropped) == (17, 16, 1, 1)

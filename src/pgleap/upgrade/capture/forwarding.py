@@ -109,6 +109,7 @@ class _Prepared:
     infos: tuple[StatementInfo, ...]
     param_types: tuple[int, ...]
     image: ImagePlan | None = None  # capture appended a RETURNING clause to it
+    row_description: bytes | None = None  # its Describe's answer, kept while result comparison samples
 
 
 @dataclass
@@ -123,6 +124,15 @@ class _Portal:
     statement: _Prepared | None  # None: bound to a statement capture never saw prepared
     params: tuple[bytes | None, ...] = ()
     param_formats: tuple[int, ...] = ()
+    bind: bytes = b""  # the Bind body (its result formats are read only for a sampled Execute)
+    row_description: bytes | None = None  # its Describe's answer, kept while result comparison samples
+
+
+@dataclass
+class _DescribeOf:
+    """A Describe whose RowDescription result comparison keeps (the statement's or portal's)."""
+
+    target: _Prepared | _Portal
 
 
 class CapturingForwarder(Forwarder):
@@ -156,6 +166,7 @@ class CapturingForwarder(Forwarder):
         self._log_tx: CapturedTransaction | None = None  # and that transaction
         self._held_tag: bytes | None = None  # a wrapped string's last CommandComplete, until the COMMIT answers
         self._temp_names: set[str] = set()  # temporary tables this session may have created (never shrinks)
+        self._samples: dict[int, SourceSample] = {}  # sampled extended-protocol Executes, by id of their Pending
         self._catalog_waited = False  # the held message comes back from waiting for the catalog
         try:
             facts = facts_for(version_num_of(self.backend.server_version))
@@ -276,7 +287,7 @@ class CapturingForwarder(Forwarder):
             bind = bind_message(body)
             statement = self.prepared.get(bind.statement)
             # A Bind of a statement capture never saw replaces the portal all the same: never leave a stale one.
-            self.portals[bind.portal] = _Portal(statement, bind.params, bind.param_formats)
+            self.portals[bind.portal] = _Portal(statement, bind.params, bind.param_formats, body)
             if statement is not None and statement.image is not None:
                 raw = message(kind, client_bind(body, statement.image))  # the image columns come back in text
             self._send(Request(kind), raw)
@@ -290,7 +301,10 @@ class CapturingForwarder(Forwarder):
             if kind == codes.CLOSE:
                 (self.prepared if target == "S" else self.portals).pop(name, None)
             plan = self._described_image(target, name) if kind == codes.DESCRIBE else None
-            context = _ImageDescribe(plan) if plan is not None else None
+            context: object = _ImageDescribe(plan) if plan is not None else None
+            if kind == codes.DESCRIBE and plan is None and self._samples_reads():
+                described = (self.prepared if target == "S" else self.portals).get(name)
+                context = _DescribeOf(described) if described is not None else None
             self._send(Request(kind, describe_statement=kind == codes.DESCRIBE and target == "S", context=context), raw)
         elif kind == codes.COPY_DATA:
             if self._copy_target is not None:
@@ -532,6 +546,18 @@ class CapturingForwarder(Forwarder):
             self._commit_point = "commit"
             return True
         self.open_batch = True
+        sample = None
+        if (
+            self.proxy.validator is not None
+            and info.kind is Kind.READ
+            and info.command == "SelectStmt"
+            and len(portal.statement.infos) == 1
+            and not a.explicit
+            and self.tx_status == _IDLE
+            and not self._batch_writes
+            and raw[-4:] == b"\0\0\0\0"  # no row limit: the whole result in this Execute
+        ):
+            sample = self._begin_sample(portal.statement.sql, portal)
         if info.refuses_block:
             self._batch_refuses_block = True
         if info.writes:
@@ -544,6 +570,8 @@ class CapturingForwarder(Forwarder):
             # it may without a limit; the image rows all come back. Otherwise a suspension loses the image.
             raw = raw[:-4] + b"\0\0\0\0"
         pending = Pending(info, portal.params, portal.param_formats, portal.statement.param_types, image=image)
+        if sample is not None:
+            self._samples[id(pending)] = sample
         if info.command == "CopyStmt" and info.kind is Kind.WRITE:
             self._copy_execute = pending
         self._send(Request(codes.EXECUTE, context=pending), raw)
@@ -739,6 +767,8 @@ class CapturingForwarder(Forwarder):
             self.assembler.failed_statement()
             if isinstance(context, _QueryParts) and context.sample is not None:
                 context.sample.error()
+            elif self._samples and isinstance(context, Pending) and id(context) in self._samples:
+                self._execute_answer(context, kind, raw)
             if self._copy_execute is not None:
                 self._copy_answered(copy_in=False)  # the server now skips to the held Sync, and answers it
             return True
@@ -746,6 +776,8 @@ class CapturingForwarder(Forwarder):
             self._probe_inflight = False
             if isinstance(context, _QueryParts) and context.sample is not None:
                 self._sample_done(context)
+            if self._samples:
+                self._samples.clear()  # Executes skipped after an error: never answered, nothing to compare
             if isinstance(context, _QueryParts) and context.wrapped:
                 self.tx_status = raw[5]
                 self._commit_wrapped(failed=raw[5] == _FAILED)
@@ -759,7 +791,13 @@ class CapturingForwarder(Forwarder):
                 self._forward_instead(client_row_description(raw[5:], context.plan))
                 return False
             return True
+        if isinstance(context, _DescribeOf):
+            if kind == codes.ROW_DESCRIPTION:
+                context.target.row_description = raw[5:]
+            return True
         if isinstance(context, Pending):
+            if self._samples and id(context) in self._samples:
+                self._execute_answer(context, kind, raw)
             if context.image is not None and kind in (codes.DATA_ROW, codes.PORTAL_SUSPENDED):
                 return self._image_answer(context.image, kind, raw)
             if kind == _COPY_IN:
@@ -806,14 +844,50 @@ class CapturingForwarder(Forwarder):
                     return False
         return True
 
-    def _begin_sample(self, sql: str) -> SourceSample | None:
+    def _samples_reads(self) -> bool:
+        validator = self.proxy.validator
+        return validator is not None and validator.active(self.database.upgrade.database)
+
+    def _begin_sample(self, sql: str, portal: _Portal | None = None) -> SourceSample | None:
         """Whether result comparison samples this read (one countdown step when not); never fails the session."""
         assert self.proxy.validator is not None
         try:
-            return self.proxy.validator.begin(self.database.upgrade.database, sql, self.session.parameters)
+            sample = self.proxy.validator.begin(self.database.upgrade.database, sql, self.session.parameters)
+            if sample is not None and portal is not None:
+                statement = portal.statement
+                assert statement is not None
+                sample.extended(
+                    portal.params,
+                    portal.param_formats,
+                    statement.param_types,
+                    portal.bind,
+                    lambda: portal.row_description or statement.row_description,
+                )
+            return sample
         except Exception as exc:
             log.warning("session %s: result comparison could not sample a read (%s)", self.session.id, exc)
             return None
+
+    def _execute_answer(self, context: Pending, kind: int, raw: bytes) -> None:
+        """A sampled Execute's answer: rows are hashed; its CommandComplete ends it (never fails the session)."""
+        sample = self._samples[id(context)]
+        validator = self.proxy.validator
+        try:
+            if kind == codes.DATA_ROW:
+                sample.data_row(raw[5:])
+            elif kind in (codes.COMMAND_COMPLETE, codes.ERROR_RESPONSE, codes.PORTAL_SUSPENDED):
+                del self._samples[id(context)]
+                if kind == codes.ERROR_RESPONSE:
+                    sample.error()
+                elif kind == codes.PORTAL_SUSPENDED:
+                    sample.abandoned = "suspended"
+                else:
+                    sample.describe_now()
+                if validator is not None:
+                    validator.finish(sample)
+        except Exception as exc:
+            self._samples.pop(id(context), None)
+            log.warning("session %s: result comparison could not read an answer (%s); dropped", self.session.id, exc)
 
     def _feed_sample(self, context: _QueryParts, kind: int, raw: bytes) -> None:
         """Hash the sampled read's answer as it goes to the client; a failure drops the sample, never the session."""

@@ -39,7 +39,13 @@ from pgleap.upgrade.replay.point import PointMissedError, log_point
 from pgleap.upgrade.replay.snapshot import parse_snapshot
 from pgleap.upgrade.replay.wire import TargetSession
 from pgleap.upgrade.verify.fingerprint import analyse
-from pgleap.upgrade.verify.resultcompare import Digest, ResultHasher, compare_digests, parse_row_description
+from pgleap.upgrade.verify.resultcompare import (
+    FIRST_USER_OID,
+    Digest,
+    ResultHasher,
+    compare_digests,
+    parse_row_description,
+)
 from pgleap.upgrade.verify.sampling import PRINT_SETTINGS, Sampler, SourceSample
 
 log = logging.getLogger(__name__)
@@ -225,6 +231,11 @@ class ResultValidator:
             self._options[upgrade.database] = (v.sample_queue_size, v.sample_max_rows, v.compare_timeout)
 
     # -- the capture path's side (cheap unless sampled) -------------------------------------
+
+    def active(self, database: str) -> bool:
+        """Whether reads of `database` may be sampled at all."""
+        sampler = self.samplers.get(database)
+        return sampler is not None and sampler.rate > 0
 
     def begin(self, database: str, sql: str, parameters: dict[str, str]) -> SourceSample | None:
         """A SourceSample for this read when it is sampled, else None (one countdown step)."""
@@ -555,7 +566,7 @@ async def target_read(session: TargetSession, sample: SourceSample, timeout: flo
     try:
         await session.query(f"SELECT {calls}")
         started = time.monotonic()
-        digest, error = await _run_read(session, sample.sql, sample.digest().columns, sample.shape.order_keys)
+        digest, error = await _run_read(session, sample, sample.digest().columns)
         seconds = time.monotonic() - started
     finally:
         # Always rolled back: whatever the query did (a function that writes) never stays on the target.
@@ -570,19 +581,42 @@ async def source_read(session: TargetSession, sample: SourceSample, timeout: flo
     settings.append(("statement_timeout", str(max(1, int(timeout * 1000)))))
     await session.query("SELECT " + ", ".join(f"set_config({_literal(n)}, {_literal(v)}, true)" for n, v in settings))
     started = time.monotonic()
-    digest, error = await _run_read(session, sample.sql, None, sample.shape.order_keys)
+    digest, error = await _run_read(session, sample, None)
     return digest, error, time.monotonic() - started
 
 
+def _read_messages(sample: SourceSample) -> bytes:
+    """The sampled read as its client sent it: a simple Query, or Parse/Bind/Describe/Execute/Sync."""
+    if sample.params is None:
+        return message(codes.QUERY, cstr(sample.sql))
+    oids = [0 if t >= FIRST_USER_OID else t for t in sample.param_types]  # user types have other OIDs there
+    parse = cstr("") + cstr(sample.sql) + struct.pack(f"!h{len(oids)}I", len(oids), *oids)
+    bind = bytearray(cstr("") + cstr(""))
+    bind += struct.pack(f"!h{len(sample.param_formats)}h", len(sample.param_formats), *sample.param_formats)
+    bind += struct.pack("!h", len(sample.params))
+    for value in sample.params:
+        bind += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+    bind += struct.pack("!h", 0)  # results in text
+    return b"".join(
+        [
+            message(codes.PARSE, parse),
+            message(codes.BIND, bytes(bind)),
+            message(codes.DESCRIBE, b"P" + cstr("")),
+            message(codes.EXECUTE, cstr("") + struct.pack("!i", 0)),
+            message(codes.SYNC),
+        ]
+    )
+
+
 async def _run_read(
-    session: TargetSession, sql: str, reference: tuple[Any, ...] | None, order_keys: tuple[str | int, ...] | None
+    session: TargetSession, sample: SourceSample, reference: tuple[Any, ...] | None
 ) -> tuple[Digest | None, Any]:
-    """Run `sql` as a simple Query; (the digest of its result, None) or (None, the ServerError)."""
-    hasher = ResultHasher(order_keys, reference)
+    """Run the read as its client did; (the digest of its result, None) or (None, the ServerError)."""
+    hasher = ResultHasher(sample.shape.order_keys if sample.shape.values_comparable else None, reference)
     error = None
     writer, reader = session.conn.writer, session.conn.reader
     try:
-        writer.write(message(codes.QUERY, cstr(sql)))
+        writer.write(_read_messages(sample))
         await writer.drain()
         while True:
             kind, body = await read_message(reader, _MAX_ANSWER)

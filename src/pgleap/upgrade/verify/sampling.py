@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pgleap.upgrade.verify.fingerprint import ReadShape
@@ -66,9 +68,38 @@ class SourceSample:
     abandoned: str | None = None  # why the sample was given up on the source side
     hasher: ResultHasher = field(init=False)
     described: bool = False
+    # The extended protocol: the Bind's parameters, sent again to the target; None for a simple Query.
+    params: tuple[bytes | None, ...] | None = None
+    param_formats: tuple[int, ...] = ()
+    param_types: tuple[int, ...] = ()
+    _describe: Callable[[], bytes | None] | None = None
 
     def __post_init__(self) -> None:
         self.hasher = ResultHasher(self.shape.order_keys if self.shape.values_comparable else None)
+
+    def extended(
+        self,
+        params: tuple[bytes | None, ...],
+        param_formats: tuple[int, ...],
+        param_types: tuple[int, ...],
+        bind: bytes,
+        describe: Callable[[], bytes | None],
+    ) -> None:
+        """An Execute of a bound portal; `describe` gives the Describe answer (it comes back before the rows)."""
+        self.params, self.param_formats, self.param_types = params, param_formats, param_types
+        self._describe = describe
+        if any(result_formats(bind)):
+            self.abandoned = "binary_results"  # values in binary: not normalised here (text only)
+
+    def describe_now(self) -> None:
+        """Take the columns from the statement's or portal's Describe answer, if not done yet."""
+        if self.described or self._describe is None:
+            return
+        body = self._describe()
+        if body is None:
+            self.abandoned = self.abandoned or "not_described"  # the client never asked: types unknown
+            return
+        self.row_description(body)
 
     def row_description(self, body: bytes) -> None:
         """The source's RowDescription."""
@@ -79,6 +110,10 @@ class SourceSample:
         """One of the source's DataRows (text format: simple protocol)."""
         if self.abandoned is not None:
             return
+        if not self.described:
+            self.describe_now()
+            if self.abandoned is not None:
+                return
         if self.hasher.rows >= self.max_rows:
             # Hashing costs the client's own forwarding time: past this, stop and count the sample dropped.
             self.abandoned = "too_many_rows"
@@ -102,3 +137,18 @@ class SourceSample:
     def digest(self) -> Digest:
         """The source result's digest."""
         return self.hasher.digest()
+
+
+def result_formats(bind: bytes) -> tuple[int, ...]:
+    """The result format codes at the end of a Bind body."""
+    offset = bind.index(b"\0") + 1
+    offset = bind.index(b"\0", offset) + 1
+    (nformats,) = struct.unpack_from("!h", bind, offset)
+    offset += 2 + 2 * nformats
+    (nparams,) = struct.unpack_from("!h", bind, offset)
+    offset += 2
+    for _ in range(nparams):
+        (length,) = struct.unpack_from("!i", bind, offset)
+        offset += 4 + max(length, 0)
+    (nresults,) = struct.unpack_from("!h", bind, offset)
+    return struct.unpack_from(f"!{nresults}h", bind, offset + 2) if nresults else ()
