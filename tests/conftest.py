@@ -198,7 +198,8 @@ def target18(lab: Lab) -> Iterator[LabServer]:
 
 
 async def quiesce(proxy: Proxy) -> None:
-    """Stop replay, capture and the bypass monitors, so no engine task outlives the proxy's loop."""
+    """Stop upgrades, replay, capture and the bypass monitors, so no engine task outlives the proxy's loop."""
+    await proxy.stop_upgrades()
     await proxy.stop_replay()
     await proxy.stop_capture()
     for monitor in proxy.bypass_monitors.values():

@@ -29,8 +29,12 @@ def render_config(
     admin: tuple[str, str] = ("pgleap_admin", "admin-secret"),
     extra: str = "",
     targets: dict[str, Any] | None = None,
+    upgrade_extra: str = "",
 ) -> str:
-    """TOML for a proxy on a free port in front of `sources`: {database: a LabServer (superuser) or ServerConfig}."""
+    """TOML for a proxy on a free port in front of `sources`: {database: a LabServer (superuser) or ServerConfig}.
+
+    `upgrade_extra` is appended to every [[auto_upgrade]] entry (its [auto_upgrade.validation] tables, ...).
+    """
     lines = [
         "[pgleap]",
         'listen_addr = "127.0.0.1"',
@@ -63,6 +67,8 @@ def render_config(
             ]
             if isinstance(target, ServerConfig):
                 lines.append(f'target_database = "{target.database}"')
+        if upgrade_extra:
+            lines.append(upgrade_extra)
     return "\n".join(lines) + "\n"
 
 
@@ -141,13 +147,14 @@ class ProxyProcess:
         extra: str = "",
         metrics: bool = False,
         targets: dict[str, Any] | None = None,
+        upgrade_extra: str = "",
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port() if metrics else 0
         if metrics:
             extra = f"{extra}\nmetrics_port = {self.metrics_port}"
         self.config = workdir / "pgleap.toml"
-        text = render_config(sources, extra=extra, targets=targets)
+        text = render_config(sources, extra=extra, targets=targets, upgrade_extra=upgrade_extra)
         text = text.replace("listen_port = 0", f"listen_port = {self.port}")
         self.config.write_text(text)
         self.log = workdir / "pgleap.log"

@@ -324,4 +324,4 @@ async def shutdown(proxy: Proxy, _session: Session) -> Result:
 
 
 # The upgrade engine's commands live in their own module; importing it registers them.
-from pgleap.admin import upgrade_commands, validation_commands, verify_commands  # noqa: E402, F401
+from pgleap.admin import phase_commands, upgrade_commands, validation_commands, verify_commands  # noqa: E402, F401

@@ -1,5 +1,4 @@
-"""Admin commands of verification: VERIFY TABLE, VERIFY ALL TABLES, FORCE RESYNC TABLE, SHOW UPGRADE
-STATUS and SHOW UPGRADE ERRORS.
+"""Admin commands of verification: VERIFY TABLE, VERIFY ALL TABLES, FORCE RESYNC TABLE and SHOW UPGRADE ERRORS.
 
 A table is named 'schema.table' or 'table', optionally prefixed by its database and a colon
 ('app:public.accounts'); without one, the only database whose replay runs is meant.
@@ -121,52 +120,6 @@ def _database_and_table(proxy: Proxy, name: str, tag: str) -> tuple[str, str]:
     return running[0], name
 
 
-@command("SHOW UPGRADE STATUS")
-async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
-    """Per database: capture, replay and its lag, validation of sampled reads, the last verification."""
-    columns = [
-        "database",
-        "capturing",
-        "replaying",
-        "applied_position",
-        "lag_transactions",
-        "lag_seconds",
-        "apply_errors",
-        "queries_compared",
-        "queries_matching",
-        "error_rate",
-        "tables_verified",
-        "tables_differing",
-        "rows_differing",
-        "last_verified",
-    ]
-    reports = proxy.verifier().last_reports()
-    metrics = _validation(proxy)
-    rows: list[Sequence[Any]] = []
-    for name in sorted(proxy.databases):
-        replay = proxy.replay.report(name) if proxy.replay is not None else None
-        mine = [r for (database, _), r in reports.items() if database == name]
-        rows.append(
-            [
-                name,
-                proxy.databases[name].capture is not None,
-                bool(replay and replay.running),
-                replay.status.applied_position if replay else None,
-                replay.lag.transactions if replay else None,
-                round(replay.lag.seconds, 3) if replay else None,
-                replay.apply_errors if replay else None,
-                getattr(metrics, "total", None),
-                getattr(metrics, "matching", None),
-                getattr(metrics, "error_rate_window", None),
-                len(mine),
-                sum(1 for r in mine if not r.clean),
-                sum(len(r.remaining) if r.repairs else len(r.verification.differences) for r in mine),
-                _ts(max(r.finished_at for r in mine)) if mine else None,
-            ]
-        )
-    return Result(f"SHOW {len(rows)}", columns, rows)
-
-
 @command("SHOW UPGRADE ERRORS")
 async def show_upgrade_errors(proxy: Proxy, _session: Session) -> Result:
     """What is wrong now: apply errors, tables verification found different, failed query comparisons."""
@@ -196,8 +149,3 @@ async def show_upgrade_errors(proxy: Proxy, _session: Session) -> Result:
                 [None, f"query_{failure.classification}", _ts(failure.last_seen), failure.example, failure.detail]
             )
     return Result(f"SHOW {len(rows)}", columns, rows)
-
-
-def _validation(proxy: Proxy) -> Any:
-    validator = getattr(proxy, "validator", None)
-    return validator.metrics() if validator is not None else None

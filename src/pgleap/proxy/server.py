@@ -65,6 +65,7 @@ class Proxy:
         )
         self._verifier: Any = None  # the VerifyService (upgrade/verify/service.py), made on first use
         self._watching = False  # whether the VerifyService re-syncs tables replay flags
+        self.upgrades: dict[str, Any] = {}  # database -> UpgradeMachine (upgrade/machine.py) once started
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` in the background, keeping a reference until it ends."""
@@ -85,6 +86,14 @@ class Proxy:
             # Capture was on when pgleap stopped (or was killed): every write from now on is captured again.
             for note in self.start_capture():
                 log.info("resuming capture: %s", note)
+        if store is not None:
+            from pgleap.upgrade.phases import RUNNING, Phase
+
+            # An upgrade killed in any phase goes on from that phase.
+            for name in sorted(self.databases):
+                record = store.phase(name)
+                if record is not None and Phase(record.phase) in RUNNING:
+                    log.info("resuming the upgrade: %s", self.start_upgrade([name])[0])
 
     async def wait_stopped(self) -> None:
         """Return once `shutdown` has finished."""
@@ -104,9 +113,9 @@ class Proxy:
             self.sessions.pop(session.id, None)
             self._cancel_keys.pop(session.key, None)
 
-    def state_store(self) -> StateStore | None:
+    def state_store(self, *, create: bool = False) -> StateStore | None:
         """The upgrade state store, once an upgrade step has created it (pgleap never creates it just to read)."""
-        if self._state is None and self.config.proxy.state_path.exists():
+        if self._state is None and (create or self.config.proxy.state_path.exists()):
             self._state = StateStore(self.config.proxy.state_path)
         return self._state
 
@@ -284,6 +293,7 @@ class Proxy:
         await asyncio.sleep(0)
         for name in list(self.bypass_monitors):
             self.stop_bypass_monitor(name)
+        await self.stop_upgrades()
         for database in self.databases.values():
             if database.capture is not None and database.capture.catalog is not None:
                 await database.capture.catalog.stop()
@@ -348,6 +358,27 @@ class Proxy:
             return []
         notes: list[str] = await self.replay.stop_all()
         return notes
+
+    def start_upgrade(self, names: list[str] | None = None) -> list[str]:
+        """START UPGRADE: drive every database with a target (or `names`) through the upgrade's phases."""
+        from pgleap.upgrade.machine import UpgradeMachine
+
+        store = self.state_store(create=True)
+        assert store is not None
+        notes = []
+        for name in names if names is not None else sorted(self.databases):
+            if self.databases[name].upgrade.target is None:
+                notes.append(f"database {name}: no target configured; not upgraded")
+                continue
+            machine = self.upgrades.get(name) or UpgradeMachine(self, name, store)
+            self.upgrades[name] = machine
+            notes.append(machine.start())
+        return notes
+
+    async def stop_upgrades(self) -> None:
+        """Stop driving every upgrade; its phase stays persisted, so the next start goes on from it."""
+        for machine in self.upgrades.values():
+            await machine.stop()
 
     def verifier(self) -> Any:
         """The VerifyService: verification and re-sync at replay's points (VERIFY TABLE, FORCE RESYNC TABLE)."""

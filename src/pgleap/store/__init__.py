@@ -23,7 +23,7 @@ from pgleap.store.records import (
     decode_transaction,
     encode_transaction,
 )
-from pgleap.store.state import ChunkRecord, CopyRun, SchemaErrorRecord, StateStore, StoreError
+from pgleap.store.state import ChunkRecord, CopyRun, PhaseRecord, SchemaErrorRecord, StateStore, StoreError, Transition
 
 __all__ = [
     "CapturedStatement",
@@ -43,11 +43,13 @@ __all__ = [
     "Durability",
     "LogState",
     "LoggedTransaction",
+    "PhaseRecord",
     "RecordFormatError",
     "SQLiteChangeLog",
     "SchemaErrorRecord",
     "StateStore",
     "StoreError",
+    "Transition",
     "decode_transaction",
     "encode_transaction",
 ]

@@ -1,4 +1,4 @@
-"""The state store: copy runs, their steps and chunks, schema errors, capture on/off (SQLite, WAL mode)."""
+"""The state store: upgrade phases, copy runs, their steps and chunks, schema errors, capture on/off (SQLite, WAL)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,20 @@ from pathlib import Path
 from pgleap.errors import PgleapError
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS upgrade_phase (
+    database TEXT PRIMARY KEY,
+    phase TEXT NOT NULL,               -- upgrade/phases.py Phase
+    since REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS upgrade_transition (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    database TEXT NOT NULL,
+    from_phase TEXT,                   -- NULL for the first phase
+    to_phase TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS capture_state (
     database TEXT PRIMARY KEY,
     capturing INTEGER NOT NULL,        -- 1 from START CAPTURE until STOP CAPTURE: a restart resumes it
@@ -126,6 +140,27 @@ class SchemaErrorRecord:
     definition: str
 
 
+@dataclass(frozen=True)
+class PhaseRecord:
+    """Where one database's upgrade stands, since when, and why it got there."""
+
+    database: str
+    phase: str
+    since: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One logged change of phase."""
+
+    database: str
+    from_phase: str | None
+    to_phase: str
+    at: float
+    reason: str
+
+
 _CHUNK_COLUMNS = (
     "chunk_id, schema_name, table_name, kind, lower, upper, est_rows, est_bytes, status, "
     "target_txid, rows, bytes, seconds, snapshot, flags, finished_at"
@@ -176,6 +211,37 @@ class StateStore:
                 return list(self._db.execute(sql, args).fetchall())
             except sqlite3.Error as exc:
                 raise StoreError(f"state store {self.path}: {exc}") from exc
+
+    # -- upgrade phases -----------------------------------------------------------------------
+
+    def phase(self, database: str) -> PhaseRecord | None:
+        """The upgrade phase of `database` (None before START UPGRADE)."""
+        rows = self._query("SELECT database, phase, since, reason FROM upgrade_phase WHERE database = ?", (database,))
+        return PhaseRecord(str(rows[0][0]), str(rows[0][1]), float(rows[0][2]), str(rows[0][3])) if rows else None  # type: ignore[arg-type]
+
+    def set_phase(self, database: str, phase: str, reason: str) -> None:
+        """Move `database` to `phase`, logging the transition with its reason, in one transaction."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT phase FROM upgrade_phase WHERE database = ?", (database,)).fetchone()
+            db.execute(
+                "INSERT INTO upgrade_transition (database, from_phase, to_phase, at, reason) VALUES (?, ?, ?, ?, ?)",
+                (database, row[0] if row else None, phase, now, reason),
+            )
+            db.execute(
+                "INSERT INTO upgrade_phase (database, phase, since, reason) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (database) DO UPDATE SET phase = excluded.phase, since = excluded.since, "
+                "reason = excluded.reason",
+                (database, phase, now, reason),
+            )
+
+    def transitions(self, database: str) -> list[Transition]:
+        """Every phase change of `database`, oldest first."""
+        rows = self._query(
+            "SELECT database, from_phase, to_phase, at, reason FROM upgrade_transition WHERE database = ? ORDER BY id",
+            (database,),
+        )
+        return [Transition(*r) for r in rows]  # type: ignore[arg-type]
 
     # -- capture ----------------------------------------------------------------------------
 

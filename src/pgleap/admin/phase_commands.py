@@ -1,0 +1,113 @@
+"""Admin commands of the upgrade's state machine: START UPGRADE, ROLLBACK UPGRADE, SHOW UPGRADE STATUS and
+SHOW UPGRADE HISTORY."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pgleap.admin.commands import AdminCommandError, Result, _ts, command, notes_result
+from pgleap.errors import PgleapError
+
+if TYPE_CHECKING:
+    from pgleap.proxy.server import Proxy
+    from pgleap.proxy.session import Session
+
+
+@command("START UPGRADE")
+async def start_upgrade(proxy: Proxy, _session: Session) -> Result:
+    """Capture, copy, catch up and mirror every database with a target, with no further command."""
+    try:
+        notes = proxy.start_upgrade()
+    except PgleapError as exc:
+        raise AdminCommandError(f"START UPGRADE failed: {exc}") from exc
+    return notes_result("START UPGRADE", notes)
+
+
+@command("ROLLBACK UPGRADE")
+async def rollback_upgrade(proxy: Proxy, _session: Session) -> Result:
+    """Before cutover: stop the upgrade (replay, capture); clients stay on the source, the target is kept."""
+    if not proxy.upgrades:
+        raise AdminCommandError("ROLLBACK UPGRADE: no upgrade has started (START UPGRADE)")
+    notes = []
+    for name, machine in sorted(proxy.upgrades.items()):
+        try:
+            notes.append(await machine.rollback("ROLLBACK UPGRADE"))
+        except PgleapError as exc:
+            raise AdminCommandError(f"ROLLBACK UPGRADE of {name}: {exc}") from exc
+    return notes_result("ROLLBACK UPGRADE", notes)
+
+
+@command("SHOW UPGRADE STATUS")
+async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
+    """Per database: phase and why, what it does, what blocks cutover; capture, replay, validation, verification."""
+    columns = [
+        "database",
+        "phase",
+        "phase_since",
+        "phase_reason",
+        "activity",
+        "blocked_by",
+        "last_error",
+        "capturing",
+        "replaying",
+        "applied_position",
+        "lag_transactions",
+        "lag_seconds",
+        "apply_errors",
+        "queries_compared",
+        "queries_matching",
+        "error_rate",
+        "tables_verified",
+        "tables_differing",
+        "rows_differing",
+        "last_verified",
+    ]
+    reports = proxy.verifier().last_reports()
+    validator = getattr(proxy, "validator", None)
+    metrics = validator.metrics() if validator is not None else None
+    store = proxy.state_store()
+    rows: list[Sequence[Any]] = []
+    for name in sorted(proxy.databases):
+        machine = proxy.upgrades.get(name)
+        status = machine.status() if machine is not None else None
+        record = store.phase(name) if store is not None else None
+        blocked = "; ".join(f"{g.name}: {g.detail}" for g in status.gates if not g.open) if status else None
+        replay = proxy.replay.report(name) if proxy.replay is not None else None
+        mine = [r for (database, _), r in reports.items() if database == name]
+        rows.append(
+            [
+                name,
+                record.phase if record else None,
+                _ts(record.since) if record else None,
+                record.reason if record else None,
+                status.activity if status else None,
+                blocked or None,
+                status.last_error if status else None,
+                proxy.databases[name].capture is not None,
+                bool(replay and replay.running),
+                replay.status.applied_position if replay else None,
+                replay.lag.transactions if replay else None,
+                round(replay.lag.seconds, 3) if replay else None,
+                replay.apply_errors if replay else None,
+                getattr(metrics, "total", None),
+                getattr(metrics, "matching", None),
+                getattr(metrics, "error_rate_window", None),
+                len(mine),
+                sum(1 for r in mine if not r.clean),
+                sum(len(r.remaining) if r.repairs else len(r.verification.differences) for r in mine),
+                _ts(max(r.finished_at for r in mine)) if mine else None,
+            ]
+        )
+    return Result(f"SHOW {len(rows)}", columns, rows)
+
+
+@command("SHOW UPGRADE HISTORY")
+async def show_upgrade_history(proxy: Proxy, _session: Session) -> Result:
+    """Every phase transition of every database, with its reason."""
+    store = proxy.state_store()
+    rows: list[Sequence[Any]] = []
+    if store is not None:
+        for name in sorted(proxy.databases):
+            rows += [[t.database, t.from_phase, t.to_phase, _ts(t.at), t.reason] for t in store.transitions(name)]
+    return Result(f"SHOW {len(rows)}", ["database", "from_phase", "to_phase", "at", "reason"], rows)

@@ -1,0 +1,268 @@
+"""One database's upgrade, driven through its phases inside the pgleap process (START UPGRADE).
+
+initializing: capture on, and every session of the database capturing (a session mid-transaction when
+capture started switches at its next boundary; the copy's S must not come before that, or a transaction
+committed after S by such a session would be in neither the copy nor the log).
+copying: the bulk copy at S (`pgleap copy`'s engine, in a thread of its own so clients keep the loop).
+catching_up: replay from S until the lag is under CATCH_UP_LAG.
+mirroring: replay follows; every table is verified (and re-synced, per resync_on_error) in rounds; when
+every gate of upgrade/gates.py holds, cutover_ready, and back to mirroring when one stops holding.
+
+Every transition is persisted with its reason before anything of the next phase happens, so a pgleap
+killed in any phase starts that phase again when it restarts (each phase is safe to repeat: the copy
+resumes from its chunks, replay from the target's applied position, verification from scratch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pgleap.errors import PgleapError
+from pgleap.store.state import StateStore
+from pgleap.upgrade.gates import Gate, GateInputs, cutover_gates, shut
+from pgleap.upgrade.phases import RUNNING, Phase, check_move
+
+if TYPE_CHECKING:
+    from pgleap.proxy.server import Proxy
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_LAG = 1.0  # seconds of replay lag below which catching up is over
+CUTOVER_MAX_LAG = 1.0  # the lag gate
+SESSIONS_WAIT = 60.0  # seconds to wait for every session to capture before the copy
+RETRY_AFTER = 5.0  # seconds before a failed phase step is tried again
+
+
+@dataclass(frozen=True)
+class UpgradeStatus:
+    """A database's upgrade as status shows it."""
+
+    database: str
+    phase: str | None
+    since: float | None
+    reason: str | None
+    activity: str  # what the phase is doing now
+    gates: list[Gate]
+    last_error: str | None
+
+
+class UpgradeMachine:
+    """Drives one database from START UPGRADE to cutover_ready (cutover and rollback after it: issue 6)."""
+
+    def __init__(self, proxy: Proxy, database: str, store: StateStore) -> None:
+        self.proxy = proxy
+        self.database = database
+        self.store = store
+        self.activity = "not started"
+        self.last_error: str | None = None
+        self.gates: list[Gate] = []
+        self._task: asyncio.Task[None] | None = None
+        self._mirroring_since = time.monotonic()
+
+    @property
+    def phase(self) -> Phase | None:
+        """The persisted phase."""
+        record = self.store.phase(self.database)
+        return Phase(record.phase) if record is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the drive task runs."""
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> str:
+        """Start (or, after a restart, resume) the upgrade; returns a note."""
+        phase = self.phase
+        if phase in (None, Phase.ROLLED_BACK):
+            self._move(Phase.INITIALIZING, "START UPGRADE")
+            note = "started"
+        elif phase in RUNNING:
+            note = f"resuming in phase {phase.value}"
+        else:
+            raise PgleapError(f"database {self.database}: the upgrade is {phase.value}; nothing to start")
+        if not self.running:
+            self._task = asyncio.get_running_loop().create_task(self._drive(), name=f"upgrade:{self.database}")
+        return f"database {self.database}: upgrade {note}"
+
+    async def rollback(self, reason: str) -> str:
+        """Before cutover: stop driving, stop replay and capture; the target is left as it is for inspection."""
+        phase = self.phase
+        check_move(phase, Phase.ROLLED_BACK)
+        await self.stop()
+        if self.proxy.replay is not None and self.proxy.replay.running(self.database):
+            await self.proxy.replay.stop(self.database)
+        await self.proxy.stop_capture()
+        self._move(Phase.ROLLED_BACK, reason)
+        self.activity = "rolled back; clients use the source as before, the target is left for inspection"
+        return f"database {self.database}: rolled back from {phase.value if phase else 'nothing'}"
+
+    async def stop(self) -> None:
+        """Stop the drive task (the phase stays as persisted: a later start resumes it)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def status(self) -> UpgradeStatus:
+        """Phase, since when and why, what it is doing, the gates."""
+        record = self.store.phase(self.database)
+        return UpgradeStatus(
+            self.database,
+            record.phase if record else None,
+            record.since if record else None,
+            record.reason if record else None,
+            self.activity,
+            list(self.gates),
+            self.last_error,
+        )
+
+    # -- the drive ---------------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        while True:
+            phase = self.phase
+            try:
+                if phase is Phase.INITIALIZING:
+                    await self._initialize()
+                elif phase is Phase.COPYING:
+                    await self._copy()
+                elif phase is Phase.CATCHING_UP:
+                    await self._catch_up()
+                elif phase in (Phase.MIRRORING, Phase.CUTOVER_READY):
+                    await self._mirror()
+                else:
+                    return
+                self.last_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the phase is retried; clients are never affected (I5)
+                self.last_error = f"{phase.value if phase else 'start'}: {exc}"
+                log.error("upgrade of %s: %s; retrying in %.0fs", self.database, self.last_error, RETRY_AFTER)
+                await asyncio.sleep(RETRY_AFTER)
+
+    async def _initialize(self) -> None:
+        database = self.proxy.databases[self.database]
+        if database.upgrade.target is None:
+            raise PgleapError(f"database {self.database} has no target configured (target_host, target_port)")
+        if database.capture is None:
+            self.activity = "starting capture"
+            self.proxy.start_capture()
+        self.activity = "waiting for every session to capture"
+        deadline = time.monotonic() + SESSIONS_WAIT
+        while (left := self._sessions_not_capturing()) > 0:
+            if time.monotonic() > deadline:
+                raise PgleapError(
+                    f"{left} sessions of {self.database} have not reached a transaction boundary within "
+                    f"{SESSIONS_WAIT:.0f}s of capture starting; the copy waits for them (long transactions?)"
+                )
+            await asyncio.sleep(0.1)
+        self._move(Phase.COPYING, "capture is on for every session")
+
+    def _sessions_not_capturing(self) -> int:
+        database = self.proxy.databases[self.database]
+        return sum(
+            1
+            for s in self.proxy.sessions.values()
+            if s.database is database and s.forwarder is not None and s.forwarder.capture is not database.capture
+        )
+
+    async def _copy(self) -> None:
+        run = self.store.run(self.database)
+        if run is None or run.status != "done":
+            self.activity = "copying (SHOW UPGRADE TABLES)"
+            report = await asyncio.to_thread(self._copy_in_thread)
+            reason = f"copy done at S = {report.snapshot}: {report.rows} rows in {report.seconds:.1f}s"
+        else:
+            reason = f"copy run {run.run_id} was already done at S = {run.snapshot}"
+        self._move(Phase.CATCHING_UP, reason)
+
+    def _copy_in_thread(self) -> Any:
+        from pgleap.upgrade.copy import CopyJob, CopyOptions
+
+        upgrade = self.proxy.databases[self.database].upgrade
+        sync = upgrade.sync
+        options = CopyOptions(
+            parallel_workers=sync.parallel_workers,
+            split_threshold_bytes=int(sync.split_threshold_mb * 1024 * 1024),
+            chunk_bytes=int(sync.chunk_mb * 1024 * 1024),
+            on_schema_error=sync.on_schema_error,
+            copy_roles=sync.copy_roles,
+            binary=sync.copy_binary,
+        )
+        # Its own state store connection and event loop: the copy must not load the clients' loop.
+        store = StateStore(self.store.path)
+        try:
+            return asyncio.run(CopyJob(upgrade, store, options).run())
+        finally:
+            store.close()
+
+    async def _catch_up(self) -> None:
+        replay = self._replay_started()
+        self.activity = "replaying what was logged during the copy"
+        while True:
+            report = replay.report(self.database)
+            if report is not None and report.stopped_error:
+                raise PgleapError(f"replay stopped: {report.stopped_error}")
+            if report is not None and report.running and report.lag.seconds <= CATCH_UP_LAG:
+                break
+            await asyncio.sleep(0.2)
+        self._move(Phase.MIRRORING, f"replay caught up (lag {report.lag.seconds:.2f}s)")
+
+    def _replay_started(self) -> Any:
+        replay = self.proxy.replay
+        if replay is None or not replay.running(self.database):
+            self.proxy.start_replay()
+            replay = self.proxy.replay
+        return replay
+
+    async def _mirror(self) -> None:
+        validation = self.proxy.databases[self.database].upgrade.validation
+        interval = max(1.0, min(300.0, validation.validation_duration / 4))
+        self._mirroring_since = time.monotonic()
+        while True:
+            self._replay_started()
+            self.activity = "verifying every table"
+            await self.proxy.verifier().verify(self.database)
+            deadline = time.monotonic() + interval
+            while time.monotonic() < deadline:
+                self.activity = "mirroring: replay follows, reads are compared"
+                self._judge_gates()
+                await asyncio.sleep(0.5)
+
+    def _judge_gates(self) -> None:
+        upgrade = self.proxy.databases[self.database].upgrade
+        reports = [r for (db, _), r in self.proxy.verifier().last_reports().items() if db == self.database]
+        replay = self.proxy.replay.report(self.database) if self.proxy.replay is not None else None
+        validator = getattr(self.proxy, "validator", None)
+        metrics = validator.metrics() if validator is not None else None
+        self.gates = cutover_gates(
+            GateInputs(
+                mirroring_seconds=time.monotonic() - self._mirroring_since,
+                validation_duration=upgrade.validation.validation_duration,
+                error_threshold=upgrade.validation.error_threshold,
+                error_rate=getattr(metrics, "error_rate_window", None) if getattr(metrics, "total", 0) else None,
+                compare_results=upgrade.validation.compare_results,
+                verified_tables=len(reports),
+                differing_tables=sum(1 for r in reports if not r.clean),
+                lag_seconds=replay.lag.seconds if replay is not None and replay.running else None,
+                max_lag_seconds=CUTOVER_MAX_LAG,
+            )
+        )
+        closed = shut(self.gates)
+        phase = self.phase
+        if phase is Phase.MIRRORING and not closed:
+            self._move(Phase.CUTOVER_READY, "every gate holds: " + "; ".join(g.detail for g in self.gates))
+        elif phase is Phase.CUTOVER_READY and closed:
+            self._mirroring_since = time.monotonic()
+            self._move(Phase.MIRRORING, "gate shut: " + "; ".join(f"{g.name}: {g.detail}" for g in closed))
+
+    def _move(self, to: Phase, reason: str) -> None:
+        check_move(self.phase, to)
+        self.store.set_phase(self.database, to.value, reason)
+        log.info("upgrade of %s: now %s (%s)", self.database, to.value, reason)

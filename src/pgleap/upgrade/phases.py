@@ -1,0 +1,52 @@
+"""The phases of one database's upgrade (DESIGN.md "Phases") and which moves between them are allowed."""
+
+from __future__ import annotations
+
+import enum
+
+from pgleap.errors import PgleapError
+
+
+class Phase(enum.StrEnum):
+    """Where an upgrade stands; persisted in the state store after every transition."""
+
+    INITIALIZING = "initializing"  # capture being switched on
+    COPYING = "copying"  # the bulk copy at S runs
+    CATCHING_UP = "catching_up"  # replay drains what was logged during the copy
+    MIRRORING = "mirroring"  # replay follows; reads are compared, tables verified
+    CUTOVER_READY = "cutover_ready"  # every gate holds
+    CUT_OVER = "cut_over"
+    COMPLETE = "complete"
+    ROLLED_BACK = "rolled_back"
+
+
+# Forward moves; ROLLED_BACK is reachable from every phase but COMPLETE, and a failing gate moves
+# CUTOVER_READY back to MIRRORING.
+_NEXT: dict[Phase, frozenset[Phase]] = {
+    Phase.INITIALIZING: frozenset({Phase.COPYING}),
+    Phase.COPYING: frozenset({Phase.CATCHING_UP}),
+    Phase.CATCHING_UP: frozenset({Phase.MIRRORING}),
+    Phase.MIRRORING: frozenset({Phase.CUTOVER_READY}),
+    Phase.CUTOVER_READY: frozenset({Phase.MIRRORING, Phase.CUT_OVER}),
+    Phase.CUT_OVER: frozenset({Phase.COMPLETE}),
+    Phase.COMPLETE: frozenset(),
+    Phase.ROLLED_BACK: frozenset({Phase.INITIALIZING}),
+}
+RUNNING = frozenset({Phase.INITIALIZING, Phase.COPYING, Phase.CATCHING_UP, Phase.MIRRORING, Phase.CUTOVER_READY})
+
+
+class PhaseError(PgleapError):
+    """A move between phases that the state machine does not allow."""
+
+
+def check_move(current: Phase | None, to: Phase) -> None:
+    """Raise PhaseError unless an upgrade in `current` (None: never started) may move to `to`."""
+    if current is None:
+        allowed = frozenset({Phase.INITIALIZING})
+    elif to is Phase.ROLLED_BACK:
+        allowed = frozenset() if current in (Phase.COMPLETE, Phase.ROLLED_BACK) else frozenset({to})
+    else:
+        allowed = _NEXT[current]
+    if to not in allowed:
+        where = "not started" if current is None else current.value
+        raise PhaseError(f"an upgrade that is {where} cannot move to {to.value}")

@@ -1,0 +1,163 @@
+"""START UPGRADE drives a database from capture to cutover_ready by itself, under a live pgbench load, and a
+pgleap killed (-9) in a phase goes on from that phase when it restarts, losing nothing.
+
+PG 10 source, a fresh PG 18 target (the copy creates it). `validation_duration = "2s"` and no read
+comparison, so the gates can open within a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgleap.lab import Lab, LabServer
+from pgleap.testing import ProxyProcess
+from pgleap.upgrade.copy.compare import database_differences
+from pgleap.upgrade.gates import GateInputs, cutover_gates, shut
+from pgleap.upgrade.phases import Phase, PhaseError, check_move
+
+from conftest import server_config, show, tool, wait_for
+
+ADMIN = {"database": "pgleap", "user": "pgleap_admin", "password": "admin-secret"}
+VALIDATION = '[auto_upgrade.validation]\nvalidation_duration = "2s"\ncompare_results = false'
+SYNC = "[auto_upgrade.sync]\nparallel_workers = 2"
+
+
+def test_phase_moves() -> None:
+    """Forward one phase at a time; back from cutover_ready to mirroring; rolled_back from all but the end."""
+    check_move(None, Phase.INITIALIZING)
+    check_move(Phase.COPYING, Phase.CATCHING_UP)
+    check_move(Phase.CUTOVER_READY, Phase.MIRRORING)
+    check_move(Phase.MIRRORING, Phase.ROLLED_BACK)
+    with pytest.raises(PhaseError, match="copying cannot move to mirroring"):
+        check_move(Phase.COPYING, Phase.MIRRORING)
+    with pytest.raises(PhaseError, match="complete cannot move to rolled_back"):
+        check_move(Phase.COMPLETE, Phase.ROLLED_BACK)
+    with pytest.raises(PhaseError, match="not started cannot move to copying"):
+        check_move(None, Phase.COPYING)
+
+
+def test_gates_name_what_holds_cutover_back() -> None:
+    """Each gate shut says why; all open when lag, verification, duration and error rate allow."""
+    ready = GateInputs(10, 5, 0.001, 0.0, True, 3, 0, 0.2, 1.0)
+    assert not shut(cutover_gates(ready))
+    blocked = GateInputs(1, 5, 0.001, 0.01, True, 3, 1, None, 1.0)
+    assert {g.name: g.detail for g in shut(cutover_gates(blocked))} == {
+        "replay_lag": "replay is not running",
+        "verification": "1 of 3 tables differ",
+        "validation_duration": "mirroring for 1s of 5s",
+        "error_rate": "error rate 1.0000% (threshold 0.1000%)",
+    }
+    assert "error_rate" not in {g.name for g in cutover_gates(GateInputs(10, 5, 0.001, None, False, 3, 0, 0.2, 1.0))}
+
+
+@pytest.fixture
+def source_db(pg_old: LabServer) -> Iterator[str]:
+    """A PG 10 database with pgbench's tables at scale 3 (300,000 accounts: the copy takes a few seconds)."""
+    name = f"um_{uuid.uuid4().hex[:8]}"
+    pg_old.psql(f"CREATE DATABASE {name}")
+    subprocess.run([tool("pgbench"), "-i", "-s", "3", "-q", pg_old.dsn(name)], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        pg_old.psql(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.fixture
+def target(lab: Lab) -> Iterator[LabServer]:
+    """A fresh PG 18 target."""
+    server = lab.target(18)
+    yield server
+    server.stop()
+
+
+def phase_of(console: psycopg.Connection[Any]) -> str | None:
+    """SHOW UPGRADE STATUS's phase."""
+    (row,) = show(console, "SHOW UPGRADE STATUS")
+    return row["phase"]
+
+
+def pgbench(dsn: str) -> subprocess.Popen[str]:
+    """TPC-B through pgleap for long enough; stopped by the test."""
+    return subprocess.Popen(
+        [tool("pgbench"), "-n", "-c", "4", "-j", "2", "-T", "600", "-M", "simple", dsn],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kill_in", [None, "copying", "mirroring"], ids=["steady", "kill9-copying", "kill9-mirroring"])
+def test_start_upgrade_reaches_cutover_ready(
+    tmp_path: Path, pg_old: LabServer, source_db: str, target: LabServer, kill_in: str | None
+) -> None:
+    """initializing → copying → catching_up → mirroring → cutover_ready, with a kill -9 in `kill_in`; equal."""
+    source, target_config = server_config(pg_old, source_db), server_config(target, source_db)
+    extra = f'state_path = "{tmp_path / "state.db"}"\nchangelog_path = "{tmp_path / "changes.db"}"'
+    options: dict[str, Any] = {
+        "extra": extra,
+        "targets": {"app": target_config},
+        "upgrade_extra": f"{VALIDATION}\n{SYNC}",
+    }
+    runs = [tmp_path / "one", tmp_path / "two"]
+    for run in runs:
+        run.mkdir()
+    pgleap = ProxyProcess(runs[0], {"app": source}, **options)
+    restarted: ProxyProcess | None = None
+    bench: subprocess.Popen[str] | None = None
+    try:
+        pgleap.wait_accepting()
+        bench = pgbench(pgleap.dsn())
+        time.sleep(1)
+        with psycopg.connect(pgleap.dsn(**ADMIN), autocommit=True, prepare_threshold=None) as console:
+            (note,) = console.execute("START UPGRADE").fetchall()
+            assert note[0] == "database app: upgrade started"
+            if kill_in is not None:
+                wait_for(lambda: phase_of(console) == kill_in, f"phase {kill_in}", timeout=120)
+        live = pgleap
+        if kill_in is not None:
+            pgleap.kill()
+            bench.wait(60)  # pgbench ends on the lost connections; a new run goes to the new pgleap
+            restarted = ProxyProcess(runs[1], {"app": source}, **options)
+            restarted.wait_accepting()
+            live = restarted
+            bench = pgbench(live.dsn())
+        with psycopg.connect(live.dsn(**ADMIN), autocommit=True, prepare_threshold=None) as console:
+            wait_for(lambda: phase_of(console) == "cutover_ready", "cutover_ready", timeout=180)
+            (status,) = show(console, "SHOW UPGRADE STATUS")
+            history = show(console, "SHOW UPGRADE HISTORY")
+            assert bench.poll() is None, "pgbench stopped early"
+            bench.terminate()
+            bench.communicate(60)
+            bench = None
+            wait_for(lambda: show(console, "SHOW CAPTURE")[0]["log_pending"] == "0", "nothing pending", 60)
+            wait_for(lambda: show(console, "SHOW REPLAY")[0]["lag_transactions"] == "0", "lag 0", 120)
+        moves = [(h["from_phase"], h["to_phase"]) for h in history]
+        assert moves == [
+            (None, "initializing"),
+            ("initializing", "copying"),
+            ("copying", "catching_up"),
+            ("catching_up", "mirroring"),
+            ("mirroring", "cutover_ready"),
+        ], history
+        assert status["blocked_by"] is None and status["tables_verified"] == "4" and status["tables_differing"] == "0"
+        if kill_in is not None:
+            assert f"resuming the upgrade: database app: upgrade resuming in phase {kill_in}" in live.output()
+    finally:
+        if bench is not None:
+            bench.terminate()
+            bench.communicate(60)
+        for process in (pgleap, restarted):
+            if process is not None:
+                process.stop()
+    problems = asyncio.run(database_differences(source, target_config))
+    assert not problems, "\n".join(problems)
