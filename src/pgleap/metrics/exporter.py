@@ -171,6 +171,11 @@ class ProxyCollector(Collector):
             "dropped": CounterMetricFamily(
                 "pgleap_validation_dropped", "Samples dropped because comparison fell behind", labels=labels
             ),
+            "overturned": CounterMetricFamily(
+                "pgleap_validation_overturned",
+                "First comparisons that differed but matched when re-run at one source snapshot",
+                labels=labels,
+            ),
         }
         features = CounterMetricFamily(
             "pgleap_validation_incompatibilities",

@@ -116,6 +116,7 @@ class ValidationMetrics:
     skipped: dict[str, int] = field(default_factory=dict)  # samples not compared, by reason
     source_seconds: float = 0.0  # summed latency of the compared reads on the source
     target_seconds: float = 0.0  # and on the target
+    overturned: int = 0  # first comparisons that differed but matched when re-checked at one source snapshot
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ class _DatabaseCounters:
     features: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     dropped: int = 0
+    overturned: int = 0
     window: deque[tuple[float, bool]] = field(default_factory=deque)
     source_latency: _Histogram = field(default_factory=_Histogram)
     target_latency: _Histogram = field(default_factory=_Histogram)
@@ -305,7 +307,9 @@ class ResultValidator:
             return
         finally:
             self._in_flight -= 1
-        if outcome.classification in (Classification.DATA_MISMATCH, Classification.INCONCLUSIVE):
+        if outcome.classification is Classification.DATA_MISMATCH:
+            # Inconclusive ones are not re-checked: under a busy workload they are common, and each re-check
+            # holds replay for a source snapshot, which moves it past the points of the samples queued behind.
             outcome = await self._recheck(sample, outcome)
         self.record(sample, outcome)
 
@@ -363,6 +367,8 @@ class ResultValidator:
             return _unconfirmed(outcome, "the source refused it when run again")
         differs = compare_digests(source, target, sample.shape.values_comparable)
         if differs is None:
+            with self._lock:
+                self._db(sample.database).overturned += 1
             return Outcome(Classification.MATCH, "matched when run again at one source snapshot", seconds)
         return Outcome(Classification.DATA_MISMATCH, f"{differs} (also at one source snapshot)", seconds)
 
@@ -426,7 +432,7 @@ class ResultValidator:
         counts: dict[str, int] = {}
         features: dict[str, int] = {}
         skipped: dict[str, int] = {}
-        dropped = compared = errors = 0
+        dropped = compared = errors = overturned = 0
         source = target = 0.0
         with self._lock:
             for name, db in self._counters.items():
@@ -440,6 +446,7 @@ class ResultValidator:
                     for k, n in source_dict.items():
                         target_dict[k] = target_dict.get(k, 0) + n
                 dropped += db.dropped
+                overturned += db.overturned
                 source += db.source_latency.total
                 target += db.target_latency.total
         c = Classification
@@ -459,6 +466,7 @@ class ResultValidator:
             skipped=skipped,
             source_seconds=source,
             target_seconds=target,
+            overturned=overturned,
         )
 
     def recent_failures(self, limit: int = 50) -> list[FailureRecord]:
@@ -520,9 +528,14 @@ class _TargetRun:
     async def __call__(self, session: TargetSession) -> Outcome:
         sample = self.sample
         through = self.changelog.position_through(sample.database, sample.high_log_id)
-        if through is None or self.replayer.position > through:
-            # An earlier request (a verification point) moved replay past this one: the target is later.
-            raise PointMissedError("replay was already past the sample's point")
+        if through is None:
+            raise PointMissedError("the sample's point is not settled")
+        if self.replayer.position > through:
+            # An earlier request (a re-check, a verification point) moved replay past this one. The target
+            # still stands at the point for this read unless what was applied since wrote a table it reads.
+            later = self._tables_written(through, self.replayer.position)
+            if later and (not sample.shape.relations or "?" in later or later & set(sample.shape.relations)):
+                raise PointMissedError("replay was already past the sample's point")
         digest, error, seconds = await target_read(session, sample, self.timeout)
         if error is not None:
             return _error_outcome(error, seconds)
@@ -532,7 +545,7 @@ class _TargetRun:
             return Outcome(Classification.MATCH, sample.shape.why_shape_only or "", seconds)
         touched = self._ambiguous_tables(through)
         relations = set(sample.shape.relations)
-        if touched and (not relations or touched & relations):
+        if touched and (not relations or "?" in touched or touched & relations):
             written = ", ".join(sorted(touched & relations or touched))
             detail = f"{differs}; transactions in flight while it ran wrote {written}"
             return Outcome(Classification.INCONCLUSIVE, detail, seconds)
@@ -542,14 +555,18 @@ class _TargetRun:
         """Tables written by the transactions the source's statement may or may not have seen."""
         sample = self.sample
         low = self.changelog.position_through(sample.database, sample.low_log_id)
-        if low is None:
-            low = 0
-        records = self.changelog.read_committed(sample.database, low, max(0, through - low))
+        return self._tables_written(low or 0, through, above_log_id=sample.low_log_id)
+
+    def _tables_written(self, after: int, through: int, above_log_id: int = 0) -> set[str]:
+        """Unqualified lower-case names of the tables written at positions (after, through]; "?" for unknown."""
         from pgleap.upgrade.replay.applier import touched_tables
 
         names: set[str] = set()
+        records = self.changelog.read_committed(self.sample.database, after, max(0, through - after))
+        if len(records) < through - after:
+            names.add("?")  # truncated or not durable: unknown
         for record in records:
-            if record.log_id > sample.low_log_id:
+            if record.log_id > above_log_id:
                 for table in touched_tables(record) or ("?",):
                     names.add(table.rsplit(".", 1)[-1].strip('"').lower())
         return names
