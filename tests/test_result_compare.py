@@ -258,6 +258,12 @@ def test_extended_protocol_reads_are_compared(env: Env) -> None:
             app.execute("SELECT id, v FROM t WHERE id > %s", (290 - i,)).fetchall()
             app.execute("SELECT x, y, arr FROM m WHERE id = %s", (i % 5 + 1,)).fetchall()
         app.cursor(binary=True).execute("SELECT x FROM m WHERE id = %s", (1,)).fetchall()
+        with app.pipeline():  # pipelined: one Sync for several Executes
+            app.execute("SELECT id FROM t WHERE id < %s", (5,))
+            app.execute("SELECT id FROM t WHERE id < %s", (9,))
+        with pytest.raises(psycopg.errors.DivisionByZero), app.pipeline():
+            app.execute("SELECT 1 / (id - %s) FROM t WHERE id = 1", (1,))  # fails while it runs
+            app.execute("SELECT v FROM t WHERE id < %s", (3,))  # skipped by the server after the error
         env.settle()
         env.target.psql("UPDATE t SET v = 'changed on the target' WHERE id = 299", dbname=env.dbname)
         app.execute("SELECT v FROM t WHERE id = %s", (299,)).fetchall()
@@ -266,5 +272,8 @@ def test_extended_protocol_reads_are_compared(env: Env) -> None:
     assert queries["SELECT id, v FROM t WHERE id > $1"].counts == {"match": 8}
     assert queries["SELECT x, y, arr FROM m WHERE id = $1"].counts == {"match": 8}
     assert queries["SELECT v FROM t WHERE id = $1"].counts == {"data_mismatch": 1}
+    assert queries["SELECT id FROM t WHERE id < $1"].counts == {"match": 2}
+    assert "SELECT v FROM t WHERE id < $1" not in queries
     m = env.validator.metrics()
-    assert (m.total, m.matching, m.data_mismatches, m.dropped) == (17, 16, 1, 1)
+    assert (m.total, m.matching, m.data_mismatches, m.dropped) == (19, 18, 1, 0)
+    assert m.skipped == {"binary_results": 1, "source_error": 1}

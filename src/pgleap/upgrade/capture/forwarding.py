@@ -142,8 +142,14 @@ class CapturingForwarder(Forwarder):
         """Start capturing (called at a transaction boundary)."""
         self.capture = capture
         self.tracker = ExchangeTracker()
-        self.assembler = TransactionAssembler(self.database.upgrade.database, self.session.id)
-        self.prepared: dict[str, _Prepared] = {}
+        # Tagged by the capture's name: after cutover the reverse capture logs under a name of its own.
+        self.assembler = TransactionAssembler(capture.database, self.session.id)
+        # Moving from one capture to the next (cutover, rollback), the named statements were prepared again on
+        # the new server with the client's own text (proxy/session_state.py): known now, without row images.
+        before: dict[str, _Prepared] = getattr(self, "prepared", {})
+        self.prepared: dict[str, _Prepared] = {
+            name: _Prepared(p.sql, p.infos, p.param_types) for name, p in before.items() if name
+        }
         self.portals: dict[str, _Portal] = {}
         self._cin = bytearray()
         self._sin = bytearray()
@@ -166,7 +172,10 @@ class CapturingForwarder(Forwarder):
         self._log_tx: CapturedTransaction | None = None  # and that transaction
         self._held_tag: bytes | None = None  # a wrapped string's last CommandComplete, until the COMMIT answers
         self._temp_names: set[str] = set()  # temporary tables this session may have created (never shrinks)
-        self._samples: dict[int, SourceSample] = {}  # sampled extended-protocol Executes, by id of their Pending
+        # Sampled extended-protocol Executes by id of their Pending, with the number of the Sync that ends their batch.
+        self._samples: dict[int, tuple[int, SourceSample]] = {}
+        self._syncs_sent = 0
+        self._syncs_answered = 0
         self._catalog_waited = False  # the held message comes back from waiting for the catalog
         try:
             facts = facts_for(version_num_of(self.backend.server_version))
@@ -571,7 +580,7 @@ class CapturingForwarder(Forwarder):
             raw = raw[:-4] + b"\0\0\0\0"
         pending = Pending(info, portal.params, portal.param_formats, portal.statement.param_types, image=image)
         if sample is not None:
-            self._samples[id(pending)] = sample
+            self._samples[id(pending)] = (self._syncs_sent + 1, sample)
         if info.command == "CopyStmt" and info.kind is Kind.WRITE:
             self._copy_execute = pending
         self._send(Request(codes.EXECUTE, context=pending), raw)
@@ -611,6 +620,7 @@ class CapturingForwarder(Forwarder):
         self._probe_in_batch = False
         self._batch_refuses_block = False
         self._batch_writes = False
+        self._syncs_sent += 1
         self._send(Request(codes.SYNC), raw)
         return False
 
@@ -776,8 +786,10 @@ class CapturingForwarder(Forwarder):
             self._probe_inflight = False
             if isinstance(context, _QueryParts) and context.sample is not None:
                 self._sample_done(context)
-            if self._samples:
-                self._samples.clear()  # Executes skipped after an error: never answered, nothing to compare
+            if request.kind == codes.SYNC:
+                self._syncs_answered += 1
+                if self._samples:
+                    self._forget_skipped_samples()
             if isinstance(context, _QueryParts) and context.wrapped:
                 self.tx_status = raw[5]
                 self._commit_wrapped(failed=raw[5] == _FAILED)
@@ -868,9 +880,15 @@ class CapturingForwarder(Forwarder):
             log.warning("session %s: result comparison could not sample a read (%s)", self.session.id, exc)
             return None
 
+    def _forget_skipped_samples(self) -> None:
+        """Executes the server skipped after an error in their batch (now ended): never answered, nothing to compare."""
+        for key, (batch, _) in list(self._samples.items()):
+            if batch <= self._syncs_answered:
+                del self._samples[key]
+
     def _execute_answer(self, context: Pending, kind: int, raw: bytes) -> None:
         """A sampled Execute's answer: rows are hashed; its CommandComplete ends it (never fails the session)."""
-        sample = self._samples[id(context)]
+        _, sample = self._samples[id(context)]
         validator = self.proxy.validator
         try:
             if kind == codes.DATA_ROW:
@@ -982,6 +1000,11 @@ class CapturingForwarder(Forwarder):
             if self.capture.catalog is not None:
                 self.capture.catalog.transaction_ended(self.session.id)
         self.assembler.ready(status)
+
+    def session_state(self) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
+        """The client's named prepared statements (its own text, never pgleap's rewrite) and last known settings."""
+        statements = [(name, p.sql, p.param_types) for name, p in self.prepared.items() if name]
+        return statements, list(self.assembler.settings)
 
     def close(self, error: bytes | None = None) -> None:
         """Close the session; a DDL transaction it left open no longer holds row images back."""
