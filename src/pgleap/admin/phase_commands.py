@@ -1,5 +1,5 @@
-"""Admin commands of the upgrade's state machine: START UPGRADE, ROLLBACK UPGRADE, SHOW UPGRADE STATUS and
-SHOW UPGRADE HISTORY."""
+"""Admin commands of the upgrade's state machine: START UPGRADE, INITIATE CUTOVER [FORCE], ROLLBACK UPGRADE,
+COMPLETE UPGRADE, SHOW UPGRADE STATUS and SHOW UPGRADE HISTORY."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ async def start_upgrade(proxy: Proxy, _session: Session) -> Result:
 
 @command("ROLLBACK UPGRADE")
 async def rollback_upgrade(proxy: Proxy, _session: Session) -> Result:
-    """Before cutover: stop the upgrade (replay, capture); clients stay on the source, the target is kept."""
+    """Before cutover: abandon the upgrade (the target is kept). After it: clients back to the source, lossless."""
     if not proxy.upgrades:
         raise AdminCommandError("ROLLBACK UPGRADE: no upgrade has started (START UPGRADE)")
     notes = []
@@ -36,6 +36,44 @@ async def rollback_upgrade(proxy: Proxy, _session: Session) -> Result:
         except PgleapError as exc:
             raise AdminCommandError(f"ROLLBACK UPGRADE of {name}: {exc}") from exc
     return notes_result("ROLLBACK UPGRADE", notes)
+
+
+async def _cutover(proxy: Proxy, force: bool) -> Result:
+    tag = "INITIATE CUTOVER" + (" FORCE" if force else "")
+    if not proxy.upgrades:
+        raise AdminCommandError(f"{tag}: no upgrade has started (START UPGRADE)")
+    notes = []
+    for name, machine in sorted(proxy.upgrades.items()):
+        try:
+            report = await machine.cutover(force=force)
+        except PgleapError as exc:
+            raise AdminCommandError(f"{tag} of {name}: {exc}") from exc
+        notes.append(f"database {name}: clients on the target after a {report.pause_seconds:.3f}s pause")
+    return notes_result(tag, notes)
+
+
+@command("INITIATE CUTOVER")
+async def initiate_cutover(proxy: Proxy, _session: Session) -> Result:
+    """Move clients to the target with a short pause, if every gate holds (it names the ones that do not)."""
+    return await _cutover(proxy, force=False)
+
+
+@command("INITIATE CUTOVER FORCE")
+async def initiate_cutover_force(proxy: Proxy, _session: Session) -> Result:
+    """Move clients to the target even though a gate does not hold (the reasons are logged)."""
+    return await _cutover(proxy, force=True)
+
+
+@command("COMPLETE UPGRADE")
+async def complete_upgrade(proxy: Proxy, _session: Session) -> Result:
+    """End the fallback period: stop writing the source (no rollback after this)."""
+    notes = []
+    for name, machine in sorted(proxy.upgrades.items()):
+        try:
+            notes.append(await machine.complete())
+        except PgleapError as exc:
+            raise AdminCommandError(f"COMPLETE UPGRADE of {name}: {exc}") from exc
+    return notes_result("COMPLETE UPGRADE", notes)
 
 
 @command("SHOW UPGRADE STATUS")
@@ -49,6 +87,8 @@ async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
         "activity",
         "blocked_by",
         "last_error",
+        "routed_to",
+        "last_pause_s",
         "capturing",
         "replaying",
         "applied_position",
@@ -84,6 +124,8 @@ async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
                 status.activity if status else None,
                 blocked or None,
                 status.last_error if status else None,
+                proxy.databases[name].route.role,
+                round(status.last_switch.pause_seconds, 4) if status and status.last_switch else None,
                 proxy.databases[name].capture is not None,
                 bool(replay and replay.running),
                 replay.status.applied_position if replay else None,

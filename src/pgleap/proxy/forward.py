@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pgleap.protocol import codes
 from pgleap.protocol.messages import error_response, message
 from pgleap.proxy.backend import BackendConnection, connect_backend, send_cancel
+from pgleap.proxy.session_state import restore_session_state
 
 if TYPE_CHECKING:
     from pgleap.proxy.route import Database
@@ -299,10 +300,20 @@ class Forwarder:
             self._server_side.data_received = self.from_server  # type: ignore[method-assign]
             self.server_transport.set_protocol(self._server_side)
 
+    def session_state(self) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
+        """What must move with the session to another server: (named prepared statements, settings).
+
+        Only a capturing session knows them (capture decodes Parse and probes settings); a plain one moves bare.
+        """
+        return [], []
+
     async def _switch_backend(self) -> None:
         """Move this session to the route's current server at a transaction boundary."""
         version, server, role = self.route.version, self.route.server, self.route.role
         backend = await connect_backend(server, self.session.client_params, self.proxy.config.proxy.connect_timeout)
+        statements, settings = self.session_state()
+        if statements or settings:
+            await restore_session_state(backend, statements, settings, self.session.id)
         old = self.server_transport
         changed = [m for m in backend.status_messages if m not in self.backend.status_messages]
         self._attach_server(backend)

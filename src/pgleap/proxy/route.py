@@ -8,6 +8,13 @@ from typing import Any
 from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.proxy.stats import DatabaseStats
 
+REVERSE_SUFFIX = "@reverse"
+
+
+def reverse_name(database: str) -> str:
+    """The change-log name of writes made on the target after cutover (the reverse log, for rollback)."""
+    return database + REVERSE_SUFFIX
+
 
 @dataclass
 class Route:
@@ -32,6 +39,11 @@ class Database:
     route: Route
     stats: DatabaseStats
     capture: Any = None  # a pgleap.upgrade.capture.Capture while the upgrade captures writes
+
+    @property
+    def log_name(self) -> str:
+        """Under which name this database's writes are logged now: its own, or its reverse log after cutover."""
+        return reverse_name(self.upgrade.database) if self.route.role == "target" else self.upgrade.database
 
     @classmethod
     def from_config(cls, upgrade: UpgradeConfig) -> Database:

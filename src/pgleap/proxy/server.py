@@ -74,25 +74,30 @@ class Proxy:
         task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
-        """Start listening."""
+        """Start listening (routed where the last switch left each database: after cutover, to its target)."""
         proxy = self.config.proxy
+        store = self.state_store()
+        for name, database in self.databases.items():
+            routed = store.route(name) if store is not None else None
+            if routed is not None and routed[0] == "target" and database.upgrade.target is not None:
+                database.route.switch(database.upgrade.target, "target")
+                log.info("database %s: routed to its target %s since cutover", name, database.upgrade.target.describe())
         self._server = await asyncio.start_server(
             self._accept, proxy.listen_addr, proxy.listen_port, limit=2**20, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("pgleap listening on %s:%s", proxy.listen_addr, self.port)
-        store = self.state_store()
         if store is not None and store.capturing():
             # Capture was on when pgleap stopped (or was killed): every write from now on is captured again.
             for note in self.start_capture():
                 log.info("resuming capture: %s", note)
         if store is not None:
-            from pgleap.upgrade.phases import RUNNING, Phase
+            from pgleap.upgrade.phases import RESUMED, Phase
 
             # An upgrade killed in any phase goes on from that phase.
             for name in sorted(self.databases):
                 record = store.phase(name)
-                if record is not None and Phase(record.phase) in RUNNING:
+                if record is not None and Phase(record.phase) in RESUMED:
                     log.info("resuming the upgrade: %s", self.start_upgrade([name])[0])
 
     async def wait_stopped(self) -> None:
@@ -137,10 +142,11 @@ class Proxy:
                 notes.append(f"database {name}: already capturing")
                 continue
             # Read before any session captures: these records were left pending by an earlier run's crash.
-            left = [(log_id, tx) for log_id, tx in self._changelog.pending() if tx.database == name]
-            catalog = SourceCatalog(database.upgrade.database, database.upgrade.source)
+            # After cutover the writes go to the target and into the reverse log (route.reverse_name).
+            left = [(log_id, tx) for log_id, tx in self._changelog.pending() if tx.database == database.log_name]
+            catalog = SourceCatalog(database.upgrade.database, database.route.server)
             catalog.start()
-            database.capture = Capture(name, self._changelog, catalog=catalog)
+            database.capture = Capture(database.log_name, self._changelog, catalog=catalog)
             store.set_capturing(name, True)
             self.start_bypass_monitor(name)
             notes.append(f"database {name}: capturing into {proxy.changelog_path}")
@@ -158,7 +164,8 @@ class Proxy:
         from pgleap.upgrade.capture.recovery import settle_pending
 
         try:
-            await settle_pending(changelog or self._changelog, database.upgrade.source, left, database.upgrade.database)
+            # Pending records belong to the server their COMMIT went to: the one the route points at now.
+            await settle_pending(changelog or self._changelog, database.route.server, left, database.log_name)
         except Exception as exc:
             # Replay stays held back behind these records until a restart settles them: say so loudly.
             log.error("database %s: could not settle pending change-log records: %s", database.upgrade.database, exc)
@@ -315,8 +322,11 @@ class Proxy:
                     log.error("shutdown: the change log could not be flushed (%s); the next start recovers it", exc)
         self._changelog.close()
 
-    def start_replay(self, snapshots: dict[str, str] | None = None) -> list[str]:
-        """Apply each database's change log on its target, from the copy's S (or from `snapshots[database]`)."""
+    def start_replay(self, snapshots: dict[str, str] | None = None, names: list[str] | None = None) -> list[str]:
+        """Apply each database's change log on its target, from the copy's S (or from `snapshots[database]`).
+
+        A database cut over to its target replays its reverse log into its source instead, from the switch.
+        """
         from pgleap.upgrade.replay.errors import ReplayError
         from pgleap.upgrade.replay.journal import ApplyJournal
         from pgleap.upgrade.replay.service import ReplayService
@@ -334,8 +344,21 @@ class Proxy:
                 "queue_ddl": proxy.ddl == "queue",
             }
             self.replay = ReplayService(self._changelog, journal, replayer_options=options)
-        upgrades = [self.databases[name].upgrade for name in sorted(self.databases)]
-        notes: list[str] = self.replay.start_all(upgrades, self.state_store(), snapshots)
+        from pgleap.upgrade.switch import direction
+
+        store = self.state_store()
+        given = dict(snapshots or {})
+        upgrades = []
+        for name in sorted(self.databases) if names is None else names:
+            database = self.databases[name]
+            routed = store.route(name) if store is not None else None
+            if database.route.role == "target" and routed is not None:
+                reverse = direction(database.upgrade, "target")
+                given.setdefault(reverse.database, routed[1])
+                upgrades.append(reverse)
+            else:
+                upgrades.append(database.upgrade)
+        notes: list[str] = self.replay.start_all(upgrades, store, given)
         if not self._watching:
             self._watching = True
             replay = self.replay
@@ -379,6 +402,11 @@ class Proxy:
         """Stop driving every upgrade; its phase stays persisted, so the next start goes on from it."""
         for machine in self.upgrades.values():
             await machine.stop()
+
+    @property
+    def changelog(self) -> Any:
+        """The change log capture writes (None before START CAPTURE)."""
+        return self._changelog
 
     def verifier(self) -> Any:
         """The VerifyService: verification and re-sync at replay's points (VERIFY TABLE, FORCE RESYNC TABLE)."""

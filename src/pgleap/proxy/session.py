@@ -55,6 +55,7 @@ class Session:
         self.tls = False
         self.key = (0, 0)  # the BackendKeyData pgleap gave this client
         self.forwarder: Forwarder | None = None
+        self._console = False  # logged in to the admin console (database "pgleap")
 
     async def run(self) -> None:
         """Serve the connection until it closes."""
@@ -72,7 +73,10 @@ class Session:
         except (asyncio.IncompleteReadError, ConnectionError):
             self.writer.close()
             return
-        if self.forwarder is not None:
+        if self._console:
+            # Outside the handshake's timeout: a console session lives as long as the DBA keeps it open.
+            await self.proxy.admin.serve(self)
+        elif self.forwarder is not None:
             await self.forwarder.closed
 
     def _refuse(self, text: str, sqlstate: str) -> None:
@@ -98,7 +102,7 @@ class Session:
             await self._authenticate(
                 Credential("scram-sha-256", password=config.admin.password) if self.user == config.admin.user else None
             )
-            await self.proxy.admin.serve(self)
+            self._console = True
             return
 
         if self.proxy.client_count() > config.proxy.max_client_connections:

@@ -19,6 +19,12 @@ CREATE TABLE IF NOT EXISTS upgrade_phase (
     since REAL NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS upgrade_route (
+    database TEXT PRIMARY KEY,
+    routed_to TEXT NOT NULL,           -- 'source' or 'target': where clients' transactions go
+    snapshot TEXT NOT NULL,            -- txid_current_snapshot() of that server at the switch: its log starts there
+    changed_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS upgrade_transition (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     database TEXT NOT NULL,
@@ -234,6 +240,21 @@ class StateStore:
                 "reason = excluded.reason",
                 (database, phase, now, reason),
             )
+
+    def set_route(self, database: str, routed_to: str, snapshot: str) -> None:
+        """Record where `database`'s clients are routed since a switch, and the new server's snapshot then."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO upgrade_route (database, routed_to, snapshot, changed_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (database) DO UPDATE SET routed_to = excluded.routed_to, snapshot = excluded.snapshot, "
+                "changed_at = excluded.changed_at",
+                (database, routed_to, snapshot, time.time()),
+            )
+
+    def route(self, database: str) -> tuple[str, str] | None:
+        """(routed_to, snapshot at the switch) of `database`, or None if it was never switched."""
+        rows = self._query("SELECT routed_to, snapshot FROM upgrade_route WHERE database = ?", (database,))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
     def transitions(self, database: str) -> list[Transition]:
         """Every phase change of `database`, oldest first."""

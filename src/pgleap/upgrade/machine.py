@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from pgleap.errors import PgleapError
 from pgleap.store.state import StateStore
 from pgleap.upgrade.gates import Gate, GateInputs, cutover_gates, shut
-from pgleap.upgrade.phases import RUNNING, Phase, check_move
+from pgleap.upgrade.phases import RESUMED, Phase, check_move
+from pgleap.upgrade.switch import SwitchReport, direction, switch
 
 if TYPE_CHECKING:
     from pgleap.proxy.server import Proxy
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATCH_UP_LAG = 1.0  # seconds of replay lag below which catching up is over
-CUTOVER_MAX_LAG = 1.0  # the lag gate
+SWITCH_TIMEOUT = 5.0  # seconds a cutover or rollback waits for running transactions and replay
+CUTOVER_MAX_LAG = 3.0  # the lag gate (the pause itself waits for lag 0, bounded by SWITCH_TIMEOUT)
 SESSIONS_WAIT = 60.0  # seconds to wait for every session to capture before the copy
 RETRY_AFTER = 5.0  # seconds before a failed phase step is tried again
 
@@ -49,10 +51,12 @@ class UpgradeStatus:
     activity: str  # what the phase is doing now
     gates: list[Gate]
     last_error: str | None
+    last_switch: SwitchReport | None
 
 
 class UpgradeMachine:
-    """Drives one database from START UPGRADE to cutover_ready (cutover and rollback after it: issue 6)."""
+    """Drives one database's upgrade: START UPGRADE to cutover_ready by itself; cutover, rollback and complete
+    when the operator says."""
 
     def __init__(self, proxy: Proxy, database: str, store: StateStore) -> None:
         self.proxy = proxy
@@ -61,6 +65,7 @@ class UpgradeMachine:
         self.activity = "not started"
         self.last_error: str | None = None
         self.gates: list[Gate] = []
+        self.last_switch: SwitchReport | None = None
         self._task: asyncio.Task[None] | None = None
         self._mirroring_since = time.monotonic()
 
@@ -81,17 +86,70 @@ class UpgradeMachine:
         if phase in (None, Phase.ROLLED_BACK):
             self._move(Phase.INITIALIZING, "START UPGRADE")
             note = "started"
-        elif phase in RUNNING:
+        elif phase in RESUMED:
             note = f"resuming in phase {phase.value}"
         else:
             raise PgleapError(f"database {self.database}: the upgrade is {phase.value}; nothing to start")
-        if not self.running:
-            self._task = asyncio.get_running_loop().create_task(self._drive(), name=f"upgrade:{self.database}")
+        self._start_task()
         return f"database {self.database}: upgrade {note}"
 
-    async def rollback(self, reason: str) -> str:
-        """Before cutover: stop driving, stop replay and capture; the target is left as it is for inspection."""
+    def _start_task(self) -> None:
+        if not self.running:
+            self._task = asyncio.get_running_loop().create_task(self._drive(), name=f"upgrade:{self.database}")
+
+    async def cutover(self, *, force: bool = False) -> SwitchReport:
+        """Move the clients to the target (every gate must hold unless `force`); the reverse log starts."""
         phase = self.phase
+        if phase is Phase.MIRRORING and force:
+            reason = "INITIATE CUTOVER FORCE, gates overridden: " + "; ".join(
+                f"{g.name}: {g.detail}" for g in shut(self.gates)
+            )
+        elif phase is Phase.CUTOVER_READY:
+            self._judge_gates()
+            closed = shut(self.gates)
+            if closed and not force:
+                raise PgleapError("cutover refused: " + "; ".join(f"{g.name}: {g.detail}" for g in closed))
+            reason = "INITIATE CUTOVER" + (" FORCE" if closed else "")
+        else:
+            where = phase.value if phase else "not started"
+            gates = "; ".join(f"{g.name}: {g.detail}" for g in shut(self.gates)) or "none judged yet"
+            raise PgleapError(f"cutover refused: the upgrade is {where}, not cutover_ready (gates shut: {gates})")
+        check_move(phase, Phase.CUT_OVER)
+        await self.stop()  # mirroring ends; replay and verification of the old direction stop with the switch
+        try:
+            report = await switch(self.proxy, self.database, "target", SWITCH_TIMEOUT)
+        except BaseException:
+            self._start_task()  # not switched: mirroring goes on
+            raise
+        self.last_switch = report
+        self._move(Phase.CUT_OVER, f"{reason}; clients on the target after a {report.pause_seconds:.3f}s pause")
+        self.activity = "cut over: clients use the target; their writes are logged for the source (rollback)"
+        return report
+
+    async def complete(self) -> str:
+        """End the fallback period: the reverse log stops, capture stops, the source is no longer written."""
+        check_move(self.phase, Phase.COMPLETE)
+        replay = self.proxy.replay
+        reverse = direction(self.proxy.databases[self.database].upgrade, "target").database
+        if replay is not None and replay.running(reverse):
+            await replay.stop(reverse)
+        await self.proxy.stop_capture()
+        self._move(Phase.COMPLETE, "COMPLETE UPGRADE: the source is retired")
+        self.activity = "complete: clients use the target; pgleap no longer writes to the source"
+        return f"database {self.database}: upgrade complete; the source is no longer written by pgleap"
+
+    async def rollback(self, reason: str) -> str:
+        """Before cutover: stop driving, stop replay and capture; the target is left as it is for inspection.
+        After cutover: move the clients back to the source once the reverse log is applied; mirroring again."""
+        phase = self.phase
+        if phase is Phase.CUT_OVER:
+            report = await switch(self.proxy, self.database, "source", SWITCH_TIMEOUT)
+            self.last_switch = report
+            self._move(
+                Phase.MIRRORING, f"{reason}: clients back on the source after a {report.pause_seconds:.3f}s pause"
+            )
+            self._start_task()
+            return f"database {self.database}: rolled back to the source in a {report.pause_seconds:.3f}s pause"
         check_move(phase, Phase.ROLLED_BACK)
         await self.stop()
         if self.proxy.replay is not None and self.proxy.replay.running(self.database):
@@ -120,6 +178,7 @@ class UpgradeMachine:
             self.activity,
             list(self.gates),
             self.last_error,
+            self.last_switch,
         )
 
     # -- the drive ---------------------------------------------------------------------------
@@ -136,6 +195,9 @@ class UpgradeMachine:
                     await self._catch_up()
                 elif phase in (Phase.MIRRORING, Phase.CUTOVER_READY):
                     await self._mirror()
+                elif phase is Phase.CUT_OVER:
+                    self._reverse_replay_started()
+                    return
                 else:
                     return
                 self.last_error = None
@@ -220,6 +282,18 @@ class UpgradeMachine:
             self.proxy.start_replay()
             replay = self.proxy.replay
         return replay
+
+    def _reverse_replay_started(self) -> None:
+        """After a restart in cut_over: the reverse log is applied to the source again, from the switch's snapshot."""
+        upgrade = direction(self.proxy.databases[self.database].upgrade, "target")
+        replay = self.proxy.replay
+        if replay is not None and replay.running(upgrade.database):
+            return
+        routed = self.store.route(self.database)
+        if routed is None or routed[0] != "target":
+            raise PgleapError(f"database {self.database} is cut over but its route was not recorded")
+        self.proxy.start_replay(names=[self.database])
+        self.activity = "cut over: clients use the target; their writes are logged for the source (rollback)"
 
     async def _mirror(self) -> None:
         validation = self.proxy.databases[self.database].upgrade.validation

@@ -20,19 +20,21 @@ class Phase(enum.StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
-# Forward moves; ROLLED_BACK is reachable from every phase but COMPLETE, and a failing gate moves
-# CUTOVER_READY back to MIRRORING.
+# Forward moves; ROLLED_BACK (the upgrade abandoned) is reachable from every phase before cutover and after
+# COMPLETE from none; a failing gate moves CUTOVER_READY back to MIRRORING, and ROLLBACK UPGRADE after
+# cutover moves clients back to the source and the upgrade back to MIRRORING (it may cut over again).
 _NEXT: dict[Phase, frozenset[Phase]] = {
     Phase.INITIALIZING: frozenset({Phase.COPYING}),
     Phase.COPYING: frozenset({Phase.CATCHING_UP}),
     Phase.CATCHING_UP: frozenset({Phase.MIRRORING}),
-    Phase.MIRRORING: frozenset({Phase.CUTOVER_READY}),
+    Phase.MIRRORING: frozenset({Phase.CUTOVER_READY, Phase.CUT_OVER}),  # the latter by INITIATE CUTOVER FORCE
     Phase.CUTOVER_READY: frozenset({Phase.MIRRORING, Phase.CUT_OVER}),
-    Phase.CUT_OVER: frozenset({Phase.COMPLETE}),
+    Phase.CUT_OVER: frozenset({Phase.MIRRORING, Phase.COMPLETE}),  # back by ROLLBACK UPGRADE: the source again
     Phase.COMPLETE: frozenset(),
     Phase.ROLLED_BACK: frozenset({Phase.INITIALIZING}),
 }
 RUNNING = frozenset({Phase.INITIALIZING, Phase.COPYING, Phase.CATCHING_UP, Phase.MIRRORING, Phase.CUTOVER_READY})
+RESUMED = RUNNING | {Phase.CUT_OVER}  # what a restart picks up again
 
 
 class PhaseError(PgleapError):
@@ -44,7 +46,7 @@ def check_move(current: Phase | None, to: Phase) -> None:
     if current is None:
         allowed = frozenset({Phase.INITIALIZING})
     elif to is Phase.ROLLED_BACK:
-        allowed = frozenset() if current in (Phase.COMPLETE, Phase.ROLLED_BACK) else frozenset({to})
+        allowed = frozenset({to}) if current in RUNNING else frozenset()
     else:
         allowed = _NEXT[current]
     if to not in allowed:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pgleap.upgrade.compat.facts import PG10, PG12, PG91, PG93, Facts
 
+# Schema pgleap holds replay's bookkeeping (the applied position), on the target and, after a cutover, on
+# the source: never user data, so never copied, verified or compared.
 _SYSTEM_SCHEMAS = (
-    "nspname NOT IN ('pg_catalog', 'information_schema') AND nspname !~ '^pg_toast' AND nspname !~ '^pg_temp_'"
+    "nspname NOT IN ('pg_catalog', 'information_schema', 'pgleap') AND nspname !~ '^pg_toast' "
+    "AND nspname !~ '^pg_temp_'"
 )
 
 

@@ -94,10 +94,10 @@ async def compare_table(
 
 
 async def compare_database(source: asyncpg.Connection, target: asyncpg.Connection) -> list[TableDiff]:
-    """Compare every ordinary table of the source (relkind 'r') with the target."""
+    """Compare every ordinary table of the source (relkind 'r') with the target; pgleap's own schema is not data."""
     names = await source.fetch(
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgleap') "
         "AND n.nspname !~ '^pg_toast' ORDER BY 1, 2"
     )
     return [await compare_table(source, target, schema, table) for schema, table in names]

@@ -20,7 +20,20 @@ _ALREADY_THERE = ("already exists", "multiple primary keys")
 async def dump_schema(pg_dump: Path, server: ServerConfig, path: Path, extra: list[str]) -> None:
     """pg_dump -Fc --schema-only of the read side into `path` (written to a temp name, then renamed)."""
     partial = path.with_suffix(".partial")
-    argv = [str(pg_dump), "-Fc", "--schema-only", "-w", "-f", str(partial), "-d", conninfo(server), *extra]
+    # Schema pgleap is replay's bookkeeping (compat/catalog.py): the target gets its own.
+    argv = [
+        str(pg_dump),
+        "-Fc",
+        "--schema-only",
+        "-N",
+        "pgleap",
+        "-w",
+        "-f",
+        str(partial),
+        "-d",
+        conninfo(server),
+        *extra,
+    ]
     result = await run_tool(argv, tool_env(server))
     if result.returncode != 0:
         raise ToolError(f"pg_dump --schema-only of {server.describe()} failed: {result.stderr.strip()}")

@@ -43,14 +43,17 @@ async def at_same_point(
                 # Read after the snapshot: every COMMIT forwarded before it was taken is at or below this id.
                 request.fix(snapshot, replayer.changelog.last_log_id())
                 reading = asyncio.ensure_future(source_work(source))
-                await asyncio.wait({reading, request.result}, return_when=asyncio.FIRST_COMPLETED)
-                if not reading.done() and request.result.exception() is not None:
-                    reading.cancel()  # the point is missed: nobody will consume what it reads
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await reading
-                    source_result = None
-                else:
-                    source_result = await reading
+                try:
+                    await asyncio.wait({reading, request.result}, return_when=asyncio.FIRST_COMPLETED)
+                    missed = not reading.done() and request.result.exception() is not None
+                    source_result = None if missed else await reading
+                finally:
+                    # Missed point, or this task cancelled: the read must be over before the transaction ends,
+                    # or its ROLLBACK meets a query still running on the connection.
+                    if not reading.done():
+                        reading.cancel()
+                        with contextlib.suppress(BaseException):
+                            await reading
         except BaseException:
             request.cancel()
             raise

@@ -1,0 +1,159 @@
+"""Moving a database's clients from one server to the other with a pause well under a second: cutover
+(source → target) and rollback after it (target → source), both the same procedure.
+
+1. Before the pause: the catalog the new direction's capture needs for row images loads from the new server.
+2. PAUSE: new transactions wait at their boundary; the ones running finish (past `timeout` the switch is
+   aborted and clients resume where they were: nothing happened yet).
+3. What was captured reaches the log, and replay applies all of it: the new server holds every write.
+4. Sequences are set on the new server from the old one (their values do not travel with replayed rows).
+5. The new server's txid_current_snapshot() is taken: the log of the new direction starts there.
+6. Capture switches to the new direction's log, the route to the new server; both are persisted; replay of
+   the old direction stops, replay of the new one starts (into the old server: the way back stays open).
+7. RESUME: each session moves at its next transaction, its prepared statements and settings with it
+   (proxy/session_state.py).
+
+Nothing a client sent is lost or doubled: no transaction runs during the switch, and each is logged in
+exactly one direction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+from pgleap.config import ServerConfig, UpgradeConfig
+from pgleap.errors import PgleapError
+from pgleap.proxy.route import reverse_name
+from pgleap.upgrade.compat.facts import facts_for
+from pgleap.upgrade.copy.connect import connect, version_num
+from pgleap.upgrade.copy.sequences import copy_sequences
+
+if TYPE_CHECKING:
+    from pgleap.proxy.server import Proxy
+
+log = logging.getLogger(__name__)
+
+Side = Literal["source", "target"]
+CATALOG_WAIT = 10.0  # seconds the new direction's catalog may take to load, before the pause
+
+
+class SwitchAbortedError(PgleapError):
+    """The switch could not finish within its timeout; clients were resumed on the server they were using."""
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    """One switch, measured."""
+
+    database: str
+    to: Side
+    pause_seconds: float  # from PAUSE to RESUME
+    drain_seconds: float  # waiting for running transactions
+    catch_up_seconds: float  # waiting for replay to apply the rest
+    sequences: int
+    snapshot: str  # the new server's snapshot at the switch
+
+
+def direction(upgrade: UpgradeConfig, to: Side) -> UpgradeConfig:
+    """The replay entry of the direction that starts when clients move `to` a side: it applies their writes
+    on the other side (after cutover: the reverse log, target → source)."""
+    assert upgrade.target is not None
+    if to == "target":
+        return replace(upgrade, database=reverse_name(upgrade.database), source=upgrade.target, target=upgrade.source)
+    return upgrade
+
+
+async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchReport:
+    """Move `name`'s clients `to` the source or the target (see the module docstring)."""
+    from pgleap.upgrade.capture.capture import Capture
+    from pgleap.upgrade.capture.catalog import SourceCatalog
+
+    database = proxy.databases[name]
+    upgrade = database.upgrade
+    assert upgrade.target is not None and proxy.replay is not None
+    if database.route.role == to:
+        raise PgleapError(f"database {name}: clients are already on its {to}")
+    new_server: ServerConfig = upgrade.target if to == "target" else upgrade.source
+    old_server = database.route.server
+    closing = database.log_name
+    opening = direction(upgrade, to)
+    catalog = SourceCatalog(upgrade.database, new_server)
+    catalog.start()
+    deadline = time.monotonic() + CATALOG_WAIT
+    while not catalog.loaded and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    started = time.monotonic()
+    proxy.gate.pause()
+    try:
+        left = await proxy.gate.wait_drained(proxy.busy_sessions, timeout)
+        drained = time.monotonic()
+        if left:
+            raise SwitchAbortedError(
+                f"{left} sessions were still in a transaction after {timeout:g}s; nothing was switched and "
+                f"clients go on with the {database.route.role}; try again when long transactions are done"
+            )
+        if database.capture is not None:
+            await database.capture.drain()
+        await _applied(proxy, closing, started + timeout)
+        caught_up = time.monotonic()
+        old = await connect(old_server, role="old server")
+        new = await connect(new_server, role="new server")
+        try:
+            sequences = await copy_sequences(old, facts_for(await version_num(old)), new)
+            snapshot = str(await new.fetchval("SELECT txid_current_snapshot()::text"))
+        finally:
+            await old.close()
+            await new.close()
+        previous = database.capture
+        # Route and capture change together (no await between): each session moves both at its next boundary.
+        database.route.switch(new_server, to)
+        database.capture = Capture(database.log_name, proxy.changelog, catalog=catalog)
+        store = proxy.state_store(create=True)
+        assert store is not None
+        store.set_route(name, to, snapshot)
+        if previous is not None and previous.catalog is not None:
+            await previous.catalog.stop()
+        await proxy.replay.stop(closing)
+        proxy.replay.start_all([opening], store, {opening.database: snapshot})
+    except BaseException:
+        if database.capture is None or database.capture.catalog is not catalog:
+            await catalog.stop()
+        raise
+    finally:
+        proxy.gate.resume()
+    report = SwitchReport(
+        name, to, time.monotonic() - started, drained - started, caught_up - drained, sequences, snapshot
+    )
+    log.info(
+        "database %s: clients moved to the %s in a %.3fs pause (draining %.3fs, catching up %.3fs, %d sequences)",
+        name,
+        to,
+        report.pause_seconds,
+        report.drain_seconds,
+        report.catch_up_seconds,
+        sequences,
+    )
+    return report
+
+
+async def _applied(proxy: Proxy, log_name: str, deadline: float) -> None:
+    """Until replay of `log_name` has applied every committed record and none is pending."""
+    assert proxy.replay is not None
+    changelog = proxy.changelog
+    while True:
+        pending = sum(1 for _, tx in changelog.pending() if tx.database == log_name)
+        report = proxy.replay.report(log_name)
+        if report is None or not report.running:
+            raise SwitchAbortedError(f"replay of {log_name} is not running; START REPLAY, then try again")
+        if not pending and report.status.applied_position >= changelog.last_position(log_name):
+            return
+        if time.monotonic() > deadline:
+            raise SwitchAbortedError(
+                f"replay of {log_name} had not applied everything in time (applied {report.status.applied_position} "
+                f"of {changelog.last_position(log_name)}, {pending} still pending in the log); nothing was "
+                f"switched and clients go on where they were"
+            )
+        await asyncio.sleep(0.005)
