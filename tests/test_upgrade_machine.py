@@ -137,7 +137,7 @@ def test_start_upgrade_reaches_cutover_ready(
             history = show(console, "SHOW UPGRADE HISTORY")
             assert bench.poll() is None, "pgbench stopped early"
             bench.terminate()
-            bench.communicate(60)
+            bench.communicate(timeout=60)
             bench = None
             wait_for(lambda: show(console, "SHOW CAPTURE")[0]["log_pending"] == "0", "nothing pending", 60)
             wait_for(lambda: show(console, "SHOW REPLAY")[0]["lag_transactions"] == "0", "lag 0", 120)
@@ -155,7 +155,7 @@ def test_start_upgrade_reaches_cutover_ready(
     finally:
         if bench is not None:
             bench.terminate()
-            bench.communicate(60)
+            bench.communicate(timeout=60)
         for process in (pgleap, restarted):
             if process is not None:
                 process.stop()
@@ -232,7 +232,7 @@ def test_cutover_rollback_cutover_complete_under_pgbench(
     finally:
         if bench is not None:
             bench.terminate()
-            bench.communicate(60)
+            bench.communicate(timeout=60)
         pgleap.stop()
     problems = asyncio.run(database_differences(source, target_config))
     assert not problems, "\n".join(problems)

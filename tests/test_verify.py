@@ -181,7 +181,7 @@ def test_verification_under_load_finds_every_difference_and_resync_repairs_them(
             assert bench.poll() is None, "pgbench stopped early"
     finally:
         bench.terminate()
-        bench.communicate(60)
+        bench.communicate(timeout=60)
 
     assert env.proxy.proxy is not None
     capture = env.proxy.proxy.databases["app"].capture
