@@ -12,6 +12,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 class BenchError(Exception):
     """A benchmark could not run (a process did not start, pgbench failed)."""
+
+
+def progress(message: str) -> None:
+    """A timestamped progress line on stderr, so stdout ends with the report."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:

@@ -47,6 +47,7 @@ from _common import (
     children_cpu_seconds,
     median,
     process_tree_cpu_seconds,
+    progress,
     ratio,
     run_timed,
     stop_on_signals,
@@ -165,11 +166,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         profile_rate=args.profile_rate,
         pgleap_options=tuple(args.pgleap_option),
     )
-
-
-def progress(message: str) -> None:
-    """Progress goes to stderr, so stdout ends with the report."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- servers and the data set --------------------------------------------------------------

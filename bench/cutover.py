@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 
+from _common import progress
 from pgleap.config import ServerConfig
 from pgleap.lab import Lab
 from pgleap.lab.binaries import client_tool
@@ -35,16 +36,16 @@ UPGRADE = '[auto_upgrade.validation]\nvalidation_duration = "1s"\ncompare_result
 _ERROR = re.compile(r"error|aborted", re.IGNORECASE)
 
 
-def progress(message: str) -> None:
-    """A timestamped line on stderr."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+def first_row(console: psycopg.Connection[Any], command: str) -> dict[str, Any]:
+    """An admin command's first row, by column name (values as the console sends them: text)."""
+    cur = console.execute(command)
+    names = [c.name for c in cur.description or ()]
+    return dict(zip(names, cur.fetchone() or (), strict=True))
 
 
 def status(console: psycopg.Connection[Any]) -> dict[str, Any]:
     """SHOW UPGRADE STATUS's only row."""
-    cur = console.execute("SHOW UPGRADE STATUS")
-    names = [c.name for c in cur.description or ()]
-    return dict(zip(names, cur.fetchone() or (), strict=True))
+    return first_row(console, "SHOW UPGRADE STATUS")
 
 
 def until(console: psycopg.Connection[Any], phase: str, timeout: float) -> None:
@@ -53,6 +54,18 @@ def until(console: psycopg.Connection[Any], phase: str, timeout: float) -> None:
     while status(console)["phase"] != phase:
         if time.monotonic() > deadline:
             raise TimeoutError(f"not {phase} within {timeout:.0f}s: {status(console)}")
+        time.sleep(0.2)
+
+
+def drained(console: psycopg.Connection[Any], timeout: float = 120) -> None:
+    """Until every captured write is settled and replayed (the comparison at the end needs it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = first_row(console, "SHOW CAPTURE")["log_pending"]
+        if pending == "0" and first_row(console, "SHOW REPLAY")["lag_transactions"] == "0":
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replay did not catch up within {timeout:.0f}s")
         time.sleep(0.2)
 
 
@@ -115,6 +128,7 @@ def main() -> int:
                 bench.terminate()
                 output, _ = bench.communicate(timeout=60)
                 bench = None
+                drained(console)
         finally:
             if bench is not None:
                 bench.terminate()

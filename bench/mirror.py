@@ -48,6 +48,7 @@ from _common import (
     median,
     percentile,
     process_tree_cpu_seconds,
+    progress,
     ratio,
     run_pgbench,
     run_timed,
@@ -170,11 +171,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         cprofile=args.cprofile,
         quick=args.quick,
     )
-
-
-def progress(message: str) -> None:
-    """Progress goes to stderr, so stdout ends with the report."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- servers -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psycopg
 
+from _common import progress
 from pgleap.config import ServerConfig
 from pgleap.lab import Lab
 from pgleap.lab.binaries import client_tool
@@ -29,11 +30,6 @@ from pgleap.store import StateStore
 from pgleap.testing import ProxyThread, render_config
 
 TABLE = "pgbench_accounts"
-
-
-def progress(message: str) -> None:
-    """A timestamped line on stderr."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ from pgleap.lab import Lab, LabServer, client_tool
 from pgleap.proxy.server import Proxy
 from pgleap.store import SQLiteChangeLog, StateStore
 from pgleap.store.changelog import ChangeLog
-from pgleap.testing import ProxyThread, render_config
+from pgleap.testing import ProxyProcess, ProxyThread, render_config
 from pgleap.upgrade.capture.capture import Capture
 from pgleap.upgrade.capture.catalog import SourceCatalog
 
@@ -216,6 +216,25 @@ def record_copy_snapshot(path: Path, snapshot: str) -> None:
         store.finish_run("app")
     finally:
         store.close()
+
+
+def pgbench_database(server: LabServer, prefix: str, scale: int = 1, schema: str = "") -> Iterator[str]:
+    """A fresh database with pgbench's tables at `scale` (and `schema` after them); dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    server.psql(f"CREATE DATABASE {name}")
+    try:
+        argv = [tool("pgbench"), "-i", "-s", str(scale), "-q", server.dsn(name)]
+        subprocess.run(argv, check=True, capture_output=True, timeout=300)
+        if schema:
+            server.psql(schema, dbname=name)
+        yield name
+    finally:
+        server.psql(f"DROP DATABASE IF EXISTS {name}")
+
+
+def console(proxy: ProxyThread | ProxyProcess) -> psycopg.Connection[Any]:
+    """An autocommit connection to the proxy's admin console (simple queries only, so nothing is prepared)."""
+    return psycopg.connect(proxy.dsn("pgleap", "pgleap_admin", "admin-secret"), autocommit=True, prepare_threshold=None)
 
 
 def show(conn: psycopg.Connection[Any], command: str) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from pgleap.config import ServerConfig
 from pgleap.lab import LabServer
 from pgleap.testing import ProxyThread
 
-from conftest import quiesce, record_copy_snapshot, show, start_proxy, wait_for
+from conftest import console, quiesce, record_copy_snapshot, show, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,8 @@ class Env:
         return psycopg.connect(self.proxy.dsn(), autocommit=True)
 
     def admin(self) -> psycopg.Connection[Any]:
-        """The admin console (simple queries only)."""
-        return psycopg.connect(self.proxy.dsn("pgleap", "pgleap_admin", "admin-secret"), autocommit=True)
+        """An autocommit connection to the admin console."""
+        return console(self.proxy)
 
     def table(self, server: LabServer) -> str:
         """items as psql prints it, with whatever columns it has now."""

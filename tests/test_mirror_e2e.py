@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from pgleap.upgrade.copy import CopyJob, CopyOptions
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import ApplyJournal
 
-from conftest import ReconnectingWriters, server_config, show, tool, wait_for
+from conftest import ReconnectingWriters, pgbench_database, server_config, show, tool, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,16 +46,7 @@ CREATE TABLE tallies (k text PRIMARY KEY, n int NOT NULL, seen timestamptz NOT N
 @pytest.fixture
 def source_db(pg_old: LabServer) -> Iterator[str]:
     """A PG 10 database with pgbench's tables (scale 1) and SCHEMA."""
-    name = f"e2e_{uuid.uuid4().hex[:8]}"
-    pg_old.psql(f"CREATE DATABASE {name}")
-    subprocess.run(
-        [tool("pgbench"), "-i", "-s", "1", "-q", pg_old.dsn(name)], check=True, capture_output=True, timeout=120
-    )
-    pg_old.psql(SCHEMA, dbname=name)
-    try:
-        yield name
-    finally:
-        pg_old.psql(f"DROP DATABASE IF EXISTS {name}")
+    yield from pgbench_database(pg_old, "e2e", 1, SCHEMA)
 
 
 @pytest.fixture

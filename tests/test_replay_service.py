@@ -25,7 +25,7 @@ from pgleap.testing import ProxyThread
 from pgleap.upgrade.replay import ReplayError
 from pgleap.upgrade.replay.service import copy_start_point
 
-from conftest import quiesce, record_copy_snapshot, show, start_proxy, wait_for
+from conftest import console, quiesce, record_copy_snapshot, show, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,7 @@ class Env:
 
     def admin(self) -> psycopg.Connection[Any]:
         """An autocommit connection to the admin console."""
-        dsn = self.proxy.dsn("pgleap", "pgleap_admin", "admin-secret")
-        return psycopg.connect(dsn, autocommit=True, prepare_threshold=None)  # the console takes simple queries only
+        return console(self.proxy)
 
     def rows(self, server: LabServer) -> str:
         """Every row of items, in key order, as psql prints them."""

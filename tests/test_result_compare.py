@@ -27,7 +27,7 @@ from pgleap.metrics import start_metrics_server
 from pgleap.testing import ProxyThread, render_config
 from pgleap.upgrade.verify.results import ResultValidator
 
-from conftest import quiesce, record_copy_snapshot, show, wait_for
+from conftest import console, quiesce, record_copy_snapshot, show, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -79,8 +79,7 @@ class Env:
 
     def admin(self) -> psycopg.Connection[Any]:
         """An autocommit connection to the admin console."""
-        dsn = self.proxy.dsn("pgleap", "pgleap_admin", "admin-secret")
-        return psycopg.connect(dsn, autocommit=True, prepare_threshold=None)
+        return console(self.proxy)
 
     def settle(self) -> None:
         """Wait until every sample has been compared (or given up)."""

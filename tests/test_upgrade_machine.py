@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.gates import GateInputs, cutover_gates, shut
 from pgleap.upgrade.phases import Phase, PhaseError, check_move
 
-from conftest import server_config, show, tool, wait_for
+from conftest import console as open_console
+from conftest import pgbench_database, server_config, show, tool, wait_for
 
-ADMIN = {"database": "pgleap", "user": "pgleap_admin", "password": "admin-secret"}
 VALIDATION = '[auto_upgrade.validation]\nvalidation_duration = "2s"\ncompare_results = false'
 SYNC = "[auto_upgrade.sync]\nparallel_workers = 2"
 
@@ -62,13 +61,7 @@ def test_gates_name_what_holds_cutover_back() -> None:
 @pytest.fixture
 def source_db(pg_old: LabServer) -> Iterator[str]:
     """A PG 10 database with pgbench's tables at scale 3 (300,000 accounts: the copy takes a few seconds)."""
-    name = f"um_{uuid.uuid4().hex[:8]}"
-    pg_old.psql(f"CREATE DATABASE {name}")
-    subprocess.run([tool("pgbench"), "-i", "-s", "3", "-q", pg_old.dsn(name)], check=True, capture_output=True)
-    try:
-        yield name
-    finally:
-        pg_old.psql(f"DROP DATABASE IF EXISTS {name}")
+    yield from pgbench_database(pg_old, "um", 3)
 
 
 @pytest.fixture
@@ -118,7 +111,7 @@ def test_start_upgrade_reaches_cutover_ready(
         pgleap.wait_accepting()
         bench = pgbench(pgleap.dsn())
         time.sleep(1)
-        with psycopg.connect(pgleap.dsn(**ADMIN), autocommit=True, prepare_threshold=None) as console:
+        with open_console(pgleap) as console:
             (note,) = console.execute("START UPGRADE").fetchall()
             assert note[0] == "database app: upgrade started"
             if kill_in is not None:
@@ -131,7 +124,7 @@ def test_start_upgrade_reaches_cutover_ready(
             restarted.wait_accepting()
             live = restarted
             bench = pgbench(live.dsn())
-        with psycopg.connect(live.dsn(**ADMIN), autocommit=True, prepare_threshold=None) as console:
+        with open_console(live) as console:
             wait_for(lambda: phase_of(console) == "cutover_ready", "cutover_ready", timeout=180)
             (status,) = show(console, "SHOW UPGRADE STATUS")
             history = show(console, "SHOW UPGRADE HISTORY")
@@ -182,7 +175,7 @@ def test_cutover_rollback_cutover_complete_under_pgbench(
     bench: subprocess.Popen[str] | None = None
     try:
         pgleap.wait_accepting()
-        with psycopg.connect(pgleap.dsn(**ADMIN), autocommit=True, prepare_threshold=None) as console:
+        with open_console(pgleap) as console:
             console.execute("START UPGRADE")
             with pytest.raises(psycopg.Error, match="cutover refused: the upgrade is"):
                 console.execute("INITIATE CUTOVER")

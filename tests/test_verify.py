@@ -29,7 +29,7 @@ from pgleap.testing import ProxyThread
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.verify.service import TableReport
 
-from conftest import quiesce, record_copy_snapshot, show, start_proxy, tool, wait_for
+from conftest import console, quiesce, record_copy_snapshot, show, start_proxy, tool, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,8 +55,7 @@ class Env:
 
     def admin(self) -> psycopg.Connection[Any]:
         """An autocommit connection to the admin console."""
-        dsn = self.proxy.dsn("pgleap", "pgleap_admin", "admin-secret")
-        return psycopg.connect(dsn, autocommit=True, prepare_threshold=None)
+        return console(self.proxy)
 
     def verify(self, tables: list[str], *, repair: bool) -> list[TableReport]:
         """The verification service's reports for `tables`, run in pgleap's loop."""

@@ -364,13 +364,7 @@ class Replayer:
         unseen = [r for r in records if not point.visible(r)]
         before = Pipeline()
         begin = before.extended("BEGIN")
-        guard = before.extended(
-            GUARD_SQL,
-            (self.database.encode(), str(self.position).encode()),
-            (),
-            POSITION_PARAM_TYPES,
-            label="check the applied position",
-        )
+        guard = self._guard(before)
         seen_plans = [self._plan(before, record, False) for record in seen]
         before.sync()
         status = await session.run(before)
@@ -394,13 +388,7 @@ class Replayer:
         if records:
             last = records[-1].position
             assert last is not None
-            position = after.extended(
-                self._store_sql,
-                (self.database.encode(), str(last).encode()),
-                (),
-                POSITION_PARAM_TYPES,
-                label="store the applied position",
-            )
+            position = self._store_position(after, last)
         commit = after.extended("COMMIT")
         after.sync()
         status = await session.run(after)
@@ -447,23 +435,11 @@ class Replayer:
         assert self._session is not None
         pipeline = Pipeline()
         begin = pipeline.extended("BEGIN")
-        guard = pipeline.extended(
-            GUARD_SQL,
-            (self.database.encode(), str(self.position).encode()),
-            (),
-            POSITION_PARAM_TYPES,
-            label="check the applied position",
-        )
+        guard = self._guard(pipeline)
         plans = [self._plan(pipeline, record, skip_all) for record in records]
         last = records[-1].position
         assert last is not None
-        position = pipeline.extended(
-            self._store_sql,
-            (self.database.encode(), str(last).encode()),
-            (),
-            POSITION_PARAM_TYPES,
-            label="store the applied position",
-        )
+        position = self._store_position(pipeline, last)
         commit = pipeline.extended("COMMIT")
         pipeline.sync()
         status = await self._session.run(pipeline)
@@ -483,6 +459,26 @@ class Replayer:
         if failure is None and status != b"I":
             raise TransientApplyError(f"the target is in transaction state {status!r} after COMMIT; reconnecting")
         return plans, failure
+
+    def _guard(self, pipeline: Pipeline) -> Slot:
+        """pgleap's check that the target's applied position is still the one this replayer read."""
+        return pipeline.extended(
+            GUARD_SQL,
+            (self.database.encode(), str(self.position).encode()),
+            (),
+            POSITION_PARAM_TYPES,
+            label="check the applied position",
+        )
+
+    def _store_position(self, pipeline: Pipeline, last: int) -> Slot:
+        """The upsert of the applied position, in the transaction of the changes it covers (I4)."""
+        return pipeline.extended(
+            self._store_sql,
+            (self.database.encode(), str(last).encode()),
+            (),
+            POSITION_PARAM_TYPES,
+            label="store the applied position",
+        )
 
     def _plan(self, pipeline: Pipeline, record: LoggedTransaction, skip_all: bool) -> _Planned:
         tx = record.transaction
