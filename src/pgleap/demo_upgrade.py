@@ -79,10 +79,14 @@ class Mirroring:
         )
         deadline = time.monotonic() + CATCH_UP_TIMEOUT
         while True:
-            cursor = admin.execute("SHOW REPLAY")
-            names = [c.name for c in cursor.description or ()]
-            row = dict(zip(names, cursor.fetchone() or (), strict=True))
-            if row.get("lag_transactions") == "0" and row.get("applied_position") == row.get("last_position"):
+            row = _first_row(admin, "SHOW REPLAY")
+            # Nothing pending either: the last COMMITs of the workload may still be settling into the log.
+            settled = _first_row(admin, "SHOW CAPTURE").get("log_pending") == "0"
+            if (
+                settled
+                and row.get("lag_transactions") == "0"
+                and row.get("applied_position") == row.get("last_position")
+            ):
                 break
             if row.get("paused_error") or row.get("stopped_error"):
                 raise RuntimeError(f"replay stopped: {row.get('paused_error') or row.get('stopped_error')}")
@@ -97,3 +101,10 @@ class Mirroring:
             f"{row['applied']} transactions replayed after S, {row['divergences']} divergences, "
             f"{row['apply_errors']} apply errors"
         )
+
+
+def _first_row(admin: psycopg.Connection[Any], command: str) -> dict[str, Any]:
+    """An admin command's first row, by column name."""
+    cursor = admin.execute(command)
+    names = [c.name for c in cursor.description or ()]
+    return dict(zip(names, cursor.fetchone() or (), strict=True))
