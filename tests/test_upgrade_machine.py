@@ -229,3 +229,67 @@ def test_cutover_rollback_cutover_complete_under_pgbench(
         pgleap.stop()
     problems = asyncio.run(database_differences(source, target_config))
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.integration
+def test_kill9_while_cut_over_keeps_clients_on_the_target_and_the_way_back_open(
+    tmp_path: Path, pg_old: LabServer, source_db: str, target: LabServer
+) -> None:
+    """Killed while cut over: the restarted pgleap routes to the target, logs and replays the reverse log, and
+    ROLLBACK UPGRADE still brings every write back to the source."""
+    source, target_config = server_config(pg_old, source_db), server_config(target, source_db)
+    extra = f'state_path = "{tmp_path / "state.db"}"\nchangelog_path = "{tmp_path / "changes.db"}"'
+    options: dict[str, Any] = {
+        "extra": extra,
+        "targets": {"app": target_config},
+        "upgrade_extra": f"{VALIDATION}\n{SYNC}",
+    }
+    runs = [tmp_path / "one", tmp_path / "two"]
+    for run in runs:
+        run.mkdir()
+    pgleap = ProxyProcess(runs[0], {"app": source}, **options)
+    restarted: ProxyProcess | None = None
+    bench: subprocess.Popen[str] | None = None
+    try:
+        pgleap.wait_accepting()
+        with open_console(pgleap) as console:
+            console.execute("START UPGRADE")
+            wait_for(lambda: phase_of(console) == "cutover_ready", "cutover_ready", timeout=180)
+            bench = pgbench(pgleap.dsn())
+            time.sleep(2)
+            console.execute("INITIATE CUTOVER")
+        time.sleep(2)
+        pgleap.kill()
+        bench.wait(60)
+        restarted = ProxyProcess(runs[1], {"app": source}, **options)
+        restarted.wait_accepting()
+        assert "routed to its target" in restarted.output()
+        with psycopg.connect(restarted.dsn(), autocommit=True) as app:
+            # Straight to the target: the port of the server answering is the target's.
+            assert app.execute("SELECT current_setting('port')").fetchone() == (str(target.port),)
+        before = count(pg_old, source_db)
+        bench = pgbench(restarted.dsn())
+        with open_console(restarted) as console:
+            (status,) = show(console, "SHOW UPGRADE STATUS")
+            assert status["phase"] == "cut_over" and status["routed_to"] == "target", status
+            time.sleep(3)
+            # The reverse log reaches the source while clients write on the target.
+            wait_for(lambda: count(pg_old, source_db) > before, "the reverse log to reach the source", 60)
+            console.execute("ROLLBACK UPGRADE")
+            (status,) = show(console, "SHOW UPGRADE STATUS")
+            assert status["routed_to"] == "source" and status["phase"] == "mirroring", status
+            time.sleep(2)
+            bench.terminate()
+            bench.communicate(timeout=60)
+            bench = None
+            wait_for(lambda: show(console, "SHOW CAPTURE")[0]["log_pending"] == "0", "nothing pending", 60)
+            wait_for(lambda: show(console, "SHOW REPLAY")[0]["lag_transactions"] == "0", "lag 0", 120)
+    finally:
+        if bench is not None:
+            bench.terminate()
+            bench.communicate(timeout=60)
+        for process in (pgleap, restarted):
+            if process is not None:
+                process.stop()
+    problems = asyncio.run(database_differences(source, target_config))
+    assert not problems, "\n".join(problems)
