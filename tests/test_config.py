@@ -390,3 +390,15 @@ def test_ddl_and_replay_keys() -> None:
     assert "ddl" in message and "block" in message and "queue" in message
     assert "replay_batch_size" in rejected(config(pgleap=PGLEAP + "replay_batch_size = 0\n"))
     assert "on_apply_error" in rejected(config(pgleap=PGLEAP + 'on_apply_error = "ignore"\n'))
+
+
+def test_sync_keys_of_verification_and_splitting() -> None:
+    """verify_chunk_rows, verify_chunks_per_round and split_policy: defaults, values, and what a typo gets told."""
+    sync = parse_config(config()).upgrades[0].sync
+    assert (sync.verify_chunk_rows, sync.verify_chunks_per_round, sync.split_policy) == (10000, 10, "makespan")
+    table = '[auto_upgrade.sync]\nverify_chunk_rows = 500\nverify_chunks_per_round = 4\nsplit_policy = "always"\n'
+    sync = parse_config(config(upgrade=UPGRADE + table)).upgrades[0].sync
+    assert (sync.verify_chunk_rows, sync.verify_chunks_per_round, sync.split_policy) == (500, 4, "always")
+    message = rejected(config(upgrade=UPGRADE + '[auto_upgrade.sync]\nsplit_policy = "sometimes"\n'))
+    assert "split_policy" in message and "makespan" in message
+    assert "verify_chunk_rows" in rejected(config(upgrade=UPGRADE + "[auto_upgrade.sync]\nverify_chunk_rows = 0\n"))

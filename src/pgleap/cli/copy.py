@@ -136,10 +136,10 @@ def copy_command(
         None, help="split tables larger than this (sync.split_threshold_mb)"
     ),
     chunk_mb: float | None = typer.Option(None, help="size of one range of a split table (sync.chunk_mb)"),
-    split_policy: str = typer.Option(
-        "makespan",
+    split_policy: str | None = typer.Option(
+        None,
         help="makespan: split a table above the threshold only when that shortens the estimated copy; "
-        "always: split every one",
+        "always: split every one (sync.split_policy)",
     ),
     on_schema_error: str | None = typer.Option(None, help="stop or skip (sync.on_schema_error)"),
     no_roles: bool = typer.Option(False, "--no-roles", help="do not copy roles (overrides sync.copy_roles)"),
@@ -155,19 +155,21 @@ def copy_command(
 
     from pgleap.errors import PgleapError
     from pgleap.store import StateStore
-    from pgleap.upgrade.copy import CopyJob, CopyOptions
+    from pgleap.upgrade.copy import CopyJob
+    from pgleap.upgrade.copy.model import copy_options
 
     try:
         cfg, upgrade = _pick(config, database)
         sync = upgrade.sync
-        options = CopyOptions(
-            parallel_workers=workers or sync.parallel_workers,
-            split_threshold_bytes=int((split_threshold_mb or sync.split_threshold_mb) * 1024 * 1024),
-            chunk_bytes=max(1, int((chunk_mb or sync.chunk_mb) * 1024 * 1024)),
+        options = copy_options(
+            sync,
+            parallel_workers=workers,
+            split_threshold_bytes=None if split_threshold_mb is None else int(split_threshold_mb * 1024 * 1024),
+            chunk_bytes=None if chunk_mb is None else max(1, int(chunk_mb * 1024 * 1024)),
             split_policy=split_policy,
-            on_schema_error=on_schema_error or sync.on_schema_error,
-            copy_roles=sync.copy_roles and not no_roles,
-            binary=sync.copy_binary and not text,
+            on_schema_error=on_schema_error,
+            copy_roles=False if no_roles else None,
+            binary=False if text else None,
         )
         store = StateStore(state or cfg.proxy.state_path)
         job = CopyJob(upgrade, store, options, bindir=bindir, restart=restart)

@@ -173,6 +173,7 @@ def _upgrade(table: _Table) -> UpgradeConfig:
         on_schema_error=s.choice("on_schema_error", ("stop", "skip"), SyncConfig.on_schema_error),
         split_threshold_mb=s.size_mb("split_threshold_mb", SyncConfig.split_threshold_mb),
         chunk_mb=s.size_mb("chunk_mb", SyncConfig.chunk_mb),
+        split_policy=s.choice("split_policy", ("makespan", "always"), SyncConfig.split_policy),
         copy_roles=bool(s.get("copy_roles", bool, True)),
         copy_binary=bool(s.get("copy_binary", bool, True)),
         verify_chunk_rows=s.positive("verify_chunk_rows", SyncConfig.verify_chunk_rows),

@@ -47,6 +47,7 @@ class SyncConfig:
     on_schema_error: str = "stop"  # or "skip": what to do with an object the target rejects
     split_threshold_mb: float = 256.0  # tables larger than this are copied as ranges, in parallel
     chunk_mb: float = 128.0  # the size of one range
+    split_policy: str = "makespan"  # or "always": split every table above the threshold
     copy_roles: bool = True
     copy_binary: bool = True  # binary COPY where every column type allows it
     verify_chunk_rows: int = 10000  # rows per checksum chunk of `pgleap verify`

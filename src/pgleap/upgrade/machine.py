@@ -245,18 +245,11 @@ class UpgradeMachine:
         self._move(Phase.CATCHING_UP, reason)
 
     def _copy_in_thread(self) -> Any:
-        from pgleap.upgrade.copy import CopyJob, CopyOptions
+        from pgleap.upgrade.copy import CopyJob
+        from pgleap.upgrade.copy.model import copy_options
 
         upgrade = self.proxy.databases[self.database].upgrade
-        sync = upgrade.sync
-        options = CopyOptions(
-            parallel_workers=sync.parallel_workers,
-            split_threshold_bytes=int(sync.split_threshold_mb * 1024 * 1024),
-            chunk_bytes=int(sync.chunk_mb * 1024 * 1024),
-            on_schema_error=sync.on_schema_error,
-            copy_roles=sync.copy_roles,
-            binary=sync.copy_binary,
-        )
+        options = copy_options(upgrade.sync)
         # Its own state store connection and event loop: the copy must not load the clients' loop.
         store = StateStore(self.store.path)
         try:

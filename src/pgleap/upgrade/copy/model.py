@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from pgleap.config import SyncConfig
 from pgleap.upgrade.copy.connect import qualified
 
 INTEGER_KEY_TYPES = frozenset({"int2", "int4", "int8"})
@@ -84,3 +86,18 @@ class CopyOptions:
             raise ValueError(f"split_policy must be 'makespan' or 'always', got {self.split_policy!r}")
         if self.parallel_workers < 1:
             raise ValueError("parallel_workers must be at least 1")
+
+
+def copy_options(sync: SyncConfig, **overrides: Any) -> CopyOptions:
+    """The copy's options from an [auto_upgrade.sync] table, with `overrides` (from the command line) on top."""
+    options: dict[str, Any] = {
+        "parallel_workers": sync.parallel_workers,
+        "split_threshold_bytes": int(sync.split_threshold_mb * 1024 * 1024),
+        "chunk_bytes": max(1, int(sync.chunk_mb * 1024 * 1024)),
+        "split_policy": sync.split_policy,
+        "on_schema_error": sync.on_schema_error,
+        "copy_roles": sync.copy_roles,
+        "binary": sync.copy_binary,
+    }
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    return CopyOptions(**options)
