@@ -8,7 +8,9 @@ comparison, so the gates can open within a test.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,10 +178,16 @@ def test_cutover_rollback_cutover_complete_under_pgbench(
     try:
         pgleap.wait_accepting()
         with open_console(pgleap) as console:
-            console.execute("START UPGRADE")
-            with pytest.raises(psycopg.Error, match="cutover refused: the upgrade is"):
-                console.execute("INITIATE CUTOVER")
+            cli = [sys.executable, "-m", "pgleap.cli.main"]
+            where = ["-c", str(pgleap.config), "--port", str(pgleap.port)]
+            wide = {**os.environ, "COLUMNS": "200"}
+            started = subprocess.run([*cli, "upgrade", "start", *where], capture_output=True, text=True, env=wide)
+            assert started.returncode == 0 and "database app: upgrade started" in started.stdout, started
+            early = subprocess.run([*cli, "upgrade", "cutover", *where], capture_output=True, text=True, env=wide)
+            assert early.returncode == 2 and "cutover refused: the upgrade is" in early.stdout, early
             wait_for(lambda: phase_of(console) == "cutover_ready", "cutover_ready", timeout=180)
+            shown = subprocess.run([*cli, "status", *where], capture_output=True, text=True, env=wide)
+            assert shown.returncode == 0 and "cutover_ready" in shown.stdout and "routed_to" in shown.stdout, shown
             bench = subprocess.Popen(
                 [tool("pgbench"), "-n", "-c", "8", "-j", "2", "-T", "60", "-M", "prepared", pgleap.dsn()],
                 stdout=subprocess.PIPE,

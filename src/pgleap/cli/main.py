@@ -1,4 +1,4 @@
-"""`pgleap` commands: run the proxy, copy, verify, fetch lab binaries, run the demo."""
+"""`pgleap` commands: run the proxy, copy, verify, status, upgrade, fetch lab binaries, run the demo."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import uvloop
 
 from pgleap import __version__
 from pgleap.cli.copy import copy_command, replica_app
+from pgleap.cli.upgrade import status_command, upgrade_app
 from pgleap.cli.verify import verify_command
 from pgleap.config import load_config
 from pgleap.errors import PgleapError
@@ -53,6 +54,8 @@ def run(
 
 app.command("copy")(copy_command)
 app.command("verify")(verify_command)
+app.command("status")(status_command)
+app.add_typer(upgrade_app, name="upgrade")
 app.add_typer(replica_app, name="replica")
 
 lab_app = typer.Typer(help="Real local PostgreSQL servers for the demo and the tests.", no_args_is_help=True)

@@ -20,52 +20,25 @@ def verify_command(
     port: int | None = typer.Option(None, "--port", help="the console's port (default: listen_port of the config)"),
 ) -> None:
     """Verify tables of a running upgrade (chunked checksums, bisected to rows); re-sync per resync_on_error."""
-    import psycopg
     from rich.console import Console
     from rich.table import Table
 
-    from pgleap.config import load_config
-    from pgleap.errors import PgleapError
+    from pgleap.cli.console import admin_session, rows
 
     console = Console()
-    try:
-        cfg = load_config(config)
-    except PgleapError as exc:
-        console.print(f"[red]pgleap: {exc}[/red]")
-        raise typer.Exit(2) from exc
-    host = "127.0.0.1" if cfg.proxy.listen_addr in ("0.0.0.0", "::", "") else cfg.proxy.listen_addr
-    port = port or cfg.proxy.listen_port
-    if not port:
-        console.print("[red]pgleap: the config lets pgleap pick its port at start (listen_port = 0): give --port[/red]")
-        raise typer.Exit(2)
     prefix = f"{database}:" if database else ""
     statements = [f"VERIFY TABLE '{prefix}{t.replace(chr(39), chr(39) * 2)}'" for t in tables] or ["VERIFY ALL TABLES"]
-    try:
-        with psycopg.connect(
-            host=host,
-            port=port,
-            dbname="pgleap",
-            user=cfg.admin.user,
-            password=cfg.admin.password,
-            autocommit=True,
-            prepare_threshold=None,
-        ) as conn:
-            rows: list[dict[str, str | None]] = []
-            for statement in statements:
-                cur = conn.execute(statement)
-                names = [c.name for c in cur.description or ()]
-                rows += [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-    except psycopg.Error as exc:
-        console.print(f"[red]pgleap: {str(exc).strip()}[/red]")
-        console.print(f"is pgleap running with {config}, with replay started (START REPLAY)?")
-        raise typer.Exit(2) from exc
+    found: list[dict[str, str | None]] = []
+    with admin_session(config, port, console) as conn:
+        for statement in statements:
+            found += rows(conn, statement, console)
     table = Table("database", *_COLUMNS, "repairs", "clean", "seconds")
-    for row in rows:
+    for row in found:
         clean = row["clean"] == "t"
         verdict = "[green]yes[/green]" if clean else "[red]NO[/red]"
         table.add_row(row["database"], *(row[c] or "" for c in _COLUMNS), row["repairs"], verdict, row["seconds"])
     console.print(table)
-    unclean = [r for r in rows if r["clean"] != "t"]
+    unclean = [r for r in found if r["clean"] != "t"]
     for row in unclean:
         console.print(f"[red]{row['table']}[/red] differs, e.g. keys {row['example_keys']}; see SHOW UPGRADE ERRORS")
     raise typer.Exit(1 if unclean else 0)
