@@ -36,8 +36,9 @@ async def at_same_point(
     """
     for attempt in range(1, attempts + 1):
         request = replayer.request_point(target_work)
-        await request.wait_held(HOLD_WAIT)
         try:
+            # Inside the try: a caller cancelled while waiting must not leave replay holding for it.
+            await request.wait_held(HOLD_WAIT)
             async with source.transaction(isolation="repeatable_read", readonly=True):
                 snapshot = parse_snapshot(await source.fetchval("SELECT txid_current_snapshot()::text"))
                 # Read after the snapshot: every COMMIT forwarded before it was taken is at or below this id.
@@ -59,6 +60,9 @@ async def at_same_point(
             raise
         try:
             return source_result, await request.wait()
+        except asyncio.CancelledError:
+            request.cancel()  # replay need not stop at this point for nobody
+            raise
         except PointMissedError as exc:
             if attempt == attempts:
                 raise

@@ -348,8 +348,9 @@ class ResultValidator:
                 return await target_read(target, sample, timeout)
 
             request = replayer.request_point(on_target)
-            await request.wait_held(HOLD_WAIT)
             try:
+                # Inside the try: a re-check cancelled while waiting must not leave replay holding for it.
+                await request.wait_held(HOLD_WAIT)
                 await session.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 (snapshot_text,) = (await session.query("SELECT txid_current_snapshot()::text"))[0]
                 assert snapshot_text is not None
@@ -360,7 +361,11 @@ class ResultValidator:
             except BaseException:
                 request.cancel()
                 raise
-            target, target_error, seconds = await request.wait()
+            try:
+                target, target_error, seconds = await request.wait()
+            except asyncio.CancelledError:
+                request.cancel()
+                raise
         finally:
             session.close()
         if target_error is not None:
