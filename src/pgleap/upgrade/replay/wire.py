@@ -187,26 +187,10 @@ class TargetSession:
         return tag
 
     async def _simple(self, sql: str) -> tuple[list[tuple[str | None, ...]], str]:
-        rows: list[tuple[str | None, ...]] = []
-        error: ServerError | None = None
-        tag = ""
-        writer, reader = self.conn.writer, self.conn.reader
         try:
-            writer.write(message(codes.QUERY, cstr(sql)))
-            await writer.drain()
-            while True:
-                kind, body = await read_message(reader, _MAX_ANSWER)
-                if kind == codes.DATA_ROW:
-                    rows.append(tuple(text_row(body)))
-                elif kind == codes.COMMAND_COMPLETE:
-                    tag = body.rstrip(b"\0").decode()
-                elif kind == codes.ERROR_RESPONSE:
-                    error = parse_error(body)
-                    if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
-                        raise TransientApplyError(f"target: {error}")
-                elif kind == codes.READY_FOR_QUERY:
-                    self.status = body[:1]
-                    break
+            self.conn.writer.write(message(codes.QUERY, cstr(sql)))
+            await self.conn.writer.drain()
+            rows, tag, error = await self._until_ready(await read_message(self.conn.reader, _MAX_ANSWER))
         except (OSError, asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
             raise TransientApplyError(f"connection to the target lost: {_lost(exc)}") from exc
         if error is not None:
@@ -217,13 +201,11 @@ class TargetSession:
         """COPY ... FROM STDIN fed from `data` as it comes; the command tag. A server error raises
         TargetRefusedError; an error raised by `data` aborts the COPY (CopyFail) and is raised again."""
         writer, reader = self.conn.writer, self.conn.reader
-        error: ServerError | None = None
         failure: BaseException | None = None
-        tag = ""
         try:
             writer.write(message(codes.QUERY, cstr(sql)))
-            kind, body = await read_message(reader, _MAX_ANSWER)
-            if kind == codes.COPY_IN_RESPONSE:
+            answer = await read_message(reader, _MAX_ANSWER)
+            if answer[0] == codes.COPY_IN_RESPONSE:
                 try:
                     async for chunk in data:
                         writer.write(message(codes.COPY_DATA, chunk))
@@ -233,18 +215,8 @@ class TargetSession:
                     writer.write(message(codes.COPY_FAIL, cstr(f"pgleap: the source side failed: {exc}")))
                 else:
                     writer.write(message(codes.COPY_DONE))
-                kind, body = await read_message(reader, _MAX_ANSWER)
-            while True:
-                if kind == codes.ERROR_RESPONSE:
-                    error = error or parse_error(body)
-                    if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
-                        raise TransientApplyError(f"target: {error}")
-                elif kind == codes.COMMAND_COMPLETE:
-                    tag = body.rstrip(b"\0").decode()
-                elif kind == codes.READY_FOR_QUERY:
-                    self.status = body[:1]
-                    break
-                kind, body = await read_message(reader, _MAX_ANSWER)
+                answer = await read_message(reader, _MAX_ANSWER)
+            _, tag, error = await self._until_ready(answer)
         except (OSError, asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
             raise TransientApplyError(f"connection to the target lost: {_lost(exc)}") from exc
         if failure is not None:
@@ -252,6 +224,28 @@ class TargetSession:
         if error is not None:
             raise TargetRefusedError(f"the target refused pgleap's {sql!r}: {error}")
         return tag
+
+    async def _until_ready(
+        self, answer: tuple[int, bytes]
+    ) -> tuple[list[tuple[str | None, ...]], str, ServerError | None]:
+        """The answers of one simple query, from `answer` on: rows, the last command tag, the first error."""
+        rows: list[tuple[str | None, ...]] = []
+        tag = ""
+        error: ServerError | None = None
+        kind, body = answer
+        while True:
+            if kind == codes.DATA_ROW:
+                rows.append(tuple(text_row(body)))
+            elif kind == codes.COMMAND_COMPLETE:
+                tag = body.rstrip(b"\0").decode()
+            elif kind == codes.ERROR_RESPONSE:
+                error = error or parse_error(body)
+                if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
+                    raise TransientApplyError(f"target: {error}")
+            elif kind == codes.READY_FOR_QUERY:
+                self.status = body[:1]
+                return rows, tag, error
+            kind, body = await read_message(self.conn.reader, _MAX_ANSWER)
 
 
 def _lost(exc: BaseException) -> str:
