@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgleap.admin.commands import AdminCommandError, Result, _ts, command, notes_result
 from pgleap.errors import PgleapError
+from pgleap.upgrade.gates import describe, shut
 
 if TYPE_CHECKING:
     from pgleap.proxy.server import Proxy
@@ -112,7 +113,7 @@ async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
         machine = proxy.upgrades.get(name)
         status = machine.status() if machine is not None else None
         record = store.phase(name) if store is not None else None
-        blocked = "; ".join(f"{g.name}: {g.detail}" for g in status.gates if not g.open) if status else None
+        blocked = describe(shut(status.gates)) if status else None
         replay = proxy.replay.report(name) if proxy.replay is not None else None
         mine = [r for (database, _), r in reports.items() if database == name]
         rows.append(

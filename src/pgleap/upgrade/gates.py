@@ -68,3 +68,8 @@ def cutover_gates(inputs: GateInputs) -> list[Gate]:
 def shut(gates: list[Gate]) -> list[Gate]:
     """The gates that do not hold."""
     return [g for g in gates if not g.open]
+
+
+def describe(gates: list[Gate]) -> str:
+    """ "name: detail; ..." of `gates`, for refusals, transitions and status."""
+    return "; ".join(f"{g.name}: {g.detail}" for g in gates)
