@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgleap.errors import PgleapError
 from pgleap.store.state import StateStore
-from pgleap.upgrade.gates import Gate, GateInputs, cutover_gates, shut
+from pgleap.upgrade.gates import Gate, GateInputs, cutover_gates, describe, shut
 from pgleap.upgrade.phases import RESUMED, Phase, check_move
 from pgleap.upgrade.switch import SwitchReport, direction, switch
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATCH_UP_LAG = 1.0  # seconds of replay lag below which catching up is over
+CUT_OVER_ACTIVITY = "cut over: clients use the target; their writes are logged for the source (rollback)"
 SWITCH_TIMEOUT = 5.0  # seconds a cutover or rollback waits for running transactions and replay
 CUTOVER_MAX_LAG = 3.0  # the lag gate (the pause itself waits for lag 0, bounded by SWITCH_TIMEOUT)
 SESSIONS_WAIT = 60.0  # seconds to wait for every session to capture before the copy
@@ -101,18 +102,16 @@ class UpgradeMachine:
         """Move the clients to the target (every gate must hold unless `force`); the reverse log starts."""
         phase = self.phase
         if phase is Phase.MIRRORING and force:
-            reason = "INITIATE CUTOVER FORCE, gates overridden: " + "; ".join(
-                f"{g.name}: {g.detail}" for g in shut(self.gates)
-            )
+            reason = "INITIATE CUTOVER FORCE, gates overridden: " + describe(shut(self.gates))
         elif phase is Phase.CUTOVER_READY:
             self._judge_gates()
             closed = shut(self.gates)
             if closed and not force:
-                raise PgleapError("cutover refused: " + "; ".join(f"{g.name}: {g.detail}" for g in closed))
+                raise PgleapError("cutover refused: " + describe(closed))
             reason = "INITIATE CUTOVER" + (" FORCE" if closed else "")
         else:
             where = phase.value if phase else "not started"
-            gates = "; ".join(f"{g.name}: {g.detail}" for g in shut(self.gates)) or "none judged yet"
+            gates = describe(shut(self.gates)) or "none judged yet"
             raise PgleapError(f"cutover refused: the upgrade is {where}, not cutover_ready (gates shut: {gates})")
         check_move(phase, Phase.CUT_OVER)
         await self.stop()  # mirroring ends; replay and verification of the old direction stop with the switch
@@ -123,7 +122,7 @@ class UpgradeMachine:
             raise
         self.last_switch = report
         self._move(Phase.CUT_OVER, f"{reason}; clients on the target after a {report.pause_seconds:.3f}s pause")
-        self.activity = "cut over: clients use the target; their writes are logged for the source (rollback)"
+        self.activity = CUT_OVER_ACTIVITY
         return report
 
     async def complete(self) -> str:
@@ -183,7 +182,17 @@ class UpgradeMachine:
 
     # -- the drive ---------------------------------------------------------------------------
 
+    def _reconcile_route(self) -> None:
+        """A crash between a switch (route persisted) and its phase move: the route is the truth."""
+        routed = self.store.route(self.database)
+        phase = self.phase
+        if routed is not None and routed[0] == "target" and phase in (Phase.MIRRORING, Phase.CUTOVER_READY):
+            self._move(Phase.CUT_OVER, "clients were moved to the target just before a restart")
+        elif routed is not None and routed[0] == "source" and phase is Phase.CUT_OVER:
+            self._move(Phase.MIRRORING, "clients were moved back to the source just before a restart")
+
     async def _drive(self) -> None:
+        self._reconcile_route()
         while True:
             phase = self.phase
             try:
@@ -286,7 +295,7 @@ class UpgradeMachine:
         if routed is None or routed[0] != "target":
             raise PgleapError(f"database {self.database} is cut over but its route was not recorded")
         self.proxy.start_replay(names=[self.database])
-        self.activity = "cut over: clients use the target; their writes are logged for the source (rollback)"
+        self.activity = CUT_OVER_ACTIVITY
 
     async def _mirror(self) -> None:
         validation = self.proxy.databases[self.database].upgrade.validation
@@ -327,7 +336,7 @@ class UpgradeMachine:
             self._move(Phase.CUTOVER_READY, "every gate holds: " + "; ".join(g.detail for g in self.gates))
         elif phase is Phase.CUTOVER_READY and closed:
             self._mirroring_since = time.monotonic()
-            self._move(Phase.MIRRORING, "gate shut: " + "; ".join(f"{g.name}: {g.detail}" for g in closed))
+            self._move(Phase.MIRRORING, "gate shut: " + describe(closed))
 
     def _move(self, to: Phase, reason: str) -> None:
         check_move(self.phase, to)
