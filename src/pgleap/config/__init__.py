@@ -4,6 +4,7 @@ from pgleap.config.loader import load_config, parse_config
 from pgleap.config.schema import (
     AdminConfig,
     Config,
+    CutoverConfig,
     ProxyConfig,
     ServerConfig,
     SyncConfig,
@@ -15,6 +16,7 @@ from pgleap.config.schema import (
 __all__ = [
     "AdminConfig",
     "Config",
+    "CutoverConfig",
     "ProxyConfig",
     "ServerConfig",
     "SyncConfig",

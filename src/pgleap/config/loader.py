@@ -12,6 +12,7 @@ from pgleap.config.schema import (
     ADMIN_DATABASE,
     AdminConfig,
     Config,
+    CutoverConfig,
     ProxyConfig,
     ServerConfig,
     SyncConfig,
@@ -101,6 +102,13 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: must be between 0 and 1, got {value}")
         return value
 
+    def percent(self, name: str, default: float) -> float:
+        value = self.get(name, float, default)
+        assert value is not None
+        if not 0.0 <= value <= 100.0:
+            raise ConfigError(f"{self.key(name)}: must be a percentage between 0 and 100, got {value}")
+        return value
+
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
         value = self.get(name, str, default)
         assert value is not None
@@ -180,9 +188,25 @@ def _upgrade(table: _Table) -> UpgradeConfig:
         verify_chunks_per_round=s.positive("verify_chunks_per_round", SyncConfig.verify_chunks_per_round),
     )
     s.finish()
+    c = table.sub("cutover")
+    cutover = CutoverConfig(
+        switch_timeout=c.duration("switch_timeout", CutoverConfig.switch_timeout),
+        session_wait=c.duration("session_wait", CutoverConfig.session_wait),
+        read_shift_percent=c.percent("read_shift_percent", CutoverConfig.read_shift_percent),
+        rollback_error_rate=c.fraction("rollback_error_rate", CutoverConfig.rollback_error_rate),
+        rollback_window=c.duration("rollback_window", CutoverConfig.rollback_window),
+        rollback_min_queries=c.positive("rollback_min_queries", CutoverConfig.rollback_min_queries),
+    )
+    c.finish()
     table.finish()
     return UpgradeConfig(
-        database=database, source=source, replica=replica, target=target, validation=validation, sync=sync
+        database=database,
+        source=source,
+        replica=replica,
+        target=target,
+        validation=validation,
+        sync=sync,
+        cutover=cutover,
     )
 
 

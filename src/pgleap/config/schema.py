@@ -55,6 +55,18 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class CutoverConfig:
+    """How clients move between the servers (used by the upgrade engine)."""
+
+    switch_timeout: float = 5.0  # seconds a cutover or rollback waits for running transactions and replay
+    session_wait: float = 10.0  # seconds it waits for sessions holding a temporary table or an open cursor
+    read_shift_percent: float = 0.0  # of read-only sessions sent to the target while mirroring (gradual shift)
+    rollback_error_rate: float = 0.0  # after cutover: error rate on the target that rolls back by itself; 0: off
+    rollback_window: float = 60.0  # seconds over which that error rate is measured
+    rollback_min_queries: int = 100  # fewer queries in the window never trigger it
+
+
+@dataclass(frozen=True)
 class UpgradeConfig:
     """One `[[auto_upgrade]]` entry: a database clients reach through pgleap, and its upgrade."""
 
@@ -64,6 +76,7 @@ class UpgradeConfig:
     replica: ServerConfig | None = None
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    cutover: CutoverConfig = field(default_factory=CutoverConfig)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pgleap.config import CutoverConfig
 from pgleap.errors import PgleapError
 from pgleap.store.state import StateStore
 from pgleap.upgrade.gates import Gate, GateInputs, cutover_gates, describe, shut
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 CATCH_UP_LAG = 1.0  # seconds of replay lag below which catching up is over
 CUT_OVER_ACTIVITY = "cut over: clients use the target; their writes are logged for the source (rollback)"
-SWITCH_TIMEOUT = 5.0  # seconds a cutover or rollback waits for running transactions and replay
 CUTOVER_MAX_LAG = 3.0  # the lag gate (the pause itself waits for lag 0, bounded by SWITCH_TIMEOUT)
 SESSIONS_WAIT = 60.0  # seconds to wait for every session to capture before the copy
 RETRY_AFTER = 5.0  # seconds before a failed phase step is tried again
@@ -69,6 +69,10 @@ class UpgradeMachine:
         self.last_switch: SwitchReport | None = None
         self._task: asyncio.Task[None] | None = None
         self._mirroring_since = time.monotonic()
+
+    @property
+    def _cutover(self) -> CutoverConfig:
+        return self.proxy.databases[self.database].upgrade.cutover
 
     @property
     def phase(self) -> Phase | None:
@@ -116,7 +120,7 @@ class UpgradeMachine:
         check_move(phase, Phase.CUT_OVER)
         await self.stop()  # mirroring ends; replay and verification of the old direction stop with the switch
         try:
-            report = await switch(self.proxy, self.database, "target", SWITCH_TIMEOUT)
+            report = await switch(self.proxy, self.database, "target", self._cutover.switch_timeout)
         except BaseException:
             self._start_task()  # not switched: mirroring goes on
             raise
@@ -142,7 +146,7 @@ class UpgradeMachine:
         After cutover: move the clients back to the source once the reverse log is applied; mirroring again."""
         phase = self.phase
         if phase is Phase.CUT_OVER:
-            report = await switch(self.proxy, self.database, "source", SWITCH_TIMEOUT)
+            report = await switch(self.proxy, self.database, "source", self._cutover.switch_timeout)
             self.last_switch = report
             self._move(
                 Phase.MIRRORING, f"{reason}: clients back on the source after a {report.pause_seconds:.3f}s pause"
