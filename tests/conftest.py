@@ -233,7 +233,7 @@ def pgbench_database(server: LabServer, prefix: str, scale: int = 1, schema: str
 
 
 def console(proxy: ProxyThread | ProxyProcess) -> psycopg.Connection[Any]:
-    """An autocommit connection to the proxy's admin console (simple queries only, so nothing is prepared)."""
+    """An autocommit connection to the proxy's admin console (nothing prepared: each command runs as sent)."""
     return psycopg.connect(proxy.dsn("pgleap", "pgleap_admin", "admin-secret"), autocommit=True, prepare_threshold=None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import threading
@@ -199,19 +200,59 @@ def test_admin_user_cannot_use_app_database(proxy: ProxyThread) -> None:
         psycopg.connect(proxy.dsn("app", ADMIN_USER, ADMIN_PASSWORD), connect_timeout=20)
 
 
-@pytest.mark.parametrize("how", ["params", "prepare"])
-def test_extended_protocol_on_console_gives_clean_error(proxy: ProxyThread, how: str) -> None:
-    """Extended-protocol queries on the console fail fast with a clear error and the console keeps working."""
+def test_console_answers_prepared_commands(proxy: ProxyThread) -> None:
+    """psycopg's prepared statements (Parse, Bind, Describe portal, Execute) work on the console: monitoring
+    that polls with a driver's defaults keeps working after its fifth poll."""
     with admin_connect(proxy) as conn:
-        started = time.monotonic()
-        with pytest.raises(psycopg.Error, match="simple queries"):
-            if how == "params":
-                conn.execute("SHOW CLIENTS -- %s", ("x",))
-            else:
-                conn.execute("SHOW VERSION", prepare=True)
-        assert time.monotonic() - started < 20
-        # The connection is still in sync: a simple query works afterwards.
+        for _ in range(8):  # past psycopg's prepare_threshold of 5
+            (row,) = conn.execute("SHOW VERSION").fetchall()
+            assert row[0].startswith("pgleap")
+        assert conn.execute("SHOW STATS", prepare=True).description is not None
+        notes = conn.execute("PAUSE; ", prepare=True)
+        assert notes.statusmessage == "PAUSE"
+        conn.execute("RESUME", prepare=True)
+        (row,) = conn.execute("SHOW VERSION", prepare=True).fetchall()
+        assert row[0].startswith("pgleap")
+
+
+def test_console_refuses_parameters_and_stays_in_sync(proxy: ProxyThread) -> None:
+    """A command with parameters, or two commands in one prepared statement, get a clear error; the
+    session goes on."""
+    with admin_connect(proxy) as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="take no parameters"):
+            conn.execute("SHOW CLIENTS -- %s", ("x",))
+        with pytest.raises(psycopg.errors.SyntaxError, match="multiple commands"):
+            conn.execute("SHOW VERSION; SHOW STATS", prepare=True)
+        with pytest.raises(psycopg.errors.SyntaxError, match="unknown admin command"):
+            conn.execute("SHOW NOTHING", prepare=True)
         assert show(conn, "SHOW VERSION")[0]["version"].startswith("pgleap")
+
+
+def test_console_serves_asyncpg(proxy: ProxyThread) -> None:
+    """asyncpg describes statements before it runs them: a SHOW is described and fetched; a command with
+    effects is refused at Describe (not run by it) and runs through Connection.execute."""
+    import asyncpg
+
+    async def main() -> None:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=proxy.port, user=ADMIN_USER, password=ADMIN_PASSWORD, database="pgleap"
+        )
+        try:
+            rows = await conn.fetch("SHOW VERSION")
+            assert rows[0]["version"].startswith("pgleap")
+            statement = await conn.prepare("SHOW STATS")
+            assert "database" in [a.name for a in statement.get_attributes()]
+            assert (await statement.fetch())[0]["database"] == "app"
+            with pytest.raises(asyncpg.exceptions.FeatureNotSupportedError, match="has effects"):
+                await conn.fetch("PAUSE")
+            assert not proxy.proxy.gate.paused, "a Describe ran PAUSE"
+            assert await conn.execute("PAUSE") == "PAUSE"
+            assert proxy.proxy.gate.paused
+            assert await conn.execute("RESUME") == "RESUME"
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
 
 
 def test_reload_adds_user(tmp_path: Path, pg_new: LabServer) -> None:

@@ -87,11 +87,13 @@ def error_response(
     return message(kind, b"".join(fields) + b"\0")
 
 
-def row_description(columns: Sequence[str]) -> bytes:
-    """A RowDescription of text columns (type oid 25)."""
+def row_description(columns: Sequence[str], formats: Sequence[int] = ()) -> bytes:
+    """A RowDescription of text columns (type oid 25), in the result formats a Bind asked for (a text
+    value's binary form is its text, so a caller sends the same DataRows either way)."""
     parts = [struct.pack("!h", len(columns))]
-    for name in columns:
-        parts.append(cstr(name) + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0))
+    for i, name in enumerate(columns):
+        code = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
+        parts.append(cstr(name) + struct.pack("!ihihih", 0, 0, 25, -1, -1, code))
     return message(codes.ROW_DESCRIPTION, b"".join(parts))
 
 
