@@ -15,9 +15,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from pgleap.protocol import codes
-from pgleap.protocol.messages import error_response, message
+from pgleap.protocol.messages import cstr, error_response, message
 from pgleap.proxy.backend import BackendConnection, connect_backend, send_cancel
-from pgleap.proxy.session_state import restore_session_state
+from pgleap.proxy.session_state import SERVER_STATE_SQL, ServerState, ServerStateReader, restore_session_state
 
 if TYPE_CHECKING:
     from pgleap.proxy.route import Database
@@ -97,6 +97,7 @@ class Forwarder:
         self._s_skip = 0
         self._s_buf = b""
         self._blocked: dict[bool, set[str]] = {True: set(), False: set()}
+        self.server_state: ServerState | None = None  # asked at the last switch's pause; moves with the session
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -307,13 +308,39 @@ class Forwarder:
         """
         return [], []
 
+    async def read_server_state(self, timeout: float) -> ServerState | None:
+        """Ask the session's own server connection what it holds (SERVER_STATE_SQL), while the session is
+        between transactions; None when it is not (ask again later)."""
+        quiet = not (self._s_skip or self._s_buf or self._c_skip or self._c_buf)
+        if self.closed.done() or self.in_transaction or not quiet or (self.held is not None and not self.gate.paused):
+            return None
+        transport, side = self.server_transport, self._server_side
+        reader = ServerStateReader(self.client_transport)
+        self.block_reading(True, "state")  # the client's next bytes wait in its socket meanwhile
+        transport.set_protocol(reader)
+        try:
+            transport.write(message(codes.QUERY, cstr(SERVER_STATE_SQL)))
+            return await asyncio.wait_for(reader.answer, timeout)
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(side)
+            self.unblock_reading(True, "state")
+
+    def adopt_changes(self) -> None:
+        """Take up a route or capture change now if the session is between transactions, rather than at its
+        next one: an idle session (a pool's spare, a listener) may not send one for hours."""
+        if self.held is None and not self.in_transaction and not self.closed.done() and self._must_hold():
+            self._hold(b"", 0)
+
     async def _switch_backend(self) -> None:
         """Move this session to the route's current server at a transaction boundary."""
         version, server, role = self.route.version, self.route.server, self.route.role
         backend = await connect_backend(server, self.session.client_params, self.proxy.config.proxy.connect_timeout)
         statements, settings = self.session_state()
-        if statements or settings:
-            await restore_session_state(backend, statements, settings, self.session.id)
+        listen = self.server_state.listen if self.server_state is not None else None
+        self.server_state = None
+        if statements or settings or listen:
+            await restore_session_state(backend, statements, settings, self.session.id, listen)
         old = self.server_transport
         changed = [m for m in backend.status_messages if m not in self.backend.status_messages]
         self._attach_server(backend)

@@ -147,6 +147,7 @@ class Proxy:
             catalog = SourceCatalog(database.upgrade.database, database.route.server)
             catalog.start()
             database.capture = Capture(database.log_name, self._changelog, catalog=catalog)
+            self._adopt_changes(database)
             store.set_capturing(name, True)
             self.start_bypass_monitor(name)
             notes.append(f"database {name}: capturing into {proxy.changelog_path}")
@@ -194,6 +195,7 @@ class Proxy:
             capture = database.capture
             if capture is not None:
                 database.capture = None
+                self._adopt_changes(database)
                 self.stop_bypass_monitor(name)
                 if capture.catalog is not None:
                     await capture.catalog.stop()
@@ -202,6 +204,12 @@ class Proxy:
                     self._state.set_capturing(name, False)
                 notes.append(f"database {name}: stopped; {capture.transactions} transactions in the log")
         return notes
+
+    def _adopt_changes(self, database: Database) -> None:
+        """Idle sessions of `database` take up its new capture (or route) now, not at their next transaction."""
+        for session in list(self.sessions.values()):
+            if session.database is database and session.forwarder is not None:
+                session.forwarder.adopt_changes()
 
     def client_count(self) -> int:
         """Client connections now open (admin sessions included)."""

@@ -1,14 +1,22 @@
 """Moving a client session's server-side state to another server at a transaction boundary (cutover,
-rollback): its named prepared statements are prepared again and its settings set again, before the first
-transaction the client sends there."""
+rollback): its named prepared statements are prepared again, its settings set again and its LISTENs
+issued again, before the first transaction the client sends there.
+
+What cannot move is found out first (`SERVER_STATE_SQL`, asked on the session's own idle connection): a
+temporary table, a cursor held open across transactions, a session advisory lock. A switch waits for
+sessions holding one (upgrade/switch.py) rather than drop it under the client.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 from pgleap.protocol import codes
-from pgleap.protocol.messages import cstr, message, parse_error
+from pgleap.protocol.messages import cstr, message, parse_error, text_row, unpack_header
 from pgleap.protocol.stream import read_message
 from pgleap.proxy.backend import BackendConnection
 
@@ -18,13 +26,94 @@ _MAX_ANSWER = 1 << 24
 _FIRST_USER_OID = 16384  # user type OIDs differ between servers: let the new server infer those
 
 
+# At a transaction boundary only cursors declared WITH HOLD are open; pg_listening_channels() answers the
+# LISTEN statements themselves, quoted by the server. Every function here exists on 9.0 and later.
+SERVER_STATE_SQL = (
+    "SELECT (SELECT string_agg('LISTEN ' || quote_ident(c), '; ') FROM pg_listening_channels() c),"
+    " (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema() AND relkind IN ('r', 'p')),"
+    " (SELECT count(*) FROM pg_cursors WHERE is_holdable),"
+    " (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory')"
+)
+_FORWARDED = (
+    codes.NOTICE_RESPONSE,
+    codes.NOTIFICATION_RESPONSE,
+    codes.PARAMETER_STATUS,
+)  # async messages: still the client's
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What a session holds on its server connection between transactions, beyond statements and settings."""
+
+    listen: str | None  # "LISTEN a; LISTEN b", or None
+    temp_tables: int
+    held_cursors: int
+    advisory_locks: int
+
+    @property
+    def unmovable(self) -> str | None:
+        """What keeps the session on its server, in words, or None."""
+        held = [
+            f"{n} {what}"
+            for n, what in (
+                (self.temp_tables, "temporary tables"),
+                (self.held_cursors, "cursors WITH HOLD"),
+                (self.advisory_locks, "session advisory locks"),
+            )
+            if n
+        ]
+        return ", ".join(held) or None
+
+
+class ServerStateReader(asyncio.Protocol):
+    """Reads SERVER_STATE_SQL's answer off a session's server transport (lent by the forwarder while the
+    session is idle); asynchronous messages arriving meanwhile still go to the client."""
+
+    def __init__(self, client_transport: Any) -> None:
+        self.client_transport = client_transport
+        self.answer: asyncio.Future[ServerState] = asyncio.get_running_loop().create_future()
+        self._buf = b""
+        self._row: list[str | None] | None = None
+        self._error: str | None = None
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf + data
+        i = 0
+        while len(buf) - i >= 5:
+            kind, length = unpack_header(buf[i : i + 5])
+            end = i + 5 + length
+            if end > len(buf):
+                break
+            body = buf[i + 5 : end]
+            if kind == codes.DATA_ROW:
+                self._row = text_row(body)
+            elif kind == codes.ERROR_RESPONSE:
+                self._error = parse_error(body).message
+            elif kind in _FORWARDED:
+                self.client_transport.write(buf[i:end])
+            elif kind == codes.READY_FOR_QUERY and not self.answer.done():
+                if self._row is None:
+                    self.answer.set_exception(RuntimeError(self._error or "the session-state query answered nothing"))
+                else:
+                    listen, temp, cursors, locks = self._row
+                    self.answer.set_result(ServerState(listen, int(temp or 0), int(cursors or 0), int(locks or 0)))
+            i = end
+        self._buf = buf[i:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(ConnectionError("the server closed the connection"))
+
+
 async def restore_session_state(
     backend: BackendConnection,
     statements: list[tuple[str, str, tuple[int, ...]]],
     settings: list[tuple[str, str]],
     session_id: int,
+    listen: str | None = None,
 ) -> None:
-    """Prepare `statements` (name, text, parameter types) and set `settings` on a fresh server connection.
+    """Prepare `statements` (name, text, parameter types), set `settings` and run `listen` (LISTEN ...; ...)
+    on a fresh server connection.
 
     A statement the new server refuses is logged and left out: the client then gets the server's own
     error when it uses it, as it would after a DEALLOCATE, rather than failing the whole move.
@@ -44,10 +133,12 @@ async def restore_session_state(
         chunks.append(message(codes.BIND, bind + struct.pack("!h", 0)))
         chunks.append(message(codes.EXECUTE, cstr("") + struct.pack("!i", 0)))
         chunks.append(message(codes.SYNC))  # one Sync each: a refused setting does not skip the others
+    if listen:
+        chunks.append(message(codes.QUERY, cstr(listen)))
     chunks.append(message(codes.SYNC))
     backend.writer.write(b"".join(chunks))
     await backend.writer.drain()
-    readies = sum(1 for c in chunks if c[0] == codes.SYNC)
+    readies = sum(1 for c in chunks if c[0] in (codes.SYNC, codes.QUERY))
     while readies:
         kind, body = await read_message(backend.reader, _MAX_ANSWER)
         if kind == codes.ERROR_RESPONSE:
@@ -56,4 +147,10 @@ async def restore_session_state(
             )
         elif kind == codes.READY_FOR_QUERY:
             readies -= 1
-    log.info("session %s: moved %d prepared statements and %d settings", session_id, len(statements), len(settings))
+    log.info(
+        "session %s: moved %d prepared statements, %d settings and %s",
+        session_id,
+        len(statements),
+        len(settings),
+        listen or "no LISTEN",
+    )

@@ -3,14 +3,17 @@
 
 1. Before the pause: the catalog the new direction's capture needs for row images loads from the new server.
 2. PAUSE: new transactions wait at their boundary; the ones running finish (past `timeout` the switch is
-   aborted and clients resume where they were: nothing happened yet).
+   aborted and clients resume where they were: nothing happened yet). Then each session's connection is
+   asked what it holds (proxy/session_state.py): one holding a temporary table, a cursor WITH HOLD or a
+   session advisory lock cannot move, so the switch resumes and waits for it, without a pause, for up to
+   `session_wait` (then it is refused, naming the sessions).
 3. What was captured reaches the log, and replay applies all of it: the new server holds every write.
 4. Sequences are set on the new server from the old one (their values do not travel with replayed rows).
 5. The new server's txid_current_snapshot() is taken: the log of the new direction starts there.
 6. Capture switches to the new direction's log, the route to the new server; both are persisted; replay of
    the old direction stops, replay of the new one starts (into the old server: the way back stays open).
-7. RESUME: each session moves at its next transaction, its prepared statements and settings with it
-   (proxy/session_state.py).
+7. RESUME: each session moves at its next transaction, its prepared statements, settings and LISTENs
+   with it (proxy/session_state.py); a session that listens moves at once, as it may never send one.
 
 Nothing a client sent is lost or doubled: no transaction runs during the switch, and each is logged in
 exactly one direction.
@@ -21,23 +24,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.errors import PgleapError
-from pgleap.proxy.route import reverse_name
+from pgleap.proxy.route import Database, reverse_name
+from pgleap.proxy.session_state import ServerState
 from pgleap.upgrade.compat.facts import facts_for
 from pgleap.upgrade.copy.connect import connect, version_num
 from pgleap.upgrade.copy.sequences import copy_sequences
 
 if TYPE_CHECKING:
+    from pgleap.proxy.forward import Forwarder
     from pgleap.proxy.server import Proxy
 
 log = logging.getLogger(__name__)
 
 Side = Literal["source", "target"]
 CATALOG_WAIT = 10.0  # seconds the new direction's catalog may take to load, before the pause
+STATE_TIMEOUT = 2.0  # seconds one session's connection may take to say what it holds
+HOLDER_POLL = 0.5  # seconds between asking the sessions that cannot move yet
 
 
 class SwitchAbortedError(PgleapError):
@@ -85,16 +93,26 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
     deadline = time.monotonic() + CATALOG_WAIT
     while not catalog.loaded and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    started = time.monotonic()
-    proxy.gate.pause()
+    holders_deadline = time.monotonic() + upgrade.cutover.session_wait
     try:
-        left = await proxy.gate.wait_drained(proxy.busy_sessions, timeout)
-        drained = time.monotonic()
-        if left:
-            raise SwitchAbortedError(
-                f"{left} sessions were still in a transaction after {timeout:g}s; nothing was switched and "
-                f"clients go on with the {database.route.role}; try again when long transactions are done"
-            )
+        while True:
+            await _wait_movable(proxy, database, holders_deadline)
+            started = time.monotonic()
+            proxy.gate.pause()
+            left = await proxy.gate.wait_drained(proxy.busy_sessions, timeout)
+            drained = time.monotonic()
+            if left:
+                raise SwitchAbortedError(
+                    f"{left} sessions were still in a transaction after {timeout:g}s; nothing was switched and "
+                    f"clients go on with the {database.route.role}; try again when long transactions are done"
+                )
+            states = await _server_states(proxy, database)
+            stuck = {f: st for f, st in states.items() if st is None or st.unmovable}
+            if not stuck:
+                break
+            if time.monotonic() >= holders_deadline:
+                raise SwitchAbortedError(_holders_message(stuck))
+            proxy.gate.resume()  # one took a temporary table (or the like) since it was asked: wait again
         if database.capture is not None:
             await database.capture.drain()
         await _applied(proxy, closing, started + timeout)
@@ -111,6 +129,10 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
         # Route and capture change together (no await between): each session moves both at its next boundary.
         database.route.switch(new_server, to)
         database.capture = Capture(database.log_name, proxy.changelog, catalog=catalog)
+        for forwarder, state in states.items():
+            forwarder.server_state = state
+            if state is not None and state.listen:
+                forwarder.adopt_changes()  # held until RESUME
         store = proxy.state_store(create=True)
         assert store is not None
         store.set_route(name, to, snapshot)
@@ -137,6 +159,61 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
         sequences,
     )
     return report
+
+
+def _forwarders(proxy: Proxy, database: Database) -> list[Forwarder]:
+    return [
+        s.forwarder
+        for s in list(proxy.sessions.values())
+        if s.database is database and s.forwarder is not None and not s.forwarder.closed.done()
+    ]
+
+
+async def _server_states(proxy: Proxy, database: Database) -> dict[Forwarder, ServerState | None]:
+    """What each of the database's sessions holds, asked on its own connection (None: it is busy)."""
+    forwarders = _forwarders(proxy, database)
+    answers = await asyncio.gather(*(f.read_server_state(STATE_TIMEOUT) for f in forwarders), return_exceptions=True)
+    states: dict[Forwarder, ServerState | None] = {}
+    for forwarder, answer in zip(forwarders, answers, strict=True):
+        if isinstance(answer, BaseException):
+            if forwarder.closed.done():
+                continue
+            log.warning("session %s: cannot tell what it holds: %s", forwarder.session.id, answer)
+            answer = None
+        states[forwarder] = answer
+    return states
+
+
+async def _wait_movable(proxy: Proxy, database: Database, deadline: float) -> None:
+    """Before pausing: until no idle session holds what cannot move (asked without a pause; sessions in a
+    transaction are asked again in the pause). Past `deadline`, the switch is refused, naming them."""
+    while True:
+        holders = {
+            f: st for f, st in (await _server_states(proxy, database)).items() if st is not None and st.unmovable
+        }
+        if not holders:
+            return
+        if time.monotonic() >= deadline:
+            raise SwitchAbortedError(_holders_message(holders))
+        log.info(
+            "database %s: the switch waits for %d sessions holding temporary state",
+            database.upgrade.database,
+            len(holders),
+        )
+        await asyncio.sleep(HOLDER_POLL)
+
+
+def _holders_message(stuck: Mapping[Forwarder, ServerState | None]) -> str:
+    names = "; ".join(
+        f"session {f.session.id} ({f.session.user}@{f.session.client_addr}): "
+        f"{st.unmovable if st is not None else 'did not say what it holds'}"
+        for f, st in stuck.items()
+    )
+    return (
+        f"sessions hold what cannot move to another server, still at the end of [auto_upgrade.cutover] "
+        f"session_wait: {names}; nothing was switched; let them end those (DROP the temporary tables, CLOSE "
+        f"the cursors, release the advisory locks, or DISCARD ALL) or close those sessions, then try again"
+    )
 
 
 async def _applied(proxy: Proxy, log_name: str, deadline: float) -> None:
