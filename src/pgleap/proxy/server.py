@@ -9,11 +9,12 @@ import ssl
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from pgleap.config import Config, load_config
+from pgleap.config import Config, ServerConfig, load_config
 from pgleap.protocol import codes
 from pgleap.protocol.messages import error_response
 from pgleap.proxy.backend import send_cancel
 from pgleap.proxy.gate import PauseGate
+from pgleap.proxy.read_shift import READ_SHIFT_PHASES, READ_SHIFT_ROLE, ReadShiftForwarder
 from pgleap.proxy.route import Database
 from pgleap.proxy.session import Session
 from pgleap.store import StateStore
@@ -204,6 +205,29 @@ class Proxy:
                     self._state.set_capturing(name, False)
                 notes.append(f"database {name}: stopped; {capture.transactions} transactions in the log")
         return notes
+
+    def read_shift_server(self, database: Database) -> ServerConfig | None:
+        """The target while read-only sessions of `database` may be sent there (the gradual shift), else None."""
+        upgrade = database.upgrade
+        if upgrade.cutover.read_shift_percent <= 0 or upgrade.target is None or database.route.role != "source":
+            return None
+        machine = self.upgrades.get(upgrade.database)
+        phase = machine.phase if machine is not None else None
+        return upgrade.target if phase is not None and phase.value in READ_SHIFT_PHASES else None
+
+    def read_shift_changed(self, name: str) -> None:
+        """The upgrade of `name` moved: if the shift is over, shifted sessions go back to the route's server."""
+        database = self.databases[name]
+        if self.read_shift_server(database) is not None:
+            return
+        for session in list(self.sessions.values()):
+            forwarder = session.forwarder
+            if (
+                session.database is database
+                and isinstance(forwarder, ReadShiftForwarder)
+                and session.server_role == READ_SHIFT_ROLE
+            ):
+                forwarder.end_shift()
 
     def _adopt_changes(self, database: Database) -> None:
         """Idle sessions of `database` take up its new capture (or route) now, not at their next transaction."""

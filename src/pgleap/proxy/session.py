@@ -8,7 +8,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from pgleap.config.schema import ADMIN_DATABASE
+from pgleap.config.schema import ADMIN_DATABASE, ServerConfig
 from pgleap.errors import AuthenticationError, ServerUnavailableError
 from pgleap.protocol import codes
 from pgleap.protocol.auth import Credential, authenticate_client
@@ -21,8 +21,9 @@ from pgleap.protocol.messages import (
     ready_for_query,
 )
 from pgleap.protocol.stream import read_startup
-from pgleap.proxy.backend import connect_backend
+from pgleap.proxy.backend import BackendConnection, connect_backend
 from pgleap.proxy.forward import Forwarder
+from pgleap.proxy.read_shift import READ_SHIFT_ROLE, ReadShiftForwarder, chosen, read_only_session
 from pgleap.proxy.route import Database
 
 if TYPE_CHECKING:
@@ -121,22 +122,37 @@ class Session:
             raise _Refused("pgleap is shutting down", codes.ADMIN_SHUTDOWN)
 
         route = self.database.route
+        version, server, role = route.version, route.server, route.role
+        shift = self.proxy.read_shift_server(self.database)
+        if shift is not None and read_only_session(params) and chosen(self.database.upgrade.cutover.read_shift_percent):
+            server, role = shift, READ_SHIFT_ROLE
         try:
-            backend = await connect_backend(route.server, params, config.proxy.connect_timeout)
-        except (ServerUnavailableError, AuthenticationError) as exc:
-            log.error("session %s: %s", self.id, exc)
-            raise _Refused(
-                f"pgleap cannot reach the {route.role} server: {exc}", codes.SQLCLIENT_UNABLE_TO_ESTABLISH
-            ) from exc
-        self.server_role = route.role
+            backend = await self._connect(server, role, params)
+        except (ServerUnavailableError, AuthenticationError):
+            server, role = route.server, route.role  # the shift is optional: read from the source then
+            backend = await self._connect(server, role, params)
+        self.server_role = role
         self.parameters = dict(backend.parameters)
         self.key = self.proxy.register_cancel_key(self)
         self.writer.write(b"".join(backend.status_messages) + backend_key_data(*self.key) + ready_for_query())
         client_leftover = bytes(getattr(self.reader, "_buffer", b""))
         server_leftover = bytes(getattr(backend.reader, "_buffer", b""))
-        self.forwarder = Forwarder(self, backend, self.writer.transport)
-        self.forwarder.route_version = route.version if backend.server is route.server else -1
+        forwarder = ReadShiftForwarder if role == READ_SHIFT_ROLE else Forwarder
+        self.forwarder = forwarder(self, backend, self.writer.transport)
+        # A route switch while connecting: the session moves at its first boundary.
+        self.forwarder.route_version = version if role == READ_SHIFT_ROLE or backend.server is route.server else -1
         self.forwarder.start(client_leftover, server_leftover)
+
+    async def _connect(self, server: ServerConfig, role: str, params: dict[str, str]) -> BackendConnection:
+        try:
+            return await connect_backend(server, params, self.proxy.config.proxy.connect_timeout)
+        except (ServerUnavailableError, AuthenticationError) as exc:
+            log.error("session %s: %s server: %s", self.id, role, exc)
+            if role != READ_SHIFT_ROLE:
+                raise _Refused(
+                    f"pgleap cannot reach the {role} server: {exc}", codes.SQLCLIENT_UNABLE_TO_ESTABLISH
+                ) from exc
+            raise
 
     async def _authenticate(self, credential: Credential | None) -> None:
         try:

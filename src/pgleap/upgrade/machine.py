@@ -346,3 +346,4 @@ class UpgradeMachine:
         check_move(self.phase, to)
         self.store.set_phase(self.database, to.value, reason)
         log.info("upgrade of %s: now %s (%s)", self.database, to.value, reason)
+        self.proxy.read_shift_changed(self.database)  # leaving mirroring ends the gradual shift

@@ -96,7 +96,7 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
     holders_deadline = time.monotonic() + upgrade.cutover.session_wait
     try:
         while True:
-            await _wait_movable(proxy, database, holders_deadline)
+            await _wait_movable(proxy, database, new_server, holders_deadline)
             started = time.monotonic()
             proxy.gate.pause()
             left = await proxy.gate.wait_drained(proxy.busy_sessions, timeout)
@@ -106,7 +106,7 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
                     f"{left} sessions were still in a transaction after {timeout:g}s; nothing was switched and "
                     f"clients go on with the {database.route.role}; try again when long transactions are done"
                 )
-            states = await _server_states(proxy, database)
+            states = await _server_states(proxy, database, new_server)
             stuck = {f: st for f, st in states.items() if st is None or st.unmovable}
             if not stuck:
                 break
@@ -129,6 +129,10 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
         # Route and capture change together (no await between): each session moves both at its next boundary.
         database.route.switch(new_server, to)
         database.capture = Capture(database.log_name, proxy.changelog, catalog=catalog)
+        for forwarder in _forwarders(proxy, database):
+            if forwarder.backend.server == new_server:  # read-shifted to the target: it is there already
+                forwarder.route_version = database.route.version
+                forwarder.session.server_role = to
         for forwarder, state in states.items():
             forwarder.server_state = state
             if state is not None and state.listen:
@@ -161,17 +165,23 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
     return report
 
 
-def _forwarders(proxy: Proxy, database: Database) -> list[Forwarder]:
+def _forwarders(proxy: Proxy, database: Database, staying: ServerConfig | None = None) -> list[Forwarder]:
+    """The database's open sessions, but those already on `staying` (read-shifted sessions at cutover)."""
     return [
         s.forwarder
         for s in list(proxy.sessions.values())
-        if s.database is database and s.forwarder is not None and not s.forwarder.closed.done()
+        if s.database is database
+        and s.forwarder is not None
+        and not s.forwarder.closed.done()
+        and s.forwarder.backend.server != staying
     ]
 
 
-async def _server_states(proxy: Proxy, database: Database) -> dict[Forwarder, ServerState | None]:
-    """What each of the database's sessions holds, asked on its own connection (None: it is busy)."""
-    forwarders = _forwarders(proxy, database)
+async def _server_states(
+    proxy: Proxy, database: Database, new_server: ServerConfig
+) -> dict[Forwarder, ServerState | None]:
+    """What each session that moves holds, asked on its own connection (None: it is busy)."""
+    forwarders = _forwarders(proxy, database, staying=new_server)
     answers = await asyncio.gather(*(f.read_server_state(STATE_TIMEOUT) for f in forwarders), return_exceptions=True)
     states: dict[Forwarder, ServerState | None] = {}
     for forwarder, answer in zip(forwarders, answers, strict=True):
@@ -184,13 +194,12 @@ async def _server_states(proxy: Proxy, database: Database) -> dict[Forwarder, Se
     return states
 
 
-async def _wait_movable(proxy: Proxy, database: Database, deadline: float) -> None:
+async def _wait_movable(proxy: Proxy, database: Database, new_server: ServerConfig, deadline: float) -> None:
     """Before pausing: until no idle session holds what cannot move (asked without a pause; sessions in a
     transaction are asked again in the pause). Past `deadline`, the switch is refused, naming them."""
     while True:
-        holders = {
-            f: st for f, st in (await _server_states(proxy, database)).items() if st is not None and st.unmovable
-        }
+        states = await _server_states(proxy, database, new_server)
+        holders = {f: st for f, st in states.items() if st is not None and st.unmovable}
         if not holders:
             return
         if time.monotonic() >= deadline:
