@@ -11,6 +11,7 @@ import typer
 import uvloop
 
 from pgleap import __version__
+from pgleap.cli.check import check_command
 from pgleap.cli.copy import copy_command, replica_app
 from pgleap.cli.upgrade import status_command, upgrade_app
 from pgleap.cli.verify import verify_command
@@ -52,6 +53,7 @@ def run(
         _fail(f"cannot listen on {cfg.proxy.listen_addr}:{cfg.proxy.listen_port}: {exc.strerror or exc}")
 
 
+app.command("check")(check_command)
 app.command("copy")(copy_command)
 app.command("verify")(verify_command)
 app.command("status")(status_command)
