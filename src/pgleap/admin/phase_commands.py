@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgleap.admin.commands import AdminCommandError, Result, _ts, command, notes_result
 from pgleap.errors import PgleapError
+from pgleap.proxy.read_shift import READ_SHIFT_ROLE
 from pgleap.upgrade.gates import describe, shut
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
         "last_error",
         "routed_to",
         "last_pause_s",
+        "read_shift_sessions",
         "capturing",
         "replaying",
         "applied_position",
@@ -115,7 +117,8 @@ async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
         record = store.phase(name) if store is not None else None
         blocked = describe(shut(status.gates)) if status else None
         replay = proxy.replay.report(name) if proxy.replay is not None else None
-        mine = [r for (database, _), r in reports.items() if database == name]
+        mine = [r for (db, _), r in reports.items() if db == name]
+        database = proxy.databases[name]
         rows.append(
             [
                 name,
@@ -125,9 +128,10 @@ async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
                 status.activity if status else None,
                 blocked or None,
                 status.last_error if status else None,
-                proxy.databases[name].route.role,
+                database.route.role,
                 round(status.last_switch.pause_seconds, 4) if status and status.last_switch else None,
-                proxy.databases[name].capture is not None,
+                sum(1 for s in proxy.sessions.values() if s.database is database and s.server_role == READ_SHIFT_ROLE),
+                database.capture is not None,
                 bool(replay and replay.running),
                 replay.status.applied_position if replay else None,
                 replay.lag.transactions if replay else None,
