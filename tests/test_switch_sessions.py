@@ -7,6 +7,8 @@ PG 10 source, a fresh PG 18 target; the upgrade reaches cutover_ready by itself 
 
 from __future__ import annotations
 
+import asyncio
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,8 @@ import psycopg
 import pytest
 
 from pgleap.lab import Lab, LabServer
-from pgleap.proxy.session_state import ServerState
+from pgleap.protocol.messages import command_complete, data_row, message, ready_for_query, row_description
+from pgleap.proxy.session_state import ServerState, ServerStateReader
 from pgleap.testing import ProxyProcess
 
 from conftest import console as open_console
@@ -116,3 +119,35 @@ def test_temporary_state_delays_cutover_and_listen_moves(
             assert port_of(listener) == target.port and port_of(holder) == target.port
     finally:
         pgleap.stop()
+
+
+class _Transport:
+    """Stands in for the client's transport: what the reader passes on."""
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+
+def test_server_state_reader_keeps_notifications_for_the_client() -> None:
+    """The answer is read across split reads; a NotificationResponse arriving meanwhile goes to the client."""
+    async def main() -> tuple[ServerState, bytes]:
+        client = _Transport()
+        reader = ServerStateReader(client)
+        notification = message(ord("A"), struct.pack("!i", 42) + b"chan\0hello\0")
+        answer = (
+            row_description(["listen", "temp", "cursors", "locks"])
+            + notification
+            + data_row(['LISTEN "a b"', "1", "0", "2"])
+            + command_complete("SELECT 1")
+            + ready_for_query()
+        )
+        for i in range(0, len(answer), 7):  # in pieces, as a socket may deliver it
+            reader.data_received(answer[i : i + 7])
+        return await reader.answer, client.written
+
+    state, forwarded = asyncio.run(main())
+    assert state == ServerState('LISTEN "a b"', 1, 0, 2)
+    assert forwarded.startswith(b"A") and b"hello" in forwarded
