@@ -44,11 +44,13 @@ def read_queries(path: Path) -> list[str]:
 
 def distinct(queries: Iterable[str]) -> list[tuple[str, int]]:
     """One text per fingerprint (the first seen) and how many texts it stands for, in first-seen order."""
-    seen: dict[str, list[object]] = {}
+    first: dict[str, str] = {}
+    counts: dict[str, int] = {}
     for sql in queries:
-        entry = seen.setdefault(fingerprint(sql), [sql, 0])
-        entry[1] = int(entry[1]) + 1  # type: ignore[call-overload]
-    return [(str(sql), int(n)) for sql, n in seen.values()]  # type: ignore[call-overload]
+        fp = fingerprint(sql)
+        first.setdefault(fp, sql)
+        counts[fp] = counts.get(fp, 0) + 1
+    return [(sql, counts[fp]) for fp, sql in first.items()]
 
 
 class _Params(Visitor):
