@@ -290,7 +290,6 @@ RULES: tuple[Rule, ...] = (
         "polymorphic_functions",
         "DROP the aggregate/operator on the source and recreate it on the target with anycompatible/"
         "anycompatiblearray in place of anyelement/anyarray",
-        "https://www.postgresql.org/docs/release/14.0/#id-1.11.6.42.4",
         functions=(
             "array_append(anyarray,anyelement)",
             "array_cat(anyarray,anyarray)",
