@@ -7,6 +7,8 @@ copying: the bulk copy at S (`pgleap copy`'s engine, in a thread of its own so c
 catching_up: replay from S until the lag is under CATCH_UP_LAG.
 mirroring: replay follows; every table is verified (and re-synced, per resync_on_error) in rounds; when
 every gate of upgrade/gates.py holds, cutover_ready, and back to mirroring when one stops holding.
+cut_over (INITIATE CUTOVER): the reverse log is replayed into the source; the clients' error rate is watched,
+and past [auto_upgrade.cutover] rollback_error_rate the machine rolls back by itself (upgrade/autorollback.py).
 
 Every transition is persisted with its reason before anything of the next phase happens, so a pgleap
 killed in any phase starts that phase again when it restarts (each phase is safe to repeat: the copy
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pgleap.config import CutoverConfig
 from pgleap.errors import PgleapError
 from pgleap.store.state import StateStore
+from pgleap.upgrade.autorollback import SAMPLE_INTERVAL, ErrorWindow, RollbackPolicy, Sample
 from pgleap.upgrade.gates import Gate, GateInputs, cutover_gates, describe, shut
 from pgleap.upgrade.phases import RESUMED, Phase, check_move
 from pgleap.upgrade.switch import SwitchReport, direction, switch
@@ -68,7 +71,9 @@ class UpgradeMachine:
         self.gates: list[Gate] = []
         self.last_switch: SwitchReport | None = None
         self._task: asyncio.Task[None] | None = None
-        self._mirroring_since = time.monotonic()
+        self._mirroring_since = time.time()  # wall clock: the validation clock is persisted (transitions)
+        # One switch at a time: an operator's command and the automatic rollback may come together.
+        self._switching = asyncio.Lock()
 
     @property
     def _cutover(self) -> CutoverConfig:
@@ -104,63 +109,79 @@ class UpgradeMachine:
 
     async def cutover(self, *, force: bool = False) -> SwitchReport:
         """Move the clients to the target (every gate must hold unless `force`); the reverse log starts."""
-        phase = self.phase
-        if phase is Phase.MIRRORING and force:
-            reason = "INITIATE CUTOVER FORCE, gates overridden: " + describe(shut(self.gates))
-        elif phase is Phase.CUTOVER_READY:
-            self._judge_gates()
-            closed = shut(self.gates)
-            if closed and not force:
-                raise PgleapError("cutover refused: " + describe(closed))
-            reason = "INITIATE CUTOVER" + (" FORCE" if closed else "")
-        else:
-            where = phase.value if phase else "not started"
-            gates = describe(shut(self.gates)) or "none judged yet"
-            raise PgleapError(f"cutover refused: the upgrade is {where}, not cutover_ready (gates shut: {gates})")
-        check_move(phase, Phase.CUT_OVER)
-        await self.stop()  # mirroring ends; replay and verification of the old direction stop with the switch
-        try:
-            report = await switch(self.proxy, self.database, "target", self._cutover.switch_timeout)
-        except BaseException:
-            self._start_task()  # not switched: mirroring goes on
-            raise
-        self.last_switch = report
-        self._move(Phase.CUT_OVER, f"{reason}; clients on the target after a {report.pause_seconds:.3f}s pause")
-        self.activity = CUT_OVER_ACTIVITY
-        return report
+        async with self._switching:
+            phase = self.phase
+            if phase is Phase.MIRRORING and force:
+                reason = "INITIATE CUTOVER FORCE, gates overridden: " + describe(shut(self.gates))
+            elif phase is Phase.CUTOVER_READY:
+                self._judge_gates()
+                closed = shut(self.gates)
+                if closed and not force:
+                    raise PgleapError("cutover refused: " + describe(closed))
+                reason = "INITIATE CUTOVER" + (" FORCE" if closed else "")
+            else:
+                where = phase.value if phase else "not started"
+                gates = describe(shut(self.gates)) or "none judged yet"
+                raise PgleapError(f"cutover refused: the upgrade is {where}, not cutover_ready (gates shut: {gates})")
+            check_move(phase, Phase.CUT_OVER)
+            await self.stop()  # mirroring ends; replay and verification of the old direction stop with the switch
+            try:
+                report = await switch(self.proxy, self.database, "target", self._cutover.switch_timeout)
+            except BaseException:
+                self._start_task()  # not switched: mirroring goes on
+                raise
+            self.last_switch = report
+            self._move(Phase.CUT_OVER, f"{reason}; clients on the target after a {report.pause_seconds:.3f}s pause")
+            self.activity = CUT_OVER_ACTIVITY
+            self._start_task()  # the watch of the error rate after cutover
+            return report
 
     async def complete(self) -> str:
         """End the fallback period: the reverse log stops, capture stops, the source is no longer written."""
-        check_move(self.phase, Phase.COMPLETE)
-        replay = self.proxy.replay
-        reverse = direction(self.proxy.databases[self.database].upgrade, "target").database
-        if replay is not None and replay.running(reverse):
-            await replay.stop(reverse)
-        await self.proxy.stop_capture()
-        self._move(Phase.COMPLETE, "COMPLETE UPGRADE: the source is retired")
-        self.activity = "complete: clients use the target; pgleap no longer writes to the source"
-        return f"database {self.database}: upgrade complete; the source is no longer written by pgleap"
+        async with self._switching:
+            check_move(self.phase, Phase.COMPLETE)
+            await self.stop()  # the watch of the error rate: there is no going back now
+            replay = self.proxy.replay
+            reverse = direction(self.proxy.databases[self.database].upgrade, "target").database
+            if replay is not None and replay.running(reverse):
+                await replay.stop(reverse)
+            await self.proxy.stop_capture()
+            self._move(Phase.COMPLETE, "COMPLETE UPGRADE: the source is retired")
+            self.activity = "complete: clients use the target; pgleap no longer writes to the source"
+            return f"database {self.database}: upgrade complete; the source is no longer written by pgleap"
 
     async def rollback(self, reason: str) -> str:
         """Before cutover: stop driving, stop replay and capture; the target is left as it is for inspection.
         After cutover: move the clients back to the source once the reverse log is applied; mirroring again."""
-        phase = self.phase
-        if phase is Phase.CUT_OVER:
-            report = await switch(self.proxy, self.database, "source", self._cutover.switch_timeout)
-            self.last_switch = report
-            self._move(
-                Phase.MIRRORING, f"{reason}: clients back on the source after a {report.pause_seconds:.3f}s pause"
-            )
-            self._start_task()
-            return f"database {self.database}: rolled back to the source in a {report.pause_seconds:.3f}s pause"
-        check_move(phase, Phase.ROLLED_BACK)
-        await self.stop()
-        if self.proxy.replay is not None and self.proxy.replay.running(self.database):
-            await self.proxy.replay.stop(self.database)
-        await self.proxy.stop_capture()
-        self._move(Phase.ROLLED_BACK, reason)
-        self.activity = "rolled back; clients use the source as before, the target is left for inspection"
-        return f"database {self.database}: rolled back from {phase.value if phase else 'nothing'}"
+        asked_in = self.phase
+        async with self._switching:
+            phase = self.phase
+            if asked_in is Phase.CUT_OVER and phase is not Phase.CUT_OVER:
+                # The automatic rollback came first: what was asked is done (not an abandon of the upgrade).
+                record = self.store.phase(self.database)
+                return f"database {self.database}: already back on the source ({record.reason if record else ''})"
+            if phase is Phase.CUT_OVER:
+                await self.stop()  # the watch of the error rate
+                try:
+                    report = await self._switch_back(reason)
+                finally:
+                    self._start_task()  # mirroring again; or, not switched, still cut over and watched
+                return f"database {self.database}: rolled back to the source in a {report.pause_seconds:.3f}s pause"
+            check_move(phase, Phase.ROLLED_BACK)
+            await self.stop()
+            if self.proxy.replay is not None and self.proxy.replay.running(self.database):
+                await self.proxy.replay.stop(self.database)
+            await self.proxy.stop_capture()
+            self._move(Phase.ROLLED_BACK, reason)
+            self.activity = "rolled back; clients use the source as before, the target is left for inspection"
+            return f"database {self.database}: rolled back from {phase.value if phase else 'nothing'}"
+
+    async def _switch_back(self, reason: str) -> SwitchReport:
+        """After cutover: clients back to the source (the reverse log applied first); mirroring again."""
+        report = await switch(self.proxy, self.database, "source", self._cutover.switch_timeout)
+        self.last_switch = report
+        self._move(Phase.MIRRORING, f"{reason}: clients back on the source after a {report.pause_seconds:.3f}s pause")
+        return report
 
     async def stop(self) -> None:
         """Stop the drive task (the phase stays as persisted: a later start resumes it)."""
@@ -210,7 +231,7 @@ class UpgradeMachine:
                     await self._mirror()
                 elif phase is Phase.CUT_OVER:
                     self._reverse_replay_started()
-                    return
+                    await self._watch_error_rate()
                 else:
                     return
                 self.last_error = None
@@ -301,10 +322,34 @@ class UpgradeMachine:
         self.proxy.start_replay(names=[self.database])
         self.activity = CUT_OVER_ACTIVITY
 
+    async def _watch_error_rate(self) -> None:
+        """While cut over: sample the clients' queries and errors; past the policy's threshold, roll back.
+        Returns once rolled back (the drive goes on in mirroring)."""
+        window = ErrorWindow()  # from this moment: errors from before the cutover (or restart) do not count
+        while True:
+            policy = RollbackPolicy.from_config(self._cutover)  # read each time: a reload may change it
+            stats = self.proxy.databases[self.database].stats
+            rate = window.add(Sample(time.monotonic(), stats.queries, stats.errors), policy.window)
+            self.activity = f"{CUT_OVER_ACTIVITY}; {policy.describe(rate)}"
+            if policy.triggered(rate):
+                reason = policy.reason(rate)
+                log.warning("upgrade of %s: %s; rolling back", self.database, reason)
+                async with self._switching:
+                    if self.phase is not Phase.CUT_OVER:
+                        return  # an operator's command came first
+                    try:
+                        await self._switch_back(reason)
+                    except PgleapError as exc:  # retried by the drive, with a fresh window
+                        raise PgleapError(f"automatic rollback failed: {exc}") from exc
+                return
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
     async def _mirror(self) -> None:
         validation = self.proxy.databases[self.database].upgrade.validation
         interval = max(1.0, min(300.0, validation.validation_duration / 4))
-        self._mirroring_since = time.monotonic()
+        # The validation clock runs from the last move into mirroring, as persisted: a restart (or a cutover
+        # that was refused or aborted) does not start it again.
+        self._mirroring_since = self._mirroring_started()
         while True:
             self._replay_started()
             self.activity = "verifying every table"
@@ -323,7 +368,7 @@ class UpgradeMachine:
         metrics = validator.metrics() if validator is not None else None
         self.gates = cutover_gates(
             GateInputs(
-                mirroring_seconds=time.monotonic() - self._mirroring_since,
+                mirroring_seconds=max(0.0, time.time() - self._mirroring_since),
                 validation_duration=upgrade.validation.validation_duration,
                 error_threshold=upgrade.validation.error_threshold,
                 error_rate=getattr(metrics, "error_rate_window", None) if getattr(metrics, "total", 0) else None,
@@ -339,11 +384,19 @@ class UpgradeMachine:
         if phase is Phase.MIRRORING and not closed:
             self._move(Phase.CUTOVER_READY, "every gate holds: " + "; ".join(g.detail for g in self.gates))
         elif phase is Phase.CUTOVER_READY and closed:
-            self._mirroring_since = time.monotonic()
             self._move(Phase.MIRRORING, "gate shut: " + describe(closed))
+
+    def _mirroring_started(self) -> float:
+        """When the upgrade last moved into mirroring (wall clock, from the persisted transitions)."""
+        for transition in reversed(self.store.transitions(self.database)):
+            if transition.to_phase == Phase.MIRRORING.value:
+                return transition.at
+        return time.time()
 
     def _move(self, to: Phase, reason: str) -> None:
         check_move(self.phase, to)
         self.store.set_phase(self.database, to.value, reason)
+        if to is Phase.MIRRORING:
+            self._mirroring_since = time.time()  # the validation clock starts again
         log.info("upgrade of %s: now %s (%s)", self.database, to.value, reason)
         self.proxy.read_shift_changed(self.database)  # leaving mirroring ends the gradual shift
