@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -402,3 +403,123 @@ def test_sync_keys_of_verification_and_splitting() -> None:
     message = rejected(config(upgrade=UPGRADE + '[auto_upgrade.sync]\nsplit_policy = "sometimes"\n'))
     assert "split_policy" in message and "makespan" in message
     assert "verify_chunk_rows" in rejected(config(upgrade=UPGRADE + "[auto_upgrade.sync]\nverify_chunk_rows = 0\n"))
+
+
+# -- [auto_upgrade.adapters] -------------------------------------------------------------------------------
+
+ADAPTERS_RULES = """\
+[auto_upgrade.adapters]
+disable = ["force_parallel_mode"]
+rules = [
+  { name = "app_fn", since = 12, kind = "function", old = "old_total", new = "new_total" },
+  { name = "col", since = "9.6", kind = "column", old = "waiting", new = "wait_event", relation = "pg_stat_activity" },
+  { name = "ext_opt", since = "17", kind = "setting", old = "myext.old_opt", new = "myext.new_opt" },
+]
+"""
+
+
+def test_adapters_default_all_builtin_rules_on() -> None:
+    """Without the section every built-in rule is on, and the adapter the proxy would use is the built-in one."""
+    from pgleap.upgrade.compat.adapters import ADAPTERS, adapter_for
+
+    upgrade = parse_config(config()).upgrades[0]
+    assert upgrade.adapters.enable == ("*",) and upgrade.adapters.rules == ()
+    assert adapter_for(upgrade).rules == ADAPTERS
+    assert adapter_for(upgrade).adapt("SELECT procpid FROM pg_stat_activity", 90125, 180000) == (
+        "SELECT pid FROM pg_stat_activity"
+    )
+
+
+def test_adapters_user_rules_and_disabled_builtin() -> None:
+    """User rules are read in the rules' data form; a disabled built-in rule no longer rewrites."""
+    from pgleap.upgrade.compat.adapters import adapter_for
+
+    upgrade = parse_config(config(extra=ADAPTERS_RULES)).upgrades[0]
+    rules = {r.name: r for r in upgrade.adapters.rules}
+    assert rules["app_fn"].since == 120000 and rules["col"].since == 90600 and rules["ext_opt"].since == 170000
+    assert rules["col"].relation == "pg_stat_activity" and rules["app_fn"].relation is None
+    adapter = adapter_for(upgrade)
+    assert "force_parallel_mode" not in {r.name for r in adapter.rules}
+    assert adapter.adapt("SET force_parallel_mode = on", 100000, 180000) == "SET force_parallel_mode = on"
+    assert adapter.adapt("SELECT old_total(3)", 100000, 180000) == "SELECT new_total(3)"
+    assert adapter.adapt("SELECT new_total(3)", 180000, 100000) == "SELECT old_total(3)"  # rollback direction
+    assert adapter.adapt("SELECT old_total(3)", 120000, 180000) == "SELECT old_total(3)"  # 12 is not crossed
+    assert adapter.adapt("SELECT waiting FROM pg_stat_activity", 90500, 100000) == (
+        "SELECT wait_event FROM pg_stat_activity"
+    )
+    assert adapter.adapt("SHOW myext.old_opt", 100000, 170000) == "SHOW myext.new_opt"
+    assert adapter.adapt("SELECT pg_current_xlog_location()", 90600, 180000) == "SELECT pg_current_wal_lsn()"
+    assert adapter_for(upgrade) is adapter  # one adapter (and cache) per distinct config
+
+
+def test_adapters_none_builtin() -> None:
+    """enable = [] turns every built-in rule off; globs pick some."""
+    from pgleap.upgrade.compat.adapters import adapter_for
+
+    none = parse_config(config(extra="[auto_upgrade.adapters]\nenable = []\n")).upgrades[0]
+    assert adapter_for(none).rules == ()
+    xlog = parse_config(config(extra='[auto_upgrade.adapters]\nenable = ["xlog_*"]\n')).upgrades[0]
+    assert {r.kind for r in adapter_for(xlog).rules} == {"function"} and len(adapter_for(xlog).rules) == 12
+
+
+def rule(**changes: object) -> str:
+    """A user rule as a TOML inline table: a valid function rule with fields changed (None: left out)."""
+    fields: dict[str, object] = {"name": "r", "since": 12, "kind": "function", "old": "a_fn", "new": "b_fn"}
+    fields.update(changes)
+    items = [f"{k} = {json.dumps(v)}" for k, v in fields.items() if v is not None]
+    return "{ " + ", ".join(items) + " }"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "words"),
+    [
+        ('enable = ["xlg_*"]', "adapters", "no built-in rule matches 'xlg_*'; the rules are pg_stat_activity_pid"),
+        ('disable = ["nope"]', "adapters", "no built-in rule matches 'nope'"),
+        ("enable = [1]", "adapters.enable", "list of built-in rule names or globs"),
+        ('enable = "all"', "adapters.enable", "expected list"),
+        ("rule = []", "adapters", "unknown key(s) rule"),
+        ("rules = [1]", "adapters.rules[0]", "expected a table"),
+        (f"rules = [{rule(kind=None)}]", "adapters.rules[0].kind", "required key is missing"),
+        (f"rules = [{rule(kind='operator')}]", "adapters.rules[0].kind", "'operator' is not one of function"),
+        (f"rules = [{rule(since=12.5)}]", "adapters.rules[0].since", "not a major; write 12"),
+        (f"rules = [{rule(since=8)}]", "adapters.rules[0].since", "not a PostgreSQL major"),
+        (f"rules = [{rule(since='9.7')}]", "adapters.rules[0].since", "not a PostgreSQL major"),
+        (f"rules = [{rule(since='twelve')}]", "adapters.rules[0].since", "not a major"),
+        (f"rules = [{rule(since=None)}]", "adapters.rules[0].since", "required key is missing"),
+        (f"rules = [{rule(old='public.a_fn')}]", "adapters.rules[0].old", "unqualified function name"),
+        (f"rules = [{rule(new='B_Fn')}]", "adapters.rules[0].new", "in lower case"),
+        (f"rules = [{rule(new='a_fn')}]", "adapters.rules[0].new", "the same as old"),
+        (f"rules = [{rule(kind='setting', new='a b')}]", "adapters.rules[0].new", "is not a setting name"),
+        (f"rules = [{rule(name='r x')}]", "adapters.rules[0].name", "use letters, digits"),
+        (f"rules = [{rule(relation='t')}]", "adapters.rules[0].relation", "only a column rule"),
+        (f"rules = [{rule(kind='column')}]", "adapters.rules[0].relation", "needs the relation the column belongs to"),
+        (f"rules = [{rule(kind='column', relation='s.t')}]", "adapters.rules[0].relation", "unqualified relation name"),
+        (f"rules = [{rule(extra=1)}]", "adapters.rules[0]", "unknown key(s) extra"),
+        (f"rules = [{rule(name='force_parallel_mode')}]", "adapters.rules[0].name", "a built-in rule's name"),
+        (f"rules = [{rule()}, {rule(old='c_fn')}]", "adapters.rules[1].name", "the name of an earlier rule"),
+        (
+            f"rules = [{rule()}, {rule(name='s', new='d_fn')}]",
+            "adapters.rules[1].old",
+            "'a_fn' (function) is already renamed by rule r",
+        ),
+        (
+            f"rules = [{rule(since=10, old='my_xlog', new='pg_switch_wal')}]",
+            "adapters.rules[0].new",
+            "already renamed by the built-in rule xlog_pg_switch_xlog; keep one (a built-in rule is turned off",
+        ),
+    ],
+)
+def test_adapters_bad_lines_are_named(section: str, key: str, words: str) -> None:
+    """Each mistake in the adapters section is rejected with the key of the bad line and what is wrong."""
+    message = rejected(config(extra=f"[auto_upgrade.adapters]\n{section}\n"))
+    assert f"auto_upgrade[0].{key}" in message and words in message, message
+
+
+def test_adapters_replacing_a_builtin_rule_once_it_is_disabled() -> None:
+    """A user rule may take a built-in rule's names once that rule is off."""
+    text = (
+        '[auto_upgrade.adapters]\ndisable = ["xlog_pg_switch_xlog"]\n'
+        'rules = [{ name = "x", since = 10, kind = "function", old = "my_xlog", new = "pg_switch_wal" }]\n'
+    )
+    upgrade = parse_config(config(extra=text)).upgrades[0]
+    assert [r.name for r in upgrade.adapters.rules] == ["x"]

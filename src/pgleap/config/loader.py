@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 from pgleap.config.schema import (
     ADMIN_DATABASE,
+    AdapterRule,
+    AdaptersConfig,
     AdminConfig,
     Config,
     CutoverConfig,
@@ -198,6 +200,7 @@ def _upgrade(table: _Table) -> UpgradeConfig:
         rollback_min_queries=c.positive("rollback_min_queries", CutoverConfig.rollback_min_queries),
     )
     c.finish()
+    adapters = _adapters(table.sub("adapters"))
     table.finish()
     return UpgradeConfig(
         database=database,
@@ -207,7 +210,118 @@ def _upgrade(table: _Table) -> UpgradeConfig:
         validation=validation,
         sync=sync,
         cutover=cutover,
+        adapters=adapters,
     )
+
+
+# -- [auto_upgrade.adapters] -------------------------------------------------------------------------
+
+_IDENTIFIER = r"[a-z_][a-z0-9_$]*"
+_NAME_FORMS = {
+    "function": (re.compile(_IDENTIFIER), "an unqualified function name in lower case, e.g. pg_current_wal_lsn"),
+    "column": (re.compile(_IDENTIFIER), "a column name in lower case, e.g. pid"),
+    "setting": (
+        re.compile(rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})?"),
+        "a setting name in lower case, e.g. debug_parallel_query or myext.option",
+    ),
+}
+_RULE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_MAJOR = re.compile(r"(\d+)(?:\.(\d+))?")
+
+
+def _adapters(table: _Table) -> AdaptersConfig:
+    """The adapters section: built-in rules on (all by default), and user rename rules, each validated."""
+    enable = _patterns(table, "enable", AdaptersConfig.enable)
+    disable = _patterns(table, "disable", AdaptersConfig.disable)
+    raw_rules = table.get("rules", list, [])
+    assert raw_rules is not None
+    table.finish()
+    if not table.data:
+        return AdaptersConfig()  # nothing to validate: do not import the rewriter (pglast) for every config load
+    from pgleap.upgrade.compat.adapters import builtin_names, select_builtin
+
+    try:
+        builtin = select_builtin(enable, disable)
+    except ValueError as exc:
+        raise ConfigError(f"{table.path}: enable/disable: {exc}") from None
+    rules = tuple(_adapter_rule(_Table(f"{table.key('rules')}[{i}]", raw)) for i, raw in enumerate(raw_rules))
+    names = set(builtin_names())
+    # Each name is renamed by one rule in each direction: with two, the rewrite (or its rollback) would
+    # depend on which came first.
+    taken: dict[tuple[str, str, str | None, str], str] = {
+        (side, a.kind, a.relation, value): f"the built-in rule {a.name}"
+        for a in builtin
+        for side, value in (("old", a.old), ("new", a.new))
+    }
+    for i, rule in enumerate(rules):
+        where = f"{table.key('rules')}[{i}]"
+        if rule.name in names:
+            what = "a built-in rule's name" if rule.name in builtin_names() else "the name of an earlier rule"
+            raise ConfigError(f"{where}.name: {rule.name!r} is {what}; give the rule a name of its own")
+        names.add(rule.name)
+        for side, value in (("old", rule.old), ("new", rule.new)):
+            key = (side, rule.kind, rule.relation, value)
+            if key in taken:
+                of = f" of {rule.relation}" if rule.relation else ""
+                raise ConfigError(
+                    f"{where}.{side}: {value!r} ({rule.kind}{of}) is already renamed by {taken[key]}; keep one "
+                    "(a built-in rule is turned off with disable = [its name])"
+                )
+            taken[key] = f"rule {rule.name}"
+    return AdaptersConfig(enable=enable, disable=disable, rules=rules)
+
+
+def _patterns(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = table.get(name, list, list(default))
+    assert value is not None
+    if not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f'{table.key(name)}: expected a list of built-in rule names or globs, e.g. ["xlog_*"]')
+    return tuple(value)
+
+
+def _adapter_rule(table: _Table) -> AdapterRule:
+    """One user rule: { name, since, kind, old, new, relation } as in compat/adapters.py's table."""
+    name = table.require("name", str)
+    if not _RULE_NAME.fullmatch(name):
+        raise ConfigError(f"{table.key('name')}: {name!r}: use letters, digits, '_', '-' and '.'")
+    kind = table.require("kind", str)
+    if kind not in _NAME_FORMS:
+        raise ConfigError(f"{table.key('kind')}: {kind!r} is not one of {', '.join(_NAME_FORMS)}")
+    since = _since(table)
+    pattern, form = _NAME_FORMS[kind]
+    old, new = table.require("old", str), table.require("new", str)
+    for key, value in (("old", old), ("new", new)):
+        if not pattern.fullmatch(value):
+            raise ConfigError(f"{table.key(key)}: {value!r} is not {form}")
+    if old == new:
+        raise ConfigError(f"{table.key('new')}: the same as old ({old!r}); the rule would rename nothing")
+    relation = table.get("relation", str)
+    table.finish()
+    if kind == "column" and relation is None:
+        raise ConfigError(f"{table.key('relation')}: a column rule needs the relation the column belongs to")
+    if kind != "column" and relation is not None:
+        raise ConfigError(f"{table.key('relation')}: only a column rule has a relation (this one is a {kind} rule)")
+    if relation is not None and not re.fullmatch(_IDENTIFIER, relation):
+        raise ConfigError(f"{table.key('relation')}: {relation!r} is not an unqualified relation name in lower case")
+    return AdapterRule(name=name, since=since, kind=kind, old=old, new=new, relation=relation)
+
+
+def _since(table: _Table) -> int:
+    """`since` as server_version_num: 12 or "12" -> 120000, "9.2" -> 90200."""
+    table.used.add("since")
+    if "since" not in table.data:
+        raise ConfigError(f"{table.key('since')}: required key is missing (the first major with the new name)")
+    value = table.data["since"]
+    match = _MAJOR.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        major, minor = value, 0
+    elif match is not None:
+        major, minor = int(match.group(1)), int(match.group(2) or 0)
+    else:
+        raise ConfigError(f'{table.key("since")}: {value!r} is not a major; write 12, or a string like "9.2"')
+    if not (9 <= major < 100 and (minor == 0 or (major == 9 and minor <= 6))):
+        raise ConfigError(f"{table.key('since')}: {value!r} is not a PostgreSQL major (9.0 to 9.6, then 10, 11, ...)")
+    return major * 10000 + minor * 100
 
 
 def _user(table: _Table) -> UserConfig:

@@ -67,6 +67,27 @@ class CutoverConfig:
 
 
 @dataclass(frozen=True)
+class AdapterRule:
+    """One renaming: `old` before server_version_num `since`, `new` from it; kind function, column, setting."""
+
+    name: str
+    since: int  # server_version_num of the first major with the new name (100000 for 10, 90200 for 9.2)
+    kind: str  # "function", "column" (of `relation`) or "setting"
+    old: str
+    new: str
+    relation: str | None = None  # the catalog relation a renamed column belongs to (kind "column" only)
+
+
+@dataclass(frozen=True)
+class AdaptersConfig:
+    """Version adapters: which built-in rename rules are on, and the user's own (compat/adapters.py)."""
+
+    enable: tuple[str, ...] = ("*",)  # built-in rule names or globs that are on (all by default)
+    disable: tuple[str, ...] = ()  # built-in rule names or globs taken out again
+    rules: tuple[AdapterRule, ...] = ()  # user rules, after the built-in ones
+
+
+@dataclass(frozen=True)
 class UpgradeConfig:
     """One `[[auto_upgrade]]` entry: a database clients reach through pgleap, and its upgrade."""
 
@@ -77,6 +98,7 @@ class UpgradeConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     cutover: CutoverConfig = field(default_factory=CutoverConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """Version adapters: rewrite rules for statements sent to another major (renamed functions, columns, settings).
 
-Rules are data (`ADAPTERS`): each names the major where the name changed, the old and new names, and so
-works in both directions. `adapt(sql, from_num, to_num)` rewrites a statement written for one major into
-the other's names, on pglast's AST. A statement no rule touches comes back byte for byte (the common case,
-cached by text). Not wired into the proxy yet: see docs/check.md.
+Rules are data (`ADAPTERS`, and the user's from `[auto_upgrade.adapters]`): each names the major where the
+name changed, the old and new names, and so works in both directions. `VersionAdapter.adapt(sql, from_num,
+to_num)` rewrites a statement written for one major into the other's names, on pglast's AST; `adapter_for`
+builds the one an upgrade's config asks for. A statement no rule touches comes back byte for byte (the
+common case, cached by text). Not wired into the proxy yet: see docs/check.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from functools import lru_cache
 
 from pglast import ast, parse_sql
@@ -16,21 +18,15 @@ from pglast.parser import ParseError
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
 
+from pgleap.config.schema import AdapterRule, AdaptersConfig, UpgradeConfig
 from pgleap.upgrade.compat.facts import PG10, PG92
 
 PG16 = 160000
+KINDS = ("function", "column", "setting")
+_CACHE_SIZE = 4096
 
-
-@dataclass(frozen=True)
-class Adapter:
-    """One renaming: `old` before major `since`, `new` from it. kind: function, column (of `relation`), setting."""
-
-    name: str
-    since: int
-    kind: str
-    old: str
-    new: str
-    relation: str | None = None
+# The rules' data form is the config's (a user rule and a built-in one are the same record).
+Adapter = AdapterRule
 
 
 _XLOG = {
@@ -60,10 +56,26 @@ ADAPTERS: tuple[Adapter, ...] = (
 )
 
 
-def _crossing(from_num: int, to_num: int) -> dict[tuple[str, str | None, str], str]:
+def builtin_names() -> list[str]:
+    """The names of the built-in rules, in table order."""
+    return [a.name for a in ADAPTERS]
+
+
+def select_builtin(enable: Iterable[str], disable: Iterable[str] = ()) -> tuple[Adapter, ...]:
+    """The built-in rules matched by a name or glob of `enable` and by none of `disable`."""
+    on, off = tuple(enable), tuple(disable)
+    for pattern in (*on, *off):
+        if not any(fnmatchcase(a.name, pattern) for a in ADAPTERS):
+            raise ValueError(f"no built-in rule matches {pattern!r}; the rules are {', '.join(builtin_names())}")
+    return tuple(
+        a for a in ADAPTERS if any(fnmatchcase(a.name, p) for p in on) and not any(fnmatchcase(a.name, p) for p in off)
+    )
+
+
+def _crossing(rules: Iterable[Adapter], from_num: int, to_num: int) -> dict[tuple[str, str | None, str], str]:
     """(kind, relation, name) -> replacement for the rules between the two majors, in the right direction."""
     table: dict[tuple[str, str | None, str], str] = {}
-    for a in ADAPTERS:
+    for a in rules:
         if from_num < a.since <= to_num:
             table[(a.kind, a.relation, a.old)] = a.new
         elif to_num < a.since <= from_num:
@@ -138,20 +150,54 @@ def _column_refs(tree: tuple[ast.Node, ...]) -> list[ast.ColumnRef]:
     return refs.found
 
 
-@lru_cache(maxsize=4096)
+class VersionAdapter:
+    """A set of rename rules, applied to statements crossing from one major to another (either way)."""
+
+    def __init__(self, rules: Iterable[Adapter]) -> None:
+        self.rules = tuple(rules)
+        self._tables: dict[tuple[int, int], dict[tuple[str, str | None, str], str]] = {}
+        self._cached = lru_cache(maxsize=_CACHE_SIZE)(self._adapt)
+
+    def adapt(self, sql: str, from_num: int, to_num: int) -> str:
+        """`sql`, written for server_version_num from_num, with the names of to_num; unchanged if nothing applies."""
+        return self._cached(sql, from_num, to_num)
+
+    def _table(self, from_num: int, to_num: int) -> dict[tuple[str, str | None, str], str]:
+        table = self._tables.get((from_num, to_num))
+        if table is None:
+            table = self._tables[(from_num, to_num)] = _crossing(self.rules, from_num, to_num)
+        return table
+
+    def _adapt(self, sql: str, from_num: int, to_num: int) -> str:
+        table = self._table(from_num, to_num)
+        lowered = sql.lower()
+        if not table or not any(key[2] in lowered for key in table):
+            return sql  # the hot path: no name of any rule occurs in the text
+        try:
+            tree = parse_sql(sql)
+        except ParseError:
+            return sql  # the target will say what it thinks of it; nothing we can rewrite safely
+        rewriter = _Rewriter(table)
+        rewriter(tree)
+        rewriter.rename_columns(tree)
+        if not rewriter.changed:
+            return sql
+        return "; ".join(RawStream()(s) for s in tree)
+
+
+BUILTIN = VersionAdapter(ADAPTERS)
+
+
 def adapt(sql: str, from_num: int, to_num: int) -> str:
-    """`sql`, written for server_version_num from_num, with the names of to_num; unchanged if nothing applies."""
-    table = _crossing(from_num, to_num)
-    lowered = sql.lower()
-    if not table or not any(key[2] in lowered for key in table):
-        return sql  # the hot path: no name of any rule occurs in the text
-    try:
-        tree = parse_sql(sql)
-    except ParseError:
-        return sql  # the target will say what it thinks of it; nothing we can rewrite safely
-    rewriter = _Rewriter(table)
-    rewriter(tree)
-    rewriter.rename_columns(tree)
-    if not rewriter.changed:
-        return sql
-    return "; ".join(RawStream()(s) for s in tree)
+    """`sql` rewritten by every built-in rule (see VersionAdapter.adapt)."""
+    return BUILTIN.adapt(sql, from_num, to_num)
+
+
+@lru_cache(maxsize=64)
+def _adapter_for(config: AdaptersConfig) -> VersionAdapter:
+    return VersionAdapter((*select_builtin(config.enable, config.disable), *config.rules))
+
+
+def adapter_for(upgrade: UpgradeConfig) -> VersionAdapter:
+    """The adapter `[auto_upgrade.adapters]` of this upgrade asks for (one per distinct config, so one cache)."""
+    return _adapter_for(upgrade.adapters)
