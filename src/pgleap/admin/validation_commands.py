@@ -1,7 +1,9 @@
-"""Admin commands of result comparison: SHOW UPGRADE QUERIES."""
+"""Admin commands of result comparison: SHOW UPGRADE QUERIES, and SHOW UPGRADE QUERY TEXTS for `pgleap check`."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -62,3 +64,26 @@ async def show_upgrade_queries(proxy: Proxy, _session: Session) -> Result:
             ]
         )
     return Result(f"SHOW {len(rows)}", SHOW_UPGRADE_QUERIES_COLUMNS, rows)
+
+
+SHOW_UPGRADE_QUERY_TEXTS_COLUMNS = ("fingerprint", "source", "database", "count", "example")
+_FLUSH_WAIT = 10.0  # seconds
+
+
+@command("SHOW UPGRADE QUERY TEXTS")
+async def show_upgrade_query_texts(proxy: Proxy, _session: Session) -> Result:
+    """Every captured query fingerprint with one full example text and its count: sampled reads, logged writes."""
+    from pgleap.upgrade.check.captured import read_texts, write_texts
+
+    reads = read_texts(proxy.validator)
+    databases = [u.database for u in proxy.config.upgrades]
+    changelog = proxy.changelog
+    if changelog is not None:
+        # A COMMIT answered just before this command is settled (and positioned) by the log's writer thread
+        # a moment later: wait for what was asked of the log so far. A log that fails is read as it stands.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(changelog.flush(), _FLUSH_WAIT)
+    # Decoding the whole change log takes a while: off the event loop, so clients are not held meanwhile.
+    writes = await asyncio.to_thread(write_texts, changelog, databases)
+    rows: list[Sequence[Any]] = [[t.fingerprint, t.source, t.database, t.count, t.example] for t in reads + writes]
+    return Result(f"SHOW {len(rows)}", SHOW_UPGRADE_QUERY_TEXTS_COLUMNS, rows)

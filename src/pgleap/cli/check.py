@@ -44,6 +44,14 @@ def check_command(
     queries: Path | None = typer.Option(
         None, "--queries", help="workload check: a SQL file of the application's queries, EXPLAINed on the target"
     ),
+    from_console: bool = typer.Option(
+        False,
+        "--from-console",
+        help="workload check: the queries the running pgleap of -c captured (SHOW UPGRADE QUERY TEXTS)",
+    ),
+    port: int | None = typer.Option(
+        None, "--port", help="with --from-console: the console's port (default: listen_port)"
+    ),
     no_trial: bool = typer.Option(
         False, "--no-trial", help="run the workload in the target database itself (it has the schema already)"
     ),
@@ -71,7 +79,19 @@ def check_command(
         source_cfg, target_cfg = _servers(config, database, source, target)
         if target_major is not None:
             target_cfg = None  # the major alone was asked for
-        workload = read_queries(queries) if queries else None
+        workload: list[str | tuple[str, int]] | None = list(read_queries(queries)) if queries else None
+        if from_console:
+            if config is None:
+                raise typer.BadParameter("--from-console needs -c/--config: the config of the running pgleap")
+            captured = console_texts(config, database, port)
+            if not captured:
+                typer.secho(
+                    "pgleap: the running pgleap lists no captured query yet (is result comparison on, and capture "
+                    "started?): no workload check from the console",
+                    fg=typer.colors.YELLOW,
+                    err=True,
+                )
+            workload = (workload or []) + captured
         report = asyncio.run(
             run_check(
                 source_cfg, target_cfg, target_major=target_major, queries=workload, trial=not no_trial, bindir=bindir
@@ -89,6 +109,27 @@ def check_command(
             typer.echo(f"HTML report written to {html}")
     errors = report.counts()["error"] or report.failing_queries
     raise typer.Exit(1 if errors else 0)
+
+
+def console_texts(config: Path, database: str | None, port: int | None) -> list[str | tuple[str, int]]:
+    """(text, count) of every captured fingerprint the running pgleap lists (its reads, the entry's writes)."""
+    from rich.console import Console
+
+    from pgleap.cli.console import admin_session, rows
+    from pgleap.cli.copy import _pick
+    from pgleap.upgrade.check.captured import CapturedText, texts_for_check
+
+    # The writes of the entry checked only: another database's would only fail on this source too.
+    _cfg, upgrade = _pick(config, database)
+    errors = Console(stderr=True)
+    with admin_session(config, port, errors) as conn:
+        found = rows(conn, "SHOW UPGRADE QUERY TEXTS", errors)
+    texts = [
+        CapturedText(r["fingerprint"], r["source"], r["database"], int(r["count"]), r["example"])
+        for r in found
+        if r["example"]
+    ]
+    return list(texts_for_check(texts, upgrade.database))
 
 
 def _servers(

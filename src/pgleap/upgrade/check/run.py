@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
@@ -39,11 +40,13 @@ async def run_check(
     target: ServerConfig | None = None,
     *,
     target_major: int | None = None,
-    queries: list[str] | None = None,
+    queries: Sequence[str | tuple[str, int]] | None = None,
     trial: bool = True,
     bindir: Path | None = None,
 ) -> CheckReport:
     """Check `source` against a live `target` (or only its major); with `queries`, the workload check too.
+
+    A query is a text, or (text, how many times it ran), as the running pgleap's console counts them.
 
     With `trial`, the workload runs in a scratch database on the target holding the source's schema
     (nothing copied yet); without, it runs in the target's own database (which must have the schema).

@@ -7,6 +7,11 @@ Other utility statements (DDL, COPY, VACUUM, transaction control) are listed as 
 would change something. The same is done on the source, so that a query that already fails there is
 reported apart from those the upgrade breaks.
 
+Writes (INSERT/UPDATE/DELETE/MERGE) take the same path: PostgreSQL checks read-only-ness in the executor
+and skips it for EXPLAIN without ANALYZE, so they are planned there too. READ ONLY is kept on purpose: the
+planner folds IMMUTABLE functions with constant arguments, i.e. runs user code, and a rollback would not
+undo what such a function does to a sequence; read-only makes it fail instead (docs/check.md).
+
 Before any data is copied, the target has no schema yet: `trial_schema` restores the source's schema
 (the target's pg_dump, --schema-only, no owners or privileges) into a scratch database on the target,
 whose rejected objects are themselves reported; the queries run there; the scratch database is dropped.
@@ -42,14 +47,18 @@ def read_queries(path: Path) -> list[str]:
     return [s.strip() for s in split(text, with_parser=False) if s.strip()]
 
 
-def distinct(queries: Iterable[str]) -> list[tuple[str, int]]:
+Queries = Iterable[str | tuple[str, int]]  # texts, or (text, how many times it ran) as the console counts them
+
+
+def distinct(queries: Queries) -> list[tuple[str, int]]:
     """One text per fingerprint (the first seen) and how many texts it stands for, in first-seen order."""
     first: dict[str, str] = {}
     counts: dict[str, int] = {}
-    for sql in queries:
+    for item in queries:
+        sql, n = (item, 1) if isinstance(item, str) else item
         fp = fingerprint(sql)
         first.setdefault(fp, sql)
-        counts[fp] = counts.get(fp, 0) + 1
+        counts[fp] = counts.get(fp, 0) + n
     return [(sql, counts[fp]) for fp, sql in first.items()]
 
 
@@ -111,9 +120,7 @@ def _message(exc: asyncpg.PostgresError) -> str:
     return str(getattr(exc, "message", None) or exc)
 
 
-async def check_workload(
-    source: asyncpg.Connection, target: asyncpg.Connection, queries: Iterable[str]
-) -> list[QueryResult]:
+async def check_workload(source: asyncpg.Connection, target: asyncpg.Connection, queries: Queries) -> list[QueryResult]:
     """Every distinct query's result: ok, fails (on the target only), fails_on_source_too, skipped."""
     results = []
     for sql, count in distinct(queries):
