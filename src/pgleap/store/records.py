@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -14,7 +14,8 @@ from pgleap.errors import PgleapError
 # older one wrote (a log may outlive an upgrade of pgleap itself). Add a new constant and decoder per layout;
 # never change what an existing one means.
 FORMAT_V1 = 1
-CURRENT_FORMAT = FORMAT_V1
+FORMAT_V2 = 2  # V1's fields, then the transaction's checks (reads compared while it is replayed)
+CURRENT_FORMAT = FORMAT_V2  # written only for a transaction with checks; V1 otherwise, as older pgleap reads it
 IMAGE_FORMAT_V1 = 1  # the first byte of CapturedStatement.images
 
 
@@ -45,6 +46,26 @@ class CapturedStatement:
 
 
 @dataclass(frozen=True)
+class CapturedCheck:
+    """A read the source ran inside the transaction, with its result's digest: compared where it is replayed."""
+
+    before: int  # how many of the transaction's statements ran before it (its place in the replay)
+    sql: str
+    extended: bool  # sent as Parse/Bind/Execute with the parameters below; False: a simple Query
+    params: tuple[bytes | None, ...] = ()
+    param_formats: tuple[int, ...] = ()
+    param_types: tuple[int, ...] = ()
+    settings: tuple[tuple[str, str], ...] = ()  # the client's print settings (TimeZone, DateStyle, IntervalStyle)
+    columns: tuple[tuple[str, int], ...] = ()  # the source result's digest: columns (name, type OID),
+    rows: int = 0  # row count,
+    multiset: int = 0  # order-insensitive row hash (64 bits),
+    sequence: str | None = None  # and the ORDER BY keys' sequence hash (None: order not checked)
+    source_seconds: float = 0.0  # the source's latency, as the proxy saw it
+    low_log_id: int = 0  # every record at or below it had settled before the read was forwarded
+    seen_at: float = 0.0  # epoch seconds
+
+
+@dataclass(frozen=True)
 class CapturedTransaction:
     """A transaction that wrote on the source, with the context that fixes what its statements mean."""
 
@@ -55,6 +76,7 @@ class CapturedTransaction:
     statements: tuple[CapturedStatement, ...]
     session_id: int
     captured_at: float = field(default=0.0)
+    checks: tuple[CapturedCheck, ...] = ()  # sampled reads inside it, by their place among the statements
 
 
 @dataclass(frozen=True)
@@ -78,27 +100,76 @@ def encode_transaction(tx: CapturedTransaction) -> bytes:
         tx.session_id,
         tx.captured_at,
     ]
+    if not tx.checks:
+        # Most records have no check: they stay in V1, which a pgleap from before checks can still read.
+        v1: bytes = msgpack.packb(body, use_bin_type=True)
+        return bytes([FORMAT_V1]) + v1
+    body.append([_check_fields(c) for c in tx.checks])
     packed: bytes = msgpack.packb(body, use_bin_type=True)
-    return bytes([CURRENT_FORMAT]) + packed
+    return bytes([FORMAT_V2]) + packed
 
 
 def decode_transaction(data: bytes) -> CapturedTransaction:
     """Decode a record written by `encode_transaction` of this or an older pgleap."""
     if not data:
         raise RecordFormatError("empty change-log record; the log file is damaged")
-    if data[0] != FORMAT_V1:
+    if data[0] not in (FORMAT_V1, FORMAT_V2):
         raise RecordFormatError(
             f"change-log record in format {data[0]}, which this pgleap cannot read; "
             f"run the pgleap version that wrote the log (or a newer one)"
         )
     try:
-        return _decode_v1(msgpack.unpackb(data[1:], raw=False, use_list=True, strict_map_key=True))
+        body = msgpack.unpackb(data[1:], raw=False, use_list=True, strict_map_key=True)
+        if data[0] == FORMAT_V1:
+            return _decode_v1(body)
+        *v1, checks = body
+        return replace(_decode_v1(v1), checks=tuple(_decode_check_v2(c) for c in checks))
     except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
-        raise RecordFormatError(f"damaged change-log record (format 1): {exc}") from exc
+        raise RecordFormatError(f"damaged change-log record (format {data[0]}): {exc}") from exc
 
 
 def _statement_fields(s: CapturedStatement) -> list[Any]:
     return [s.sql, list(s.params), list(s.param_formats), list(s.param_types), s.copy_data, s.tag, s.images]
+
+
+def _check_fields(c: CapturedCheck) -> list[Any]:
+    return [
+        c.before,
+        c.sql,
+        c.extended,
+        list(c.params),
+        list(c.param_formats),
+        list(c.param_types),
+        [list(pair) for pair in c.settings],
+        [list(col) for col in c.columns],
+        c.rows,
+        c.multiset,
+        c.sequence,
+        c.source_seconds,
+        c.low_log_id,
+        c.seen_at,
+    ]
+
+
+def _decode_check_v2(fields: list[Any]) -> CapturedCheck:
+    before, sql, extended, params, formats, types, settings, columns, rows, multiset, sequence, *rest = fields
+    source_seconds, low_log_id, seen_at = rest
+    return CapturedCheck(
+        before=int(before),
+        sql=str(sql),
+        extended=bool(extended),
+        params=tuple(_optional_bytes(p) for p in params),
+        param_formats=tuple(int(f) for f in formats),
+        param_types=tuple(int(t) for t in types),
+        settings=tuple((str(k), str(v)) for k, v in settings),
+        columns=tuple((str(name), int(oid)) for name, oid in columns),
+        rows=int(rows),
+        multiset=int(multiset),
+        sequence=None if sequence is None else str(sequence),
+        source_seconds=float(source_seconds),
+        low_log_id=int(low_log_id),
+        seen_at=float(seen_at),
+    )
 
 
 def _decode_v1(body: list[Any]) -> CapturedTransaction:

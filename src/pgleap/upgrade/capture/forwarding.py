@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pgleap.protocol import codes
 from pgleap.protocol.messages import error_response, message, text_row
@@ -364,8 +364,12 @@ class CapturingForwarder(Forwarder):
         self._ddl_sent(infos)
         sample = None
         validator = self.proxy.validator
-        if validator is not None and not in_block and len(infos) == 1 and infos[0].command in _SAMPLED_COMMANDS:
-            sample = self._begin_sample(sql)
+        if validator is not None and len(infos) == 1:
+            if not in_block and infos[0].command in _SAMPLED_COMMANDS:
+                sample = self._begin_sample(sql)
+            elif in_block and infos[0].command == "SelectStmt" and not infos[0].writes and self._may_check():
+                # Compared while its transaction is replayed: a check in the transaction's record.
+                sample = self._begin_sample(sql, in_transaction=True)
         original = sql
         sql, images, starts = self._rewrite_inserts(sql, infos)
         parseable = not (len(infos) == 1 and infos[0].command == "Unparseable")
@@ -561,12 +565,13 @@ class CapturingForwarder(Forwarder):
             and info.kind is Kind.READ
             and info.command == "SelectStmt"
             and len(portal.statement.infos) == 1
-            and not a.explicit
-            and self.tx_status == _IDLE
-            and not self._batch_writes
             and raw[-4:] == b"\0\0\0\0"  # no row limit: the whole result in this Execute
         ):
-            sample = self._begin_sample(portal.statement.sql, portal)
+            if not a.explicit and self.tx_status == _IDLE and not self._batch_writes:
+                sample = self._begin_sample(portal.statement.sql, portal)
+            elif self._may_check():
+                # In a transaction block, or after a write of its implicit transaction: a check of its record.
+                sample = self._begin_sample(portal.statement.sql, portal, in_transaction=True)
         if info.refuses_block:
             self._batch_refuses_block = True
         if info.writes:
@@ -731,6 +736,10 @@ class CapturingForwarder(Forwarder):
 
     def _settle_ended(self) -> None:
         for ended in self.assembler.take_ended():
+            if ended.samples or ended.undone:
+                self._ended_samples(ended.committed, ended.samples, ended.undone)
+            if ended.read_only:
+                continue
             if self._log_id is not None:
                 self.capture.settle(self._log_id, ended.transaction, ended.committed)
                 self._log_id = None
@@ -860,11 +869,19 @@ class CapturingForwarder(Forwarder):
         validator = self.proxy.validator
         return validator is not None and validator.active(self.database.upgrade.database)
 
-    def _begin_sample(self, sql: str, portal: _Portal | None = None) -> SourceSample | None:
+    def _may_check(self) -> bool:
+        """Whether a read of the open transaction may become a check of its record (result comparison)."""
+        return self.tx_status != _FAILED and self.assembler.checks_allowed
+
+    def _begin_sample(
+        self, sql: str, portal: _Portal | None = None, *, in_transaction: bool = False
+    ) -> SourceSample | None:
         """Whether result comparison samples this read (one countdown step when not); never fails the session."""
         assert self.proxy.validator is not None
         try:
-            sample = self.proxy.validator.begin(self.database.upgrade.database, sql, self.session.parameters)
+            sample = self.proxy.validator.begin(
+                self.database.upgrade.database, sql, self.session.parameters, in_transaction=in_transaction
+            )
             if sample is not None and portal is not None:
                 statement = portal.statement
                 assert statement is not None
@@ -901,7 +918,9 @@ class CapturingForwarder(Forwarder):
                     sample.abandoned = "suspended"
                 else:
                     sample.describe_now()
-                if validator is not None:
+                if sample.in_transaction:
+                    self._check_done(sample)
+                elif validator is not None:
                     validator.finish(sample)
         except Exception as exc:
             self._samples.pop(id(context), None)
@@ -926,6 +945,9 @@ class CapturingForwarder(Forwarder):
         if sample is None or self.proxy.validator is None:
             return
         try:
+            if sample.in_transaction:
+                self._check_done(sample)
+                return
             if context.wrapped:
                 # A SELECT calling a function that wrote is logged and replayed: not a read to compare.
                 tx = self.assembler.current()
@@ -933,6 +955,34 @@ class CapturingForwarder(Forwarder):
             self.proxy.validator.finish(sample)
         except Exception as exc:
             log.warning("session %s: result comparison failed to queue a sample (%s)", self.session.id, exc)
+
+    def _check_done(self, sample: SourceSample) -> None:
+        """A read inside a transaction has its whole answer: keep its check where it ran among the statements."""
+        validator = self.proxy.validator
+        if validator is None:
+            return
+        # Answers come in order: every statement before the read has completed, none after it has.
+        check = validator.finish_check(sample, len(self.assembler.statements))
+        if check is not None and not self.assembler.add_check(check, sample):
+            validator.drop(sample.database)
+
+    def _ended_samples(self, committed: bool, samples: tuple[object, ...], undone: int) -> None:
+        """Reads of a transaction that logged nothing: compared at their log point, as reads outside one."""
+        validator = self.proxy.validator
+        if validator is None:
+            return
+        for _ in range(undone):
+            validator.skip(self.database.upgrade.database, "rolled_back")
+        for one in samples:
+            sample = cast("SourceSample", one)
+            try:
+                if committed:
+                    # Its end bounds what the reads saw; a read-only transaction's reads are plain reads.
+                    validator.finish(sample)
+                else:
+                    validator.skip(sample.database, "rolled_back")
+            except Exception as exc:
+                log.warning("session %s: result comparison failed to queue a sample (%s)", self.session.id, exc)
 
     def _copy_answered(self, *, copy_in: bool) -> None:
         """The held Sync after an extended COPY FROM STDIN can go: ignored in copy-in mode, answered after an error."""

@@ -13,11 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pgleap.store.records import CapturedStatement, CapturedTransaction, encode_image
+from pgleap.store.records import CapturedCheck, CapturedStatement, CapturedTransaction, encode_image
 from pgleap.upgrade.capture.classify import Kind, StatementInfo
 from pgleap.upgrade.capture.images import ImageRows
 
 _IDLE = ord("I")
+MAX_CHECKS = 16  # sampled reads kept per transaction (each adds a read to its replay)
+_SNAPSHOT_LEVELS = ("REPEATABLE", "SERIALIZABLE")
 
 
 @dataclass
@@ -38,6 +40,10 @@ class Ended:
 
     transaction: CapturedTransaction | None
     committed: bool
+    # The samples of its reads when no record carries them (it logged nothing, or rolled back): opaque here.
+    samples: tuple[object, ...] = ()
+    read_only: bool = False  # it sent no write at all: it had no change-log record to settle
+    undone: int = 0  # checks a ROLLBACK TO SAVEPOINT took back (they saw writes that are not replayed)
 
 
 @dataclass
@@ -62,6 +68,13 @@ class TransactionAssembler:
         self.ended: list[Ended] = []  # not handed out yet, oldest first
         self.may_write = False  # a write was sent in the current transaction (the probe is needed)
         self.probed = False  # the probe answered after the last write was sent
+        # Sampled reads of the open transaction (result comparison), each with the sample it came from.
+        self.checks: list[tuple[CapturedCheck, object]] = []
+        self.undone = 0
+        # REPEATABLE READ or SERIALIZABLE asked for, in this transaction or for the session: a read then sees
+        # the snapshot of the transaction's first statement, which its check cannot place (no checks taken).
+        self.snapshot_tx = False
+        self.snapshot_session = False
 
     # -- what the client sent -------------------------------------------------------------
 
@@ -76,6 +89,18 @@ class TransactionAssembler:
         return self.may_write and not self.failed and self.txid is None and not self.probed
 
     @property
+    def checks_allowed(self) -> bool:
+        """Whether a read of the open transaction may be sampled as a check of its record."""
+        return not (self.failed or self.snapshot_tx or self.snapshot_session) and len(self.checks) < MAX_CHECKS
+
+    def add_check(self, check: CapturedCheck, sample: object) -> bool:
+        """Keep a sampled read's check at its place among the statements; False when over the bound."""
+        if len(self.checks) >= MAX_CHECKS:
+            return False
+        self.checks.append((check, sample))
+        return True
+
+    @property
     def wrote_nothing(self) -> bool:
         """The probe found no txid after the last write: the source changed nothing, there is nothing to log."""
         return self.txid is None and self.probed
@@ -86,6 +111,11 @@ class TransactionAssembler:
         """A statement finished with CommandComplete `tag`."""
         info = pending.info
         kind = info.kind
+        if (kind is Kind.BEGIN or kind is Kind.SESSION) and _snapshot_level(info.text):
+            if self.explicit or kind is Kind.BEGIN:
+                self.snapshot_tx = True  # BEGIN ISOLATION LEVEL ..., SET TRANSACTION ..., SET LOCAL ...
+            else:
+                self.snapshot_session = True  # for the session's later transactions (never cleared: fewer checks)
         if kind is Kind.BEGIN:
             self.explicit = True
         elif kind is Kind.SAVEPOINT and info.savepoint:
@@ -96,6 +126,10 @@ class TransactionAssembler:
             kept = self._pop_savepoints(info.savepoint, keep=True)
             if kept is not None:
                 del self.statements[kept:]
+                # A read after a rolled-back write saw it; the replay will not have it.
+                kept_checks = [c for c in self.checks if c[0].before <= kept]
+                self.undone += len(self.checks) - len(kept_checks)
+                self.checks = kept_checks
             self.failed = False
         elif kind is Kind.COMMIT:
             # COMMIT of a failed transaction answers ROLLBACK: nothing was committed.
@@ -164,11 +198,15 @@ class TransactionAssembler:
             statements=tuple(self.statements),
             session_id=self.session_id,
             captured_at=time.time(),
+            checks=tuple(c for c, _ in self.checks),
         )
 
     def _end(self, committed: bool) -> None:
-        if self.statements or self.may_write:
-            self.ended.append(Ended(self.current(), committed))
+        wrote = bool(self.statements or self.may_write)
+        tx = self.current() if wrote else None
+        samples = tuple(s for _, s in self.checks) if tx is None or not committed else ()
+        if wrote or samples or self.undone:
+            self.ended.append(Ended(tx, committed, samples, read_only=not wrote, undone=self.undone))
         self.explicit = False
         self.failed = False
         self.statements = []
@@ -177,8 +215,17 @@ class TransactionAssembler:
         self.source_now = None
         self.may_write = False
         self.probed = False
+        self.checks = []
+        self.undone = 0
+        self.snapshot_tx = False
 
     def take_ended(self) -> list[Ended]:
         """The transactions that ended since the last call, oldest first."""
         out, self.ended = self.ended, []
         return out
+
+
+def _snapshot_level(text: str) -> bool:
+    """Whether a BEGIN or SET text asks for REPEATABLE READ or SERIALIZABLE (a snapshot per transaction)."""
+    upper = text.upper()
+    return any(level in upper for level in _SNAPSHOT_LEVELS)

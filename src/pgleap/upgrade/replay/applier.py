@@ -21,12 +21,12 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.protocol.messages import ServerError
 from pgleap.store.changelog import ChangeLog
-from pgleap.store.records import LoggedTransaction, decode_image
+from pgleap.store.records import CapturedCheck, LoggedTransaction, decode_image
 from pgleap.upgrade.capture.classify import Kind, classify
 from pgleap.upgrade.capture.pinning import pin_time
 from pgleap.upgrade.compat.facts import facts_for
@@ -59,6 +59,33 @@ log = logging.getLogger(__name__)
 OnApplyError = Literal["pause", "skip_and_resync"]
 _TEXT_OID = 25
 _SETTINGS_INDEX = -1  # statement_index of pgleap's own set_config (and COMMIT) in error records
+_CHECK_SAVEPOINT = "pgleap_check"
+
+
+class CheckRun(Protocol):
+    """One recorded read being run again on the target (result comparison, verify/results.py)."""
+
+    settings: tuple[tuple[str, str], ...]  # set (locally, inside the check's savepoint) before the read
+
+    def row(self, kind: int, body: bytes) -> None:
+        """The read's RowDescription or one DataRow, as the target sends it."""
+
+    def done(self, error: ServerError | None, seconds: float) -> None:
+        """The read's outcome, once the replayed transaction around it has committed."""
+
+
+class CheckRunner(Protocol):
+    """Decides which recorded reads run while their transaction is replayed, and judges them."""
+
+    def run_check(self, database: str, record: LoggedTransaction, check: CapturedCheck) -> CheckRun | None:
+        """A run for `check`, or None to leave it out (disabled, or replay is too far behind: counted)."""
+
+
+@dataclass
+class _Check:
+    run: CheckRun
+    start: Slot  # the Sync just before the read: when its answer arrives, the target starts the read
+    read: Slot
 
 
 @dataclass
@@ -68,6 +95,7 @@ class _Planned:
     record: LoggedTransaction
     in_snapshot: bool
     slots: list[tuple[int, str, Slot]] = field(default_factory=list)  # (statement index, sql sent, slot)
+    checks: list[_Check] = field(default_factory=list)
 
 
 @dataclass
@@ -156,6 +184,8 @@ class Replayer:
         self._points: deque[PointRequest] = deque()
         self.points_run = 0  # works run at a source point
         self.points_reordered = 0  # of those, how many had unseen transactions applied after the work
+        # Result comparison's judge of the reads recorded inside transactions; None: they are not run.
+        self.check_runner: CheckRunner | None = None
 
     # -- driving ----------------------------------------------------------------------------
 
@@ -495,7 +525,10 @@ class Replayer:
             slot = pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="session settings")
             planned.slots.append((_SETTINGS_INDEX, sql, slot))
         skip_ddl = self.ddl_queue.skips_ddl_of(record.position)
+        checks = tx.checks if self.check_runner is not None else ()
         for index, statement in enumerate(tx.statements):
+            if checks:
+                self._plan_checks(pipeline, planned, index)
             if index in copied or (skip_ddl and changes_schema(statement)):
                 continue
             if statement.images is not None:
@@ -509,7 +542,47 @@ class Replayer:
             else:
                 slot = pipeline.extended(sql, statement.params, statement.param_formats, statement.param_types)
             planned.slots.append((index, sql, slot))
+        if checks:
+            self._plan_checks(pipeline, planned, len(tx.statements))
         return planned
+
+    def _plan_checks(self, pipeline: Pipeline, planned: _Planned, before: int) -> None:
+        """The reads the source ran after `before` statements of this transaction, each in its own savepoint.
+
+        SAVEPOINT, its settings, Sync, the read, Sync, ROLLBACK TO SAVEPOINT, RELEASE: the Sync after the read
+        ends the error skipping of a read the target refuses, and the rollback undoes whatever the read did,
+        so the replayed transaction goes on exactly as without it. The Sync before it times the read alone.
+        """
+        runner = self.check_runner
+        assert runner is not None
+        for check in planned.record.transaction.checks:
+            if check.before != before:
+                continue
+            try:
+                run = runner.run_check(self.database, planned.record, check)
+            except Exception as exc:  # result comparison must never stop replay
+                log.warning("replay of %s: a recorded read could not be planned (%s)", self.database, exc)
+                run = None
+            if run is None:
+                continue
+            own = f"SAVEPOINT {_CHECK_SAVEPOINT}"
+            planned.slots.append((_SETTINGS_INDEX, own, pipeline.extended(own)))
+            if run.settings:
+                calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(run.settings)))
+                params = tuple(part.encode() for pair in run.settings for part in pair)
+                sql = "SELECT " + calls
+                slot = pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="read settings")
+                planned.slots.append((_SETTINGS_INDEX, sql, slot))
+            start = pipeline.sync()
+            read = Slot(check.sql, sink=run.row, tolerant=True)
+            if check.extended:
+                pipeline.read(check.sql, check.params, check.param_formats, check.param_types, read)
+            else:
+                pipeline.read(check.sql, (), (), (), read)
+            pipeline.sync()
+            for own in (f"ROLLBACK TO SAVEPOINT {_CHECK_SAVEPOINT}", f"RELEASE SAVEPOINT {_CHECK_SAVEPOINT}"):
+                planned.slots.append((_SETTINGS_INDEX, own, pipeline.extended(own)))
+            planned.checks.append(_Check(run, start, read))
 
     def _in_copy(self, record: LoggedTransaction, index: int, sql: str) -> bool:
         txid = record.transaction.txid
@@ -549,6 +622,15 @@ class Replayer:
         self.position = last
         self.ddl_queue.applied_through(last)
         self._rate.add(len(plans))
+        for planned in plans:
+            for check in planned.checks:
+                # Judged only now that the transaction around it committed (a batch retried runs it again).
+                if not check.read.answered:
+                    continue
+                try:
+                    check.run.done(check.read.error, max(0.0, check.read.answered_at - check.start.answered_at))
+                except Exception as exc:  # result comparison must never stop replay
+                    log.warning("replay of %s: a recorded read could not be judged (%s)", self.database, exc)
         if divergences:
             # Written after the COMMIT: a crash in between loses these records (verification still finds the
             # table differences); a retry after a failed COMMIT records them again under the same key.

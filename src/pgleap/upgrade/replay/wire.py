@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import re
 import struct
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from pgleap.config import ServerConfig
@@ -49,6 +50,11 @@ class Slot:
     tag: str | None = None
     error: ServerError | None = None
     answered: bool = False
+    answered_at: float = 0.0  # time.monotonic() when the answer was complete
+    # A read's RowDescription and DataRows go here (result comparison); None: rows are not expected.
+    sink: Callable[[int, bytes], None] | None = None
+    # Its errors are an outcome, never a reason to reconnect (a compared read that timed out, say).
+    tolerant: bool = False
 
 
 @dataclass
@@ -68,6 +74,27 @@ class Pipeline:
     ) -> Slot:
         """Parse/Bind/Execute of `sql` on the unnamed statement and portal."""
         slot = Slot(label or sql)
+        self._parse_bind(sql, params, formats, types, slot)
+        self._add(codes.EXECUTE, cstr("") + struct.pack("!i", 0), slot)
+        return slot
+
+    def read(
+        self,
+        sql: str,
+        params: tuple[bytes | None, ...],
+        formats: tuple[int, ...],
+        types: tuple[int, ...],
+        slot: Slot,
+    ) -> Slot:
+        """Parse/Bind/Describe/Execute of a read whose RowDescription and rows go to `slot.sink` (in text)."""
+        self._parse_bind(sql, params, formats, types, slot)
+        self._add(codes.DESCRIBE, b"P" + cstr(""), slot)
+        self._add(codes.EXECUTE, cstr("") + struct.pack("!i", 0), slot)
+        return slot
+
+    def _parse_bind(
+        self, sql: str, params: tuple[bytes | None, ...], formats: tuple[int, ...], types: tuple[int, ...], slot: Slot
+    ) -> None:
         oids = [0 if t >= _FIRST_USER_OID else t for t in types]
         # Parse and Bind carry the slot too: an unknown table fails at Parse, a bad parameter at Bind.
         self._add(codes.PARSE, cstr("") + cstr(sql) + struct.pack(f"!h{len(oids)}I", len(oids), *oids), slot)
@@ -78,8 +105,6 @@ class Pipeline:
             bind += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
         bind += struct.pack("!h", 0)  # every result column in text
         self._add(codes.BIND, bytes(bind), slot)
-        self._add(codes.EXECUTE, cstr("") + struct.pack("!i", 0), slot)
-        return slot
 
     def copy_in(self, sql: str, data: bytes | None, label: str = "") -> Slot:
         """COPY ... FROM STDIN as a simple Query, its data and CopyDone, without waiting for CopyInResponse."""
@@ -159,22 +184,28 @@ class TargetSession:
         return self.status
 
     def _answer(self, tracker: ExchangeTracker, kind: int, body: bytes) -> None:
+        request, outcome = tracker.received(kind, body)
+        slot = request.context if request is not None and isinstance(request.context, Slot) else None
         if kind == codes.ERROR_RESPONSE:
             error = parse_error(body)
-            if is_transient(error.sqlstate) or error.severity in ("FATAL", "PANIC"):
+            if error.severity in ("FATAL", "PANIC") or (
+                is_transient(error.sqlstate) and (slot is None or not slot.tolerant)
+            ):
                 raise TransientApplyError(f"target: {error}")
-        request, outcome = tracker.received(kind, body)
         if kind == codes.READY_FOR_QUERY:
             self.status = body[:1]
-        if request is None or not isinstance(request.context, Slot):
+        if slot is None:
             return
-        slot = request.context
+        if slot.sink is not None and kind in (codes.DATA_ROW, codes.ROW_DESCRIPTION):
+            slot.sink(kind, body)
         if outcome is Outcome.FAILED and slot.error is None:
             slot.error = parse_error(body)
             slot.answered = True
-        elif outcome is Outcome.DONE and not slot.answered and request.kind in _FINAL:
+            slot.answered_at = time.monotonic()
+        elif outcome is Outcome.DONE and not slot.answered and request is not None and request.kind in _FINAL:
             slot.tag = request.tag
             slot.answered = True
+            slot.answered_at = time.monotonic()
 
     async def query(self, sql: str) -> list[tuple[str | None, ...]]:
         """Run a simple query of pgleap's own; rows in text. A server error raises TargetRefusedError."""

@@ -34,6 +34,7 @@ from pgleap.protocol import codes
 from pgleap.protocol.messages import cstr, message, parse_error
 from pgleap.protocol.stream import read_message
 from pgleap.store.changelog import ChangeLog
+from pgleap.store.records import CapturedCheck, LoggedTransaction
 from pgleap.upgrade.replay.errors import ErrorKind, TransientApplyError, classify_sqlstate, is_transient
 from pgleap.upgrade.replay.point import PointMissedError, log_point
 from pgleap.upgrade.replay.snapshot import parse_snapshot
@@ -41,6 +42,7 @@ from pgleap.upgrade.replay.wire import TargetSession
 from pgleap.upgrade.verify.fingerprint import analyse
 from pgleap.upgrade.verify.resultcompare import (
     FIRST_USER_OID,
+    Column,
     Digest,
     ResultHasher,
     compare_digests,
@@ -57,6 +59,9 @@ POINT_WAIT = 30.0  # seconds a sample waits for replay to reach its point
 WINDOW_SECONDS = 300.0
 RECHECKS_WAITING = 32  # differing samples waiting for an exact re-check; more keep their first verdict
 HOLD_WAIT = 30.0  # seconds a re-check waits for replay to hold
+# A check of a transaction replayed later than this after its COMMIT is dropped (counted): replay is behind,
+# and each check adds its read (up to compare_timeout) to replay's time.
+CHECK_MAX_LAG = 10.0
 _FAILURES_KEPT = 256
 _MAX_FINGERPRINTS = 10_000
 _MAX_ANSWER = 1 << 30
@@ -239,17 +244,28 @@ class ResultValidator:
         sampler = self.samplers.get(database)
         return sampler is not None and sampler.rate > 0
 
-    def begin(self, database: str, sql: str, parameters: dict[str, str]) -> SourceSample | None:
-        """A SourceSample for this read when it is sampled, else None (one countdown step)."""
+    def begin(
+        self, database: str, sql: str, parameters: dict[str, str], *, in_transaction: bool = False
+    ) -> SourceSample | None:
+        """A SourceSample for this read when it is sampled, else None (one countdown step).
+
+        `in_transaction`: the read runs inside a transaction block; its check goes into that transaction's
+        change-log record (`finish_check`) and is compared while the transaction is replayed.
+        """
         sampler = self.samplers.get(database)
         if sampler is None or not sampler.take():
             return None
         changelog = self._changelog()
-        if changelog is None or self._replayer(database) is None:
+        replayer = self._replayer(database)
+        if changelog is None or replayer is None:
             self._skip(database, "replay_not_running")
             return None
         queue_size, max_rows, _ = self._options.get(database, (QUEUE_SIZE, MAX_ROWS, COMPARE_TIMEOUT))
-        if self._in_flight >= queue_size:
+        if in_transaction:
+            # Checks wait in the change log, not in the queue; replay runs them (and bounds them: run_check).
+            if getattr(replayer, "check_runner", self) is None:
+                replayer.check_runner = self
+        elif self._in_flight >= queue_size:
             self._drop(database)
             return None
         try:
@@ -259,7 +275,44 @@ class ResultValidator:
             self._skip(database, "changelog_unreadable")
             return None
         settings = {name: parameters[name] for name in PRINT_SETTINGS if name in parameters}
-        return SourceSample(database, sql, analyse(sql), settings, low, max_rows)
+        return SourceSample(database, sql, analyse(sql), settings, low, max_rows, in_transaction=in_transaction)
+
+    def finish_check(self, sample: SourceSample, before: int) -> CapturedCheck | None:
+        """The source's answer to a read inside a transaction is complete: its check entry, or None (counted)."""
+        if sample.failed:
+            self._skip(sample.database, "source_error")
+            return None
+        if sample.abandoned == "too_many_rows":
+            self._drop(sample.database)
+            return None
+        if sample.abandoned is not None or not sample.described:
+            self._skip(sample.database, sample.abandoned or "no_rows_returned")
+            return None
+        sample.ended = time.monotonic()
+        return sample.check(before)
+
+    def skip(self, database: str, reason: str) -> None:
+        """Count a sample not compared, by reason (the capture path: a check whose transaction rolled back)."""
+        self._skip(database, reason)
+
+    def drop(self, database: str) -> None:
+        """Count a sample given up to stay within bounds."""
+        self._drop(database)
+
+    # -- replay's side: the checks recorded inside transactions (replay/applier.py) --------------------
+
+    def run_check(self, database: str, record: LoggedTransaction, check: CapturedCheck) -> _CheckRun | None:
+        """A run for a check of the transaction replay is applying; None to leave it out (counted)."""
+        sampler = self.samplers.get(database)
+        if sampler is None or sampler.rate <= 0:
+            self._skip(database, "comparison_off")
+            return None
+        if time.time() - record.transaction.captured_at > CHECK_MAX_LAG:
+            # Each check adds its read to replay's time: a replay that is behind catches up first.
+            self._drop(database)
+            return None
+        _, max_rows, timeout = self._options.get(database, (QUEUE_SIZE, MAX_ROWS, COMPARE_TIMEOUT))
+        return _CheckRun(self, database, record, check, max_rows, timeout)
 
     def finish(self, sample: SourceSample) -> None:
         """The source's answer is complete: queue the target side at the sample's point (never blocks)."""
@@ -277,7 +330,11 @@ class ResultValidator:
         if replayer is None or changelog is None:
             self._skip(sample.database, "replay_not_running")
             return
-        _, _, timeout = self._options.get(sample.database, (QUEUE_SIZE, MAX_ROWS, COMPARE_TIMEOUT))
+        queue_size, _, timeout = self._options.get(sample.database, (QUEUE_SIZE, MAX_ROWS, COMPARE_TIMEOUT))
+        if sample.in_transaction and self._in_flight >= queue_size:
+            # A read of a transaction that logged nothing, handed over at its end: the queue bounds it too.
+            self._drop(sample.database)
+            return
         try:
             sample.complete(changelog.last_log_id())
         except Exception:
@@ -523,6 +580,90 @@ class ResultValidator:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
 
 
+class _CheckRun:
+    """A check of a transaction being replayed: its target rows hashed as they come, then judged and counted."""
+
+    def __init__(
+        self,
+        validator: ResultValidator,
+        database: str,
+        record: LoggedTransaction,
+        check: CapturedCheck,
+        max_rows: int,
+        timeout: float,
+    ) -> None:
+        self.validator = validator
+        self.database = database
+        self.record = record
+        self.check = check
+        self.shape = analyse(check.sql)
+        self.source = Digest(
+            tuple(Column(name, oid) for name, oid in check.columns), check.rows, check.multiset, check.sequence
+        )
+        self.max_rows = max_rows
+        timeout_ms = str(max(1, int(timeout * 1000)))
+        self.settings = (*check.settings, ("statement_timeout", timeout_ms))
+        self.hasher = ResultHasher(self.shape.order_keys if self.shape.values_comparable else None, self.source.columns)
+        self.extra_rows = 0  # past max_rows the target's rows are counted, not hashed (the count differs anyway)
+
+    def row(self, kind: int, body: bytes) -> None:
+        """The target's RowDescription or a DataRow."""
+        if kind == codes.ROW_DESCRIPTION:
+            self.hasher.describe(parse_row_description(body))
+        elif self.hasher.rows <= self.max_rows:
+            self.hasher.data_row(body)
+        else:
+            self.extra_rows += 1
+
+    def done(self, error: Any, seconds: float) -> None:
+        """Classify the target's answer against the source's and count it."""
+        if error is not None:
+            outcome = _error_outcome(error, seconds)
+        else:
+            digest = self.hasher.digest()
+            digest = Digest(digest.columns, digest.rows + self.extra_rows, digest.multiset, digest.sequence)
+            differs = compare_digests(self.source, digest, self.shape.values_comparable)
+            if differs is None:
+                outcome = Outcome(Classification.MATCH, self.shape.why_shape_only or "", seconds)
+            else:
+                outcome = self._difference(differs, seconds)
+        check = self.check
+        sample = SourceSample(
+            self.database,
+            check.sql,
+            self.shape,
+            dict(check.settings),
+            check.low_log_id,
+            self.max_rows,
+            started=0.0,
+            seen_at=check.seen_at,
+            ended=check.source_seconds,
+            in_transaction=True,
+        )
+        self.validator.record(sample, outcome)
+
+    def _difference(self, differs: str, seconds: float) -> Outcome:
+        """A data_mismatch, or inconclusive when a transaction the read may not have seen wrote a table it reads.
+
+        Replay placed the read after every transaction committed before its own: those whose records had
+        settled before the read was forwarded (at or below `low_log_id`) it certainly saw; the ones settled
+        later committed while the read ran or after, and it may not have.
+        """
+        changelog = self.validator._changelog()
+        position = self.record.position
+        if changelog is None or position is None:
+            return Outcome(Classification.INCONCLUSIVE, f"{differs}; the change log is not readable", seconds)
+        low = changelog.position_through(self.database, self.check.low_log_id) or 0
+        touched = tables_written(changelog, self.database, low, position - 1, self.check.low_log_id)
+        relations = set(self.shape.relations)
+        if touched and (not relations or "?" in touched or touched & relations):
+            written = ", ".join(sorted(touched & relations or touched))
+            return Outcome(
+                Classification.INCONCLUSIVE, f"{differs}; transactions committed while it ran wrote {written}", seconds
+            )
+        return Outcome(Classification.DATA_MISMATCH, f"{differs} (inside its replayed transaction)", seconds)
+
+
 class _TargetRun:
     """The work run at the sample's point: the query in a savepoint, rolled back, compared with the source."""
 
@@ -566,17 +707,25 @@ class _TargetRun:
 
     def _tables_written(self, after: int, through: int, above_log_id: int = 0) -> set[str]:
         """Unqualified lower-case names of the tables written at positions (after, through]; "?" for unknown."""
-        from pgleap.upgrade.replay.applier import touched_tables
+        return tables_written(self.changelog, self.sample.database, after, through, above_log_id)
 
-        names: set[str] = set()
-        records = self.changelog.read_committed(self.sample.database, after, max(0, through - after))
-        if len(records) < through - after:
-            names.add("?")  # truncated or not durable: unknown
-        for record in records:
-            if record.log_id > above_log_id:
-                for table in touched_tables(record) or ("?",):
-                    names.add(table.rsplit(".", 1)[-1].strip('"').lower())
+
+def tables_written(changelog: ChangeLog, database: str, after: int, through: int, above_log_id: int = 0) -> set[str]:
+    """Unqualified lower-case names of the tables written at positions (after, through] by records above
+    `above_log_id`; "?" for unknown."""
+    from pgleap.upgrade.replay.applier import touched_tables
+
+    names: set[str] = set()
+    if through <= after:
         return names
+    records = changelog.read_committed(database, after, through - after)
+    if len(records) < through - after:
+        names.add("?")  # truncated or not durable: unknown
+    for record in records:
+        if record.log_id > above_log_id:
+            for table in touched_tables(record) or ("?",):
+                names.add(table.rsplit(".", 1)[-1].strip('"').lower())
+    return names
 
 
 async def target_read(session: TargetSession, sample: SourceSample, timeout: float) -> tuple[Digest | None, Any, float]:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pgleap.store.records import CapturedCheck
 from pgleap.upgrade.verify.fingerprint import ReadShape
 from pgleap.upgrade.verify.resultcompare import Digest, ResultHasher, parse_row_description
 
@@ -66,6 +67,8 @@ class SourceSample:
     failed: bool = False  # the source answered with an error: nothing to compare
     wrote: bool = False  # it called a function that wrote: logged and replayed, not a read to compare
     abandoned: str | None = None  # why the sample was given up on the source side
+    # Inside a transaction block: compared while that transaction is replayed (a check in its record).
+    in_transaction: bool = False
     hasher: ResultHasher = field(init=False)
     described: bool = False
     # The extended protocol: the Bind's parameters, sent again to the target; None for a simple Query.
@@ -137,6 +140,26 @@ class SourceSample:
     def digest(self) -> Digest:
         """The source result's digest."""
         return self.hasher.digest()
+
+    def check(self, before: int) -> CapturedCheck:
+        """The change-log entry for this read, run again after `before` statements of its replayed transaction."""
+        digest = self.digest()
+        return CapturedCheck(
+            before=before,
+            sql=self.sql,
+            extended=self.params is not None,
+            params=self.params or (),
+            param_formats=self.param_formats,
+            param_types=self.param_types,
+            settings=tuple(self.settings.items()),
+            columns=tuple((c.name, c.type_oid) for c in digest.columns),
+            rows=digest.rows,
+            multiset=digest.multiset,
+            sequence=digest.sequence,
+            source_seconds=self.source_seconds,
+            low_log_id=self.low_log_id,
+            seen_at=self.seen_at,
+        )
 
 
 def result_formats(bind: bytes) -> tuple[int, ...]:
