@@ -1,7 +1,8 @@
 """The demo's workload: pgbench through pgleap, started before the upgrade and stopped after the cutover.
 
-pgbench runs TPC-B with a tenth of single-row reads in autocommit (`select-only`): those are the reads
-result comparison samples (a read inside a write transaction is never compared). It runs with a long
+pgbench runs TPC-B with a tenth of single-row reads in autocommit (`select-only`): result comparison
+samples those on the source as they run, so the error_rate gate has compared reads within seconds of
+mirroring, whichever way reads inside write transactions are compared. It runs with a long
 `-T` and is stopped with SIGALRM, the signal its own -T timer uses: it then finishes like a timed run,
 summary included, at a moment the demo chooses (after the cutover), which SIGTERM or SIGINT would not.
 """
