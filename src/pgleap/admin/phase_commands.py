@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgleap.admin.commands import AdminCommandError, Result, _ts, command, notes_result
 from pgleap.errors import PgleapError
-from pgleap.proxy.read_shift import READ_SHIFT_ROLE
+from pgleap.proxy.route import READ_SHIFT_ROLE
 from pgleap.upgrade.gates import describe, shut
 
 if TYPE_CHECKING:

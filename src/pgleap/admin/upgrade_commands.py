@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgleap.admin.commands import AdminCommandError, Result, _ts, command, notes_result
 from pgleap.errors import PgleapError
+from pgleap.proxy.route import reverse_name
 from pgleap.upgrade.replay.ddl_queue import Decision
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ def _replay_notes(tag: str, proxy: Proxy, act: Callable[[ReplayService], list[st
 
 @command("SHOW REPLAY")
 async def show_replay(proxy: Proxy, _session: Session) -> Result:
-    """Per database: whether replay runs, where it is, its lag and what it could not apply."""
+    """Per database: whether replay runs, where it is, its lag and what it could not apply; after a cutover,
+    a second row for its reverse log (`<database>@reverse`, replayed into the source)."""
     rows: list[Sequence[Any]] = []
     for name in sorted(proxy.databases):
         report = proxy.replay.report(name) if proxy.replay is not None else None
@@ -96,6 +98,9 @@ async def show_replay(proxy: Proxy, _session: Session) -> Result:
             rows.append([name, False, False, *([None] * (len(SHOW_REPLAY_COLUMNS) - 3))])
         else:
             rows.append(_replay_row(report))
+        reverse = proxy.replay.report(reverse_name(name)) if proxy.replay is not None else None
+        if reverse is not None:
+            rows.append(_replay_row(reverse))
     return Result(f"SHOW {len(rows)}", SHOW_REPLAY_COLUMNS, rows)
 
 

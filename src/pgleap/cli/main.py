@@ -82,8 +82,8 @@ def lab_fetch(
 
 
 @app.command()
-def demo(seconds: int = typer.Option(20, help="how long the pgbench workload runs")) -> None:
-    """Run the local demo: an old server, pgleap in front, a pgbench workload, the console and metrics."""
+def demo(seconds: int = typer.Option(20, help="the least time the pgbench workload runs, in all")) -> None:
+    """Run the local demo: a whole upgrade, PG 10 to PG 18, under a pgbench workload (see the README)."""
     from pgleap.demo import run_demo
 
     sys.exit(run_demo(seconds))

@@ -346,6 +346,7 @@ class Forwarder:
         self._attach_server(backend)
         self.route_version = version
         self.session.server_role = role
+        self.database.note_server_version(role, backend.server_version)
         if old is not None and not old.is_closing():
             old.write(_TERMINATE)
             old.close()

@@ -22,6 +22,7 @@ from typing import Any
 from pgleap.protocol import codes
 from pgleap.protocol.messages import error_response
 from pgleap.proxy.forward import Forwarder
+from pgleap.proxy.route import READ_SHIFT_ROLE
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ _OPTION = re.compile(r"(?:-c\s*|--)default_transaction_read_only=(\S+)", re.IGNO
 # Anything that can make a transaction read-write; matched on the raw bytes of what the client sends.
 _TURNS_READ_WRITE = re.compile(rb"read\s+write|transaction_read_only", re.IGNORECASE)
 _LONGEST = 64  # bytes of one chunk kept to match across the next (the keywords, with spacing)
-READ_SHIFT_ROLE = "read shift"  # Session.server_role of a shifted session
 READ_SHIFT_PHASES = ("mirroring", "cutover_ready")  # upgrade phases in which the shift is on
 
 

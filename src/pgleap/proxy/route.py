@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.proxy.stats import DatabaseStats
 
 REVERSE_SUFFIX = "@reverse"
+READ_SHIFT_ROLE = "read shift"  # Session.server_role of a read-only session sent to the target (read_shift.py)
 
 
 def reverse_name(database: str) -> str:
@@ -39,11 +40,19 @@ class Database:
     route: Route
     stats: DatabaseStats
     capture: Any = None  # a pgleap.upgrade.capture.Capture while the upgrade captures writes
+    # server_version of each side ("source", "target") as its servers last reported it: the version
+    # adapters rewrite what clients send to the target in the source's names.
+    server_versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def log_name(self) -> str:
         """Under which name this database's writes are logged now: its own, or its reverse log after cutover."""
         return reverse_name(self.upgrade.database) if self.route.role == "target" else self.upgrade.database
+
+    def note_server_version(self, role: str, server_version: str) -> None:
+        """A server of `role` ("source", "target"; a read-shifted session counts for the target) answered."""
+        if server_version:
+            self.server_versions["target" if role == READ_SHIFT_ROLE else role] = server_version
 
     @classmethod
     def from_config(cls, upgrade: UpgradeConfig) -> Database:

@@ -14,8 +14,8 @@ from pgleap.protocol import codes
 from pgleap.protocol.messages import error_response
 from pgleap.proxy.backend import send_cancel
 from pgleap.proxy.gate import PauseGate
-from pgleap.proxy.read_shift import READ_SHIFT_PHASES, READ_SHIFT_ROLE, ReadShiftForwarder
-from pgleap.proxy.route import Database
+from pgleap.proxy.read_shift import READ_SHIFT_PHASES, ReadShiftForwarder
+from pgleap.proxy.route import READ_SHIFT_ROLE, Database
 from pgleap.proxy.session import Session
 from pgleap.store import StateStore
 
@@ -83,6 +83,7 @@ class Proxy:
             if routed is not None and routed[0] == "target" and database.upgrade.target is not None:
                 database.route.switch(database.upgrade.target, "target")
                 log.info("database %s: routed to its target %s since cutover", name, database.upgrade.target.describe())
+                self.spawn(self._learn_source_version(database))
         self._server = await asyncio.start_server(
             self._accept, proxy.listen_addr, proxy.listen_port, limit=2**20, reuse_address=True
         )
@@ -100,6 +101,24 @@ class Proxy:
                 record = store.phase(name)
                 if record is not None and Phase(record.phase) in RESUMED:
                     log.info("resuming the upgrade: %s", self.start_upgrade([name])[0])
+
+    async def _learn_source_version(self, database: Database) -> None:
+        """After a restart on the target, no client session reaches the source: ask it its version once, for
+        the version adapters (sessions moving to the target afterwards use it)."""
+        from pgleap.upgrade.copy.connect import connect
+
+        try:
+            conn = await connect(database.upgrade.source, role="source")
+            try:
+                database.note_server_version("source", str(await conn.fetchval("SHOW server_version")))
+            finally:
+                await conn.close()
+        except Exception as exc:
+            log.warning(
+                "database %s: the source's version is unknown (%s); statements are not adapted",
+                database.upgrade.database,
+                exc,
+            )
 
     async def wait_stopped(self) -> None:
         """Return once `shutdown` has finished."""

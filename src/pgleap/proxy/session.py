@@ -23,8 +23,8 @@ from pgleap.protocol.messages import (
 from pgleap.protocol.stream import read_startup
 from pgleap.proxy.backend import BackendConnection, connect_backend
 from pgleap.proxy.forward import Forwarder
-from pgleap.proxy.read_shift import READ_SHIFT_ROLE, ReadShiftForwarder, chosen, read_only_session
-from pgleap.proxy.route import Database
+from pgleap.proxy.read_shift import ReadShiftForwarder, chosen, read_only_session
+from pgleap.proxy.route import READ_SHIFT_ROLE, Database
 
 if TYPE_CHECKING:
     from pgleap.proxy.server import Proxy
@@ -133,6 +133,7 @@ class Session:
             backend = await self._connect(server, role, params)
         self.server_role = role
         self.parameters = dict(backend.parameters)
+        self.database.note_server_version(role, backend.server_version)
         self.key = self.proxy.register_cancel_key(self)
         self.writer.write(b"".join(backend.status_messages) + backend_key_data(*self.key) + ready_for_query())
         client_leftover = bytes(getattr(self.reader, "_buffer", b""))

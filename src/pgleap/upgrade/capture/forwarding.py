@@ -48,6 +48,7 @@ from pgleap.upgrade.capture.images import (
 from pgleap.upgrade.capture.probe import parse_probe_row, probe_extended, probe_query, probe_sql
 from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
 from pgleap.upgrade.compat import UnsupportedVersionError, facts_for, version_num_of
+from pgleap.upgrade.compat.adapters import adapter_for
 from pgleap.upgrade.compat.facts import PG90
 
 if TYPE_CHECKING:
@@ -183,12 +184,27 @@ class CapturingForwarder(Forwarder):
             # An unreadable server_version: the oldest supported major's probe runs on every major.
             facts = facts_for(PG90)
         self._probe_sql = probe_sql(facts)
+        self._adapt = self._adapter_for_route()
         if self.server_transport is not None:
             # Statements prepared before capture started are Bound later: learn them, or their writes go unseen.
             self._send(
                 Request(codes.QUERY, injected=True, context=_PreparedLoad()), self._query_message(_PreparedLoad.SQL)
             )
             self._flush_to_server()
+
+    def _adapter_for_route(self) -> Callable[[str], str] | None:
+        """On the target, what clients send is rewritten from the source's names ([auto_upgrade.adapters])."""
+        if self.session.server_role != "target":
+            return None
+        try:
+            source = version_num_of(self.database.server_versions.get("source", ""))
+            target = version_num_of(self.backend.server_version)
+        except UnsupportedVersionError:
+            return None  # the source's version is not known yet (after a restart on the target): learned later
+        if source // 10000 == target // 10000:
+            return None
+        adapter = adapter_for(self.database.upgrade)
+        return lambda sql: adapter.adapt(sql, source, target)
 
     @property
     def _codec(self) -> str:
@@ -269,11 +285,19 @@ class CapturingForwarder(Forwarder):
         """Forward one client message; True when it is a commit point that must wait for the log."""
         body = raw[5:]
         if kind == codes.QUERY:
-            return self._client_query(body[:-1].decode(self._codec), raw)
+            sql = body[:-1].decode(self._codec)
+            if self._adapt is not None and (adapted := self._adapt(sql)) != sql:
+                sql, raw = adapted, self._query_message(adapted)
+            return self._client_query(sql, raw)
         if kind == codes.PARSE:
             self.open_batch = True
             msg = parse_message(body)
             sql = msg.sql.decode(self._codec)
+            if self._adapt is not None and (adapted := self._adapt(sql)) != sql:
+                tail = body[len(msg.name.encode()) + 1 + len(msg.sql) + 1 :]
+                raw = message(kind, msg.name.encode() + b"\0" + adapted.encode(self._codec) + b"\0" + tail)
+                body, msg = raw[5:], parse_message(raw[5:])
+                sql = adapted
             infos = classify(sql)
             if self._wait_for_catalog(infos):
                 return True

@@ -4,7 +4,8 @@ Rules are data (`ADAPTERS`, and the user's from `[auto_upgrade.adapters]`): each
 name changed, the old and new names, and so works in both directions. `VersionAdapter.adapt(sql, from_num,
 to_num)` rewrites a statement written for one major into the other's names, on pglast's AST; `adapter_for`
 builds the one an upgrade's config asks for. A statement no rule touches comes back byte for byte (the
-common case, cached by text). Not wired into the proxy yet: see docs/check.md.
+common case, cached by text). Used by replay (replay/applier.py, both directions) and, once clients are on
+the target, by the capture path for what they send (capture/forwarding.py).
 """
 
 from __future__ import annotations

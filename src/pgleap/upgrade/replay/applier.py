@@ -29,6 +29,7 @@ from pgleap.store.changelog import ChangeLog
 from pgleap.store.records import CapturedCheck, LoggedTransaction, decode_image
 from pgleap.upgrade.capture.classify import Kind, classify
 from pgleap.upgrade.capture.pinning import pin_time
+from pgleap.upgrade.compat.adapters import VersionAdapter, adapter_for
 from pgleap.upgrade.compat.facts import facts_for
 from pgleap.upgrade.replay.ddl_queue import DDLQueue, HeldDDL, changes_schema
 from pgleap.upgrade.replay.errors import (
@@ -156,6 +157,9 @@ class Replayer:
             raise ReplayError(f"batch_size must be at least 1, not {batch_size}")
         self.database = upgrade.database
         self.target: ServerConfig = upgrade.target
+        self.source: ServerConfig = upgrade.source
+        self.adapter: VersionAdapter = adapter_for(upgrade)
+        self._majors: tuple[int, int] | None = None  # (source, target) server_version_num, when they differ
         self.changelog = changelog
         self.stitch: Stitch = make_stitch(snapshot, table_snapshots)
         self.snapshot: Snapshot = self.stitch.default
@@ -312,7 +316,9 @@ class Replayer:
     async def _connect(self) -> None:
         session = await TargetSession.open(self.target, self.connect_timeout)
         try:
-            self._store_sql = store_position_sql(facts_for(await server_version_num(session)))
+            target_num = await server_version_num(session)
+            self._store_sql = store_position_sql(facts_for(target_num))
+            await self._learn_majors(target_num)
             position = await read_position(session, self.database)
         except BaseException:
             session.close()
@@ -510,6 +516,27 @@ class Replayer:
             label="store the applied position",
         )
 
+    async def _learn_majors(self, target_num: int) -> None:
+        """The two servers' versions, for the version adapters (once: a server's major does not change)."""
+        if self._majors is not None and self._majors[1] == target_num:
+            return
+        try:
+            source = await TargetSession.open(self.source, self.connect_timeout)
+            try:
+                source_num = await server_version_num(source)
+            finally:
+                source.close()
+        except Exception as exc:  # replay does not need the source; only the adapters do
+            log.warning(
+                "replay of %s: the source's version is unknown (%s); statements are not adapted", self.database, exc
+            )
+            return
+        self._majors = (source_num, target_num) if source_num // 10000 != target_num // 10000 else None
+
+    def adapted(self, sql: str) -> str:
+        """`sql`, written for the source's major, with the target's names ([auto_upgrade.adapters])."""
+        return sql if self._majors is None else self.adapter.adapt(sql, *self._majors)
+
     def _plan(self, pipeline: Pipeline, record: LoggedTransaction, skip_all: bool) -> _Planned:
         tx = record.transaction
         # Statements already in the copy, by the snapshot of the tables they write (S for all but unlogged ones).
@@ -536,7 +563,7 @@ class Replayer:
                 for sql, values in image_statements(decode_image(statement.images)):
                     planned.slots.append((index, sql, pipeline.extended(sql, values, label=statement.sql)))
                 continue
-            sql = pin_time(statement.sql, tx.source_now) if tx.source_now else statement.sql
+            sql = self.adapted(pin_time(statement.sql, tx.source_now) if tx.source_now else statement.sql)
             if statement.copy_data is not None or is_copy_from_stdin(sql):
                 slot = pipeline.copy_in(sql, statement.copy_data)
             else:
@@ -575,10 +602,11 @@ class Replayer:
                 planned.slots.append((_SETTINGS_INDEX, sql, slot))
             start = pipeline.sync()
             read = Slot(check.sql, sink=run.row, tolerant=True)
+            sql = self.adapted(check.sql)
             if check.extended:
-                pipeline.read(check.sql, check.params, check.param_formats, check.param_types, read)
+                pipeline.read(sql, check.params, check.param_formats, check.param_types, read)
             else:
-                pipeline.read(check.sql, (), (), (), read)
+                pipeline.read(sql, (), (), (), read)
             pipeline.sync()
             for own in (f"ROLLBACK TO SAVEPOINT {_CHECK_SAVEPOINT}", f"RELEASE SAVEPOINT {_CHECK_SAVEPOINT}"):
                 planned.slots.append((_SETTINGS_INDEX, own, pipeline.extended(own)))
