@@ -188,7 +188,6 @@ def test_error_rate_after_cutover_rolls_back_by_itself(
                 reason,
             )
             assert match is not None, reason
-            print(reason)
             rate, seconds, errors, queries, pause = match.groups()
             assert float(rate) > 10 and float(seconds) <= 5 and int(queries) >= 50 and int(errors) > 0, reason
             assert float(pause) < 1.0, reason
