@@ -732,14 +732,15 @@ class Replayer:
             tables,
             error.recorded_at,
         )
-        # Recorded before the position moves, so the skip is never invisible.
-        self.journal.record_error(skipped)
+        # Recorded before the position moves, so the skip is never invisible; the flag first, so that whoever
+        # sees the skipped error (SHOW UPGRADE ERRORS, a test) sees its table flagged too.
         self.journal.mark_resync(
             self.database,
             tables,
             record.position,
             f"transaction txid {record.transaction.txid} skipped: {error.message}",
         )
+        self.journal.record_error(skipped)
         _, failure = await self._execute([record], skip_all=True)
         if failure is not None:
             raise TargetRefusedError(
