@@ -318,9 +318,8 @@ def _chromium() -> str:
     pytest.fail("no chromium found: run scripts/setup (it installs the Debian package chromium)")
 
 
+@pytest.mark.parametrize("target", [18], indirect=True)  # one screenshot is enough
 def test_html_report_renders_in_headless_chromium(dirty10: LabServer, target: LabServer, tmp_path: Path) -> None:
-    if target.major != 18:
-        pytest.skip("one screenshot is enough (PG 18 target)")
     report = check(cfg(dirty10, "chk_dirty"), cfg(target, "postgres"), queries=[q for q, _, _ in WORKLOAD])
     page = tmp_path / "pgleap-check.html"
     page.write_text(render_html(report))
