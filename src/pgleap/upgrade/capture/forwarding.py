@@ -187,10 +187,13 @@ class CapturingForwarder(Forwarder):
         self._adapt = self._adapter_for_route()
         if self.server_transport is not None:
             # Statements prepared before capture started are Bound later: learn them, or their writes go unseen.
+            # What the client sends meanwhile waits for the answer (a Bind decoded before it would find no
+            # statement, and its Execute could not be replayed).
             self._send(
                 Request(codes.QUERY, injected=True, context=_PreparedLoad()), self._query_message(_PreparedLoad.SQL)
             )
             self._flush_to_server()
+            self._stash = bytearray()
 
     def _adapter_for_route(self) -> Callable[[str], str] | None:
         """On the target, what clients send is rewritten from the source's names ([auto_upgrade.adapters])."""
@@ -787,6 +790,8 @@ class CapturingForwarder(Forwarder):
             if isinstance(context, _PreparedLoad):
                 if kind == codes.DATA_ROW:
                     self._load_prepared(raw[5:])
+                elif kind == codes.READY_FOR_QUERY and self._stash is not None and self._commit_point is None:
+                    self._release_stash(None)
                 return False
             if kind == codes.DATA_ROW:
                 self.assembler.probe(*parse_probe_row(raw[5:]))
