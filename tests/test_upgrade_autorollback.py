@@ -15,11 +15,17 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgleap.config import CutoverConfig
+from pgleap.config import CutoverConfig, ServerConfig, UpgradeConfig
 from pgleap.lab import Lab, LabServer
+from pgleap.proxy.route import Database
+from pgleap.store.state import StateStore
 from pgleap.testing import ProxyProcess
+from pgleap.upgrade import machine as machine_module
 from pgleap.upgrade.autorollback import ErrorWindow, RollbackPolicy, Sample, WindowRate
 from pgleap.upgrade.copy.compare import database_differences
+from pgleap.upgrade.machine import UpgradeMachine
+from pgleap.upgrade.phases import Phase
+from pgleap.upgrade.switch import SwitchReport
 
 from conftest import console as open_console
 from conftest import pgbench_database, server_config, show, wait_for
@@ -63,6 +69,89 @@ def test_policy_needs_the_rate_above_the_threshold_and_enough_queries() -> None:
     # rollback_min_queries = 0 still needs a query: no rate is judged from nothing.
     eager = RollbackPolicy(0.5, 10, 0)
     assert not eager.triggered(WindowRate(1.0, 0, 0)) and eager.triggered(WindowRate(1.0, 1, 1))
+
+
+class _Replay:
+    """Replay as the machine sees it: every direction running, no report."""
+
+    def running(self, _name: str) -> bool:
+        return True
+
+    def report(self, _name: str) -> None:
+        return None
+
+
+class _Verifier:
+    async def verify(self, _name: str) -> None:
+        await asyncio.sleep(0)
+
+    def last_reports(self) -> dict[Any, Any]:
+        return {}
+
+
+class _Proxy:
+    """The few things of a Proxy the machine touches while cut over and mirroring."""
+
+    def __init__(self, upgrade: UpgradeConfig) -> None:
+        self.databases = {upgrade.database: Database.from_config(upgrade)}
+        self.replay = _Replay()
+        self._verifier = _Verifier()
+
+    def verifier(self) -> _Verifier:
+        return self._verifier
+
+    def read_shift_changed(self, _name: str) -> None:
+        pass
+
+
+def test_automatic_and_operator_rollback_do_not_both_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Errors past the threshold while cut over: the machine switches back by itself, once. A ROLLBACK UPGRADE
+    sent while that switch runs waits for it and says it is done; it does not abandon the upgrade."""
+    server = ServerConfig("127.0.0.1", 1, "app", "u")
+    cutover = CutoverConfig(rollback_error_rate=0.1, rollback_window=5, rollback_min_queries=10)
+    upgrade = UpgradeConfig("app", server, target=server, cutover=cutover)
+    proxy = _Proxy(upgrade)
+    store = StateStore(tmp_path / "state.db")
+    for phase in ("initializing", "copying", "catching_up", "mirroring", "cutover_ready", "cut_over"):
+        store.set_phase("app", phase, "test")
+    switching = asyncio.Event()
+    release = asyncio.Event()
+    switches: list[str] = []
+
+    async def fake_switch(_proxy: Any, name: str, to: str, _timeout: float) -> SwitchReport:
+        switches.append(to)
+        switching.set()
+        await release.wait()
+        return SwitchReport(name, to, 0.01, 0.0, 0.0, 0, "1:1:")  # type: ignore[arg-type]
+
+    monkeypatch.setattr(machine_module, "switch", fake_switch)
+
+    async def scenario() -> tuple[str, str | None]:
+        machine = UpgradeMachine(proxy, "app", store)  # type: ignore[arg-type]
+        assert machine.start() == "database app: upgrade resuming in phase cut_over"
+        await asyncio.sleep(0.1)  # the watch takes its first sample
+        stats = proxy.databases["app"].stats
+        stats.queries, stats.errors = 100, 5  # 5%: under the threshold
+        await asyncio.sleep(1.2)
+        assert not switches and machine.phase is Phase.CUT_OVER
+        assert "error rate 5.00%" in machine.activity
+        stats.queries, stats.errors = 200, 60  # 30% since the watch began (its first sample: 0 and 0)
+        await asyncio.wait_for(switching.wait(), 5)
+        operator = asyncio.ensure_future(machine.rollback("ROLLBACK UPGRADE"))
+        await asyncio.sleep(0.2)
+        assert not operator.done()  # it waits for the automatic switch
+        release.set()
+        note = await asyncio.wait_for(operator, 5)
+        record = store.phase("app")
+        await machine.stop()
+        return note, record.reason if record else None
+
+    note, reason = asyncio.run(scenario())
+    store.close()
+    assert switches == ["source"]
+    assert note.startswith("database app: already back on the source (automatic rollback: error rate "), note
+    assert reason is not None and reason.startswith("automatic rollback: error rate 30.00% over "), reason
+    assert "(60 errors in 200 queries): clients back on the source after a 0.010s pause" in reason, reason
 
 
 VALIDATION = '[auto_upgrade.validation]\nvalidation_duration = "2s"\ncompare_results = false'
