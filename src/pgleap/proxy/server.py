@@ -208,10 +208,13 @@ class Proxy:
                 )
         return notes
 
-    async def stop_capture(self) -> list[str]:
-        """Stop capturing (sessions stop at their next boundary) once what was captured is in the log."""
+    async def stop_capture(self, names: list[str] | None = None) -> list[str]:
+        """Stop capturing `names` (every database when None; sessions stop at their next boundary) once what
+        was captured is in the log."""
         notes = []
         for name, database in sorted(self.databases.items()):
+            if names is not None and name not in names:
+                continue
             capture = database.capture
             if capture is not None:
                 database.capture = None

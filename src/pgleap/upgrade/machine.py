@@ -145,7 +145,7 @@ class UpgradeMachine:
             reverse = direction(self.proxy.databases[self.database].upgrade, "target").database
             if replay is not None and replay.running(reverse):
                 await replay.stop(reverse)
-            await self.proxy.stop_capture()
+            await self.proxy.stop_capture([self.database])  # only this upgrade's
             self._move(Phase.COMPLETE, "COMPLETE UPGRADE: the source is retired")
             self.activity = "complete: clients use the target; pgleap no longer writes to the source"
             return f"database {self.database}: upgrade complete; the source is no longer written by pgleap"
@@ -171,7 +171,7 @@ class UpgradeMachine:
             await self.stop()
             if self.proxy.replay is not None and self.proxy.replay.running(self.database):
                 await self.proxy.replay.stop(self.database)
-            await self.proxy.stop_capture()
+            await self.proxy.stop_capture([self.database])  # only this upgrade's
             self._move(Phase.ROLLED_BACK, reason)
             self.activity = "rolled back; clients use the source as before, the target is left for inspection"
             return f"database {self.database}: rolled back from {phase.value if phase else 'nothing'}"
