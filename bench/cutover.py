@@ -34,6 +34,8 @@ from pgleap.upgrade.copy.compare import database_differences
 ADMIN = {"database": "pgleap", "user": "pgleap_admin", "password": "admin-secret"}
 UPGRADE = '[auto_upgrade.validation]\nvalidation_duration = "1s"\ncompare_results = false'
 _ERROR = re.compile(r"error|aborted", re.IGNORECASE)
+# pgleap's log line for each switch (upgrade/switch.py): where the pause went.
+_PAUSE_PARTS = re.compile(r"pause \(draining ([\d.]+)s, asking sessions ([\d.]+)s, catching up ([\d.]+)s")
 
 
 def first_row(console: psycopg.Connection[Any], command: str) -> dict[str, Any]:
@@ -134,6 +136,7 @@ def main() -> int:
                 bench.terminate()
                 bench.communicate(timeout=60)
             pgleap.stop()
+        breakdown = [m.groups() for m in _PAUSE_PARTS.finditer(pgleap.output())]
         errors = [line for line in output.splitlines() if _ERROR.search(line)]
         problems = asyncio.run(database_differences(src, dst))
     pauses = cutovers + rollbacks
@@ -143,6 +146,10 @@ def main() -> int:
             f"{name:9} pause: min {min(values):.3f}s  median {statistics.median(values):.3f}s  "
             f"max {max(values):.3f}s  ({len(values)} runs)"
         )
+    for i, part in enumerate(("draining", "asking sessions", "catching up")):
+        values = [float(b[i]) for b in breakdown]
+        if values:
+            print(f"  of which {part:15}: median {statistics.median(values):.3f}s  max {max(values):.3f}s")
     for line in errors[:10]:
         print(f"client error: {line}")
     print(f"tables equal at the end: {not problems}" + ("" if not problems else f" ({problems[:3]})"))

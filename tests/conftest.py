@@ -189,6 +189,14 @@ def capturing_pair(
         target.psql(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
 
 
+@pytest.fixture
+def target(lab: Lab) -> Iterator[LabServer]:
+    """A fresh PG 18 target for one test (an upgrade's copy creates its database and schema)."""
+    server = lab.target(18)
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def target18(lab: Lab) -> Iterator[LabServer]:
     """A PG 18 target for one test module (each test uses its own database)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgleap.lab import Lab, LabServer
+from pgleap.lab import LabServer
 from pgleap.testing import ProxyProcess
 
 from conftest import console as open_console
@@ -33,14 +33,6 @@ UPGRADE = (
 def source_db(pg_old: LabServer) -> Iterator[str]:
     """A small PG 10 pgbench database with `old_fn` and a table to write through it."""
     yield from pgbench_database(pg_old, "ad", 1, SCHEMA)
-
-
-@pytest.fixture
-def target(lab: Lab) -> Iterator[LabServer]:
-    """A fresh PG 18 target."""
-    server = lab.target(18)
-    yield server
-    server.stop()
 
 
 def marks(server: LabServer, dbname: str) -> list[str]:

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from pgleap.config import UpgradeConfig
-from pgleap.lab import Lab, LabServer
+from pgleap.lab import LabServer
 from pgleap.store import StateStore
 from pgleap.testing import ProxyProcess
 from pgleap.upgrade.copy import CopyJob, CopyOptions
@@ -47,14 +47,6 @@ CREATE TABLE tallies (k text PRIMARY KEY, n int NOT NULL, seen timestamptz NOT N
 def source_db(pg_old: LabServer) -> Iterator[str]:
     """A PG 10 database with pgbench's tables (scale 1) and SCHEMA."""
     yield from pgbench_database(pg_old, "e2e", 1, SCHEMA)
-
-
-@pytest.fixture
-def target(lab: Lab) -> Iterator[LabServer]:
-    """A fresh PG 18 target (the copy creates the database and its schema)."""
-    server = lab.target(18)
-    yield server
-    server.stop()
 
 
 def write_one(conn: psycopg.Connection[Any], worker: int, i: int) -> bool:

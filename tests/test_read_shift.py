@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgleap.lab import Lab, LabServer
+from pgleap.lab import LabServer
 from pgleap.proxy.read_shift import chosen, read_only_session
 from pgleap.testing import ProxyProcess
 
@@ -45,14 +45,6 @@ def test_read_only_sessions_are_told_by_their_startup_parameters() -> None:
 def source_db(pg_old: LabServer) -> Iterator[str]:
     """A small PG 10 pgbench database."""
     yield from pgbench_database(pg_old, "rs", 1)
-
-
-@pytest.fixture
-def target(lab: Lab) -> Iterator[LabServer]:
-    """A fresh PG 18 target."""
-    server = lab.target(18)
-    yield server
-    server.stop()
 
 
 def where(conn: psycopg.Connection[Any]) -> tuple[int, int]:

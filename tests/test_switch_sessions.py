@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgleap.lab import Lab, LabServer
+from pgleap.lab import LabServer
 from pgleap.protocol.messages import command_complete, data_row, message, ready_for_query, row_description
 from pgleap.proxy.session_state import ServerState, ServerStateReader
 from pgleap.testing import ProxyProcess
@@ -45,14 +45,6 @@ def test_server_state_names_what_cannot_move() -> None:
 def source_db(pg_old: LabServer) -> Iterator[str]:
     """A small PG 10 pgbench database."""
     yield from pgbench_database(pg_old, "ss", 1)
-
-
-@pytest.fixture
-def target(lab: Lab) -> Iterator[LabServer]:
-    """A fresh PG 18 target."""
-    server = lab.target(18)
-    yield server
-    server.stop()
 
 
 def port_of(conn: psycopg.Connection[Any]) -> int:
@@ -133,6 +125,7 @@ class _Transport:
 
 def test_server_state_reader_keeps_notifications_for_the_client() -> None:
     """The answer is read across split reads; a NotificationResponse arriving meanwhile goes to the client."""
+
     async def main() -> tuple[ServerState, bytes]:
         client = _Transport()
         reader = ServerStateReader(client)

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from pgleap.config import CutoverConfig, ServerConfig, UpgradeConfig
-from pgleap.lab import Lab, LabServer
+from pgleap.lab import LabServer
 from pgleap.proxy.route import Database
 from pgleap.store.state import StateStore
 from pgleap.testing import ProxyProcess
@@ -122,7 +122,7 @@ def test_automatic_and_operator_rollback_do_not_both_run(tmp_path: Path, monkeyp
         switches.append(to)
         switching.set()
         await release.wait()
-        return SwitchReport(name, to, 0.01, 0.0, 0.0, 0, "1:1:")  # type: ignore[arg-type]
+        return SwitchReport(name, to, 0.01, 0.0, 0.0, 0.0, 0, "1:1:")  # type: ignore[arg-type]
 
     monkeypatch.setattr(machine_module, "switch", fake_switch)
 
@@ -166,14 +166,6 @@ OLD_ONLY = "SELECT now()::abstime"
 def source_db(pg_old: LabServer) -> Iterator[str]:
     """A PG 10 database with pgbench's tables at scale 1 and a ledger of the writers' rows."""
     yield from pgbench_database(pg_old, "ar", 1, LEDGER)
-
-
-@pytest.fixture
-def target(lab: Lab) -> Iterator[LabServer]:
-    """A fresh PG 18 target."""
-    server = lab.target(18)
-    yield server
-    server.stop()
 
 
 class Clients:

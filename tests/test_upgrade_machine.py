@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgleap.lab import Lab, LabServer
+from pgleap.lab import LabServer
 from pgleap.testing import ProxyProcess
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.gates import GateInputs, cutover_gates, shut
@@ -66,14 +66,6 @@ def test_gates_name_what_holds_cutover_back() -> None:
 def source_db(pg_old: LabServer) -> Iterator[str]:
     """A PG 10 database with pgbench's tables at scale 3 (300,000 accounts: the copy takes a few seconds)."""
     yield from pgbench_database(pg_old, "um", 3)
-
-
-@pytest.fixture
-def target(lab: Lab) -> Iterator[LabServer]:
-    """A fresh PG 18 target."""
-    server = lab.target(18)
-    yield server
-    server.stop()
 
 
 def phase_of(console: psycopg.Connection[Any]) -> str | None:

@@ -60,6 +60,7 @@ class SwitchReport:
     to: Side
     pause_seconds: float  # from PAUSE to RESUME
     drain_seconds: float  # waiting for running transactions
+    asking_seconds: float  # asking each session's connection what it holds
     catch_up_seconds: float  # waiting for replay to apply the rest
     sequences: int
     snapshot: str  # the new server's snapshot at the switch
@@ -107,6 +108,7 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
                     f"clients go on with the {database.route.role}; try again when long transactions are done"
                 )
             states = await _server_states(proxy, database, new_server)
+            asked = time.monotonic()
             stuck = {f: st for f, st in states.items() if st is None or st.unmovable}
             if not stuck:
                 break
@@ -151,14 +153,16 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
     finally:
         proxy.gate.resume()
     report = SwitchReport(
-        name, to, time.monotonic() - started, drained - started, caught_up - drained, sequences, snapshot
+        name, to, time.monotonic() - started, drained - started, asked - drained, caught_up - asked, sequences, snapshot
     )
     log.info(
-        "database %s: clients moved to the %s in a %.3fs pause (draining %.3fs, catching up %.3fs, %d sequences)",
+        "database %s: clients moved to the %s in a %.3fs pause (draining %.3fs, asking sessions %.3fs, "
+        "catching up %.3fs, %d sequences)",
         name,
         to,
         report.pause_seconds,
         report.drain_seconds,
+        report.asking_seconds,
         report.catch_up_seconds,
         sequences,
     )
