@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +23,7 @@ import pytest
 
 from pgleap.lab import LabServer
 from pgleap.store.records import decode_image
+from pgleap.upgrade.capture.catalog import SourceCatalog
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import Replayer
 
@@ -169,6 +172,61 @@ def test_a_table_with_rules_is_replayed_as_statements(env: CapturingPair) -> Non
     statements = [s for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements]
     assert [s.images for s in statements] == [None]
     assert env.capture.inserts_without_image == 1
+
+
+class _SlowCatalog(SourceCatalog):
+    """A source catalog whose loads take a second longer, as a busy source's would."""
+
+    async def load_once(self) -> bool:
+        await asyncio.sleep(1.0)
+        return await super().load_once()
+
+
+def test_an_insert_waits_for_the_first_catalog_load(env: CapturingPair) -> None:
+    """Capture just started (or resumed after a restart) with its catalog still loading: an INSERT waits for
+    the load and carries row images, instead of going to the log as a statement."""
+
+    async def reload_slowly() -> None:
+        assert env.proxy.proxy is not None and env.capture.catalog is not None
+        database = env.proxy.proxy.databases["app"]
+        await env.capture.catalog.stop()
+        env.capture.catalog = _SlowCatalog(database.upgrade.database, database.upgrade.source)
+        env.capture.catalog.start()
+
+    env.proxy.call(reload_slowly())
+    started = time.monotonic()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO orders (worker) VALUES (7)")
+    held = time.monotonic() - started
+    env.drain()
+    statements = [s for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements]
+    assert [s.images is not None for s in statements] == [True]
+    assert env.capture.inserts_without_image == 0
+    assert held >= 0.5, f"the INSERT was answered after {held:.2f} s, before the catalog could have loaded"
+
+
+def test_a_catalog_the_source_refuses_holds_no_insert(env: CapturingPair) -> None:
+    """When the source refuses pgleap's catalog login, INSERTs are not held for it: they go to the log as
+    statements, and are counted so their tables get verified."""
+
+    async def refused() -> None:
+        assert env.proxy.proxy is not None and env.capture.catalog is not None
+        database = env.proxy.proxy.databases["app"]
+        await env.capture.catalog.stop()
+        catalog = SourceCatalog(database.upgrade.database, replace(database.upgrade.source, password="wrong"))
+        assert not await catalog.load_once()
+        env.capture.catalog = catalog
+
+    env.proxy.call(refused())
+    started = time.monotonic()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO orders (worker) VALUES (8)")
+    held = time.monotonic() - started
+    env.drain()
+    statements = [s for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements]
+    assert [s.images for s in statements] == [None]
+    assert env.capture.inserts_without_image == 1
+    assert held < 5, f"the INSERT waited {held:.2f} s for a catalog the source refuses"
 
 
 def test_psql_sees_the_same_bytes_as_directly(env: CapturingPair) -> None:

@@ -528,9 +528,10 @@ class CapturingForwarder(Forwarder):
             self._catalog_waited = False  # back from a wait: go on, with row images or without
             return False
         catalog = self.capture.catalog
-        if catalog is None or not catalog.loaded or catalog.in_ddl(self.session.id):
-            # Never loaded (the source refused pgleap's catalog queries): do not hold clients for it. Inside
-            # its own DDL transaction a reload would wait for this very session.
+        if catalog is None or catalog.in_ddl(self.session.id) or (not catalog.loaded and catalog.last_error):
+            # The source refused pgleap's catalog queries: do not hold clients for it. Inside its own DDL
+            # transaction a reload would wait for this very session. A first load still on its way (capture
+            # just started, or resumed after a restart while clients reconnect) is waited for like a reload.
             return False
         targets = (insert_target(i.text) for i in infos if i.command == "InsertStmt")
         if not any(t is not None and catalog.is_stale(t.name) for t in targets):
