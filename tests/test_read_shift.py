@@ -90,6 +90,10 @@ def test_read_only_sessions_read_from_the_target_while_mirroring(
                 assert reader.execute("SELECT sum(bbalance) FROM pgbench_branches").fetchone() == expected
                 with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
                     reader.execute("UPDATE pgbench_branches SET bbalance = 0")
+                # State it makes on the target moves with it when it goes back: a SET, a prepared statement.
+                reader.execute("SET work_mem = '7MB'")
+                total = "SELECT sum(bbalance) FROM pgbench_branches WHERE bid > %s"
+                assert reader.execute(total, (0,), prepare=True).fetchone() == expected
 
                 with psycopg.connect(pgleap.dsn(), autocommit=True, options=READ_ONLY) as rogue:
                     assert where(rogue)[0] == target.port
@@ -103,6 +107,11 @@ def test_read_only_sessions_read_from_the_target_while_mirroring(
 
                 console.execute("ROLLBACK UPGRADE")  # after cutover: back to the source, mirroring again
                 assert where(reader)[0] == pg_old.port and where(writer)[0] == pg_old.port
+                assert reader.execute("SHOW work_mem").fetchone() == ("7MB",)
+                # Bound by name only: the source knows the statement prepared on the target.
+                assert reader.execute(total, (0,), prepare=True).fetchone() == expected
+                named = reader.execute("SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql").fetchone()
+                assert named is not None and named[0] >= 1
 
             with psycopg.connect(pgleap.dsn(), autocommit=True, options=READ_ONLY) as again:
                 assert where(again)[0] == target.port  # mirroring again: shifted again

@@ -20,7 +20,7 @@ import pytest
 
 from pgleap.lab import LabServer
 from pgleap.protocol.messages import command_complete, data_row, message, ready_for_query, row_description
-from pgleap.proxy.session_state import ServerState, ServerStateReader
+from pgleap.proxy.session_state import ServerState, ServerStateReader, movable_state
 from pgleap.testing import ProxyProcess
 
 from conftest import console as open_console
@@ -77,6 +77,7 @@ def test_temporary_state_delays_cutover_and_listen_moves(
             listener.execute(f'LISTEN "{CHANNEL}"')
             holder.execute("CREATE TEMP TABLE scratch (x int)")
             holder.execute("DECLARE kept CURSOR WITH HOLD FOR SELECT 1")
+            sender.execute("SET lock_timeout = '1234ms'")  # not a setting capture's probe reads: asked at the move
 
             started = time.monotonic()
             with pytest.raises(psycopg.Error, match="1 temporary tables, 1 cursors WITH HOLD") as refused:
@@ -106,6 +107,7 @@ def test_temporary_state_delays_cutover_and_listen_moves(
             # The listener sent nothing since the cutover: it moved by itself, its LISTEN with it.
             sender.execute("SELECT pg_notify(%s, 'on the target')", (CHANNEL,))
             assert port_of(sender) == target.port
+            assert sender.execute("SHOW lock_timeout").fetchone() == ("1234ms",)
             heard = list(listener.notifies(timeout=10, stop_after=1))
             assert [(n.channel, n.payload) for n in heard] == [(CHANNEL, "on the target")], heard
             assert port_of(listener) == target.port and port_of(holder) == target.port
@@ -139,8 +141,22 @@ def test_server_state_reader_keeps_notifications_for_the_client() -> None:
         )
         for i in range(0, len(answer), 7):  # in pieces, as a socket may deliver it
             reader.data_received(answer[i : i + 7])
-        return await reader.answer, client.written
+        (row,) = await reader.answer
+        return ServerState.from_row(row), client.written
 
     state, forwarded = asyncio.run(main())
     assert state == ServerState('LISTEN "a b"', 1, 0, 2)
     assert forwarded.startswith(b"A") and b"hello" in forwarded
+
+
+def test_movable_state_reads_statements_and_settings() -> None:
+    """MOVABLE_STATE_SQL's rows: protocol-level statements with their parameter types, and SET values."""
+    rows: list[list[str | None]] = [
+        ["S", "q1", "SELECT $1::int", "{23}"],
+        ["S", "", "SELECT 1", "{}"],  # the unnamed statement does not outlive a transaction boundary
+        ["G", "lock_timeout", "1234ms", None],
+        ["G", "search_path", "app, public", None],
+    ]
+    statements, settings = movable_state(rows)
+    assert statements == [("q1", "SELECT $1::int", (23,))]
+    assert settings == [("lock_timeout", "1234ms"), ("search_path", "app, public")]

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 from pgleap.protocol import codes
 from pgleap.protocol.messages import cstr, error_response, message
 from pgleap.proxy.backend import BackendConnection, connect_backend, send_cancel
-from pgleap.proxy.session_state import SERVER_STATE_SQL, ServerState, ServerStateReader, restore_session_state
+from pgleap.proxy.session_state import (
+    MOVABLE_STATE_SQL,
+    SERVER_STATE_SQL,
+    STATE_TIMEOUT,
+    ServerState,
+    ServerStateReader,
+    movable_state,
+    restore_session_state,
+)
 
 if TYPE_CHECKING:
     from pgleap.proxy.route import Database
@@ -301,25 +309,42 @@ class Forwarder:
             self._server_side.data_received = self.from_server  # type: ignore[method-assign]
             self.server_transport.set_protocol(self._server_side)
 
-    def session_state(self) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
-        """What must move with the session to another server: (named prepared statements, settings).
+    async def state_to_move(self) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
+        """What must move with the session to another server: (named prepared statements, settings), asked
+        of its server (MOVABLE_STATE_SQL) just before it moves; nothing when the old server cannot answer."""
+        return await self._movable_from_server() or ([], [])
 
-        Only a capturing session knows them (capture decodes Parse and probes settings); a plain one moves bare.
-        """
-        return [], []
+    async def _movable_from_server(
+        self,
+    ) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]] | None:
+        try:
+            rows = await self._ask_own_server(MOVABLE_STATE_SQL, STATE_TIMEOUT)
+        except Exception as exc:  # the old server is gone: the session moves with what pgleap knows
+            log.warning("session %s: the old server did not say what the session set: %s", self.session.id, exc)
+            return None
+        return movable_state(rows)
 
     async def read_server_state(self, timeout: float) -> ServerState | None:
         """Ask the session's own server connection what it holds (SERVER_STATE_SQL), while the session is
         between transactions; None when it is not (ask again later)."""
+        if self.held is not None and not self.gate.paused:
+            return None  # about to be released into its next transaction
+        rows = await self._ask_own_server(SERVER_STATE_SQL, timeout)
+        return ServerState.from_row(rows[0]) if rows else None
+
+    async def _ask_own_server(self, sql: str, timeout: float) -> list[list[str | None]]:
+        """Run pgleap's own query on the session's server connection between transactions ([] when the
+        session is inside one, or bytes are in flight)."""
         quiet = not (self._s_skip or self._s_buf or self._c_skip or self._c_buf)
-        if self.closed.done() or self.in_transaction or not quiet or (self.held is not None and not self.gate.paused):
-            return None
-        transport, side = self.server_transport, self._server_side
+        transport = self.server_transport
+        if self.closed.done() or self.in_transaction or not quiet or transport is None or transport.is_closing():
+            return []
+        side = self._server_side
         reader = ServerStateReader(self.client_transport)
         self.block_reading(True, "state")  # the client's next bytes wait in its socket meanwhile
         transport.set_protocol(reader)
         try:
-            transport.write(message(codes.QUERY, cstr(SERVER_STATE_SQL)))
+            transport.write(message(codes.QUERY, cstr(sql)))
             return await asyncio.wait_for(reader.answer, timeout)
         finally:
             if not transport.is_closing():
@@ -336,7 +361,7 @@ class Forwarder:
         """Move this session to the route's current server at a transaction boundary."""
         version, server, role = self.route.version, self.route.server, self.route.role
         backend = await connect_backend(server, self.session.client_params, self.proxy.config.proxy.connect_timeout)
-        statements, settings = self.session_state()
+        statements, settings = await self.state_to_move()
         listen = self.server_state.listen if self.server_state is not None else None
         self.server_state = None
         if statements or settings or listen:

@@ -5,6 +5,10 @@ issued again, before the first transaction the client sends there.
 What cannot move is found out first (`SERVER_STATE_SQL`, asked on the session's own idle connection): a
 temporary table, a cursor held open across transactions, a session advisory lock. A switch waits for
 sessions holding one (upgrade/switch.py) rather than drop it under the client.
+
+A capturing session knows its statements and settings from what it decoded. A session that is not
+captured (a read-only one on the target during the gradual shift) asks its server instead
+(`MOVABLE_STATE_SQL`) just before it moves.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pgleap.proxy.backend import BackendConnection
 log = logging.getLogger(__name__)
 
 _MAX_ANSWER = 1 << 24
+STATE_TIMEOUT = 2.0  # seconds one session's connection may take to say what it holds
 _FIRST_USER_OID = 16384  # user type OIDs differ between servers: let the new server infer those
 
 
@@ -33,6 +38,14 @@ SERVER_STATE_SQL = (
     " (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema() AND relkind IN ('r', 'p')),"
     " (SELECT count(*) FROM pg_cursors WHERE is_holdable),"
     " (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory')"
+)
+# What a session set and prepared itself, one row each: ('S', name, text, parameter type OIDs) for a
+# protocol-level prepared statement, ('G', name, value, NULL) for a SET. SQL-level PREPAREs are left out
+# (their text is the client's whole query string, which may hold other statements); startup parameters
+# (source 'client') go with the new connection's startup packet. Every column here exists on 9.0 and later.
+MOVABLE_STATE_SQL = (
+    "SELECT 'S', name, statement, parameter_types::oid[]::text FROM pg_prepared_statements WHERE NOT from_sql"
+    " UNION ALL SELECT 'G', name, current_setting(name), NULL FROM pg_settings WHERE source = 'session'"
 )
 _FORWARDED = (
     codes.NOTICE_RESPONSE,
@@ -50,6 +63,12 @@ class ServerState:
     held_cursors: int
     advisory_locks: int
 
+    @classmethod
+    def from_row(cls, row: list[str | None]) -> ServerState:
+        """SERVER_STATE_SQL's one row."""
+        listen, temp, cursors, locks = row
+        return cls(listen, int(temp or 0), int(cursors or 0), int(locks or 0))
+
     @property
     def unmovable(self) -> str | None:
         """What keeps the session on its server, in words, or None."""
@@ -66,14 +85,14 @@ class ServerState:
 
 
 class ServerStateReader(asyncio.Protocol):
-    """Reads SERVER_STATE_SQL's answer off a session's server transport (lent by the forwarder while the
-    session is idle); asynchronous messages arriving meanwhile still go to the client."""
+    """Reads the rows of pgleap's own query off a session's server transport (lent by the forwarder while
+    the session is idle); asynchronous messages arriving meanwhile still go to the client."""
 
     def __init__(self, client_transport: Any) -> None:
         self.client_transport = client_transport
-        self.answer: asyncio.Future[ServerState] = asyncio.get_running_loop().create_future()
+        self.answer: asyncio.Future[list[list[str | None]]] = asyncio.get_running_loop().create_future()
         self._buf = b""
-        self._row: list[str | None] | None = None
+        self._rows: list[list[str | None]] = []
         self._error: str | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -86,23 +105,39 @@ class ServerStateReader(asyncio.Protocol):
                 break
             body = buf[i + 5 : end]
             if kind == codes.DATA_ROW:
-                self._row = text_row(body)
+                self._rows.append(text_row(body))
             elif kind == codes.ERROR_RESPONSE:
                 self._error = parse_error(body).message
             elif kind in _FORWARDED:
                 self.client_transport.write(buf[i:end])
             elif kind == codes.READY_FOR_QUERY and not self.answer.done():
-                if self._row is None:
-                    self.answer.set_exception(RuntimeError(self._error or "the session-state query answered nothing"))
+                if self._error is not None:
+                    self.answer.set_exception(RuntimeError(self._error))
                 else:
-                    listen, temp, cursors, locks = self._row
-                    self.answer.set_result(ServerState(listen, int(temp or 0), int(cursors or 0), int(locks or 0)))
+                    self.answer.set_result(self._rows)
             i = end
         self._buf = buf[i:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.answer.done():
             self.answer.set_exception(ConnectionError("the server closed the connection"))
+
+
+def movable_state(
+    rows: list[list[str | None]],
+) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
+    """MOVABLE_STATE_SQL's rows as restore_session_state takes them: (statements, settings)."""
+    statements: list[tuple[str, str, tuple[int, ...]]] = []
+    settings: list[tuple[str, str]] = []
+    for kind, name, text, types in rows:
+        if name is None or text is None:
+            continue
+        if kind == "S" and name:
+            oids = tuple(int(t) for t in (types or "{}").strip("{}").split(",") if t)
+            statements.append((name, text, oids))
+        elif kind == "G":
+            settings.append((name, text))
+    return statements, settings
 
 
 async def restore_session_state(

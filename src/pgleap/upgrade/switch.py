@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.errors import PgleapError
 from pgleap.proxy.route import Database, reverse_name
-from pgleap.proxy.session_state import ServerState
+from pgleap.proxy.session_state import STATE_TIMEOUT, ServerState
 from pgleap.upgrade.compat.facts import facts_for
 from pgleap.upgrade.copy.connect import connect, version_num
 from pgleap.upgrade.copy.sequences import copy_sequences
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 Side = Literal["source", "target"]
 CATALOG_WAIT = 10.0  # seconds the new direction's catalog may take to load, before the pause
-STATE_TIMEOUT = 2.0  # seconds one session's connection may take to say what it holds
 HOLDER_POLL = 0.5  # seconds between asking the sessions that cannot move yet
 
 

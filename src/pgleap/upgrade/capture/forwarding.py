@@ -1081,10 +1081,12 @@ class CapturingForwarder(Forwarder):
                 self.capture.catalog.transaction_ended(self.session.id)
         self.assembler.ready(status)
 
-    def session_state(self) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
-        """The client's named prepared statements (its own text, never pgleap's rewrite) and last known settings."""
+    async def state_to_move(self) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
+        """The client's named prepared statements (its own text, never pgleap's rewrite) and, from the server,
+        every setting the session changed (the probe sees only those replay needs)."""
         statements = [(name, p.sql, p.param_types) for name, p in self.prepared.items() if name]
-        return statements, list(self.assembler.settings)
+        found = await self._movable_from_server()
+        return statements, found[1] if found is not None else list(self.assembler.settings)
 
     def close(self, error: bytes | None = None) -> None:
         """Close the session; a DDL transaction it left open no longer holds row images back."""
