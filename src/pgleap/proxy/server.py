@@ -84,15 +84,15 @@ class Proxy:
                 database.route.switch(database.upgrade.target, "target")
                 log.info("database %s: routed to its target %s since cutover", name, database.upgrade.target.describe())
                 self.spawn(self._learn_source_version(database))
+        if store is not None and store.capturing():
+            # Capture was on when pgleap stopped (or was killed): on again before the first client comes back.
+            for note in self.start_capture():
+                log.info("resuming capture: %s", note)
         self._server = await asyncio.start_server(
             self._accept, proxy.listen_addr, proxy.listen_port, limit=2**20, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("pgleap listening on %s:%s", proxy.listen_addr, self.port)
-        if store is not None and store.capturing():
-            # Capture was on when pgleap stopped (or was killed): every write from now on is captured again.
-            for note in self.start_capture():
-                log.info("resuming capture: %s", note)
         if store is not None:
             from pgleap.upgrade.phases import RESUMED, Phase
 
