@@ -359,8 +359,18 @@ class Proxy:
             if database.capture is not None and database.capture.catalog is not None:
                 await database.capture.catalog.stop()
         await self._close_changelog()
+        await self._end_background_tasks()
         self._stopped.set()
         log.info("pgleap stopped")
+
+    async def _end_background_tasks(self) -> None:
+        """What is still running in the background (a watcher between two checks) ends with the proxy,
+        rather than being destroyed pending when the loop closes."""
+        current = asyncio.current_task()
+        left = [task for task in self._tasks if task is not current and not task.done()]
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
 
     async def _close_changelog(self) -> None:
         """Make every settle durable before exiting, so that a clean stop leaves nothing pending to recover."""
