@@ -174,6 +174,18 @@ def test_a_table_with_rules_is_replayed_as_statements(env: CapturingPair) -> Non
     assert env.capture.inserts_without_image == 1
 
 
+def timed_insert(env: CapturingPair, worker: int) -> tuple[float, list[bool]]:
+    """One autocommit INSERT through the proxy: seconds until answered, and whether each logged statement
+    carries row images."""
+    started = time.monotonic()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO orders (worker) VALUES (%s)", (worker,))
+    held = time.monotonic() - started
+    env.drain()
+    statements = [s for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements]
+    return held, [s.images is not None for s in statements]
+
+
 class _SlowCatalog(SourceCatalog):
     """A source catalog whose loads take a second longer, as a busy source's would."""
 
@@ -194,13 +206,8 @@ def test_an_insert_waits_for_the_first_catalog_load(env: CapturingPair) -> None:
         env.capture.catalog.start()
 
     env.proxy.call(reload_slowly())
-    started = time.monotonic()
-    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
-        conn.execute("INSERT INTO orders (worker) VALUES (7)")
-    held = time.monotonic() - started
-    env.drain()
-    statements = [s for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements]
-    assert [s.images is not None for s in statements] == [True]
+    held, with_images = timed_insert(env, 7)
+    assert with_images == [True]
     assert env.capture.inserts_without_image == 0
     assert held >= 0.5, f"the INSERT was answered after {held:.2f} s, before the catalog could have loaded"
 
@@ -218,13 +225,8 @@ def test_a_catalog_the_source_refuses_holds_no_insert(env: CapturingPair) -> Non
         env.capture.catalog = catalog
 
     env.proxy.call(refused())
-    started = time.monotonic()
-    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
-        conn.execute("INSERT INTO orders (worker) VALUES (8)")
-    held = time.monotonic() - started
-    env.drain()
-    statements = [s for r in env.changelog.read_committed("app", 0, 100) for s in r.transaction.statements]
-    assert [s.images for s in statements] == [None]
+    held, with_images = timed_insert(env, 8)
+    assert with_images == [False]
     assert env.capture.inserts_without_image == 1
     assert held < 5, f"the INSERT waited {held:.2f} s for a catalog the source refuses"
 
