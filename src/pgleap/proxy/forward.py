@@ -21,6 +21,7 @@ from pgleap.proxy.session_state import (
     MOVABLE_STATE_SQL,
     SERVER_STATE_SQL,
     STATE_TIMEOUT,
+    MovableState,
     ServerState,
     ServerStateReader,
     movable_state,
@@ -309,14 +310,12 @@ class Forwarder:
             self._server_side.data_received = self.from_server  # type: ignore[method-assign]
             self.server_transport.set_protocol(self._server_side)
 
-    async def state_to_move(self) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
+    async def state_to_move(self) -> MovableState:
         """What must move with the session to another server: (named prepared statements, settings), asked
         of its server (MOVABLE_STATE_SQL) just before it moves; nothing when the old server cannot answer."""
         return await self._movable_from_server() or ([], [])
 
-    async def _movable_from_server(
-        self,
-    ) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]] | None:
+    async def _movable_from_server(self) -> MovableState | None:
         try:
             rows = await self._ask_own_server(MOVABLE_STATE_SQL, STATE_TIMEOUT)
         except Exception as exc:  # the old server is gone: the session moves with what pgleap knows

@@ -6,9 +6,8 @@ What cannot move is found out first (`SERVER_STATE_SQL`, asked on the session's 
 temporary table, a cursor held open across transactions, a session advisory lock. A switch waits for
 sessions holding one (upgrade/switch.py) rather than drop it under the client.
 
-A capturing session knows its statements and settings from what it decoded. A session that is not
-captured (a read-only one on the target during the gradual shift) asks its server instead
-(`MOVABLE_STATE_SQL`) just before it moves.
+Just before it moves, a session asks its old server what it set (`MOVABLE_STATE_SQL`), and, unless it
+is captured (a capturing session knows the client's own statement texts), what it prepared.
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ log = logging.getLogger(__name__)
 _MAX_ANSWER = 1 << 24
 STATE_TIMEOUT = 2.0  # seconds one session's connection may take to say what it holds
 _FIRST_USER_OID = 16384  # user type OIDs differ between servers: let the new server infer those
+# (named prepared statements as (name, text, parameter type OIDs), settings as (name, value))
+MovableState = tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]
 
 
 # At a transaction boundary only cursors declared WITH HOLD are open; pg_listening_channels() answers the
@@ -123,9 +124,7 @@ class ServerStateReader(asyncio.Protocol):
             self.answer.set_exception(ConnectionError("the server closed the connection"))
 
 
-def movable_state(
-    rows: list[list[str | None]],
-) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
+def movable_state(rows: list[list[str | None]]) -> MovableState:
     """MOVABLE_STATE_SQL's rows as restore_session_state takes them: (statements, settings)."""
     statements: list[tuple[str, str, tuple[int, ...]]] = []
     settings: list[tuple[str, str]] = []

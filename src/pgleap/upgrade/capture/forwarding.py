@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, cast
 from pgleap.protocol import codes
 from pgleap.protocol.messages import error_response, message, text_row
 from pgleap.proxy.forward import _IDLE, _VALID_FRONTEND, Forwarder, _now
+from pgleap.proxy.session_state import MovableState
 from pgleap.store.records import CapturedTransaction
 from pgleap.upgrade.capture.catalog import SourceCatalog
 from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
@@ -1081,7 +1082,7 @@ class CapturingForwarder(Forwarder):
                 self.capture.catalog.transaction_ended(self.session.id)
         self.assembler.ready(status)
 
-    async def state_to_move(self) -> tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]:
+    async def state_to_move(self) -> MovableState:
         """The client's named prepared statements (its own text, never pgleap's rewrite) and, from the server,
         every setting the session changed (the probe sees only those replay needs)."""
         statements = [(name, p.sql, p.param_types) for name, p in self.prepared.items() if name]

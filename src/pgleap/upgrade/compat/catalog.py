@@ -99,7 +99,10 @@ def large_object_data_sql(facts: Facts) -> str:
     """The bytes of large object $1 (server-side functions, so it works inside the snapshot)."""
     del facts
     # lo_get is 9.4+; the page table is readable by superusers on every major and stays in the snapshot.
-    return "SELECT coalesce(string_agg(data, ''::bytea ORDER BY pageno), ''::bytea) FROM pg_largeobject WHERE loid = $1::bigint::oid"
+    return (
+        "SELECT coalesce(string_agg(data, ''::bytea ORDER BY pageno), ''::bytea)"
+        " FROM pg_largeobject WHERE loid = $1::bigint::oid"
+    )
 
 
 def key_bounds_sql(qualified_name: str, column: str) -> str:
