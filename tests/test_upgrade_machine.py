@@ -25,6 +25,7 @@ from pgleap.lab import LabServer
 from pgleap.testing import ProxyProcess
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.gates import GateInputs, cutover_gates, shut
+from pgleap.upgrade.machine import cancel_until_done
 from pgleap.upgrade.phases import Phase, PhaseError, check_move
 
 from conftest import ReconnectingWriters, pgbench_database, server_config, show, tool, wait_for
@@ -504,3 +505,30 @@ def test_statements_prepared_before_capture_are_captured(tmp_path: Path, pg_old:
         pgleap.stop()
     assert int(row["transactions"]) > 0, row
     assert row["unreplayable"] == "0" and row["log_pending"] == "0", row
+
+
+def test_a_drive_that_swallows_a_cancellation_is_still_stopped() -> None:
+    """stop() cancels again until the drive task has ended, even when a cancellation is lost inside it."""
+
+    async def main() -> tuple[int, float]:
+        lost = 0
+
+        async def drive() -> None:
+            nonlocal lost
+            while True:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    if lost:
+                        raise
+                    lost += 1  # the first cancellation is swallowed, as a buggy await inside the drive would
+
+        task = asyncio.get_running_loop().create_task(drive())
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await asyncio.wait_for(cancel_until_done(task, 0.1), 5)
+        assert task.cancelled()
+        return lost, time.monotonic() - started
+
+    lost, seconds = asyncio.run(main())
+    assert lost == 1 and seconds < 2, (lost, seconds)

@@ -42,6 +42,20 @@ CUT_OVER_ACTIVITY = "cut over: clients use the target; their writes are logged f
 CUTOVER_MAX_LAG = 3.0  # the lag gate (the pause itself waits for lag 0, bounded by SWITCH_TIMEOUT)
 SESSIONS_WAIT = 60.0  # seconds to wait for every session to capture before the copy
 RETRY_AFTER = 5.0  # seconds before a failed phase step is tried again
+CANCEL_AGAIN = 1.0  # seconds before a drive task that did not end is cancelled once more
+
+
+async def cancel_until_done(task: asyncio.Task[Any], every: float) -> None:
+    """Cancel `task`, again every `every` seconds until it has ended (its own exception, if any, is raised).
+
+    A cancellation can be lost (a wait_for racing its inner future on Python 3.11, a suppress that swallows
+    it): once, in CI, the drive went on verifying while INITIATE CUTOVER waited for it to stop, for good.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @dataclass(frozen=True)
@@ -186,9 +200,7 @@ class UpgradeMachine:
     async def stop(self) -> None:
         """Stop the drive task (the phase stays as persisted: a later start resumes it)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_until_done(self._task, CANCEL_AGAIN)
             self._task = None
 
     def status(self) -> UpgradeStatus:

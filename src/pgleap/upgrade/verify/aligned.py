@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,10 +50,17 @@ async def at_same_point(
                 finally:
                     # Missed point, or this task cancelled: the read must be over before the transaction ends,
                     # or its ROLLBACK meets a query still running on the connection.
-                    if not reading.done():
-                        reading.cancel()
-                        with contextlib.suppress(BaseException):
-                            await reading
+                    reading.cancel()
+                    cancelled = False
+                    while not reading.done():
+                        try:
+                            await asyncio.wait({reading})
+                        except asyncio.CancelledError:
+                            cancelled = True  # this task's own: passed on once the read is over, never swallowed
+                    if not reading.cancelled():
+                        reading.exception()  # retrieved: the point's outcome says what went wrong
+                    if cancelled:
+                        raise asyncio.CancelledError
         except BaseException:
             request.cancel()
             raise
