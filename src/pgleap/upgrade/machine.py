@@ -18,7 +18,6 @@ resumes from its chunks, replay from the target's applied position, verification
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pgleap.upgrade.autorollback import SAMPLE_INTERVAL, ErrorWindow, RollbackPo
 from pgleap.upgrade.gates import Gate, GateInputs, cutover_gates, describe, shut
 from pgleap.upgrade.phases import RESUMED, Phase, check_move
 from pgleap.upgrade.switch import SwitchReport, direction, switch
+from pgleap.upgrade.tasks import cancel_until_done
 
 if TYPE_CHECKING:
     from pgleap.proxy.server import Proxy
@@ -43,19 +43,6 @@ CUTOVER_MAX_LAG = 3.0  # the lag gate (the pause itself waits for lag 0, bounded
 SESSIONS_WAIT = 60.0  # seconds to wait for every session to capture before the copy
 RETRY_AFTER = 5.0  # seconds before a failed phase step is tried again
 CANCEL_AGAIN = 1.0  # seconds before a drive task that did not end is cancelled once more
-
-
-async def cancel_until_done(task: asyncio.Task[Any], every: float) -> None:
-    """Cancel `task`, again every `every` seconds until it has ended (its own exception, if any, is raised).
-
-    A cancellation can be lost (a wait_for racing its inner future on Python 3.11, a suppress that swallows
-    it): once, in CI, the drive went on verifying while INITIATE CUTOVER waited for it to stop, for good.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=every)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 @dataclass(frozen=True)

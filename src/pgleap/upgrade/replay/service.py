@@ -24,6 +24,7 @@ from pgleap.upgrade.replay.ddl_queue import Decision
 from pgleap.upgrade.replay.errors import ReplayError
 from pgleap.upgrade.replay.journal import ApplyJournal
 from pgleap.upgrade.replay.lag import ReplayLag
+from pgleap.upgrade.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +197,7 @@ class ReplayService:
             await asyncio.wait_for(asyncio.shield(run.task), STOP_TIMEOUT)
         except TimeoutError:
             # Cancelling mid-batch is safe: the applied position commits with the changes it covers.
-            run.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run.task
+            await cancel_until_done(run.task, STOP_TIMEOUT)
         if run.sampler is not None:
             await asyncio.wait({run.sampler})
         return f"database {database}: stopped at position {run.replayer.position}"
