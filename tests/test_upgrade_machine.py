@@ -113,6 +113,12 @@ SLOW_WRITE = (
     "UPDATE pgbench_accounts SET filler = filler WHERE aid = 1 AND (SELECT 1 FROM pg_sleep(CASE WHEN "
     f"current_setting('server_version_num')::int >= 180000 THEN {SLOW_ON_TARGET} ELSE 0 END)) = 1"
 )
+# Catching up ends once the oldest unreplayed write is under CATCH_UP_LAG (1 s) old: the slow write must be
+# older than that when the copy ends, so the copy must outlast it. On a fast day scale 3 copies in 1 s.
+BALLAST = (
+    "CREATE TABLE ballast AS SELECT g AS id, repeat('x', 100) AS pad FROM generate_series(1, 2000000) g;"
+    "ALTER TABLE ballast ADD PRIMARY KEY (id)"
+)
 RESTART_PHASES = ["initializing", "copying", "catching_up", "mirroring", "cutover_ready"]
 MOVES_TO_CUTOVER_READY = [
     (None, "initializing"),
@@ -153,6 +159,8 @@ def test_kill9_in_a_phase_goes_on_from_it(
     bench: subprocess.Popen[str] | None = None
     held: psycopg.Connection[Any] | None = None
     try:
+        if kill_in == "catching_up":
+            pg_old.psql(BALLAST, dbname=source_db)
         pgleap.wait_accepting()
         bench = pgbench(pgleap.dsn())
         if kill_in == "initializing":
@@ -206,7 +214,8 @@ def test_kill9_in_a_phase_goes_on_from_it(
             assert status["phase"] == "cut_over" and status["routed_to"] == "target", status
         else:
             assert moves == MOVES_TO_CUTOVER_READY, history
-            assert status["blocked_by"] is None and status["tables_verified"] == "4", status
+            tables = 5 if kill_in == "catching_up" else 4  # pgbench's, and the ballast
+            assert status["blocked_by"] is None and status["tables_verified"] == str(tables), status
             assert status["tables_differing"] == "0", status
         assert f"resuming the upgrade: database app: upgrade resuming in phase {kill_in}" in restarted.output()
     finally:
