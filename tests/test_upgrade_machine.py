@@ -22,11 +22,11 @@ import psycopg
 import pytest
 
 from pgleap.lab import LabServer
+from pgleap.tasks import cancel_until_done
 from pgleap.testing import ProxyProcess
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.gates import GateInputs, cutover_gates, shut
 from pgleap.upgrade.phases import Phase, PhaseError, check_move
-from pgleap.upgrade.tasks import cancel_until_done
 
 from conftest import ReconnectingWriters, pgbench_database, server_config, show, tool, wait_for
 from conftest import console as open_console

@@ -18,6 +18,7 @@ from pgleap.proxy.read_shift import READ_SHIFT_PHASES, ReadShiftForwarder
 from pgleap.proxy.route import READ_SHIFT_ROLE, Database
 from pgleap.proxy.session import Session
 from pgleap.store import StateStore
+from pgleap.tasks import cancel_until_done
 
 if TYPE_CHECKING:
     from pgleap.admin.console import AdminConsole
@@ -368,9 +369,7 @@ class Proxy:
         rather than being destroyed pending when the loop closes."""
         current = asyncio.current_task()
         left = [task for task in self._tasks if task is not current and not task.done()]
-        for task in left:
-            task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
+        await asyncio.gather(*(cancel_until_done(task, 1.0) for task in left), return_exceptions=True)
 
     async def _close_changelog(self) -> None:
         """Make every settle durable before exiting, so that a clean stop leaves nothing pending to recover."""

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 from pgleap.config import CutoverConfig
 from pgleap.errors import PgleapError
 from pgleap.store.state import StateStore
+from pgleap.tasks import cancel_until_done
 from pgleap.upgrade.autorollback import SAMPLE_INTERVAL, ErrorWindow, RollbackPolicy, Sample
 from pgleap.upgrade.gates import Gate, GateInputs, cutover_gates, describe, shut
 from pgleap.upgrade.phases import RESUMED, Phase, check_move
 from pgleap.upgrade.switch import SwitchReport, direction, switch
-from pgleap.upgrade.tasks import cancel_until_done
 
 if TYPE_CHECKING:
     from pgleap.proxy.server import Proxy

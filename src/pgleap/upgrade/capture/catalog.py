@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import asyncpg
 
 from pgleap.config import ServerConfig
+from pgleap.tasks import cancel_until_done
 from pgleap.upgrade.compat.facts import PG12, facts_for
 from pgleap.upgrade.compat.images import image_columns_sql, image_inherits_sql, image_readers_sql
 from pgleap.upgrade.copy.connect import connect, version_num
-from pgleap.upgrade.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class SourceCatalog:
         """Stop refreshing, waiting until the refresh task has ended (a load in flight is abandoned)."""
         task, self._task = self._task, None
         if task is not None:
-            await cancel_until_done(task, 1.0)  # its wait_for may lose a cancellation (upgrade/tasks.py)
+            await cancel_until_done(task, 1.0)  # its wait_for may lose a cancellation (pgleap/tasks.py)
 
     async def load_once(self) -> bool:
         """Load now; False (with `last_error`) when the source could not be read."""

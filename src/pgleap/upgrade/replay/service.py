@@ -19,12 +19,12 @@ from typing import Any
 from pgleap.config import UpgradeConfig
 from pgleap.store.changelog import ChangeLog
 from pgleap.store.state import StateStore
+from pgleap.tasks import cancel_until_done
 from pgleap.upgrade.replay.applier import Replayer, ReplayStatus
 from pgleap.upgrade.replay.ddl_queue import Decision
 from pgleap.upgrade.replay.errors import ReplayError
 from pgleap.upgrade.replay.journal import ApplyJournal
 from pgleap.upgrade.replay.lag import ReplayLag
-from pgleap.upgrade.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Stopping the upgrade's background tasks for certain."""
+"""Stopping background tasks for certain."""
 
 from __future__ import annotations
 
