@@ -313,11 +313,12 @@ class Forwarder:
     async def state_to_move(self) -> MovableState:
         """What must move with the session to another server: (named prepared statements, settings), asked
         of its server (MOVABLE_STATE_SQL) just before it moves; nothing when the old server cannot answer."""
-        return await self._movable_from_server() or ([], [])
+        return await self._movable_from_server(MOVABLE_STATE_SQL) or ([], [])
 
-    async def _movable_from_server(self) -> MovableState | None:
+    async def _movable_from_server(self, sql: str) -> MovableState | None:
+        """MOVABLE_STATE_SQL (or SESSION_SETTINGS_SQL) asked of the old server; None when it cannot answer."""
         try:
-            rows = await self._ask_own_server(MOVABLE_STATE_SQL, STATE_TIMEOUT)
+            rows = await self._ask_own_server(sql, STATE_TIMEOUT)
         except Exception as exc:  # the old server is gone: the session moves with what pgleap knows
             log.warning("session %s: the old server did not say what the session set: %s", self.session.id, exc)
             return None

@@ -6,8 +6,9 @@ What cannot move is found out first (`SERVER_STATE_SQL`, asked on the session's 
 temporary table, a cursor held open across transactions, a session advisory lock. A switch waits for
 sessions holding one (upgrade/switch.py) rather than drop it under the client.
 
-Just before it moves, a session asks its old server what it set (`MOVABLE_STATE_SQL`), and, unless it
-is captured (a capturing session knows the client's own statement texts), what it prepared.
+Just before it moves, a session asks its old server what it set and what it prepared (`MOVABLE_STATE_SQL`);
+a capturing session, which knows the client's own statement texts, asks only what it set
+(`SESSION_SETTINGS_SQL`).
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ SERVER_STATE_SQL = (
 # protocol-level prepared statement, ('G', name, value, NULL) for a SET. SQL-level PREPAREs are left out
 # (their text is the client's whole query string, which may hold other statements); startup parameters
 # (source 'client') go with the new connection's startup packet. Every column here exists on 9.0 and later.
+SESSION_SETTINGS_SQL = "SELECT 'G', name, current_setting(name), NULL FROM pg_settings WHERE source = 'session'"
 MOVABLE_STATE_SQL = (
     "SELECT 'S', name, statement, parameter_types::oid[]::text FROM pg_prepared_statements WHERE NOT from_sql"
-    " UNION ALL SELECT 'G', name, current_setting(name), NULL FROM pg_settings WHERE source = 'session'"
+    f" UNION ALL {SESSION_SETTINGS_SQL}"
 )
 _FORWARDED = (
     codes.NOTICE_RESPONSE,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, cast
 from pgleap.protocol import codes
 from pgleap.protocol.messages import error_response, message, text_row
 from pgleap.proxy.forward import _IDLE, _VALID_FRONTEND, Forwarder, _now
-from pgleap.proxy.session_state import MovableState
+from pgleap.proxy.session_state import SESSION_SETTINGS_SQL, MovableState
 from pgleap.store.records import CapturedTransaction
 from pgleap.upgrade.capture.catalog import SourceCatalog
 from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
@@ -1086,7 +1086,7 @@ class CapturingForwarder(Forwarder):
         """The client's named prepared statements (its own text, never pgleap's rewrite) and, from the server,
         every setting the session changed (the probe sees only those replay needs)."""
         statements = [(name, p.sql, p.param_types) for name, p in self.prepared.items() if name]
-        found = await self._movable_from_server()
+        found = await self._movable_from_server(SESSION_SETTINGS_SQL)  # the statements are known here
         return statements, found[1] if found is not None else list(self.assembler.settings)
 
     def close(self, error: bytes | None = None) -> None:
