@@ -176,6 +176,61 @@ def test_replay_applies_the_captured_workload(env: Env) -> None:
     assert env.counter(env.target) == committed
 
 
+def test_a_latin1_session_replays_its_parameters_and_copy_data_as_the_source_read_them(env: Env) -> None:
+    """Bind parameters and COPY data arrive in client_encoding; replay's session speaks UTF-8."""
+    snapshot = env.snapshot()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("set client_encoding to 'LATIN1'")
+        assert conn.info.encoding == "iso8859-1"
+        with conn.transaction():
+            conn.execute("insert into items (id, worker, qty) values (1, 0, 0), (2, 0, 0)")
+            # UPDATEs replay as statements with their parameters: one in text format, one in binary (text type).
+            conn.execute("update items set note = %s where id = %s", ("café crème", 1))
+            conn.execute("update items set note = %b where id = %b", ("naïve façade", 2))
+            with conn.cursor().copy("copy items (id, worker, qty, note) from stdin") as copy:
+                copy.write_row((3, 0, 0, "Zürich, Ærø"))
+            conn.execute("update counter set n = n + 1 where id = 1")
+    env.drain()
+    status, _ = replay(env, snapshot)
+    assert status.paused is None and status.divergences == 0, status
+    assert status.applied == 1
+    notes = env.target.psql("select string_agg(note, '|' order by id) from items", dbname=env.dbname)
+    assert notes == "café crème|naïve façade|Zürich, Ærø"
+    assert_equal(env)
+    assert env.capture.problems == []
+
+
+def test_a_write_whose_portal_the_client_never_finishes_is_replayed(env: Env) -> None:
+    """An UPDATE ... RETURNING fetched with a row limit, then committed: no CommandComplete ever comes."""
+    snapshot = env.snapshot()
+
+    async def go() -> None:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=env.proxy.port, user="app", password="app-secret", database="app"
+        )
+        try:
+            await conn.execute("insert into items (id, worker, qty) select g, 0, 0 from generate_series(1, 10) g")
+            async with conn.transaction():
+                cursor = await conn.cursor("update items set qty = qty + 1 where worker = 0 returning id")
+                assert len(await cursor.fetch(3)) == 3  # Execute with a row limit: PortalSuspended
+                await conn.execute("update counter set n = n + 1 where id = 1")
+            async with conn.transaction():  # resumed to its end: still logged once
+                cursor = await conn.cursor("update items set qty = qty + 10 where id <= 4 returning id")
+                assert len(await cursor.fetch(2)) == 2
+                assert len(await cursor.fetch(10)) == 2
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+    env.drain()
+    status, _ = replay(env, snapshot)
+    assert status.paused is None and status.divergences == 0, status
+    assert status.applied == 3
+    assert env.target.psql("select sum(qty) from items", dbname=env.dbname) == "50"
+    assert_equal(env)
+    assert env.capture.problems == []
+
+
 async def _copy_at_snapshot(env: Env) -> str:
     """Copy every table source -> target in one REPEATABLE READ snapshot; returns that snapshot S."""
     upgrade = env.upgrade

@@ -8,15 +8,6 @@ from dataclasses import dataclass
 _H = struct.Struct("!h")
 _I = struct.Struct("!i")
 
-# PostgreSQL client_encoding names and the Python codecs that read them. Anything else is read
-# as latin-1, which keeps every byte so that replay can send the statement back unchanged.
-CODECS = {"UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "WIN1252": "cp1252", "LATIN9": "iso8859-15"}
-
-
-def codec_for(client_encoding: str) -> str:
-    """The Python codec for a client_encoding."""
-    return CODECS.get(client_encoding.upper(), "latin-1")
-
 
 def _cstr(body: bytes, offset: int) -> tuple[bytes, int]:
     end = body.index(b"\0", offset)

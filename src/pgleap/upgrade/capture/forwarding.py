@@ -36,7 +36,8 @@ from pgleap.store.records import CapturedTransaction
 from pgleap.upgrade.capture.catalog import SourceCatalog
 from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
 from pgleap.upgrade.capture.ddl_block import blocked_command, refusal_sql
-from pgleap.upgrade.capture.decode import bind_message, codec_for, execute_portal, name_of, parse_message
+from pgleap.upgrade.capture.decode import bind_message, execute_portal, name_of, parse_message
+from pgleap.upgrade.capture.encoding import codec_for
 from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outcome, Request
 from pgleap.upgrade.capture.images import (
     ImagePlan,
@@ -77,6 +78,10 @@ CATALOG_WAIT = 30.0
 _SEP = "\n;"
 # Statements result comparison may sample: SELECTs, and texts pglast cannot parse (old syntax the source ran).
 _SAMPLED_COMMANDS = frozenset(["SelectStmt", "Unparseable"])
+
+# Statements PostgreSQL runs to completion at their first Execute even under a row limit (their RETURNING rows
+# wait in a store): a suspended portal of one has done all its writes.
+_RUN_TO_COMPLETION = frozenset(["InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"])
 
 
 @dataclass
@@ -145,7 +150,9 @@ class CapturingForwarder(Forwarder):
         self.capture = capture
         self.tracker = ExchangeTracker()
         # Tagged by the capture's name: after cutover the reverse capture logs under a name of its own.
-        self.assembler = TransactionAssembler(capture.database, self.session.id)
+        self.assembler = TransactionAssembler(
+            capture.database, self.session.id, on_problem=partial(capture.report_unreplayable, self.session.id)
+        )
         # Moving from one capture to the next (cutover, rollback), the named statements were prepared again on
         # the new server with the client's own text (proxy/session_state.py): known now, without row images.
         before: dict[str, _Prepared] = getattr(self, "prepared", {})
@@ -211,8 +218,12 @@ class CapturingForwarder(Forwarder):
         return lambda sql: adapter.adapt(sql, source, target)
 
     @property
+    def _client_encoding(self) -> str:
+        return self.session.parameters.get("client_encoding", "UTF8")
+
+    @property
     def _codec(self) -> str:
-        return codec_for(self.session.parameters.get("client_encoding", "UTF8"))
+        return codec_for(self._client_encoding)
 
     # -- client -> server ----------------------------------------------------------------
 
@@ -325,6 +336,7 @@ class CapturingForwarder(Forwarder):
             statement = self.prepared.get(bind.statement)
             # A Bind of a statement capture never saw replaces the portal all the same: never leave a stale one.
             self.portals[bind.portal] = _Portal(statement, bind.params, bind.param_formats, body)
+            self.assembler.forget_portal(bind.portal)
             if statement is not None and statement.image is not None:
                 raw = message(kind, client_bind(body, statement.image))  # the image columns come back in text
             self._send(Request(kind), raw)
@@ -337,6 +349,8 @@ class CapturingForwarder(Forwarder):
             target, name = name_of(body)
             if kind == codes.CLOSE:
                 (self.prepared if target == "S" else self.portals).pop(name, None)
+                if target != "S":
+                    self.assembler.forget_portal(name)
             plan = self._described_image(target, name) if kind == codes.DESCRIBE else None
             context: object = _ImageDescribe(plan) if plan is not None else None
             if kind == codes.DESCRIBE and plan is None and self._samples_reads():
@@ -410,7 +424,7 @@ class CapturingForwarder(Forwarder):
         parts: list[Pending | str] = []
         for info, image in zip(infos, images, strict=True):
             a.sending(info)
-            parts.append(Pending(info, image=image))
+            parts.append(Pending(info, image=image, client_encoding=self._client_encoding))
         text = sql
         may_probe = parseable and not no_block and self._probe_allowed() and not self._probe_inflight
         if may_probe and in_block and writes and not control and a.needs_probe():
@@ -462,7 +476,7 @@ class CapturingForwarder(Forwarder):
         parts: list[Pending | str] = [_HIDDEN]
         for info, image in zip(infos, images, strict=True):
             self.assembler.sending(info)
-            parts.append(Pending(info, image=image))
+            parts.append(Pending(info, image=image, client_encoding=self._client_encoding))
         parts.append(_PROBE)
         self._probe_inflight = True
         self._send(
@@ -612,7 +626,15 @@ class CapturingForwarder(Forwarder):
             # No client rows, or at most one (fewer than any row limit): the portal ends in this Execute, as
             # it may without a limit; the image rows all come back. Otherwise a suspension loses the image.
             raw = raw[:-4] + b"\0\0\0\0"
-        pending = Pending(info, portal.params, portal.param_formats, portal.statement.param_types, image=image)
+        pending = Pending(
+            info,
+            portal.params,
+            portal.param_formats,
+            portal.statement.param_types,
+            image=image,
+            client_encoding=self._client_encoding,
+            portal=portal_name,
+        )
         if sample is not None:
             self._samples[id(pending)] = (self._syncs_sent + 1, sample)
         if info.command == "CopyStmt" and info.kind is Kind.WRITE:
@@ -851,8 +873,13 @@ class CapturingForwarder(Forwarder):
             if self._samples and id(context) in self._samples:
                 self._execute_answer(context, kind, raw)
             if context.image is not None and kind in (codes.DATA_ROW, codes.PORTAL_SUSPENDED):
-                return self._image_answer(context.image, kind, raw)
-            if kind == _COPY_IN:
+                forward = self._image_answer(context.image, kind, raw)  # first: it marks the image incomplete
+                if kind == codes.PORTAL_SUSPENDED:
+                    self._portal_suspended(context)
+                return forward
+            if kind == codes.PORTAL_SUSPENDED:
+                self._portal_suspended(context)
+            elif kind == _COPY_IN:
                 self._copy_target = context
                 if context is self._copy_execute:
                     self._copy_answered(copy_in=True)
@@ -1022,6 +1049,17 @@ class CapturingForwarder(Forwarder):
         if self._commit_point == "copy":
             self._commit_point = None
             self._release_stash(None)
+
+    def _portal_suspended(self, pending: Pending) -> None:
+        """A writing Execute stopped at its row limit: its statement is logged now (the client may never resume)."""
+        if not pending.info.writes:
+            return
+        if pending.info.command not in _RUN_TO_COMPLETION:
+            # A SELECT calling a writing function writes as its rows are fetched; replay runs all of them.
+            self.capture.report_unreplayable(
+                self.session.id, f"a writing {pending.info.command} portal was suspended: replayed in full"
+            )
+        self.assembler.suspended(pending)
 
     def _image_answer(self, image: ImageRows, kind: int, raw: bytes) -> bool:
         """Keep a row's image, hand the client its own columns; True when the client sees `raw` as it is."""

@@ -11,10 +11,12 @@ COMMIT from that outcome.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pgleap.store.records import CapturedCheck, CapturedStatement, CapturedTransaction, encode_image
 from pgleap.upgrade.capture.classify import Kind, StatementInfo
+from pgleap.upgrade.capture.encoding import to_utf8
 from pgleap.upgrade.capture.images import ImageRows
 
 _IDLE = ord("I")
@@ -32,6 +34,8 @@ class Pending:
     param_types: tuple[int, ...] = ()
     copy_data: list[bytes] = field(default_factory=list)
     image: ImageRows | None = None  # the rows it wrote, when capture added a RETURNING clause
+    client_encoding: str = "UTF8"  # the session's when it was sent: params and COPY data are in it
+    portal: str | None = None  # the portal an Execute ran (extended protocol)
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,11 @@ class _Savepoint:
 class TransactionAssembler:
     """One session's view of its transactions, as far as capture is concerned."""
 
-    def __init__(self, database: str, session_id: int) -> None:
+    def __init__(self, database: str, session_id: int, on_problem: Callable[[str], None] | None = None) -> None:
         self.database = database
         self.session_id = session_id
+        self.on_problem = on_problem  # told what a logged statement holds that replay may not reproduce
+        self._logged_portals: set[str] = set()  # portals whose statement was logged when they were suspended
         self.explicit = False  # inside BEGIN ... COMMIT/ROLLBACK
         self.failed = False  # an error happened in the current (implicit) transaction
         self.statements: list[CapturedStatement] = []
@@ -136,22 +142,49 @@ class TransactionAssembler:
             self._end(committed=tag.startswith("COMMIT"))
         elif kind is Kind.ROLLBACK:
             self._end(committed=False)
-        elif info.writes or (kind is Kind.SESSION and self.explicit and info.setting and info.setting[1]):
-            data = b"".join(pending.copy_data) if pending.copy_data else None
-            image = pending.image
-            # An image a suspended portal left incomplete is not used: the statement is replayed instead.
-            images = encode_image(image.image()) if image is not None and image.complete else None
-            self.statements.append(
-                CapturedStatement(
-                    sql=info.text,
-                    params=pending.params,
-                    param_formats=pending.param_formats,
-                    param_types=pending.param_types,
-                    copy_data=data,
-                    tag=tag,
-                    images=images,
-                )
+        elif (info.writes or (kind is Kind.SESSION and self.explicit and info.setting and info.setting[1])) and (
+            pending.portal is None or pending.portal not in self._logged_portals  # logged when it was suspended
+        ):
+            self._append(pending, tag)
+
+    def suspended(self, pending: Pending) -> None:
+        """A writing statement's portal stopped at its row limit (PortalSuspended): log the statement now.
+
+        The client may commit without fetching the rest, and then no CommandComplete ever comes. A DML with
+        RETURNING has run to completion at its first Execute (only its rows wait), so the statement replays
+        exactly; its row count is not known yet, so it is not compared. Later Executes of the portal add nothing.
+        """
+        if pending.info.writes and pending.portal is not None and pending.portal not in self._logged_portals:
+            self._logged_portals.add(pending.portal)
+            self._append(pending, "")
+
+    def forget_portal(self, name: str) -> None:
+        """The portal `name` was closed or bound anew."""
+        self._logged_portals.discard(name)
+
+    def _append(self, pending: Pending, tag: str) -> None:
+        info = pending.info
+        data = b"".join(pending.copy_data) if pending.copy_data else None
+        image = pending.image
+        # An image a suspended portal left incomplete is not used: the statement is replayed instead.
+        images = encode_image(image.image()) if image is not None and image.complete else None
+        # Replay's session speaks UTF-8.
+        recoded = to_utf8(
+            pending.client_encoding, info.text, pending.params, pending.param_formats, pending.param_types, data
+        )
+        if recoded.problem is not None and self.on_problem is not None:
+            self.on_problem(recoded.problem)
+        self.statements.append(
+            CapturedStatement(
+                sql=info.text,
+                params=recoded.params,
+                param_formats=pending.param_formats,
+                param_types=pending.param_types,
+                copy_data=recoded.copy_data,
+                tag=tag,
+                images=images,
             )
+        )
 
     def failed_statement(self) -> None:
         """An ErrorResponse ended the current statement."""
@@ -211,6 +244,7 @@ class TransactionAssembler:
         self.failed = False
         self.statements = []
         self.savepoints = []
+        self._logged_portals.clear()  # a transaction's end closes its portals
         self.txid = None
         self.source_now = None
         self.may_write = False
