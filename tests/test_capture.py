@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pgleap.testing import ProxyThread
 from pgleap.upgrade.capture.capture import Capture
 
 from conftest import capture_into, start_proxy, tool
+from rawclient import login_md5, query_message, read_until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -186,6 +188,49 @@ def test_start_and_stop_capture_from_the_console(tmp_path: Path, pg_new: LabServ
         assert [r.transaction.txid for r in records] == [int(txid_2)]
     finally:
         proxy.stop()
+
+
+def _send_split(sock: socket.socket, data: bytes, at: int) -> list[tuple[bytes, bytes]]:
+    """`data` in two writes `at` bytes apart, 0.2 s between them; the answers up to ReadyForQuery."""
+    sock.sendall(data[:at])
+    time.sleep(0.2)  # the proxy reads the first part on its own
+    sock.sendall(data[at:])
+    return read_until_ready(sock)
+
+
+def test_messages_split_across_the_switch_into_capture_arrive_whole(tmp_path: Path, pg_new: LabServer) -> None:
+    """A session switches into capture at a message boundary, with whatever part of the next message it holds.
+
+    A message whose body was already on its way when capture switched on is forwarded whole by the plain path
+    (its transaction was not captured: the session switches after it). A partial header held at the switch is
+    completed on the capture path, and that statement is logged.
+    """
+    pg_new.psql("drop table if exists cap3; create table cap3 (id int primary key, note text)")
+    proxy = start_proxy(tmp_path, {"app": pg_new}, users={"raw": ("raw-secret", "md5")})
+    changelog = SQLiteChangeLog(tmp_path / "changes.db")
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            login_md5(sock, "raw", "raw-secret")
+            before = query_message("insert into cap3 values (1, 'begun before the switch')")
+            sock.sendall(before[:20])  # header and part of the body, on the plain path
+            time.sleep(0.2)
+            capture = capture_into(proxy, changelog, row_images=False)
+            sock.sendall(before[20:])
+            answers = read_until_ready(sock)
+            assert (b"C", b"INSERT 0 1\0") in answers, answers
+            after = query_message("insert into cap3 values (2, 'held as 3 bytes at the switch')")
+            answers = _send_split(sock, after, 3)  # a partial header: the session switches holding it
+            assert (b"C", b"INSERT 0 1\0") in answers, answers
+            answers = _send_split(sock, query_message("insert into cap3 values (3, 'split body')"), 20)
+            assert (b"C", b"INSERT 0 1\0") in answers, answers
+        assert pg_new.psql("select string_agg(id::text, ',' order by id) from cap3") == "1,2,3"
+        assert [texts for _, texts in logged(proxy, capture)] == [
+            ["insert into cap3 values (2, 'held as 3 bytes at the switch')"],
+            ["insert into cap3 values (3, 'split body')"],
+        ]
+    finally:
+        proxy.stop()
+        changelog.close()
 
 
 def _extended_copy(conn: psycopg.Connection[Any], sql: str, rows: bytes) -> psycopg.pq.ExecStatus:

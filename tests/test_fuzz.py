@@ -12,45 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgleap.lab import LabServer
-from pgleap.protocol.auth import md5_response
 from pgleap.testing import ProxyThread
 
 from conftest import start_proxy
+from rawclient import login_md5
 
 pytestmark = pytest.mark.integration
 
 FUZZ_USER, FUZZ_PASSWORD = "fuzz", "fuzz-secret"
 FRONTEND_TYPES = b"QPBEDCSHFdcfX"
-
-
-def _recv_until_auth_ok(sock: socket.socket) -> None:
-    """Read the md5 challenge, answer it, and read up to the first ReadyForQuery."""
-    header = _recv_exact(sock, 9)
-    assert header[:1] == b"R" and struct.unpack("!i", header[5:9])[0] == 5, header
-    salt = _recv_exact(sock, 4)
-    answer = md5_response(FUZZ_USER, FUZZ_PASSWORD, salt).encode() + b"\0"
-    sock.sendall(b"p" + struct.pack("!I", len(answer) + 4) + answer)
-    while True:
-        kind, length = struct.unpack("!cI", _recv_exact(sock, 5))
-        _recv_exact(sock, length - 4)
-        if kind == b"Z":
-            return
-        assert kind in b"RSKN", kind
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
-
-
-def _startup() -> bytes:
-    body = struct.pack("!i", 196608) + b"user\0" + FUZZ_USER.encode() + b"\0database\0app\0\0"
-    return struct.pack("!i", len(body) + 4) + body
 
 
 def _drain(sock: socket.socket, seconds: float) -> None:
@@ -112,8 +82,7 @@ def test_fuzzed_messages_do_not_kill_the_proxy_or_leak(fuzz_proxy: ProxyThread, 
     def fuzz(after_login: bool, messages: list[bytes]) -> None:
         with socket.create_connection(("127.0.0.1", fuzz_proxy.port), timeout=10) as sock:
             if after_login:
-                sock.sendall(_startup())
-                _recv_until_auth_ok(sock)
+                login_md5(sock, FUZZ_USER, FUZZ_PASSWORD)
             seen["post_auth" if after_login else "pre_auth"] += 1
             try:
                 sock.sendall(b"".join(messages))
@@ -145,8 +114,7 @@ async def _session_count(p: ProxyThread) -> int:
 def test_oversized_message_gets_protocol_error(fuzz_proxy: ProxyThread) -> None:
     """A message declaring more than max_message_size closes that connection with SQLSTATE 08P01."""
     with socket.create_connection(("127.0.0.1", fuzz_proxy.port), timeout=10) as sock:
-        sock.sendall(_startup())
-        _recv_until_auth_ok(sock)
+        login_md5(sock, FUZZ_USER, FUZZ_PASSWORD)
         sock.sendall(b"Q" + struct.pack("!I", 50_000_000) + b"select")
         reply = b""
         sock.settimeout(10)
