@@ -146,3 +146,15 @@ def test_extended_parameters_and_copy_data_are_kept() -> None:
     (tx,) = take_committed(a)
     assert tx.statements[0].params == (b"1", None) and tx.statements[0].param_types == (23, 25)
     assert tx.statements[1].copy_data == b"1\n2\n" and tx.statements[1].tag == "COPY 2"
+
+
+def test_set_local_is_replayed_but_not_set_local_client_encoding() -> None:
+    """Replay re-runs a transaction's SET LOCAL; its session stays UTF-8, which capture re-encodes to."""
+    a = TransactionAssembler("app", 1)
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "set local timezone = 'UTC'", ["SET"], T)
+    run(a, "set local client_encoding = 'LATIN1'", ["SET"], T)
+    run(a, "set local names 'LATIN1'", ["SET"], T)
+    run(a, "insert into t values (1)", ["INSERT 0 1"], T)
+    run(a, "commit", ["COMMIT"], I)
+    assert committed_sql(a) == [["set local timezone = 'UTC'", "insert into t values (1)"]]

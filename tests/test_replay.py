@@ -190,12 +190,16 @@ def test_a_latin1_session_replays_its_parameters_and_copy_data_as_the_source_rea
             with conn.cursor().copy("copy items (id, worker, qty, note) from stdin") as copy:
                 copy.write_row((3, 0, 0, "Zürich, Ærø"))
             conn.execute("update counter set n = n + 1 where id = 1")
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn, conn.transaction():
+        # For one transaction only: replay must not run this SET LOCAL (its session stays UTF-8).
+        conn.execute("set local client_encoding to 'WIN1252'")
+        conn.execute("update items set note = note || %s where id = %s", (" €", 3))
     env.drain()
     status, _ = replay(env, snapshot)
     assert status.paused is None and status.divergences == 0, status
-    assert status.applied == 1
+    assert status.applied == 2
     notes = env.target.psql("select string_agg(note, '|' order by id) from items", dbname=env.dbname)
-    assert notes == "café crème|naïve façade|Zürich, Ærø"
+    assert notes == "café crème|naïve façade|Zürich, Ærø €"
     assert_equal(env)
     assert env.capture.problems == []
 

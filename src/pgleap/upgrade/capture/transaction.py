@@ -142,7 +142,7 @@ class TransactionAssembler:
             self._end(committed=tag.startswith("COMMIT"))
         elif kind is Kind.ROLLBACK:
             self._end(committed=False)
-        elif (info.writes or (kind is Kind.SESSION and self.explicit and info.setting and info.setting[1])) and (
+        elif (info.writes or (kind is Kind.SESSION and self.explicit and _replayed_local(info))) and (
             pending.portal is None or pending.portal not in self._logged_portals  # logged when it was suspended
         ):
             self._append(pending, tag)
@@ -257,6 +257,11 @@ class TransactionAssembler:
         """The transactions that ended since the last call, oldest first."""
         out, self.ended = self.ended, []
         return out
+
+
+def _replayed_local(info: StatementInfo) -> bool:
+    """A SET LOCAL replay must run too; not client_encoding: capture re-encodes to the UTF-8 replay speaks."""
+    return info.setting is not None and info.setting[1] and info.setting[0].lower() != "client_encoding"
 
 
 def _snapshot_level(text: str) -> bool:
