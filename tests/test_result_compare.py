@@ -262,6 +262,16 @@ def test_no_false_mismatch_while_writers_run(env: Env) -> None:
     assert m.total + m.inconclusive + m.dropped + sum(m.skipped.values()) == done, (done, m)
 
 
+def test_a_latin1_sessions_parameters_are_compared_as_the_source_read_them(env: Env) -> None:
+    """Both servers run the sample again in UTF-8 sessions: its parameters are re-encoded, not sent as bytes."""
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as app:
+        app.execute("SET client_encoding TO 'LATIN1'")
+        assert app.execute("SELECT %s::text || 'x' AS v", ("crème",)).fetchone() == ("crèmex",)
+    env.settle()
+    queries = {q.example: q for q in env.validator.queries()}
+    assert queries["SELECT $1::text || 'x' AS v"].counts == {"match": 1}
+
+
 def test_extended_protocol_reads_are_compared(env: Env) -> None:
     """Bound parameters (unnamed and prepared statements) are sent again to the target; binary results are dropped."""
     with psycopg.connect(env.proxy.dsn(), autocommit=True) as app:  # prepares a query after 5 runs

@@ -37,7 +37,7 @@ from pgleap.upgrade.capture.catalog import SourceCatalog
 from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
 from pgleap.upgrade.capture.ddl_block import blocked_command, refusal_sql
 from pgleap.upgrade.capture.decode import bind_message, execute_portal, name_of, parse_message
-from pgleap.upgrade.capture.encoding import codec_for
+from pgleap.upgrade.capture.encoding import codec_for, to_utf8
 from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outcome, Request
 from pgleap.upgrade.capture.images import (
     ImagePlan,
@@ -943,8 +943,14 @@ class CapturingForwarder(Forwarder):
             if sample is not None and portal is not None:
                 statement = portal.statement
                 assert statement is not None
+                # Run again in UTF-8 sessions on both servers: the parameters as the source read them.
+                recoded = to_utf8(
+                    self._client_encoding, sql, portal.params, portal.param_formats, statement.param_types, None
+                )
+                if recoded.problem is not None:
+                    return None  # not sampled: it could not be sent as the client meant it
                 sample.extended(
-                    portal.params,
+                    recoded.params,
                     portal.param_formats,
                     statement.param_types,
                     portal.bind,
