@@ -77,3 +77,6 @@ ADMIN_SHUTDOWN = "57P01"
 FEATURE_NOT_SUPPORTED = "0A000"
 SYNTAX_ERROR = "42601"
 QUERY_CANCELED = "57014"
+
+# The first OID of objects users create (FirstNormalObjectId): type OIDs from here on differ between servers.
+FIRST_USER_OID = 16384

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 _MAX_ANSWER = 1 << 24
 STATE_TIMEOUT = 2.0  # seconds one session's connection may take to say what it holds
-_FIRST_USER_OID = 16384  # user type OIDs differ between servers: let the new server infer those
 # (named prepared statements as (name, text, parameter type OIDs), settings as (name, value))
 MovableState = tuple[list[tuple[str, str, tuple[int, ...]]], list[tuple[str, str]]]
 
@@ -156,7 +155,7 @@ async def restore_session_state(
     """
     chunks = []
     for name, sql, types in statements:
-        oids = [0 if t >= _FIRST_USER_OID else t for t in types]
+        oids = [0 if t >= codes.FIRST_USER_OID else t for t in types]
         body = cstr(name) + cstr(sql) + struct.pack(f"!h{len(oids)}I", len(oids), *oids)
         chunks.append(message(codes.PARSE, body))
     for name, value in settings:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pgleap.protocol.codes import FIRST_USER_OID
+
 # PostgreSQL client_encoding names and the Python codecs that read them. SQL_ASCII is absent on purpose: its
 # server does no conversion, so its bytes replay as they are. An encoding without a codec is read as latin-1
 # (which keeps every byte) so that classification still works, and its non-ASCII payloads are reported.
@@ -61,7 +63,6 @@ _PASS_THROUGH = frozenset(["UTF8", "SQL_ASCII"])  # nothing to re-encode
 # Built-in types whose binary wire form is text in client_encoding (their receive functions convert it): "char",
 # name, text, json, xml, bpchar, varchar, jsonb (a version byte, then text). Other built-in types are bytes.
 _STRING_TYPES = frozenset([18, 19, 25, 114, 142, 1042, 1043, 3802])
-_FIRST_USER_OID = 16384  # an enum or domain over text here is text too: from here on, the type is not known
 _BINARY_COPY = re.compile(r"\bbinary\b", re.IGNORECASE)
 
 
@@ -106,7 +107,7 @@ def to_utf8(
         if not binary or type_oid in _STRING_TYPES:
             out.append(_recode(value, codec, f"parameter ${i + 1}", problems))
         else:
-            if type_oid == 0 or type_oid >= _FIRST_USER_OID:
+            if type_oid == 0 or type_oid >= FIRST_USER_OID:
                 problems.append(f"binary parameter ${i + 1} of a type pgleap cannot tell holds non-ASCII bytes")
             out.append(value)  # bytea and the other binary forms are not text
     data = copy_data

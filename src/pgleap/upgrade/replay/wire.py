@@ -27,7 +27,6 @@ from pgleap.upgrade.replay.errors import TargetRefusedError, TransientApplyError
 
 CONNECT_TIMEOUT = 10.0
 _MAX_ANSWER = 1 << 30
-_FIRST_USER_OID = 16384  # OIDs from here on are user types: they differ between source and target
 _COPY_FROM_STDIN = re.compile(r"^\s*copy\b.*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
 _FINAL = frozenset([codes.EXECUTE, codes.QUERY, codes.SYNC])  # requests whose answer completes a slot
 _CHUNK = 1 << 20  # CopyData payloads are sent in pieces of this size
@@ -95,7 +94,7 @@ class Pipeline:
     def _parse_bind(
         self, sql: str, params: tuple[bytes | None, ...], formats: tuple[int, ...], types: tuple[int, ...], slot: Slot
     ) -> None:
-        oids = [0 if t >= _FIRST_USER_OID else t for t in types]
+        oids = [0 if t >= codes.FIRST_USER_OID else t for t in types]
         # Parse and Bind carry the slot too: an unknown table fails at Parse, a bad parameter at Bind.
         self._add(codes.PARSE, cstr("") + cstr(sql) + struct.pack(f"!h{len(oids)}I", len(oids), *oids), slot)
         bind = bytearray(cstr("") + cstr(""))

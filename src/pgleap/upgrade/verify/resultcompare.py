@@ -22,11 +22,11 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pgleap.protocol.codes import FIRST_USER_OID
 from pgleap.protocol.messages import data_row_values
 
 FLOAT4, FLOAT8, NUMERIC = 700, 701, 1700
 FLOAT4_ARRAY, FLOAT8_ARRAY = 1021, 1022
-FIRST_USER_OID = 16384  # user types have other OIDs on the target
 _MASK = (1 << 64) - 1
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|Infinity|NaN)")
 

@@ -41,7 +41,6 @@ from pgleap.upgrade.replay.snapshot import parse_snapshot
 from pgleap.upgrade.replay.wire import TargetSession
 from pgleap.upgrade.verify.fingerprint import analyse
 from pgleap.upgrade.verify.resultcompare import (
-    FIRST_USER_OID,
     Column,
     Digest,
     ResultHasher,
@@ -762,7 +761,7 @@ def _read_messages(sample: SourceSample) -> bytes:
     """The sampled read as its client sent it: a simple Query, or Parse/Bind/Describe/Execute/Sync."""
     if sample.params is None:
         return message(codes.QUERY, cstr(sample.sql))
-    oids = [0 if t >= FIRST_USER_OID else t for t in sample.param_types]  # user types have other OIDs there
+    oids = [0 if t >= codes.FIRST_USER_OID else t for t in sample.param_types]  # user types have other OIDs there
     parse = cstr("") + cstr(sample.sql) + struct.pack(f"!h{len(oids)}I", len(oids), *oids)
     bind = bytearray(cstr("") + cstr(""))
     bind += struct.pack(f"!h{len(sample.param_formats)}h", len(sample.param_formats), *sample.param_formats)
