@@ -948,7 +948,9 @@ class CapturingForwarder(Forwarder):
                     self._client_encoding, sql, portal.params, portal.param_formats, statement.param_types, None
                 )
                 if recoded.problem is not None:
-                    return None  # not sampled: it could not be sent as the client meant it
+                    # Counted, like every sample not compared: it could not be sent as the client meant it.
+                    self.proxy.validator.skip(self.database.upgrade.database, "parameters_not_reencodable")
+                    return None
                 sample.extended(
                     recoded.params,
                     portal.param_formats,
@@ -1058,14 +1060,11 @@ class CapturingForwarder(Forwarder):
 
     def _portal_suspended(self, pending: Pending) -> None:
         """A writing Execute stopped at its row limit: its statement is logged now (the client may never resume)."""
-        if not pending.info.writes:
-            return
-        if pending.info.command not in _RUN_TO_COMPLETION:
+        if self.assembler.suspended(pending) and pending.info.command not in _RUN_TO_COMPLETION:
             # A SELECT calling a writing function writes as its rows are fetched; replay runs all of them.
             self.capture.report_unreplayable(
                 self.session.id, f"a writing {pending.info.command} portal was suspended: replayed in full"
             )
-        self.assembler.suspended(pending)
 
     def _image_answer(self, image: ImageRows, kind: int, raw: bytes) -> bool:
         """Keep a row's image, hand the client its own columns; True when the client sees `raw` as it is."""

@@ -147,16 +147,18 @@ class TransactionAssembler:
         ):
             self._append(pending, tag)
 
-    def suspended(self, pending: Pending) -> None:
-        """A writing statement's portal stopped at its row limit (PortalSuspended): log the statement now.
+    def suspended(self, pending: Pending) -> bool:
+        """A writing statement's portal stopped at its row limit (PortalSuspended): log it now; True if it was.
 
         The client may commit without fetching the rest, and then no CommandComplete ever comes. A DML with
         RETURNING has run to completion at its first Execute (only its rows wait), so the statement replays
         exactly; its row count is not known yet, so it is not compared. Later Executes of the portal add nothing.
         """
-        if pending.info.writes and pending.portal is not None and pending.portal not in self._logged_portals:
-            self._logged_portals.add(pending.portal)
-            self._append(pending, "")
+        if not pending.info.writes or pending.portal is None or pending.portal in self._logged_portals:
+            return False
+        self._logged_portals.add(pending.portal)
+        self._append(pending, "")
+        return True
 
     def forget_portal(self, name: str) -> None:
         """The portal `name` was closed or bound anew."""
