@@ -60,3 +60,17 @@ def test_every_encoding_has_a_codec_python_knows() -> None:
         assert codecs.lookup(codec), name  # a LookupError here is a wrong codec name
     assert codec_for("latin1") == "latin-1"
     assert codec_for("MULE_INTERNAL") == "latin-1"  # read byte for byte; its payloads are reported
+
+
+def test_copy_format_is_read_from_the_parsed_options_not_the_text() -> None:
+    latin = "Zürich\n".encode("latin-1")
+    for binary in ("COPY t FROM STDIN BINARY", "COPY BINARY t FROM STDIN", "copy t from stdin (format BINARY)"):
+        kept = to_utf8("LATIN1", binary, (), (), (), latin)
+        assert kept.copy_data == latin and kept.problem is not None and "binary COPY" in kept.problem, binary
+    # A column, table or CSV option named "binary" is not the format: the data is text, re-encoded.
+    for text in ('COPY t ("binary") FROM STDIN', 'COPY "binary" FROM STDIN (FORMAT csv)'):
+        recoded = to_utf8("LATIN1", text, (), (), (), latin)
+        assert recoded.copy_data == "Zürich\n".encode() and recoded.problem is None, text
+    # A COPY pglast cannot parse cannot be told apart: kept as sent and reported.
+    odd = to_utf8("LATIN1", "COPY t FROM STDIN WITH OIDS WITH", (), (), (), latin)
+    assert odd.copy_data == latin and odd.problem is not None

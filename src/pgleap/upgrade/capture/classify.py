@@ -55,6 +55,13 @@ class StatementInfo:
     # Table names (unqualified) whose columns, rules or privileges this statement may change; None: any table.
     reshapes: tuple[str, ...] | None = ()
 
+    def with_text(self, text: str, start: int) -> StatementInfo:
+        """The same classification for another text of the same template (its literals differ)."""
+        # dataclasses.replace() looks up every field each time; this runs for every simple-protocol statement.
+        copy = object.__new__(StatementInfo)
+        copy.__dict__.update(self.__dict__, text=text, start=start)
+        return copy
+
     @property
     def changes_schema(self) -> bool:
         """DDL that changes what the target's schema must hold (the `ddl` setting governs it)."""
@@ -299,8 +306,10 @@ def _refuses_block(node: ast.Node) -> bool:
     return False
 
 
-# Literals, for the template a one-statement string is cached under: quoted strings and numbers.
-_LITERALS = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d*)?(?:[eE][+-]?\d+)?\b")
+# Literals, for the template a one-statement string is cached under: quoted strings, then numbers (two
+# substitutions with constant replacements: a callback per literal cost more than the rest of classify).
+_STRINGS = re.compile(r"'(?:[^']|'')*'")
+_NUMBERS = re.compile(r"\b\d+(?:\.\d*)?(?:[eE][+-]?\d+)?\b")
 # Where a literal cannot be told from its surroundings by the pattern above, the text is parsed as it is.
 _NOT_PLAIN = re.compile(r"""[\\"$]|--|/\*""")
 
@@ -318,7 +327,9 @@ def template(sql: str) -> str | None:
         body = body[:-1]
     if ";" in body or _NOT_PLAIN.search(body):
         return None
-    return _LITERALS.sub(lambda m: "''" if m.group().startswith("'") else "0", body)
+    if "'" in body:
+        body = _STRINGS.sub("''", body)  # first: a string's digits are not numbers
+    return _NUMBERS.sub("0", body)
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
@@ -333,7 +344,7 @@ def classify(sql: str) -> tuple[StatementInfo, ...]:
     text = sql.strip()
     if text.endswith(";"):
         text = text[:-1].rstrip()
-    return (replace(infos[0], text=text, start=len(sql) - len(sql.lstrip())),)
+    return (infos[0].with_text(text, len(sql) - len(sql.lstrip())),)
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
@@ -359,3 +370,20 @@ def _classify_text(sql: str) -> tuple[StatementInfo, ...]:
                 )
             )
     return tuple(infos)
+
+
+@lru_cache(maxsize=256)
+def copy_is_binary(sql: str) -> bool:
+    """Whether `sql` is a COPY in binary format; True too when it cannot be parsed (it cannot be told)."""
+    try:
+        raw = parse_sql(sql)
+    except ParseError:
+        return True
+    for stmt in raw:
+        if isinstance(stmt.stmt, ast.CopyStmt):
+            # Every spelling (FORMAT binary, WITH BINARY, the old COPY BINARY t) parses to the option format.
+            return any(
+                opt.defname == "format" and isinstance(opt.arg, ast.String) and opt.arg.sval == "binary"
+                for opt in stmt.stmt.options or ()
+            )
+    return False

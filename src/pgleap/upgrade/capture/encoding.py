@@ -9,10 +9,10 @@ known here, or binary COPY data, that holds non-ASCII bytes cannot be told apart
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from pgleap.protocol.codes import FIRST_USER_OID
+from pgleap.upgrade.capture.classify import copy_is_binary
 
 # PostgreSQL client_encoding names and the Python codecs that read them. SQL_ASCII is absent on purpose: its
 # server does no conversion, so its bytes replay as they are. An encoding without a codec is read as latin-1
@@ -63,7 +63,6 @@ _PASS_THROUGH = frozenset(["UTF8", "SQL_ASCII"])  # nothing to re-encode
 # Built-in types whose binary wire form is text in client_encoding (their receive functions convert it): "char",
 # name, text, json, xml, bpchar, varchar, jsonb (a version byte, then text). Other built-in types are bytes.
 _STRING_TYPES = frozenset([18, 19, 25, 114, 142, 1042, 1043, 3802])
-_BINARY_COPY = re.compile(r"\bbinary\b", re.IGNORECASE)
 
 
 def codec_for(client_encoding: str) -> str:
@@ -112,7 +111,7 @@ def to_utf8(
             out.append(value)  # bytea and the other binary forms are not text
     data = copy_data
     if copy_data is not None and not copy_data.isascii():
-        if _BINARY_COPY.search(sql):
+        if copy_is_binary(sql):
             problems.append("binary COPY data holds non-ASCII bytes")
         else:
             data = _recode(copy_data, codec, "COPY data", problems)
