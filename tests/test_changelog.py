@@ -115,7 +115,10 @@ def test_positions_are_gap_free_and_aborted_records_are_never_read(tmp_path: Pat
             assert log.last_position("app") == 7
             assert [r.position for r in log.read_committed("app", 3, 2)] == [4, 5]
             assert log.read_committed("other", 0, 100) == []
-            assert log.backlog("app", 5) == (2, sum(len(encode_transaction(make_tx(n))) for n in (8, 10)))
+            count, nbytes, oldest = log.backlog("app", 5)
+            assert (count, nbytes) == (2, sum(len(encode_transaction(make_tx(n))) for n in (8, 10)))
+            assert oldest is not None and time.time() - 60 < oldest <= time.time()
+            assert log.backlog("app", log.last_position("app"))[2] is None
             stats = log.stats()
             assert (stats.committed, stats.aborted, stats.pending) == (7, 3, 0)
             assert stats.healthy is True and log.healthy and log.last_error is None

@@ -198,8 +198,8 @@ class ChangeLog(abc.ABC):
         """The highest position given to a committed record of `database` (0 if none)."""
 
     @abc.abstractmethod
-    def backlog(self, database: str, after_position: int) -> tuple[int, int]:
-        """Committed records of `database` after `after_position`: (count, bytes), for lag."""
+    def backlog(self, database: str, after_position: int) -> tuple[int, int, float | None]:
+        """Committed records of `database` after `after_position`: (count, bytes, when the oldest was logged)."""
 
     @abc.abstractmethod
     def last_log_id(self) -> int:
@@ -810,13 +810,14 @@ class SQLiteChangeLog(ChangeLog):
         rows = self._read("SELECT last_position FROM log_head WHERE database = ?", (database,))
         return int(rows[0][0]) if rows else 0
 
-    def backlog(self, database: str, after_position: int) -> tuple[int, int]:
-        """Committed records of `database` after `after_position`: (count, bytes), for lag."""
-        rows = self._read(
-            "SELECT count(*), coalesce(sum(size), 0) FROM change_log WHERE database = ? AND position > ?",
+    def backlog(self, database: str, after_position: int) -> tuple[int, int, float | None]:
+        """Committed records of `database` after `after_position`: (count, bytes, when the oldest was logged)."""
+        ((count, nbytes, oldest),) = self._read(
+            "SELECT count(*), coalesce(sum(size), 0), min(prepared_at) FROM change_log "
+            "WHERE database = ? AND position > ?",
             (database, after_position),
         )
-        return int(rows[0][0]), int(rows[0][1])
+        return int(count), int(nbytes), None if oldest is None else float(oldest)
 
     def last_log_id(self) -> int:
         """The log id of the most recent prepare (0 if none): every COMMIT forwarded so far is at or below it."""

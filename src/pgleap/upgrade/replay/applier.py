@@ -183,6 +183,7 @@ class Replayer:
         self._store_sql = ""
         self._failures = 0
         self._skip_paused: ApplyError | None = None
+        self._caught_up = False  # the last step applied everything the log held (less than a batch)
         self._rate = RateMeter()
         self.ddl_queue = DDLQueue(self.database, queue_ddl)
         self._points: deque[PointRequest] = deque()
@@ -244,9 +245,9 @@ class Replayer:
 
     def lag(self) -> ReplayLag:
         """Transactions, bytes and seconds behind the log, and the recent apply rate."""
-        count, nbytes = self.changelog.backlog(self.database, self.position)
-        oldest = self.changelog.read_committed(self.database, self.position, 1) if count else []
-        seconds = max(0.0, time.time() - oldest[0].transaction.captured_at) if oldest else 0.0
+        # One aggregate, no record decoded: SHOW REPLAY and every metrics scrape ask for this.
+        count, nbytes, oldest = self.changelog.backlog(self.database, self.position)
+        seconds = max(0.0, time.time() - oldest) if oldest is not None else 0.0
         return ReplayLag(
             self.database,
             self.position,
@@ -265,6 +266,7 @@ class Replayer:
                     return
                 await _wait(stop, self.poll_interval)
                 continue
+            started = time.monotonic()
             try:
                 if self._session is None:
                     await self._connect()
@@ -278,6 +280,14 @@ class Replayer:
                 if not follow:
                     return
                 await _wait(stop, self.poll_interval)
+            elif follow and self._caught_up and not self._points:
+                # Keeping up: one batch per poll interval, not one per handful of records. Every batch costs a
+                # log read, BEGIN, the position check and COMMIT; under load, back-to-back batches held a few
+                # records each. What is left behind (a full batch, a batch cut short) or a point someone waits
+                # for goes on at once.
+                rest = self.poll_interval - (time.monotonic() - started)
+                if rest > 0:
+                    await _wait(stop, rest)
 
     def _expire_points(self) -> None:
         while self._points:
@@ -346,6 +356,7 @@ class Replayer:
         if request is not None and request.point is None:
             request.hold()  # nothing is applied while the caller takes its source snapshot
             return False
+        self._caught_up = False
         records = self.changelog.read_committed(self.database, self.position, self.batch_size)
         if request is not None and request.point is not None:
             # Only what the source point sees, until the target stands exactly there.
@@ -367,10 +378,12 @@ class Replayer:
             if skip.position == records[0].position:
                 await self._skip(records[0], skip)
                 return True
-        records = self.ddl_queue.cut(records)
+        read = len(records)
+        records = _cut_after_session_settings(self.ddl_queue.cut(records))
         if not records:
             return False  # held in front of queued DDL
-        await self._apply_batch(_cut_after_session_settings(records))
+        await self._apply_batch(records)
+        self._caught_up = len(records) == read < self.batch_size and self.paused is None
         return True
 
     # -- a source point (replay/point.py) --------------------------------------------------------

@@ -18,7 +18,7 @@ class ReplayLag:
     last_position: int
     transactions: int  # committed transactions in the log not yet applied (or skipped)
     bytes: int  # their encoded size in the log
-    seconds: float  # now - captured_at of the oldest of them (0 when caught up)
+    seconds: float  # now - when the oldest of them was logged (0 when caught up)
     apply_rate: float  # log transactions consumed per second over the last RATE_WINDOW seconds
 
 
