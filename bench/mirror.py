@@ -1,6 +1,7 @@
 """bench/mirror.py: what capture and replay cost the application, how far replay lags, how fast it drains a backlog.
 
-    .venv/bin/python bench/mirror.py [--seconds 10] [--rounds 3] [--clients 8] [--scale 10] [--backlog-seconds 60]
+    .venv/bin/python bench/mirror.py [--seconds 20] [--rounds 3] [--clients 8] [--scale 10]
+                                     [--backlog-transactions 100000]
     .venv/bin/python bench/mirror.py --quick
 
 A PostgreSQL 10 source gets `pgbench -i -s <scale>`; `pgleap run` (its own process) fronts it with a
@@ -10,8 +11,9 @@ the database (`pgleap copy`, which records the snapshot S) and starts replay (ST
 1. TPS of pgbench TPC-B (`-c 8 -j 2`) through pgleap with capture and replay off, with both on, and directly
    on the source; `--rounds` slices of `--seconds` per cell, the cell order rotating from round to round.
 2. Replay lag from SHOW REPLAY, sampled every `--sample-interval` seconds during the capture-on slices.
-3. A backlog: with replay stopped, the workload runs `--backlog-seconds` (its TPS is the write rate); then
-   START REPLAY, timed until SHOW REPLAY shows no lag: the apply rate, and its ratio to the write rate.
+3. A backlog: with replay stopped, the workload commits `--backlog-transactions` (its TPS is the write
+   rate); then START REPLAY, timed until SHOW REPLAY shows no lag: the apply rate, and its ratio to the
+   write rate.
 
 The last lines printed are `name: value`, one per figure, among them `ratio_capture_on_off_tps`,
 `replay_lag_p99_s` and `ratio_apply_backlog_write_rate`.
@@ -67,6 +69,7 @@ LABELS = {
     "direct": "direct to the source",
 }
 _START_ATTEMPTS = 3
+_BACKLOG_TIMEOUT = 3600  # seconds the workload may take to commit the backlog's transactions
 _CATCH_UP_TIMEOUT = 600.0  # seconds replay may take to drain; beyond it the figure is n/a and the report says why
 
 
@@ -89,7 +92,7 @@ class Settings:
     batch_interval: str
     bypass_check_interval: str
     log_dir: Path | None
-    backlog_seconds: int
+    backlog_transactions: int
     sample_interval: float
     warmup: int
     direct: bool
@@ -107,7 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--seconds", type=int, default=10, help="pgbench -T of one slice")
+    parser.add_argument("--seconds", type=int, default=20, help="pgbench -T of one slice")
     parser.add_argument("--rounds", type=int, default=3, help="slices per cell, the cell order rotating")
     parser.add_argument("--clients", type=int, default=8, help="pgbench -c")
     parser.add_argument("--jobs", type=int, default=2, help="pgbench -j")
@@ -130,7 +133,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         "e.g. /dev/shm to take the disk's fsync out of the figures",
     )
     parser.add_argument(
-        "--backlog-seconds", type=int, default=60, help="how long the workload builds the backlog (replay stopped)"
+        "--backlog-transactions",
+        type=int,
+        default=100_000,
+        help="transactions the workload commits to build the backlog (replay stopped), in all clients",
     )
     parser.add_argument("--sample-interval", type=float, default=0.2, help="seconds between SHOW REPLAY samples")
     parser.add_argument("--warmup", type=int, default=5, help="unreported TPC-B seconds, capture off then on")
@@ -142,13 +148,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         "writes bench/results/mirror-pgleap.prof and prints the top functions",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: scale 2, 1 round of 3 s, 5 s of backlog, 1 s warm-up"
+        "--quick", action="store_true", help="smoke run: scale 2, 1 round of 3 s, a backlog of 2,000, 1 s warm-up"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.scale, args.rounds, args.seconds, args.backlog_seconds, args.warmup = 2, 1, 3, 5, 1
-    if min(args.seconds, args.rounds, args.clients, args.jobs, args.scale, args.backlog_seconds) < 1:
-        parser.error("--seconds, --rounds, --clients, --jobs, --scale and --backlog-seconds must be positive")
+        args.scale, args.rounds, args.seconds, args.backlog_transactions, args.warmup = 2, 1, 3, 2000, 1
+    if min(args.seconds, args.rounds, args.clients, args.jobs, args.scale, args.backlog_transactions) < 1:
+        parser.error("--seconds, --rounds, --clients, --jobs, --scale and --backlog-transactions must be positive")
     if args.sample_interval <= 0:
         parser.error("--sample-interval must be positive")
     return Settings(
@@ -164,7 +170,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         batch_interval=args.batch_interval,
         bypass_check_interval=args.bypass_check_interval,
         log_dir=args.log_dir,
-        backlog_seconds=args.backlog_seconds,
+        backlog_transactions=args.backlog_transactions,
         sample_interval=args.sample_interval,
         warmup=args.warmup,
         direct=not args.no_direct,
@@ -586,8 +592,11 @@ class Rig:
     console: Console
     workdir: Path
 
-    def pgbench(self, seconds: int, cell: str) -> list[str]:
-        """pgbench TPC-B against pgleap or (cell "direct") the source itself; -n: the bench vacuums itself."""
+    def pgbench(self, seconds: int, cell: str, transactions: int | None = None) -> list[str]:
+        """pgbench TPC-B against pgleap or (cell "direct") the source itself; -n: the bench vacuums itself.
+
+        `seconds` long (-T), or until the clients have committed `transactions` between them (-t per client).
+        """
         if cell == "direct":
             where = ["-h", LOCALHOST, "-p", str(self.source.port), "-U", self.source.superuser]
         else:
@@ -603,8 +612,7 @@ class Rig:
             str(s.jobs),
             "-M",
             s.mode,
-            "-T",
-            str(seconds),
+            *(["-T", str(seconds)] if transactions is None else ["-t", str(-(-transactions // s.clients))]),
             DATABASE,
         ]
 
@@ -612,10 +620,10 @@ class Rig:
         """pgbench's password for `cell`."""
         return self.source.password if cell == "direct" else PGLEAP_USER[1]
 
-    def run(self, seconds: int, cell: str) -> PgbenchRun:
-        """One pgbench run."""
+    def run(self, seconds: int, cell: str, transactions: int | None = None) -> PgbenchRun:
+        """One pgbench run (`transactions`: run until that many, allowing `seconds` for them)."""
         return run_pgbench(
-            self.pgbench(seconds, cell),
+            self.pgbench(seconds, cell, transactions),
             {"PGPASSWORD": self.password(cell)},
             self.workdir / "pgbench_log",
             timeout=seconds + 300,
@@ -696,14 +704,16 @@ class Backlog:
 
 
 def measure_backlog(rig: Rig) -> Backlog:
-    """Stop replay, let the workload build a backlog for --backlog-seconds, then time START REPLAY to lag 0."""
+    """Stop replay, let the workload commit --backlog-transactions, then time START REPLAY to lag 0."""
     s = rig.settings
     set_mirroring(rig.console, True)
     applied_before = wait_replay(rig.console, caught_up, "replay to catch up", timeout=_CATCH_UP_TIMEOUT)
     rig.console.notes("STOP REPLAY")
     vacuum_hot_tables(rig.source, rig.target)
-    progress(f"backlog: {s.backlog_seconds} s of TPC-B through pgleap with capture on and replay stopped ...")
-    write = rig.run(s.backlog_seconds, "capture_on")
+    progress(
+        f"backlog: {s.backlog_transactions:,} TPC-B transactions through pgleap with capture on and replay stopped ..."
+    )
+    write = rig.run(_BACKLOG_TIMEOUT, "capture_on", s.backlog_transactions)
     backlog = Backlog(write)
     # The log holds a transaction before its COMMIT reaches the source, but settles it as committed right
     # after: wait until the backlog SHOW REPLAY counts has stopped growing.
@@ -891,8 +901,8 @@ def backlog_lines(s: Settings, b: Backlog) -> list[str]:
     """The backlog test's lines of the report."""
     per_tx = 1e6 * b.pgleap_cpu / b.transactions if b.transactions else float("nan")
     return [
-        f"backlog: {s.backlog_seconds} s of the workload with replay stopped: {b.write.transactions:,} "
-        f"transactions committed at {b.write_rate:.1f} tx/s (the write rate; p99 latency "
+        f"backlog: the workload with replay stopped: {b.write.transactions:,} transactions committed in "
+        f"{fmt(b.write.transactions / b.write_rate, 1)} s at {b.write_rate:.1f} tx/s (the write rate; p99 latency "
         f"{fmt(percentile(b.write.latencies_us, 0.99) / 1000, 2)} ms); the log held {b.transactions:,} of them "
         f"after S ({b.bytes / 1e6:.1f} MB)",
         f"  START REPLAY -> lag 0 in {fmt(b.drain_seconds, 2)} s (connected after {fmt(b.connect_seconds, 2)} s): "
