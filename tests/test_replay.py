@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from functools import partial
@@ -472,4 +473,72 @@ def test_two_replayers_at_once_still_apply_each_transaction_once(env: Env) -> No
     statuses = asyncio.run(go())
     assert all(s.applied_position == committed for s in statuses)
     assert env.counter(env.target) == env.counter(env.source) == committed
+    assert_equal(env)
+
+
+def _insert_events(dsn: str, first: int, *, count: int | None = None, seconds: float | None = None) -> int:
+    """One event row per autocommit transaction, `count` of them or for `seconds`; how many were written."""
+    written = 0
+    deadline = time.monotonic() + (seconds or 0.0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while (count is not None and written < count) or (seconds is not None and time.monotonic() < deadline):
+            conn.execute("insert into events (id) values (%s)", (first + written,))
+            written += 1
+    return written
+
+
+def _target_batches(env: Env, first: int, last: int) -> tuple[int, int]:
+    """(rows, target transactions that wrote them) of events first..last: each replay batch is one transaction."""
+    out = env.target.psql(
+        f"SELECT count(*), count(DISTINCT xmin::text) FROM events WHERE id BETWEEN {first} AND {last}",
+        dbname=env.dbname,
+    )
+    rows, batches = out.split("|")
+    return int(rows), int(batches)
+
+
+def test_replay_batches_once_per_poll_interval_while_it_keeps_up_and_at_once_behind(env: Env) -> None:
+    """Keeping up, one batch per poll interval (not one per handful of records); a backlog goes in full batches."""
+    snapshot = env.snapshot()
+    # A backlog of four full batches, then a 5 s poll interval: paced, it would take 15 s; it must go at once.
+    assert _insert_events(env.proxy.dsn(), 1, count=200) == 200
+    env.drain()
+
+    async def follow(poll_interval: float, batch_size: int, until: Callable[[], bool], timeout: float) -> float:
+        replayer = Replayer(env.upgrade, env.changelog, snapshot, poll_interval=poll_interval, batch_size=batch_size)
+        stop = asyncio.Event()
+        task = asyncio.create_task(replayer.run(stop))
+        started = time.monotonic()
+        try:
+            while not until():
+                assert time.monotonic() - started < timeout, f"replay did not get there in {timeout} s"
+                assert not task.done(), task.result()
+                await asyncio.sleep(0.05)
+            return time.monotonic() - started
+        finally:
+            stop.set()
+            await task
+            replayer.close()
+
+    asyncio.run(follow(5.0, 50, lambda: _target_batches(env, 1, 200)[0] == 200, timeout=10.0))
+    assert _target_batches(env, 1, 200) == (200, 4), "the backlog was not applied in full batches"
+    # Keeping up with steady writers: at most one batch per poll interval, each holding many transactions.
+    written: list[int] = []
+    writers = [
+        threading.Thread(target=lambda w=w: written.append(_insert_events(env.proxy.dsn(), w * 100_000, seconds=3.0)))
+        for w in range(1, 5)
+    ]
+    for writer in writers:
+        writer.start()
+
+    def applied_all() -> bool:
+        if any(writer.is_alive() for writer in writers):
+            return False
+        env.drain()
+        return _target_batches(env, 100_000, 500_000)[0] == sum(written)
+
+    elapsed = asyncio.run(follow(0.5, 100_000, applied_all, timeout=60.0))
+    rows, batches = _target_batches(env, 100_000, 500_000)
+    assert rows == sum(written) >= 100, f"the writers managed only {sum(written)} transactions in 3 s"
+    assert batches <= elapsed / 0.5 + 2, f"{batches} batches in {elapsed:.2f} s at a 0.5 s poll interval"
     assert_equal(env)
