@@ -282,9 +282,8 @@ class Forwarder:
                     self._switch_capture(self.database.capture)
                 if not self.gate.paused or self.closed.done():
                     break
-        except Exception as exc:  # the new server is unreachable: the client must hear why
-            log.error("session %s: cannot move to the new route: %s", self.session.id, exc)
-            self.close(error_response(f"pgleap could not switch servers: {exc}", codes.CONNECTION_FAILURE, "FATAL"))
+        except Exception as exc:
+            self._cannot_move(exc)
             return
         if self.closed.done():
             return
@@ -356,6 +355,24 @@ class Forwarder:
         next one: an idle session (a pool's spare, a listener) may not send one for hours."""
         if self.held is None and not self.in_transaction and not self.closed.done() and self._must_hold():
             self._hold(b"", 0)
+
+    async def move_now(self) -> None:
+        """Move a session adopt_changes() holds to the route's server now, not when the gate resumes.
+
+        For a listener, inside the switch's pause: a NOTIFY sent on the new server once clients resume
+        must find its LISTEN there already.
+        """
+        if self.held is None or self.closed.done() or self.route.version == self.route_version:
+            return
+        try:
+            await self._switch_backend()
+        except Exception as exc:
+            self._cannot_move(exc)
+
+    def _cannot_move(self, exc: Exception) -> None:
+        # The new server is unreachable: the client must hear why.
+        log.error("session %s: cannot move to the new route: %s", self.session.id, exc)
+        self.close(error_response(f"pgleap could not switch servers: {exc}", codes.CONNECTION_FAILURE, "FATAL"))
 
     async def _switch_backend(self) -> None:
         """Move this session to the route's current server at a transaction boundary."""

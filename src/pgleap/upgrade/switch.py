@@ -12,8 +12,10 @@
 5. The new server's txid_current_snapshot() is taken: the log of the new direction starts there.
 6. Capture switches to the new direction's log, the route to the new server; both are persisted; replay of
    the old direction stops, replay of the new one starts (into the old server: the way back stays open).
-7. RESUME: each session moves at its next transaction, its prepared statements, settings and LISTENs
-   with it (proxy/session_state.py); a session that listens moves at once, as it may never send one.
+   A session that listens moves now, its LISTENs with it: it may never send a transaction, and once
+   clients resume, a NOTIFY on the new server must reach it.
+7. RESUME: each other session moves at its next transaction, its prepared statements and settings with
+   it (proxy/session_state.py).
 
 Nothing a client sent is lost or doubled: no transaction runs during the switch, and each is logged in
 exactly one direction.
@@ -134,10 +136,14 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
             if forwarder.backend.server == new_server:  # read-shifted to the target: it is there already
                 forwarder.route_version = database.route.version
                 forwarder.session.server_role = to
+        listeners = []
         for forwarder, state in states.items():
             forwarder.server_state = state
             if state is not None and state.listen:
-                forwarder.adopt_changes()  # held until RESUME
+                forwarder.adopt_changes()
+                listeners.append(forwarder)
+        # Listeners move inside the pause: once clients resume, their NOTIFYs reach the new server.
+        await asyncio.gather(*(forwarder.move_now() for forwarder in listeners))
         store = proxy.state_store(create=True)
         assert store is not None
         store.set_route(name, to, snapshot)
