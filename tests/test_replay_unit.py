@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
 
+from pgleap.config import ServerConfig
 from pgleap.protocol import codes
+from pgleap.protocol.messages import ProtocolError, message
+from pgleap.proxy.backend import BackendConnection
 from pgleap.upgrade.replay import (
     ApplyError,
     ApplyJournal,
@@ -19,7 +23,7 @@ from pgleap.upgrade.replay import (
     visible,
 )
 from pgleap.upgrade.replay.lag import RateMeter
-from pgleap.upgrade.replay.wire import Pipeline, is_copy_from_stdin
+from pgleap.upgrade.replay.wire import Pipeline, TargetSession, is_copy_from_stdin
 
 EPOCH = 1 << 32  # txid_current() carries the epoch in its high 32 bits
 
@@ -153,6 +157,36 @@ def test_pipeline_messages() -> None:
     assert [chr(r.kind) for r in pipeline.requests] == ["P", "B", "E", "Q", "S"]
     assert is_copy_from_stdin("COPY t (a, b) FROM STDIN WITH (FORMAT csv)")
     assert not is_copy_from_stdin("copy t to stdout")
+
+
+def test_target_session_frames_answers_however_they_are_read() -> None:
+    """Several messages in one read, one message across reads, an oversized length, the connection's end."""
+
+    def session(reader: asyncio.StreamReader) -> TargetSession:
+        writer: asyncio.StreamWriter = None  # type: ignore[assignment]  # nothing is written here
+        return TargetSession(BackendConnection(ServerConfig("127.0.0.1", 1, "app", "pgleap"), reader, writer, 1, 2))
+
+    async def go() -> None:
+        reader = asyncio.StreamReader()
+        target = session(reader)
+        complete, ready = message(codes.COMMAND_COMPLETE, b"UPDATE 1\0"), message(codes.READY_FOR_QUERY, b"T")
+        big = message(codes.DATA_ROW, b"x" * 200_000)
+        reader.feed_data(complete + ready + big[:7])
+        assert await target.next_message() == (codes.COMMAND_COMPLETE, b"UPDATE 1\0")
+        assert await target.next_message() == (codes.READY_FOR_QUERY, b"T")
+        reader.feed_data(big[7:] + ready[:3])
+        assert await target.next_message() == (codes.DATA_ROW, b"x" * 200_000)
+        reader.feed_data(ready[3:] + b"D" + struct.pack("!i", 3))
+        assert await target.next_message() == (codes.READY_FOR_QUERY, b"T")
+        with pytest.raises(ProtocolError, match="length of 3"):
+            await target.next_message()
+        closed = asyncio.StreamReader()
+        closed.feed_data(ready[:4])
+        closed.feed_eof()
+        with pytest.raises(asyncio.IncompleteReadError):
+            await session(closed).next_message()
+
+    asyncio.run(go())
 
 
 def test_rate_meter() -> None:

@@ -20,7 +20,6 @@ from pgleap.config import ServerConfig
 from pgleap.errors import AuthenticationError, ServerUnavailableError
 from pgleap.protocol import codes
 from pgleap.protocol.messages import ProtocolError, ServerError, cstr, message, parse_error, text_row
-from pgleap.protocol.stream import read_message
 from pgleap.proxy.backend import BackendConnection, connect_backend
 from pgleap.upgrade.capture.exchange import ExchangeError, ExchangeTracker, Outcome, Request
 from pgleap.upgrade.replay.errors import TargetRefusedError, TransientApplyError, is_transient
@@ -30,6 +29,8 @@ _MAX_ANSWER = 1 << 30
 _COPY_FROM_STDIN = re.compile(r"^\s*copy\b.*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
 _FINAL = frozenset([codes.EXECUTE, codes.QUERY, codes.SYNC])  # requests whose answer completes a slot
 _CHUNK = 1 << 20  # CopyData payloads are sent in pieces of this size
+_READ_SIZE = 1 << 16  # answers are read in pieces of up to this size, then framed
+_LENGTH = struct.Struct("!i")
 
 # The replay session's own settings: no timeout may cut a long replayed statement, and text travels as UTF-8.
 SESSION_PARAMS = {
@@ -137,6 +138,7 @@ class TargetSession:
     def __init__(self, conn: BackendConnection) -> None:
         self.conn = conn
         self.status = b"I"  # the last ReadyForQuery's transaction status
+        self._unread = bytearray()  # bytes read from the target beyond the last message handed out
 
     @classmethod
     async def open(cls, server: ServerConfig, timeout: float = CONNECT_TIMEOUT) -> TargetSession:
@@ -148,6 +150,27 @@ class TargetSession:
         except AuthenticationError:
             raise
         return cls(conn)
+
+    async def next_message(self) -> tuple[int, bytes]:
+        """The target's next message: (type, body); ProtocolError when it is oversized or malformed.
+
+        Framed from reads of whatever has arrived: a pipeline's answers come many to a read, and two
+        readexactly() calls per message cost more than the rest of handling them.
+        """
+        buf = self._unread
+        while True:
+            if len(buf) >= 5:
+                (length,) = _LENGTH.unpack_from(buf, 1)
+                if length < 4 or length - 4 > _MAX_ANSWER:
+                    raise ProtocolError(f"the target sent a message length of {length}")
+                if len(buf) > length:
+                    kind, body = buf[0], bytes(buf[5 : 1 + length])
+                    del buf[: 1 + length]
+                    return kind, body
+            chunk = await self.conn.reader.read(_READ_SIZE)
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(buf), None)
+            buf += chunk
 
     @property
     def pid(self) -> int:
@@ -167,13 +190,13 @@ class TargetSession:
         tracker = ExchangeTracker()
         for request in pipeline.requests:
             tracker.sent(request)
-        writer, reader = self.conn.writer, self.conn.reader
+        writer = self.conn.writer
         try:
             # Write without draining first: the server answers while we still send, and asyncio's
             # transport keeps sending while we read, so a large pipeline cannot deadlock on full buffers.
             writer.write(b"".join(pipeline.chunks))
             while tracker.outstanding:
-                kind, body = await read_message(reader, _MAX_ANSWER)
+                kind, body = await self.next_message()
                 self._answer(tracker, kind, body)
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -220,7 +243,7 @@ class TargetSession:
         try:
             self.conn.writer.write(message(codes.QUERY, cstr(sql)))
             await self.conn.writer.drain()
-            rows, tag, error = await self._until_ready(await read_message(self.conn.reader, _MAX_ANSWER))
+            rows, tag, error = await self._until_ready(await self.next_message())
         except (OSError, asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
             raise TransientApplyError(f"connection to the target lost: {_lost(exc)}") from exc
         if error is not None:
@@ -230,11 +253,11 @@ class TargetSession:
     async def copy_in_stream(self, sql: str, data: AsyncIterator[bytes]) -> str:
         """COPY ... FROM STDIN fed from `data` as it comes; the command tag. A server error raises
         TargetRefusedError; an error raised by `data` aborts the COPY (CopyFail) and is raised again."""
-        writer, reader = self.conn.writer, self.conn.reader
+        writer = self.conn.writer
         failure: BaseException | None = None
         try:
             writer.write(message(codes.QUERY, cstr(sql)))
-            answer = await read_message(reader, _MAX_ANSWER)
+            answer = await self.next_message()
             if answer[0] == codes.COPY_IN_RESPONSE:
                 try:
                     async for chunk in data:
@@ -245,7 +268,7 @@ class TargetSession:
                     writer.write(message(codes.COPY_FAIL, cstr(f"pgleap: the source side failed: {exc}")))
                 else:
                     writer.write(message(codes.COPY_DONE))
-                answer = await read_message(reader, _MAX_ANSWER)
+                answer = await self.next_message()
             _, tag, error = await self._until_ready(answer)
         except (OSError, asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
             raise TransientApplyError(f"connection to the target lost: {_lost(exc)}") from exc
@@ -275,7 +298,7 @@ class TargetSession:
             elif kind == codes.READY_FOR_QUERY:
                 self.status = body[:1]
                 return rows, tag, error
-            kind, body = await read_message(self.conn.reader, _MAX_ANSWER)
+            kind, body = await self.next_message()
 
 
 def _lost(exc: BaseException) -> str:

@@ -32,7 +32,6 @@ from typing import Any
 from pgleap.config import UpgradeConfig
 from pgleap.protocol import codes
 from pgleap.protocol.messages import cstr, message, parse_error
-from pgleap.protocol.stream import read_message
 from pgleap.store.changelog import ChangeLog
 from pgleap.store.records import CapturedCheck, LoggedTransaction
 from pgleap.upgrade.replay.errors import ErrorKind, TransientApplyError, classify_sqlstate, is_transient
@@ -63,7 +62,6 @@ HOLD_WAIT = 30.0  # seconds a re-check waits for replay to hold
 CHECK_MAX_LAG = 10.0
 _FAILURES_KEPT = 256
 _MAX_FINGERPRINTS = 10_000
-_MAX_ANSWER = 1 << 30
 _SAVEPOINT = "pgleap_sample"
 _CONDITIONS = {
     "0A000": "feature_not_supported",
@@ -786,12 +784,12 @@ async def _run_read(
     """Run the read as its client did; (the digest of its result, None) or (None, the ServerError)."""
     hasher = ResultHasher(sample.shape.order_keys if sample.shape.values_comparable else None, reference)
     error = None
-    writer, reader = session.conn.writer, session.conn.reader
+    writer = session.conn.writer
     try:
         writer.write(_read_messages(sample))
         await writer.drain()
         while True:
-            kind, body = await read_message(reader, _MAX_ANSWER)
+            kind, body = await session.next_message()
             if kind == codes.DATA_ROW and error is None:
                 hasher.data_row(body)
             elif kind == codes.ROW_DESCRIPTION:
