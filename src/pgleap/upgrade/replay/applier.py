@@ -782,7 +782,12 @@ def _visible_prefix(records: list[LoggedTransaction], point: SourcePoint) -> lis
 
 
 def _sets_session(records: list[LoggedTransaction]) -> bool:
-    return any(info.kind is Kind.SESSION for r in records for s in r.transaction.statements for info in classify(s.sql))
+    return any(_record_sets_session(r) for r in records)
+
+
+def _record_sets_session(record: LoggedTransaction) -> bool:
+    """Whether a statement of the transaction changes session state (SET, RESET, PREPARE, ...)."""
+    return any(info.kind is Kind.SESSION for s in record.transaction.statements for info in classify(s.sql))
 
 
 async def _run_work(session: TargetSession, work: Work) -> object:
@@ -813,7 +818,7 @@ def _cut_after_session_settings(records: list[LoggedTransaction]) -> list[Logged
     in the same target transaction; only the captured settings are set again for each.
     """
     for i, record in enumerate(records):
-        if any(info.kind is Kind.SESSION for s in record.transaction.statements for info in classify(s.sql)):
+        if _record_sets_session(record):
             return records[: i + 1]
     return records
 

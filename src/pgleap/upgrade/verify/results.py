@@ -37,7 +37,7 @@ from pgleap.store.records import CapturedCheck, LoggedTransaction
 from pgleap.upgrade.replay.errors import ErrorKind, TransientApplyError, classify_sqlstate, is_transient
 from pgleap.upgrade.replay.point import PointMissedError, log_point
 from pgleap.upgrade.replay.snapshot import parse_snapshot
-from pgleap.upgrade.replay.wire import TargetSession
+from pgleap.upgrade.replay.wire import Pipeline, Slot, TargetSession
 from pgleap.upgrade.verify.fingerprint import analyse
 from pgleap.upgrade.verify.resultcompare import (
     Column,
@@ -759,23 +759,10 @@ def _read_messages(sample: SourceSample) -> bytes:
     """The sampled read as its client sent it: a simple Query, or Parse/Bind/Describe/Execute/Sync."""
     if sample.params is None:
         return message(codes.QUERY, cstr(sample.sql))
-    oids = [0 if t >= codes.FIRST_USER_OID else t for t in sample.param_types]  # user types have other OIDs there
-    parse = cstr("") + cstr(sample.sql) + struct.pack(f"!h{len(oids)}I", len(oids), *oids)
-    bind = bytearray(cstr("") + cstr(""))
-    bind += struct.pack(f"!h{len(sample.param_formats)}h", len(sample.param_formats), *sample.param_formats)
-    bind += struct.pack("!h", len(sample.params))
-    for value in sample.params:
-        bind += struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
-    bind += struct.pack("!h", 0)  # results in text
-    return b"".join(
-        [
-            message(codes.PARSE, parse),
-            message(codes.BIND, bytes(bind)),
-            message(codes.DESCRIBE, b"P" + cstr("")),
-            message(codes.EXECUTE, cstr("") + struct.pack("!i", 0)),
-            message(codes.SYNC),
-        ]
-    )
+    pipeline = Pipeline()  # replay's own messages for a read: user type OIDs left to the server, results in text
+    pipeline.read(sample.sql, sample.params, sample.param_formats, sample.param_types, Slot(sample.sql))
+    pipeline.sync()
+    return b"".join(pipeline.chunks)
 
 
 async def _run_read(
