@@ -143,6 +143,29 @@ def test_positions_follow_prepare_order_not_answer_order(tmp_path: Path) -> None
     asyncio.run(run())
 
 
+def test_the_backlog_counts_records_whose_commit_is_in_flight(tmp_path: Path) -> None:
+    """A client has its COMMIT answer before the record is settled: lag 0 then would be a lie."""
+
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db") as log:
+            size = len(encode_transaction(make_tx(1)))
+            applied = await log.prepare(make_tx(1))
+            await log.settle(applied, committed=True, wait=True)
+            assert log.backlog("app", 1) == (0, 0, None)
+            first = await log.prepare(make_tx(2))
+            second = await log.prepare(make_tx(3))
+            await log.prepare(make_tx(4, database="other"))
+            assert log.backlog("app", 1)[:2] == (2, 2 * size)  # both pending
+            await log.settle(second, committed=True, wait=True)
+            assert log.backlog("app", 1)[:2] == (2, 2 * size)  # one committed behind one pending
+            await log.settle(first, committed=False, wait=True)
+            assert log.backlog("app", 1)[:2] == (1, size)  # the aborted one is not lag
+            assert log.backlog("app", log.last_position("app")) == (0, 0, None)
+            assert log.backlog("other", 0)[:2] == (1, len(encode_transaction(make_tx(4, database="other"))))
+
+    asyncio.run(run())
+
+
 def test_wrong_settles_are_precise_errors_and_do_not_harm_health(tmp_path: Path) -> None:
     async def run() -> None:
         with SQLiteChangeLog(tmp_path / "log.db", durability="batch") as log:

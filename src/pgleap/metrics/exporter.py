@@ -94,7 +94,9 @@ class ProxyCollector(Collector):
         gauges = {
             "running": GaugeMetricFamily("pgleap_replay_running", "1 while replay applies the log", labels=labels),
             "transactions": GaugeMetricFamily(
-                "pgleap_replay_lag_transactions", "Committed transactions in the log not yet applied", labels=labels
+                "pgleap_replay_lag_transactions",
+                "Transactions in the log not yet applied (committed, or their COMMIT in flight)",
+                labels=labels,
             ),
             "bytes": GaugeMetricFamily(
                 "pgleap_replay_lag_bytes", "Size in the log of the transactions not yet applied", labels=labels

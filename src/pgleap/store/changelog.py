@@ -199,7 +199,11 @@ class ChangeLog(abc.ABC):
 
     @abc.abstractmethod
     def backlog(self, database: str, after_position: int) -> tuple[int, int, float | None]:
-        """Committed records of `database` after `after_position`: (count, bytes, when the oldest was logged)."""
+        """Records of `database` replay has still to apply: (count, bytes, when the oldest was logged).
+
+        Those positioned after `after_position`, and those not positioned yet: pending (their COMMIT in
+        flight) or committed behind a pending one.
+        """
 
     @abc.abstractmethod
     def last_log_id(self) -> int:
@@ -811,10 +815,17 @@ class SQLiteChangeLog(ChangeLog):
         return int(rows[0][0]) if rows else 0
 
     def backlog(self, database: str, after_position: int) -> tuple[int, int, float | None]:
-        """Committed records of `database` after `after_position`: (count, bytes, when the oldest was logged)."""
+        """Records of `database` replay has still to apply: (count, bytes, when the oldest was logged)."""
+        # A client has its COMMIT answer a moment before the writer settles the record; counting only
+        # positioned records would show lag 0 in that moment, or for as long as a pending record holds
+        # later commits unpositioned. Unpositioned records all lie past the database's frontier: a short
+        # range of its own index (SQLite would rather scan the rowids past it, every database's).
         ((count, nbytes, oldest),) = self._read(
-            "SELECT count(*), coalesce(sum(size), 0), min(prepared_at) FROM change_log "
-            "WHERE database = ? AND position > ?",
+            "SELECT count(*), coalesce(sum(size), 0), min(prepared_at) FROM ("
+            "SELECT size, prepared_at FROM change_log WHERE database = ?1 AND position > ?2 UNION ALL "
+            "SELECT size, prepared_at FROM change_log INDEXED BY change_log_order WHERE database = ?1 "
+            "AND log_id > coalesce((SELECT frontier FROM log_head WHERE database = ?1), 0) "
+            "AND position IS NULL AND state IN ('pending', 'committed'))",
             (database, after_position),
         )
         return int(count), int(nbytes), None if oldest is None else float(oldest)

@@ -16,7 +16,7 @@ class ReplayLag:
     database: str
     applied_position: int
     last_position: int
-    transactions: int  # committed transactions in the log not yet applied (or skipped)
+    transactions: int  # transactions in the log not yet applied (or skipped): committed, or their COMMIT in flight
     bytes: int  # their encoded size in the log
     seconds: float  # now - when the oldest of them was logged (0 when caught up)
     apply_rate: float  # log transactions consumed per second over the last RATE_WINDOW seconds
