@@ -143,7 +143,7 @@ def test_positions_follow_prepare_order_not_answer_order(tmp_path: Path) -> None
     asyncio.run(run())
 
 
-def test_the_backlog_counts_records_whose_commit_is_in_flight(tmp_path: Path) -> None:
+def test_the_backlog_and_the_settled_point_count_records_whose_commit_is_in_flight(tmp_path: Path) -> None:
     """A client has its COMMIT answer before the record is settled: lag 0 then would be a lie."""
 
     async def run() -> None:
@@ -154,14 +154,19 @@ def test_the_backlog_counts_records_whose_commit_is_in_flight(tmp_path: Path) ->
             assert log.backlog("app", 1) == (0, 0, None)
             first = await log.prepare(make_tx(2))
             second = await log.prepare(make_tx(3))
-            await log.prepare(make_tx(4, database="other"))
+            other = await log.prepare(make_tx(4, database="other"))
             assert log.backlog("app", 1)[:2] == (2, 2 * size)  # both pending
+            assert log.settled_through() == applied
             await log.settle(second, committed=True, wait=True)
             assert log.backlog("app", 1)[:2] == (2, 2 * size)  # one committed behind one pending
+            assert log.settled_through() == applied
             await log.settle(first, committed=False, wait=True)
             assert log.backlog("app", 1)[:2] == (1, size)  # the aborted one is not lag
+            assert log.settled_through() == other - 1  # any database's pending record bounds it
             assert log.backlog("app", log.last_position("app")) == (0, 0, None)
             assert log.backlog("other", 0)[:2] == (1, len(encode_transaction(make_tx(4, database="other"))))
+            await log.settle(other, committed=True, wait=True)
+            assert log.settled_through() == log.last_log_id() == other
 
     asyncio.run(run())
 

@@ -210,6 +210,10 @@ class ChangeLog(abc.ABC):
         """The log id of the most recent prepare (0 if none): every COMMIT forwarded so far is at or below it."""
 
     @abc.abstractmethod
+    def settled_through(self) -> int:
+        """The highest log id at and below which every record has settled (none is pending)."""
+
+    @abc.abstractmethod
     def position_through(self, database: str, log_id: int) -> int | None:
         """The last position of `database` given to a record prepared at or before `log_id`.
 
@@ -834,6 +838,15 @@ class SQLiteChangeLog(ChangeLog):
         """The log id of the most recent prepare (0 if none): every COMMIT forwarded so far is at or below it."""
         rows = self._read("SELECT seq FROM sqlite_sequence WHERE name = 'change_log'")
         return int(rows[0][0]) if rows else 0
+
+    def settled_through(self) -> int:
+        """The highest log id at and below which every record has settled (none is pending)."""
+        # One indexed aggregate (change_log_open), no pending record decoded: result comparison asks per sample.
+        ((first_pending, last),) = self._read(
+            "SELECT (SELECT min(log_id) FROM change_log WHERE state = 'pending'), "
+            "(SELECT seq FROM sqlite_sequence WHERE name = 'change_log')"
+        )
+        return int(first_pending) - 1 if first_pending is not None else int(last or 0)
 
     def position_through(self, database: str, log_id: int) -> int | None:
         """The last position of `database` given to a record prepared at or before `log_id` (None: not known yet)."""

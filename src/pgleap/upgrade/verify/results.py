@@ -266,7 +266,7 @@ class ResultValidator:
             self._drop(database)
             return None
         try:
-            low = _settled_through(changelog)
+            low = changelog.settled_through()
         except Exception as exc:  # the log's own health is reported elsewhere; never fail the client for this
             log.debug("result comparison: change log unreadable (%s); sample skipped", exc)
             self._skip(database, "changelog_unreadable")
@@ -793,20 +793,6 @@ async def _run_read(
     if error is not None:
         return None, error
     return hasher.digest(), None
-
-
-def _settled_through(changelog: ChangeLog) -> int:
-    """The highest log id at and below which every record has settled (none is pending)."""
-    read = getattr(changelog, "_read", None)
-    if read is not None:
-        # SQLite: one indexed aggregate, instead of decoding every pending record (COPY data included).
-        ((first_pending, last),) = read(
-            "SELECT (SELECT min(log_id) FROM change_log WHERE state = 'pending'), "
-            "(SELECT seq FROM sqlite_sequence WHERE name = 'change_log')"
-        )
-        return int(first_pending) - 1 if first_pending is not None else int(last or 0)
-    pending = changelog.pending()
-    return min(log_id for log_id, _ in pending) - 1 if pending else changelog.last_log_id()
 
 
 def _unconfirmed(outcome: Outcome, why: str) -> Outcome:
