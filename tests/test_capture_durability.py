@@ -18,7 +18,8 @@ import psycopg
 import pytest
 
 from pgleap.lab import LabServer
-from pgleap.store import SQLiteChangeLog
+from pgleap.store import ChangeLogError, SQLiteChangeLog
+from pgleap.store.changelog import PrepareDone
 from pgleap.store.records import CapturedTransaction
 from pgleap.testing import ProxyThread
 from pgleap.upgrade.capture.capture import Capture
@@ -29,19 +30,27 @@ pytestmark = pytest.mark.integration
 
 
 class HeldChangeLog(SQLiteChangeLog):
-    """A change log whose `prepare` returns only when the test says so (after the record is durable)."""
+    """A change log that answers a held COMMIT's prepare only when the test says so (after it is durable)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.prepared = threading.Event()
         self.release = threading.Event()
+        self._held: set[asyncio.Task[None]] = set()
 
-    async def prepare(self, tx: CapturedTransaction) -> int:
-        log_id = await super().prepare(tx)
-        self.prepared.set()
+    def prepare_then(self, tx: CapturedTransaction, done: PrepareDone) -> None:
+        def durable(log_id: int | None, error: ChangeLogError | None) -> None:
+            self.prepared.set()
+            task = asyncio.ensure_future(self._answer_when_released(done, log_id, error))
+            self._held.add(task)
+            task.add_done_callback(self._held.discard)
+
+        super().prepare_then(tx, durable)
+
+    async def _answer_when_released(self, done: PrepareDone, log_id: int | None, error: ChangeLogError | None) -> None:
         while not self.release.is_set():
             await asyncio.sleep(0.01)
-        return log_id
+        done(log_id, error)
 
 
 @pytest.fixture

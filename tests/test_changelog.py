@@ -519,3 +519,52 @@ def test_a_prepare_cancelled_before_it_returned_is_aborted_not_left_pending(tmp_
             assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [2]
 
     asyncio.run(run())
+
+
+def test_a_held_commit_goes_on_after_the_prepare_timeout_and_its_late_record_is_aborted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgleap.upgrade.capture import capture as capture_module
+
+    monkeypatch.setattr(capture_module, "PREPARE_TIMEOUT", 0.05)
+
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db", durability="batch", batch_interval=0.3) as log:
+            capture = capture_module.Capture("app", log)
+            answers: list[int | None] = []
+            capture.prepare_then(make_tx(1), answers.append)
+            await asyncio.sleep(0.1)
+            assert answers == [None]  # the COMMIT went on without its record (I5), and that was counted
+            assert capture.log_failures == 1
+            monkeypatch.setattr(capture_module, "PREPARE_TIMEOUT", 10.0)
+            capture.prepare_then(make_tx(2), answers.append)
+            while len(answers) < 2:
+                await asyncio.sleep(0.01)
+            assert isinstance(answers[1], int)
+            capture.settle(answers[1], make_tx(2), committed=True)
+            await capture.drain()
+            await log.flush()
+            # the record that came too late was aborted rather than left pending to hold txid 2 back
+            assert log.pending() == []
+            assert (log.stats().aborted, log.stats().committed, capture.transactions) == (1, 1, 1)
+            assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [2]
+
+    asyncio.run(run())
+
+
+def test_prepare_then_answers_from_the_loop_with_the_id_or_the_error(tmp_path: Path) -> None:
+    async def run() -> None:
+        log = SQLiteChangeLog(tmp_path / "log.db")
+        answers: list[tuple[int | None, ChangeLogError | None]] = []
+        log.prepare_then(make_tx(1), lambda log_id, error: answers.append((log_id, error)))
+        assert answers == []  # never from inside the call
+        while not answers:
+            await asyncio.sleep(0.01)
+        assert answers[0][1] is None and log.pending()[0][0] == answers[0][0]
+        log.close()
+        log.prepare_then(make_tx(2), lambda log_id, error: answers.append((log_id, error)))
+        assert len(answers) == 1
+        await asyncio.sleep(0)
+        assert answers[1][0] is None and isinstance(answers[1][1], ChangeLogClosedError)
+
+    asyncio.run(run())

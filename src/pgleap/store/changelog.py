@@ -16,8 +16,9 @@ Life of a record (docs/design-notes.md, "Durability across a crash between COMMI
    it until it is settled or resolved.
 
 All SQLite writes happen in one writer thread with one connection, fed by a queue, so the event loop never
-waits on the disk; callers await futures the writer completes. Reads use a second connection (WAL lets it
-read while the writer writes).
+waits on the disk; callers await futures the writer completes, or (`prepare_then`, the commit path) are
+called back in the loop straight from the writer. Reads use a second connection (WAL lets it read while the
+writer writes).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 
 from pgleap.errors import PgleapError
 from pgleap.store.records import (
@@ -135,6 +136,10 @@ class ChangeLogStateError(ChangeLogError):
     """A settle or resolve names an unknown record or asks for a transition that is not allowed."""
 
 
+# What `prepare_then` calls back with: the log id, or the error that kept the record out of the log.
+PrepareDone = Callable[[int | None, ChangeLogError | None], None]
+
+
 @dataclass(frozen=True)
 class ChangeLogStats:
     """A snapshot of the log for status and metrics: records per state, size, writer activity, health."""
@@ -166,8 +171,20 @@ class ChangeLog(abc.ABC):
         """Durably record `tx` as pending (before its COMMIT is forwarded); return its log id."""
 
     @abc.abstractmethod
+    def prepare_then(self, tx: CapturedTransaction, done: PrepareDone) -> None:
+        """`prepare` for a held COMMIT: queued at once, then `done(log_id, None)` or `done(None, error)`.
+
+        `done` runs in the caller's event loop as soon as the record is durable, with no task or future in
+        between: each of those would cost every held COMMIT another turn of the loop.
+        """
+
+    @abc.abstractmethod
     async def settle(self, log_id: int, committed: bool, *, wait: bool = False) -> None:
         """Mark a pending record committed or aborted; `wait` waits until that is durable."""
+
+    @abc.abstractmethod
+    def settle_nowait(self, log_id: int, committed: bool) -> None:
+        """`settle` without waiting, queued at once (in order with every prepare and settle before it)."""
 
     @abc.abstractmethod
     async def resolve(self, log_id: int, state: LogState) -> None:
@@ -252,6 +269,22 @@ class _Kind(Enum):
 
 
 @dataclass
+class _Callback:
+    """The writer's answer to a `prepare_then`: `done` called in the loop, with the log id or the error."""
+
+    loop: asyncio.AbstractEventLoop
+    fn: PrepareDone
+
+    def done(self, result: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is left to tell
+            self.loop.call_soon_threadsafe(self.fn, cast("int", result), None)
+
+    def fail(self, exc: ChangeLogError) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.fn, None, exc)
+
+
+@dataclass
 class _Waiter:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
@@ -283,7 +316,7 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
 @dataclass
 class _Op:
     kind: _Kind
-    waiter: _Waiter | None = None
+    waiter: _Waiter | _Callback | None = None
     log_id: int = 0
     state: LogState | None = None
     tx: CapturedTransaction | None = None
@@ -534,6 +567,16 @@ class SQLiteChangeLog(ChangeLog):
         )
         return log_id
 
+    def prepare_then(self, tx: CapturedTransaction, done: PrepareDone) -> None:
+        """`prepare` for a held COMMIT: queued at once, `done(log_id, None)` or `done(None, error)` once durable."""
+        loop = asyncio.get_running_loop()
+        try:
+            op = _Op(_Kind.PREPARE, tx=tx, record=encode_transaction(tx))
+            op.waiter = _Callback(loop, done)
+            self._queue.put(op)
+        except ChangeLogError as exc:
+            loop.call_soon(done, None, exc)  # never from inside the caller's own call
+
     def _abort_orphan(self, log_id: int) -> None:
         # The caller was cancelled before it learned the log id, so it cannot have forwarded the COMMIT
         # (the proxy forwards only after prepare returns): abort the record rather than leave it pending,
@@ -549,6 +592,11 @@ class SQLiteChangeLog(ChangeLog):
         """
         state = LogState.COMMITTED if committed else LogState.ABORTED
         await self._submit(_Op(_Kind.SETTLE, log_id=log_id, state=state), wait=wait)
+
+    def settle_nowait(self, log_id: int, committed: bool) -> None:
+        """`settle` without waiting, queued at once (in order with every prepare and settle before it)."""
+        state = LogState.COMMITTED if committed else LogState.ABORTED
+        self._queue.put(_Op(_Kind.SETTLE, log_id=log_id, state=state))
 
     async def resolve(self, log_id: int, state: LogState) -> None:
         """Settle a pending (or unresolved) record after a crash; durable when it returns."""

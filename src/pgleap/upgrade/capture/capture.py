@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from pgleap.store.changelog import ChangeLog, ChangeLogError
 from pgleap.store.records import CapturedTransaction
@@ -40,38 +39,20 @@ class Capture:
     problems: list[CaptureProblem] = field(default_factory=list)
     catalog: SourceCatalog | None = None  # the source's tables, for row images; None: statements only
     inserts_without_image: int = 0  # INSERTs replayed as statements (verification checks their tables)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _tasks: set[asyncio.Future[None]] = field(default_factory=set)  # late appends not in the log yet
 
-    async def prepare(self, tx: CapturedTransaction) -> int | None:
-        """Durably log `tx` as pending before its COMMIT goes to the source; None if the log cannot take it."""
-        try:
-            return await asyncio.wait_for(self.changelog.prepare(tx), PREPARE_TIMEOUT)
-        except (ChangeLogError, TimeoutError) as exc:
-            self._lost(tx, exc if isinstance(exc, ChangeLogError) else f"no answer within {PREPARE_TIMEOUT:g} s")
-            return None
+    def prepare_then(self, tx: CapturedTransaction, go_on: Callable[[int | None], None]) -> None:
+        """Durably log `tx` as pending, then call `go_on(log_id)` to let its COMMIT go to the source.
+
+        `go_on(None)` when the log cannot take it within PREPARE_TIMEOUT. Called back in the event loop straight
+        from the log's writer: the held COMMIT waits for the disk, not for the loop's turns.
+        """
+        _HeldCommit(self, tx, go_on)
 
     def settle(self, log_id: int, tx: CapturedTransaction | None, committed: bool) -> None:
         """The source answered the COMMIT of the record `log_id` prepared: mark it committed or aborted."""
-        self._spawn(self._settle(log_id, tx, committed))
-
-    def record_late(self, tx: CapturedTransaction) -> None:
-        """Log a committed transaction whose COMMIT could not be held (it sat inside one query string).
-
-        A crash between the source's answer and this append loses it from the log: it is counted,
-        so that status shows the upgrade must verify (and re-sync) what those transactions touched.
-        """
-        self.logged_after_commit += 1
-        self._spawn(self._append_late(tx))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        # Tasks start in the order they are created, and the log's writer keeps that order.
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _settle(self, log_id: int, tx: CapturedTransaction | None, committed: bool) -> None:
         try:
-            await self.changelog.settle(log_id, committed=committed)
+            self.changelog.settle_nowait(log_id, committed=committed)
         except ChangeLogError as exc:
             # The record stays pending; recovery settles it from the source (txid_status) after a restart.
             log.error("database %s: change-log record %s could not be settled: %s", self.database, log_id, exc)
@@ -80,15 +61,29 @@ class Capture:
             self.transactions += 1
             self.statements += len(tx.statements)
 
-    async def _append_late(self, tx: CapturedTransaction) -> None:
-        try:
-            log_id = await self.changelog.prepare(tx)
-            await self.changelog.settle(log_id, committed=True)
-        except ChangeLogError as exc:
-            self._lost(tx, exc)
-            return
-        self.transactions += 1
-        self.statements += len(tx.statements)
+    def record_late(self, tx: CapturedTransaction) -> None:
+        """Log a committed transaction whose COMMIT could not be held (it sat inside one query string).
+
+        A crash between the source's answer and this append loses it from the log: it is counted,
+        so that status shows the upgrade must verify (and re-sync) what those transactions touched.
+        """
+        self.logged_after_commit += 1
+        appended = asyncio.get_running_loop().create_future()
+        self._track(appended)
+
+        def logged(log_id: int | None, error: ChangeLogError | None) -> None:
+            if log_id is None:
+                self._lost(tx, error)
+            else:
+                self.settle(log_id, tx, committed=True)
+            appended.set_result(None)
+
+        # Queued now, in order with the COMMITs held after this answer: they committed after it.
+        self.changelog.prepare_then(tx, logged)
+
+    def _track(self, waited: asyncio.Future[None]) -> None:
+        self._tasks.add(waited)
+        waited.add_done_callback(self._tasks.discard)
 
     def _lost(self, tx: CapturedTransaction, why: object) -> None:
         # The client keeps working against the source (I5); the upgrade must re-copy what was lost.
@@ -101,7 +96,39 @@ class Capture:
         self.problems.append(CaptureProblem(session_id, what))
 
     async def drain(self) -> None:
-        """Wait until every transaction handed to `record` has reached the log."""
+        """Wait until every transaction handed to `record_late` has reached the log."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self.changelog.flush()
+
+
+class _HeldCommit:
+    """One prepare on the commit path: the log's answer or the timeout, whichever comes first, lets the COMMIT go."""
+
+    __slots__ = ("capture", "go_on", "timer", "tx")
+
+    def __init__(self, capture: Capture, tx: CapturedTransaction, go_on: Callable[[int | None], None]) -> None:
+        self.capture = capture
+        self.tx = tx
+        self.go_on: Callable[[int | None], None] | None = go_on
+        self.timer = asyncio.get_running_loop().call_later(PREPARE_TIMEOUT, self._timed_out)
+        capture.changelog.prepare_then(tx, self._logged)
+
+    def _logged(self, log_id: int | None, error: ChangeLogError | None) -> None:
+        go_on, self.go_on = self.go_on, None
+        if go_on is None:
+            # Given up on: its COMMIT went to the source without this record, and the transaction is
+            # logged after the answer instead. The record itself must not hold back the ones after it.
+            if log_id is not None:
+                self.capture.settle(log_id, None, committed=False)
+            return
+        self.timer.cancel()
+        if log_id is None:
+            self.capture._lost(self.tx, error)
+        go_on(log_id)
+
+    def _timed_out(self) -> None:
+        go_on, self.go_on = self.go_on, None
+        if go_on is not None:
+            self.capture._lost(self.tx, f"no answer within {PREPARE_TIMEOUT:g} s")
+            go_on(None)

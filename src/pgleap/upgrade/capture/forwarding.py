@@ -713,11 +713,11 @@ class CapturingForwarder(Forwarder):
             self._release_stash(point)
             return
         self._preparing = True
-        self.proxy.spawn(self._prepare_then(tx, partial(self._release_stash, point)))
+        # Called back from a fresh call stack (a turn of the loop of its own): the stash can go at once.
+        self.capture.prepare_then(tx, partial(self._prepared, tx, partial(self._forward_stash, True)))
 
-    async def _prepare_then(self, tx: CapturedTransaction, go_on: Callable[[], None]) -> None:
-        """Durably log `tx` as pending, then let its COMMIT go (`go_on`)."""
-        log_id = await self.capture.prepare(tx)
+    def _prepared(self, tx: CapturedTransaction, go_on: Callable[[], None], log_id: int | None) -> None:
+        """`tx` is durable as pending (`log_id`; None: it could not be logged): let its COMMIT go (`go_on`)."""
         self._preparing = False
         if self.closed.done():
             if log_id is not None:
@@ -746,7 +746,7 @@ class CapturingForwarder(Forwarder):
             self._send_wrap_end(_ROLLBACK if failed else _COMMIT)
             return
         self._preparing = True
-        self.proxy.spawn(self._prepare_then(tx, partial(self._send_wrap_end, _COMMIT)))
+        self.capture.prepare_then(tx, partial(self._prepared, tx, partial(self._send_wrap_end, _COMMIT)))
 
     def _send_wrap_end(self, info: StatementInfo) -> None:
         self._send(Request(codes.QUERY, context=_WrapEnd(Pending(info))), self._query_message(info.text))
