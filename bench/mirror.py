@@ -376,6 +376,14 @@ class Console:
         except psycopg.Error as exc:
             raise BenchError(f"{command} failed: {exc}") from exc
 
+    def commit_hold(self) -> tuple[int, float]:
+        """SHOW CAPTURE's held COMMITs for the bench database: how many, and their wait in seconds in all."""
+        for row in self.rows("SHOW CAPTURE"):
+            if row["database"] == DATABASE:
+                held = int(row["commits_held"])
+                return held, held * _number(row["commit_hold_avg_ms"]) / 1000.0 if held else 0.0
+        raise BenchError(f"SHOW CAPTURE has no row for database {DATABASE}")
+
     def replay(self) -> ReplaySample:
         """SHOW REPLAY's row for the bench database, now."""
         for row in self.rows("SHOW REPLAY"):
@@ -550,6 +558,13 @@ class Cell:
     host_busy: list[float] = field(default_factory=list)
     lag: list[ReplaySample] = field(default_factory=list)
     catch_up_seconds: list[float] = field(default_factory=list)  # after each slice: pgbench's end to lag 0
+    commits_held: int = 0  # COMMITs that waited for their change-log record (SHOW CAPTURE), over every slice
+    commit_hold_seconds: float = 0.0  # and how long they waited in all
+
+    @property
+    def commit_hold_mean_ms(self) -> float:
+        """How long a COMMIT waited for its record on average: what capture adds to each COMMIT."""
+        return 1000.0 * self.commit_hold_seconds / self.commits_held if self.commits_held else float("nan")
 
     @property
     def tps(self) -> float:
@@ -635,6 +650,7 @@ def measure_slice(rig: Rig, cell: Cell) -> PgbenchRun:
     on = cell.name == "capture_on"
     set_mirroring(rig.console, on)
     vacuum_hot_tables(rig.source, rig.target)
+    held_before = rig.console.commit_hold() if on else (0, 0.0)
     before = (rig.pgleap.cpu_seconds(), server_cpu(rig.source), server_cpu(rig.target), HostCpu.read())
     started = time.monotonic()
     with LagSampler(rig.port, rig.settings.sample_interval) if on else contextlib.nullcontext() as sampler:
@@ -646,6 +662,10 @@ def measure_slice(rig: Rig, cell: Cell) -> PgbenchRun:
     cell.target_cpu += server_cpu(rig.target) - before[2]
     cell.host_busy.append(HostCpu.read().busy_percent_since(before[3]))
     cell.runs.append(run)
+    if on:
+        held, seconds = rig.console.commit_hold()
+        cell.commits_held += held - held_before[0]
+        cell.commit_hold_seconds += seconds - held_before[1]
     if isinstance(sampler, LagSampler):
         cell.lag += sampler.samples
         wait_replay(rig.console, caught_up, "replay to catch up after the slice", timeout=_CATCH_UP_TIMEOUT)
@@ -888,6 +908,7 @@ def figures(outcome: Outcome) -> list[tuple[str, float]]:
     pairs += [
         ("latency_p99_ms_capture_off", off.latency_ms(0.99)),
         ("latency_p99_ms_capture_on", on.latency_ms(0.99)),
+        ("commit_hold_mean_ms_capture_on", on.commit_hold_mean_ms),
         ("pgleap_us_per_tx_capture_off", off.us_per_transaction(off.pgleap_cpu)),
         ("pgleap_us_per_tx_capture_on", on.us_per_transaction(on.pgleap_cpu)),
         ("backlog_transactions", float(backlog.transactions)),
@@ -969,6 +990,8 @@ def report(outcome: Outcome) -> str:
         f"{fmt(float_percentile([float(x.lag_transactions) for x in on.lag], 0.99), 0)}, max "
         f"{max((x.lag_transactions for x in on.lag), default=-1)}; catch-up after each slice (pgbench end to lag 0): "
         + ", ".join(f"{x:.2f}s" for x in on.catch_up_seconds),
+        f"held COMMITs during the capture-on slices: {on.commits_held:,}, waiting {fmt(on.commit_hold_mean_ms, 2)} ms "
+        "on average for their change-log record to be durable (SHOW CAPTURE): what capture adds to each COMMIT",
         "",
         *backlog_lines(s, b),
         "",

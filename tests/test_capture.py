@@ -161,10 +161,14 @@ def test_capture_status_in_console_and_metrics(capturing: tuple[ProxyThread, Cap
         (row,) = [dict(zip(columns, r, strict=True)) for r in cursor.fetchall()]
     assert row["database"] == "app" and row["capturing"] == "t"
     assert row["transactions"] == "3" and row["log_failures"] == "0" and row["log_healthy"] == "t"
+    # each COMMIT (here the Sync ending an implicit transaction) waited for its record, and that is shown
+    assert row["commits_held"] == "3" and float(row["commit_hold_avg_ms"]) > 0
     assert proxy.proxy is not None
     samples = {s.name: s.value for m in ProxyCollector(proxy.proxy).collect() for s in m.samples}
     assert samples["pgleap_capture_transactions_total"] == 3
     assert samples["pgleap_changelog_healthy"] == 1
+    assert samples["pgleap_capture_commit_hold_seconds_count"] == 3
+    assert 0 < samples["pgleap_capture_commit_hold_seconds_sum"] < 10
 
 
 def test_start_and_stop_capture_from_the_console(tmp_path: Path, pg_new: LabServer) -> None:

@@ -234,6 +234,8 @@ async def show_capture(proxy: Proxy, _session: Session) -> Result:
         "transactions",
         "statements",
         "log_failures",
+        "commits_held",
+        "commit_hold_avg_ms",
         "unreplayable",
         "inserts_without_image",
         "row_images_ready",
@@ -251,9 +253,10 @@ async def show_capture(proxy: Proxy, _session: Session) -> Result:
         monitor = proxy.bypass_monitors.get(name)
         bypass = [len(monitor.writers), monitor.addresses()] if monitor is not None else [0, ""]
         if capture is None:
-            rows.append([name, False, 0, 0, 0, 0, 0, 0, None, None, None, None, *bypass])
+            rows.append([name, False, 0, 0, 0, 0, 0, None, 0, 0, None, None, None, None, *bypass])
             continue
         stats = capture.changelog.stats()
+        hold = capture.commit_hold
         rows.append(
             [
                 name,
@@ -262,6 +265,8 @@ async def show_capture(proxy: Proxy, _session: Session) -> Result:
                 capture.transactions,
                 capture.statements,
                 capture.log_failures,
+                hold.count,
+                round(hold.total / hold.count * 1000, 3) if hold.count else None,
                 len(capture.problems),
                 capture.inserts_without_image,
                 capture.catalog is not None and capture.catalog.loaded,

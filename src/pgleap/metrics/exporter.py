@@ -76,6 +76,11 @@ class ProxyCollector(Collector):
         healthy = GaugeMetricFamily(
             "pgleap_changelog_healthy", "0 after a change log write failed", labels=["database"]
         )
+        hold = HistogramMetricFamily(
+            "pgleap_capture_commit_hold_seconds",
+            "How long a COMMIT waited for its change-log record to become durable before going to the server",
+            labels=["database"],
+        )
         for name, db in sorted(self.proxy.databases.items()):
             capture = db.capture
             if capture is None:
@@ -83,7 +88,8 @@ class ProxyCollector(Collector):
             captured.add_metric([name], capture.transactions)
             failures.add_metric([name], capture.log_failures)
             healthy.add_metric([name], 1.0 if capture.changelog.healthy else 0.0)
-        yield from (captured, failures, healthy)
+            hold.add_metric([name], capture.commit_hold.cumulative(), capture.commit_hold.total)
+        yield from (captured, failures, healthy, hold)
 
     def _replay_metrics(self) -> Iterator[Metric]:
         # The replay service samples in the proxy's loop; this thread only reads the latest sample.

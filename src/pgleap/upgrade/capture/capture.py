@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pgleap.proxy.stats import LatencyHistogram
 from pgleap.store.changelog import ChangeLog, ChangeLogError
 from pgleap.store.records import CapturedTransaction
 from pgleap.upgrade.capture.catalog import SourceCatalog
@@ -39,6 +40,8 @@ class Capture:
     problems: list[CaptureProblem] = field(default_factory=list)
     catalog: SourceCatalog | None = None  # the source's tables, for row images; None: statements only
     inserts_without_image: int = 0  # INSERTs replayed as statements (verification checks their tables)
+    # How long each held COMMIT waited for its record to become durable: what capture adds to a COMMIT.
+    commit_hold: LatencyHistogram = field(default_factory=LatencyHistogram)
     _tasks: set[asyncio.Future[None]] = field(default_factory=set)  # late appends not in the log yet
 
     def prepare_then(self, tx: CapturedTransaction, go_on: Callable[[int | None], None]) -> None:
@@ -105,13 +108,15 @@ class Capture:
 class _HeldCommit:
     """One prepare on the commit path: the log's answer or the timeout, whichever comes first, lets the COMMIT go."""
 
-    __slots__ = ("capture", "go_on", "timer", "tx")
+    __slots__ = ("capture", "go_on", "held_at", "timer", "tx")
 
     def __init__(self, capture: Capture, tx: CapturedTransaction, go_on: Callable[[int | None], None]) -> None:
         self.capture = capture
         self.tx = tx
         self.go_on: Callable[[int | None], None] | None = go_on
-        self.timer = asyncio.get_running_loop().call_later(PREPARE_TIMEOUT, self._timed_out)
+        loop = asyncio.get_running_loop()
+        self.held_at = loop.time()
+        self.timer = loop.call_later(PREPARE_TIMEOUT, self._timed_out)
         capture.changelog.prepare_then(tx, self._logged)
 
     def _logged(self, log_id: int | None, error: ChangeLogError | None) -> None:
@@ -123,6 +128,7 @@ class _HeldCommit:
                 self.capture.settle(log_id, None, committed=False)
             return
         self.timer.cancel()
+        self.capture.commit_hold.observe(asyncio.get_running_loop().time() - self.held_at)
         if log_id is None:
             self.capture._lost(self.tx, error)
         go_on(log_id)
@@ -130,5 +136,6 @@ class _HeldCommit:
     def _timed_out(self) -> None:
         go_on, self.go_on = self.go_on, None
         if go_on is not None:
+            self.capture.commit_hold.observe(asyncio.get_running_loop().time() - self.held_at)
             self.capture._lost(self.tx, f"no answer within {PREPARE_TIMEOUT:g} s")
             go_on(None)
