@@ -42,7 +42,7 @@ class Capture:
     inserts_without_image: int = 0  # INSERTs replayed as statements (verification checks their tables)
     # How long each held COMMIT waited for its record to become durable: what capture adds to a COMMIT.
     commit_hold: LatencyHistogram = field(default_factory=LatencyHistogram)
-    _tasks: set[asyncio.Future[None]] = field(default_factory=set)  # late appends not in the log yet
+    _late: set[asyncio.Future[None]] = field(default_factory=set)  # late appends not in the log yet
 
     def prepare_then(self, tx: CapturedTransaction, go_on: Callable[[int | None], None]) -> None:
         """Durably log `tx` as pending, then call `go_on(log_id)` to let its COMMIT go to the source.
@@ -71,8 +71,9 @@ class Capture:
         so that status shows the upgrade must verify (and re-sync) what those transactions touched.
         """
         self.logged_after_commit += 1
-        appended = asyncio.get_running_loop().create_future()
-        self._track(appended)
+        appended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._late.add(appended)
+        appended.add_done_callback(self._late.discard)
 
         def logged(log_id: int | None, error: ChangeLogError | None) -> None:
             if log_id is None:
@@ -83,10 +84,6 @@ class Capture:
 
         # Queued now, in order with the COMMITs held after this answer: they committed after it.
         self.changelog.prepare_then(tx, logged)
-
-    def _track(self, waited: asyncio.Future[None]) -> None:
-        self._tasks.add(waited)
-        waited.add_done_callback(self._tasks.discard)
 
     def _lost(self, tx: CapturedTransaction, why: object) -> None:
         # The client keeps working against the source (I5); the upgrade must re-copy what was lost.
@@ -100,8 +97,8 @@ class Capture:
 
     async def drain(self) -> None:
         """Wait until every transaction handed to `record_late` has reached the log."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._late:
+            await asyncio.gather(*list(self._late), return_exceptions=True)
         await self.changelog.flush()
 
 
