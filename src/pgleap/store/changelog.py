@@ -2,8 +2,8 @@
 
 Life of a record (docs/design-notes.md, "Durability across a crash between COMMIT and the log"):
 
-1. `prepare(tx)` writes it as `pending` and returns only once that is durable; only then does the proxy
-   forward the COMMIT.
+1. `prepare(tx)` writes it as `pending` and returns only once that is durable (`prepare_then(tx, done)` calls
+   `done` back instead); only then does the proxy forward the COMMIT.
 2. `settle(log_id, committed)` marks it `committed` or `aborted` from the source's answer. Settling may be
    batched and its durability may lag: after a crash the record is still `pending`, and recovery settles it
    again from the source (`pending()`, then `resolve()` with `txid_status(txid)` on 10+, or `unresolved`
