@@ -590,8 +590,11 @@ class SQLiteChangeLog(ChangeLog):
         Without `wait` this returns at once: the COMMIT answer can go to the client without an fsync,
         because a record whose settle was lost in a crash is still pending and recovery settles it again.
         """
+        if not wait:
+            self.settle_nowait(log_id, committed)
+            return
         state = LogState.COMMITTED if committed else LogState.ABORTED
-        await self._submit(_Op(_Kind.SETTLE, log_id=log_id, state=state), wait=wait)
+        await self._submit(_Op(_Kind.SETTLE, log_id=log_id, state=state), wait=True)
 
     def settle_nowait(self, log_id: int, committed: bool) -> None:
         """`settle` without waiting, queued at once (in order with every prepare and settle before it)."""

@@ -117,22 +117,25 @@ class _HeldCommit:
         capture.changelog.prepare_then(tx, self._logged)
 
     def _logged(self, log_id: int | None, error: ChangeLogError | None) -> None:
-        go_on, self.go_on = self.go_on, None
-        if go_on is None:
+        if self.go_on is None:
             # Given up on: its COMMIT went to the source without this record, and the transaction is
             # logged after the answer instead. The record itself must not hold back the ones after it.
             if log_id is not None:
                 self.capture.settle(log_id, None, committed=False)
             return
         self.timer.cancel()
-        self.capture.commit_hold.observe(asyncio.get_running_loop().time() - self.held_at)
         if log_id is None:
             self.capture._lost(self.tx, error)
-        go_on(log_id)
+        self._release(log_id)
 
     def _timed_out(self) -> None:
-        go_on, self.go_on = self.go_on, None
-        if go_on is not None:
-            self.capture.commit_hold.observe(asyncio.get_running_loop().time() - self.held_at)
+        if self.go_on is not None:
             self.capture._lost(self.tx, f"no answer within {PREPARE_TIMEOUT:g} s")
-            go_on(None)
+            self._release(None)
+
+    def _release(self, log_id: int | None) -> None:
+        """Let the COMMIT go (once), counting how long it was held."""
+        go_on, self.go_on = self.go_on, None
+        assert go_on is not None
+        self.capture.commit_hold.observe(asyncio.get_running_loop().time() - self.held_at)
+        go_on(log_id)
