@@ -171,6 +171,39 @@ def test_the_backlog_and_the_settled_point_count_records_whose_commit_is_in_flig
     asyncio.run(run())
 
 
+def test_a_queued_settle_counts_as_settled_before_the_writer_has_written_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The COMMIT was answered: a read forwarded now sees the transaction, whatever the file says yet."""
+    import threading
+
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db") as log:
+            first = await log.prepare(make_tx(1))
+            second = await log.prepare(make_tx(2))
+            release = threading.Event()
+            write_group = log._write_group
+
+            def held(group: list[object]) -> None:
+                release.wait(10)
+                write_group(group)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(log, "_write_group", held)
+            log.settle_nowait(first, committed=True)
+            log.settle_nowait(second, committed=False)
+            assert log._read("SELECT count(*) FROM change_log WHERE state = 'pending'") == [(2,)]  # not written
+            assert log.settled_through() == second
+            third = log.last_log_id() + 1
+            release.set()
+            await log.flush()
+            assert log.settled_through() == second
+            monkeypatch.undo()
+            assert await log.prepare(make_tx(3)) == third
+            assert log.settled_through() == second  # the new pending record bounds it again
+
+    asyncio.run(run())
+
+
 def test_wrong_settles_are_precise_errors_and_do_not_harm_health(tmp_path: Path) -> None:
     async def run() -> None:
         with SQLiteChangeLog(tmp_path / "log.db", durability="batch") as log:

@@ -228,7 +228,7 @@ class ChangeLog(abc.ABC):
 
     @abc.abstractmethod
     def settled_through(self) -> int:
-        """The highest log id at and below which every record has settled (none is pending)."""
+        """The highest log id at and below which every record has settled or has its settle queued."""
 
     @abc.abstractmethod
     def position_through(self, database: str, log_id: int) -> int | None:
@@ -441,6 +441,9 @@ class SQLiteChangeLog(ChangeLog):
         self._volatile_lock = threading.Lock()
         self._synchronous_full = True
         self._unsynced: list[tuple[_Op, object]] = []  # settles committed without an fsync, answered once synced
+        # Log ids whose settle is queued and not written yet: their COMMIT has been answered, so a read
+        # forwarded now sees them (settled_through), though the file still says pending.
+        self._settling: set[int] = set()
         self._lock_file = self._take_lock()
         self._db = self._connect_or_unlock()
         try:
@@ -594,11 +597,13 @@ class SQLiteChangeLog(ChangeLog):
             self.settle_nowait(log_id, committed)
             return
         state = LogState.COMMITTED if committed else LogState.ABORTED
+        self._settling.add(log_id)
         await self._submit(_Op(_Kind.SETTLE, log_id=log_id, state=state), wait=True)
 
     def settle_nowait(self, log_id: int, committed: bool) -> None:
         """`settle` without waiting, queued at once (in order with every prepare and settle before it)."""
         state = LogState.COMMITTED if committed else LogState.ABORTED
+        self._settling.add(log_id)
         self._queue.put(_Op(_Kind.SETTLE, log_id=log_id, state=state))
 
     async def resolve(self, log_id: int, state: LogState) -> None:
@@ -634,7 +639,11 @@ class SQLiteChangeLog(ChangeLog):
         window = self.batch_interval if self.durability == "batch" else 0.0
         while (group := self._queue.take(window)) is not None:
             try:
-                self._write_group(group)
+                try:
+                    self._write_group(group)
+                finally:
+                    # Written or failed (then still pending, as the file says): no longer in between.
+                    self._settling.difference_update(op.log_id for op in group if op.kind is _Kind.SETTLE)
                 if self._unsynced and not self._queue.wait_for_more(_SETTLE_SYNC_DELAY):
                     self._sync_wal()
             except Exception as exc:
@@ -891,13 +900,19 @@ class SQLiteChangeLog(ChangeLog):
         return int(rows[0][0]) if rows else 0
 
     def settled_through(self) -> int:
-        """The highest log id at and below which every record has settled (none is pending)."""
-        # One indexed aggregate (change_log_open), no pending record decoded: result comparison asks per sample.
-        ((first_pending, last),) = self._read(
-            "SELECT (SELECT min(log_id) FROM change_log WHERE state = 'pending'), "
-            "(SELECT seq FROM sqlite_sequence WHERE name = 'change_log')"
-        )
-        return int(first_pending) - 1 if first_pending is not None else int(last or 0)
+        """The highest log id at and below which every record has settled or has its settle queued."""
+        # Indexed (change_log_open), no record decoded: result comparison asks per sample. The last id is
+        # read first, so a record prepared in between is above it rather than missing from the pending ones.
+        settling = set(self._settling)
+        last = self._read("SELECT seq FROM sqlite_sequence WHERE name = 'change_log'")
+        through = int(last[0][0]) if last else 0
+        # Pending records are few (about one per session in its COMMIT): listed, not aggregated.
+        for (log_id,) in self._read(
+            "SELECT log_id FROM change_log WHERE state = 'pending' AND log_id <= ? ORDER BY log_id", (through,)
+        ):
+            if log_id not in settling:
+                return int(log_id) - 1
+        return through
 
     def position_through(self, database: str, log_id: int) -> int | None:
         """The last position of `database` given to a record prepared at or before `log_id` (None: not known yet)."""
