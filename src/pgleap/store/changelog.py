@@ -598,13 +598,20 @@ class SQLiteChangeLog(ChangeLog):
             return
         state = LogState.COMMITTED if committed else LogState.ABORTED
         self._settling.add(log_id)
-        await self._submit(_Op(_Kind.SETTLE, log_id=log_id, state=state), wait=True)
+        try:
+            await self._submit(_Op(_Kind.SETTLE, log_id=log_id, state=state), wait=True)
+        finally:
+            self._settling.discard(log_id)  # written, failed or never queued: the file says which
 
     def settle_nowait(self, log_id: int, committed: bool) -> None:
         """`settle` without waiting, queued at once (in order with every prepare and settle before it)."""
         state = LogState.COMMITTED if committed else LogState.ABORTED
         self._settling.add(log_id)
-        self._queue.put(_Op(_Kind.SETTLE, log_id=log_id, state=state))
+        try:
+            self._queue.put(_Op(_Kind.SETTLE, log_id=log_id, state=state))
+        except ChangeLogError:
+            self._settling.discard(log_id)  # never queued: still pending
+            raise
 
     async def resolve(self, log_id: int, state: LogState) -> None:
         """Settle a pending (or unresolved) record after a crash; durable when it returns."""
