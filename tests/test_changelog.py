@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,7 +176,6 @@ def test_a_queued_settle_counts_as_settled_before_the_writer_has_written_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The COMMIT was answered: a read forwarded now sees the transaction, whatever the file says yet."""
-    import threading
 
     async def run() -> None:
         with SQLiteChangeLog(tmp_path / "log.db") as log:

@@ -910,14 +910,15 @@ class SQLiteChangeLog(ChangeLog):
         """The highest log id at and below which every record has settled or has its settle queued."""
         # Indexed (change_log_open), no record decoded: result comparison asks per sample. The last id is
         # read first, so a record prepared in between is above it rather than missing from the pending ones.
-        settling = set(self._settling)
+        # A settle the writer completes meanwhile leaves the set only after the file has it: at worst this
+        # answers one settle behind, never ahead.
         last = self._read("SELECT seq FROM sqlite_sequence WHERE name = 'change_log'")
         through = int(last[0][0]) if last else 0
         # Pending records are few (about one per session in its COMMIT): listed, not aggregated.
         for (log_id,) in self._read(
             "SELECT log_id FROM change_log WHERE state = 'pending' AND log_id <= ? ORDER BY log_id", (through,)
         ):
-            if log_id not in settling:
+            if log_id not in self._settling:
                 return int(log_id) - 1
         return through
 
