@@ -304,6 +304,45 @@ def test_copy_from_stdin_through_the_extended_protocol(capturing: tuple[ProxyThr
     assert all(txid is not None for txid, _ in log)
 
 
+def test_copy_from_stdin_in_autocommit_is_held_and_logged_before_its_commit(
+    capturing: tuple[ProxyThread, Capture], backend: LabServer
+) -> None:
+    """An autocommit COPY FROM STDIN (psql's \\copy, psycopg's copy()) is wrapped like any implicit write: its
+    data goes through while pgleap's own COMMIT waits for the log; a COPY the server fails ends cleanly."""
+    proxy, capture = capturing
+    rows = 20_000  # more data than the socket buffers hold: the client's reading must stay on during copy-in
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        with conn.cursor().copy("copy cap (id, v) from stdin") as copy:
+            for i in range(1, rows + 1):
+                copy.write_row((i, "x" * 100))
+        with (
+            pytest.raises(psycopg.errors.InvalidTextRepresentation),
+            conn.cursor().copy("copy cap (id) from stdin") as copy,
+        ):
+            copy.write(b"not a number\n")
+        conn.execute("insert into cap (id, v) values (0, 'after')")
+    result = subprocess.run(
+        [tool("psql"), proxy.dsn(), "-X", "-q", "-c", "\\copy cap (id, v) from stdin"],
+        input="-1\tpsql\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(backend.dsn()) as direct:
+        assert direct.execute("select count(*) from cap").fetchone() == (rows + 2,)
+    log = logged(proxy, capture)
+    assert [statements for _, statements in log] == [
+        ["copy cap (id, v) from stdin"],
+        ["insert into cap (id, v) values (0, 'after')"],
+        ["COPY  cap ( id, v ) FROM STDIN"],  # psql's text for \\copy
+    ]
+    assert all(txid is not None for txid, _ in log)
+    assert capture.logged_after_commit == 0  # each durable before its COMMIT, none logged after the answer
+    copied = capture.changelog.read_committed("app", 0, 1)[0].transaction.statements[0].copy_data
+    assert copied is not None and copied.count(b"\n") == rows
+
+
 def test_two_phase_commit_is_reported(capturing: tuple[ProxyThread, Capture]) -> None:
     """PREPARE TRANSACTION may be committed from another session, or never: capture says it cannot follow."""
     proxy, capture = capturing

@@ -63,3 +63,31 @@ def test_a_commit_left_by_its_client_is_settled_and_later_transactions_replay(en
     assert env.target.psql("SELECT note FROM t WHERE id = 2", dbname=env.dbname) == "after"
     assert env.upgrade.target is not None
     assert not asyncio.run(database_differences(env.upgrade.source, env.upgrade.target))
+
+
+def test_recovery_keeps_one_of_two_pending_records_of_one_txid(tmp_path: Path, pg_old: LabServer) -> None:
+    """A transaction logged twice (two pending records of one committed txid) is applied once, in the first's place."""
+    from pgleap.store import CapturedStatement, CapturedTransaction, LogState, SQLiteChangeLog
+    from pgleap.upgrade.capture.recovery import settle_pending
+
+    from conftest import server_config
+
+    with psycopg.connect(pg_old.dsn("postgres"), autocommit=True) as conn:
+        txid = conn.execute("SELECT txid_current()").fetchone()[0]  # committed at once (autocommit)
+        with pytest.raises(psycopg.errors.RaiseException), conn.transaction():
+            aborted = conn.execute("SELECT txid_current()").fetchone()[0]
+            conn.execute("DO $$ BEGIN RAISE 'roll back'; END $$")
+
+    def tx(n: int) -> CapturedTransaction:
+        statement = CapturedStatement("SELECT 1", tag="SELECT 1")
+        return CapturedTransaction("app", n, None, (), (statement,), session_id=1)
+
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db") as log:
+            for n in (txid, txid, aborted):
+                await log.prepare(tx(n))
+            report = await settle_pending(log, server_config(pg_old, "postgres"), log.pending(), "app")
+            assert report.settled == {LogState.COMMITTED: 1, LogState.ABORTED: 2}
+            assert [(r.log_id, r.transaction.txid) for r in log.read_committed("app", 0, 10)] == [(1, txid)]
+
+    asyncio.run(run())

@@ -554,7 +554,7 @@ def test_a_prepare_cancelled_before_it_returned_is_aborted_not_left_pending(tmp_
     asyncio.run(run())
 
 
-def test_a_held_commit_goes_on_after_the_prepare_timeout_and_its_late_record_is_aborted(
+def test_a_held_commit_goes_on_after_the_prepare_timeout_and_its_late_record_is_settled_by_the_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pgleap.upgrade.capture import capture as capture_module
@@ -565,22 +565,49 @@ def test_a_held_commit_goes_on_after_the_prepare_timeout_and_its_late_record_is_
         with SQLiteChangeLog(tmp_path / "log.db", durability="batch", batch_interval=0.3) as log:
             capture = capture_module.Capture("app", log)
             answers: list[int | None] = []
-            capture.prepare_then(make_tx(1), answers.append)
+            committed = capture.prepare_then(make_tx(1), answers.append)
+            rolled_back = capture.prepare_then(make_tx(2), answers.append)
             await asyncio.sleep(0.1)
-            assert answers == [None]  # the COMMIT went on without its record (I5), and that was counted
-            assert capture.log_failures == 1
-            monkeypatch.setattr(capture_module, "PREPARE_TIMEOUT", 10.0)
-            capture.prepare_then(make_tx(2), answers.append)
-            while len(answers) < 2:
+            assert answers == [None, None]  # the COMMITs went on without their records (I5), and that was counted
+            assert capture.log_failures == 2 and committed.timed_out
+            # The source answers before the records land: each is settled by its answer, never logged twice
+            # (a second record of the same txid, left pending by a crash, would be resolved committed too).
+            committed.answered(True)
+            rolled_back.answered(False)
+            while not (committed.landed and rolled_back.landed):
                 await asyncio.sleep(0.01)
-            assert isinstance(answers[1], int)
-            capture.settle(answers[1], make_tx(2), committed=True)
             await capture.drain()
-            await log.flush()
-            # the record that came too late was aborted rather than left pending to hold txid 2 back
             assert log.pending() == []
-            assert (log.stats().aborted, log.stats().committed, capture.transactions) == (1, 1, 1)
-            assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [2]
+            assert (log.stats().committed, log.stats().aborted, capture.logged_after_commit) == (1, 1, 0)
+            assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [1]
+
+    asyncio.run(run())
+
+
+def test_a_late_record_that_never_lands_is_logged_after_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgleap.upgrade.capture import capture as capture_module
+
+    monkeypatch.setattr(capture_module, "PREPARE_TIMEOUT", 0.05)
+
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db", durability="batch", batch_interval=0.3) as log:
+            capture = capture_module.Capture("app", log)
+
+            def broken(*args: object) -> int:
+                raise RuntimeError("disk gone")
+
+            monkeypatch.setattr(log, "_insert", broken)
+            held = capture.prepare_then(make_tx(1), lambda log_id: None)
+            while not held.landed:
+                await asyncio.sleep(0.01)
+            assert held.log_id is None
+            monkeypatch.undo()
+            held.answered(True)  # the source committed it: logged after the answer, as a COMMIT not held
+            await capture.drain()
+            assert capture.logged_after_commit == 1
+            assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [1]
 
     asyncio.run(run())
 
@@ -599,5 +626,35 @@ def test_prepare_then_answers_from_the_loop_with_the_id_or_the_error(tmp_path: P
         assert len(answers) == 1
         await asyncio.sleep(0)
         assert answers[1][0] is None and isinstance(answers[1][1], ChangeLogClosedError)
+
+    asyncio.run(run())
+
+
+def test_a_barrier_after_unsynced_settles_waits_for_their_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A COMMIT that changes nothing writes no WAL frame and so fsyncs nothing: flush() must not take it for
+    # a sync, or replay could apply (and store on the target) positions a power loss then hands out again.
+    from pgleap.store import changelog as changelog_module
+
+    monkeypatch.setattr(changelog_module, "_SETTLE_SYNC_DELAY", 30.0)  # no sync after a quiet moment
+
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db") as log:
+            syncs: list[int] = []
+            real_sync = log._sync_wal
+
+            def counted() -> None:
+                syncs.append(1)
+                real_sync()
+
+            monkeypatch.setattr(log, "_sync_wal", counted)
+            log_id = await log.prepare(make_tx(1))
+            log.settle_nowait(log_id, committed=True)
+            await asyncio.sleep(0.1)  # written, not fsynced
+            assert log.read_committed("app", 0, 10) == []  # its position is not durable yet
+            await asyncio.wait_for(log.flush(), timeout=5)
+            assert syncs == [1]
+            assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [1]
 
     asyncio.run(run())

@@ -87,7 +87,6 @@ _MAX_GROUP = 1024
 # After a settle-only group, how long the writer waits for a group that fsyncs anyway before it fsyncs the WAL
 # itself: under load the next prepare makes the settles durable for free.
 _SETTLE_SYNC_DELAY = 0.01
-_NO_BOUND = 2**62
 
 # SQLite primary result codes (sqlite3.h); extended codes carry them in the low byte.
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR = 5, 6, 8, 10
@@ -675,11 +674,13 @@ class SQLiteChangeLog(ChangeLog):
             if durable != self._synchronous_full:
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 self._synchronous_full = durable
+            changes = self._db.total_changes
             self._db.execute("BEGIN IMMEDIATE")
             results = [self._apply(op, fx) for op in group]
             for database, late in fx.touched.items():
                 self._advance(database, late)
             self._db.execute("COMMIT")
+            wrote = self._db.total_changes != changes
         except sqlite3.Error as exc:
             self._rollback()
             error = self._storage_error(exc, "write")
@@ -691,8 +692,13 @@ class SQLiteChangeLog(ChangeLog):
         self.sqlite_commits += 1
         with self._counts_lock:
             self._counts.merge(fx.counts)
-        if not durable:
+        if not durable or (not wrote and self._unsynced):
+            # A COMMIT that changed nothing writes no WAL frame, so SQLite fsyncs nothing: a barrier (or a
+            # resolve that found its record settled already) is answered with the settles before it, once
+            # they are durable, never on the strength of a sync that did not happen.
             self._unsynced += zip(group, results, strict=True)
+            if durable:
+                self._sync_wal()
             return
         self._synced()  # this fsync made every earlier commit durable too (one WAL)
         for op, result in zip(group, results, strict=True):
@@ -858,14 +864,16 @@ class SQLiteChangeLog(ChangeLog):
 
     def read_committed(self, database: str, after_position: int, limit: int) -> list[LoggedTransaction]:
         """Committed records of `database` after `after_position`, in position order."""
-        with self._volatile_lock:
-            durable = self._volatile.get(database)
         rows = self._read(
             "SELECT log_id, position, state, record FROM change_log WHERE database = ? "
-            "AND position > ? AND position <= ? ORDER BY position LIMIT ?",
-            (database, after_position, _NO_BOUND if durable is None else durable, limit),
+            "AND position > ? ORDER BY position LIMIT ?",
+            (database, after_position, limit),
         )
-        return [_logged(row) for row in rows]
+        # The bound is read after the rows: the writer sets it before the COMMIT that makes undurable positions
+        # visible, so rows that show them find it here (read first, a commit in between would slip past it).
+        with self._volatile_lock:
+            durable = self._volatile.get(database)
+        return [_logged(row) for row in rows if durable is None or row[1] <= durable]
 
     def _sync_wal(self) -> None:
         """fsync the WAL, making the settles committed without one durable (the log is idle meanwhile)."""

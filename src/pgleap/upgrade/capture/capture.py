@@ -44,13 +44,14 @@ class Capture:
     commit_hold: LatencyHistogram = field(default_factory=LatencyHistogram)
     _late: set[asyncio.Future[None]] = field(default_factory=set)  # late appends not in the log yet
 
-    def prepare_then(self, tx: CapturedTransaction, go_on: Callable[[int | None], None]) -> None:
+    def prepare_then(self, tx: CapturedTransaction, go_on: Callable[[int | None], None]) -> HeldCommit:
         """Durably log `tx` as pending, then call `go_on(log_id)` to let its COMMIT go to the source.
 
         `go_on(None)` when the log cannot take it within PREPARE_TIMEOUT. Called back in the event loop straight
-        from the log's writer: the held COMMIT waits for the disk, not for the loop's turns.
+        from the log's writer: the held COMMIT waits for the disk, not for the loop's turns. After a timeout the
+        record may still land: the caller then tells the returned HeldCommit what became of the COMMIT.
         """
-        _HeldCommit(self, tx, go_on)
+        return HeldCommit(self, tx, go_on)
 
     def settle(self, log_id: int, tx: CapturedTransaction | None, committed: bool) -> None:
         """The source answered the COMMIT of the record `log_id` prepared: mark it committed or aborted."""
@@ -102,31 +103,67 @@ class Capture:
         await self.changelog.flush()
 
 
-class _HeldCommit:
-    """One prepare on the commit path: the log's answer or the timeout, whichever comes first, lets the COMMIT go."""
+class HeldCommit:
+    """One prepare on the commit path: the log's answer or the timeout, whichever comes first, lets the COMMIT go.
 
-    __slots__ = ("capture", "go_on", "held_at", "timer", "tx")
+    After a timeout the COMMIT goes without its record, which may land later. That record is then the
+    transaction's only one (it is never logged again after the answer, which a crash in between would leave
+    as two pending records of one txid, both committed): it is settled by the answer (`answered`), or from
+    the source if the client leaves first (`orphaned`). A record that never lands falls back to `record_late`.
+    """
+
+    __slots__ = ("capture", "go_on", "held_at", "landed", "log_id", "outcome", "timer", "tx")
 
     def __init__(self, capture: Capture, tx: CapturedTransaction, go_on: Callable[[int | None], None]) -> None:
         self.capture = capture
         self.tx = tx
         self.go_on: Callable[[int | None], None] | None = go_on
+        self.landed = False  # the log has answered (with an id or an error)
+        self.log_id: int | None = None
+        # After a timeout: True/False once the source answered the COMMIT; a settler when the client left.
+        self.outcome: bool | Callable[[int, CapturedTransaction], None] | None = None
         loop = asyncio.get_running_loop()
         self.held_at = loop.time()
         self.timer = loop.call_later(PREPARE_TIMEOUT, self._timed_out)
         capture.changelog.prepare_then(tx, self._logged)
 
+    @property
+    def timed_out(self) -> bool:
+        """Whether the COMMIT was let go before the log answered (its record may still land)."""
+        return self.go_on is None and not self.landed
+
+    def answered(self, committed: bool) -> None:
+        """The source answered the COMMIT that went on without this record."""
+        self.outcome = committed
+        self._settle_late()
+
+    def orphaned(self, settle: Callable[[int, CapturedTransaction], None]) -> None:
+        """The COMMIT went out but its answer will never be read: `settle` asks the source, once the record lands."""
+        self.outcome = settle
+        self._settle_late()
+
     def _logged(self, log_id: int | None, error: ChangeLogError | None) -> None:
+        self.landed, self.log_id = True, log_id
         if self.go_on is None:
-            # Given up on: its COMMIT went to the source without this record, and the transaction is
-            # logged after the answer instead. The record itself must not hold back the ones after it.
-            if log_id is not None:
-                self.capture.settle(log_id, None, committed=False)
+            self._settle_late()
             return
         self.timer.cancel()
         if log_id is None:
             self.capture._lost(self.tx, error)
         self._release(log_id)
+
+    def _settle_late(self) -> None:
+        outcome = self.outcome
+        if not self.landed or outcome is None:
+            return
+        self.outcome = None  # once
+        if self.log_id is None:
+            if outcome is True:
+                self.capture.record_late(self.tx)  # the record never made it: log it after the answer, as before
+        elif callable(outcome):
+            outcome(self.log_id, self.tx)
+        else:
+            self.capture.settle(self.log_id, self.tx, committed=outcome)
 
     def _timed_out(self) -> None:
         if self.go_on is not None:

@@ -54,7 +54,7 @@ from pgleap.upgrade.compat.adapters import adapter_for
 from pgleap.upgrade.compat.facts import PG90
 
 if TYPE_CHECKING:
-    from pgleap.upgrade.capture.capture import Capture
+    from pgleap.upgrade.capture.capture import Capture, HeldCommit
     from pgleap.upgrade.verify.sampling import SourceSample
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ _CONTROL = frozenset(
 (_COMMIT,) = classify("COMMIT")
 (_ROLLBACK,) = classify("ROLLBACK")
 _FLUSH = message(codes.FLUSH)
+_COPY_FROM_CLIENT = frozenset((codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
 _NO_PARAMS = struct.pack("!h", 0)
 # How long an INSERT into a table DDL has just reshaped waits for the catalog to be read again. The DDL's
 # own lock on the source would hold it as long; past this it goes on and is replayed as a statement.
@@ -167,6 +168,8 @@ class CapturingForwarder(Forwarder):
         # and whether the server is in copy-in mode, where it ignores the client's Sync and Flush.
         self._copy_execute: Pending | None = None
         self._copy_in = False
+        # A wrapped autocommit COPY FROM STDIN is in copy-in: its CopyData goes on from the stash (all else waits).
+        self._wrapped_copy = False
         self._probe_in_batch = False
         self._probe_inflight = False  # a probe was sent and has not answered yet
         self._batch_refuses_block = False  # the open extended batch has a statement refusing a transaction block
@@ -179,6 +182,8 @@ class CapturingForwarder(Forwarder):
         self._preparing = False
         self._log_id: int | None = None  # the pending record of the transaction whose COMMIT went out
         self._log_tx: CapturedTransaction | None = None  # and that transaction
+        self._holding: HeldCommit | None = None  # the prepare the commit point waits on
+        self._late_record: HeldCommit | None = None  # a COMMIT let go before its record landed (PREPARE_TIMEOUT)
         self._held_tag: bytes | None = None  # a wrapped string's last CommandComplete, until the COMMIT answers
         self._temp_names: set[str] = set()  # temporary tables this session may have created (never shrinks)
         # Sampled extended-protocol Executes by id of their Pending, with the number of the Sync that ends their batch.
@@ -236,6 +241,8 @@ class CapturingForwarder(Forwarder):
         if self._stash is not None:
             self._stash += data
             self.stats.bytes_in -= len(data)  # counted when released
+            if self._wrapped_copy:
+                self._pass_copy_messages()
             return
         buf = self._cin
         buf += data
@@ -286,6 +293,34 @@ class CapturingForwarder(Forwarder):
         if self._stash is not None:
             self.block_reading(True, "log")
             self._check_commit_point()
+
+    def _pass_copy_messages(self) -> None:
+        """While a wrapped COPY FROM STDIN is in copy-in, its data goes on from the stash; the rest stays held."""
+        stash = self._stash
+        assert stash is not None
+        offset = 0
+        while self._wrapped_copy and len(stash) - offset >= 5:
+            kind = stash[offset]
+            (length,) = _LEN.unpack_from(stash, offset + 1)
+            end = offset + 1 + length
+            if kind not in _COPY_FROM_CLIENT or length < 4 or length > self.max_size:
+                del stash[:offset]
+                self._flush_to_server()
+                self._capture_broken(ExchangeError(f"message type {chr(kind)!r} during COPY FROM STDIN"))
+                return
+            if end > len(stash):
+                break
+            raw = bytes(stash[offset:end])
+            offset = end
+            self.stats.bytes_in += len(raw)
+            self._client_message(kind, raw)
+            self._wrapped_copy = kind == codes.COPY_DATA
+        del stash[:offset]
+        self._flush_to_server()
+        if self._wrapped_copy:
+            self.unblock_reading(True, "log")  # the rest of the data is still on its way
+        else:
+            self.block_reading(True, "log")  # until pgleap's COMMIT has answered
 
     def _flush_to_server(self) -> None:
         if self._out:
@@ -714,17 +749,22 @@ class CapturingForwarder(Forwarder):
             return
         self._preparing = True
         # Called back from a fresh call stack (a turn of the loop of its own): the stash can go at once.
-        self.capture.prepare_then(tx, partial(self._prepared, tx, partial(self._forward_stash, True)))
+        self._holding = self.capture.prepare_then(tx, partial(self._prepared, tx, partial(self._forward_stash, True)))
 
     def _prepared(self, tx: CapturedTransaction, go_on: Callable[[], None], log_id: int | None) -> None:
         """`tx` is durable as pending (`log_id`; None: it could not be logged): let its COMMIT go (`go_on`)."""
         self._preparing = False
+        held, self._holding = self._holding, None
+        late = held if held is not None and held.timed_out else None
         if self.closed.done():
             if log_id is not None:
                 # The COMMIT never went out: the source rolled the transaction back with the connection.
                 self.capture.settle(log_id, None, committed=False)
+            elif late is not None:
+                late.answered(False)  # the same, for a record still on its way
             return
         self._log_id, self._log_tx = log_id, tx
+        self._late_record = late
         go_on()
 
     def _release_stash(self, point: str | None) -> None:
@@ -746,7 +786,9 @@ class CapturingForwarder(Forwarder):
             self._send_wrap_end(_ROLLBACK if failed else _COMMIT)
             return
         self._preparing = True
-        self.capture.prepare_then(tx, partial(self._prepared, tx, partial(self._send_wrap_end, _COMMIT)))
+        self._holding = self.capture.prepare_then(
+            tx, partial(self._prepared, tx, partial(self._send_wrap_end, _COMMIT))
+        )
 
     def _send_wrap_end(self, info: StatementInfo) -> None:
         self._send(Request(codes.QUERY, context=_WrapEnd(Pending(info))), self._query_message(info.text))
@@ -794,6 +836,9 @@ class CapturingForwarder(Forwarder):
             if self._log_id is not None:
                 self.capture.settle(self._log_id, ended.transaction, ended.committed)
                 self._log_id = None
+            elif self._late_record is not None:
+                late, self._late_record = self._late_record, None
+                late.answered(ended.committed)  # its own record, landed or not yet: never a second one
             elif ended.committed and ended.transaction is not None:
                 self.capture.record_late(ended.transaction)
 
@@ -837,6 +882,12 @@ class CapturingForwarder(Forwarder):
         if kind == codes.ERROR_RESPONSE:
             self.stats.errors += 1
             self.assembler.failed_statement()
+            if self._copy_in or self._wrapped_copy or self._copy_target is not None:
+                # An error ends copy-in: the server drops whatever copy data still comes.
+                self._copy_in = self._wrapped_copy = False
+                self._copy_target = None
+                if self._stash is not None:
+                    self.block_reading(True, "log")
             if isinstance(context, _QueryParts) and context.sample is not None:
                 context.sample.error()
             elif self._samples and isinstance(context, Pending) and id(context) in self._samples:
@@ -913,6 +964,10 @@ class CapturingForwarder(Forwarder):
                 return self._image_answer(image, kind, raw)
             if kind == _COPY_IN:
                 self._copy_target = part
+                if context.wrapped and self._stash is not None:
+                    # The client's data waits in the stash taken for pgleap's COMMIT: let it through.
+                    self._wrapped_copy = True
+                    self._pass_copy_messages()
             elif kind == codes.COMMAND_COMPLETE and request.tag is not None:
                 self.assembler.completed(part, request.tag)
                 context.index += 1
@@ -1143,6 +1198,10 @@ class CapturingForwarder(Forwarder):
             # became of it, or the pending record would hold back replay of every later transaction.
             self.proxy.settle_orphan(self.database, log_id, self._log_tx)
             self._log_id = self._log_tx = None
+        late = getattr(self, "_late_record", None)
+        if late is not None:
+            self._late_record = None
+            late.orphaned(partial(self.proxy.settle_orphan, self.database))
         super().close(error)
 
     def _capture_broken(self, exc: Exception) -> None:

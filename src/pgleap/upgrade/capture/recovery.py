@@ -52,10 +52,24 @@ async def settle_pending(
     conn = await connect(source, role="source")
     try:
         facts = facts_for(await version_num(conn))
+        first_of: dict[int, int] = {}
         for log_id, tx in pending:
             state = LogState.UNRESOLVED
-            if tx.txid is not None and facts.has_txid_status:
+            if tx.txid is not None and tx.txid in first_of:
+                # One transaction, two records (an earlier run logged it again): the first holds its place in
+                # commit order; applying the second too would run the transaction twice.
+                log.warning(
+                    "database %s: change-log record %s repeats txid %s of record %s; aborted, the first is kept",
+                    database,
+                    log_id,
+                    tx.txid,
+                    first_of[tx.txid],
+                )
+                state = LogState.ABORTED
+            elif tx.txid is not None and facts.has_txid_status:
                 state = await _status(conn, facts.txid_status_sql(), tx.txid)
+            if tx.txid is not None:
+                first_of.setdefault(tx.txid, log_id)
             await changelog.resolve(log_id, state)
             report.settled[state] = report.settled.get(state, 0) + 1
             if state is LogState.UNRESOLVED:
