@@ -158,3 +158,20 @@ def test_set_local_is_replayed_but_not_set_local_client_encoding() -> None:
     run(a, "insert into t values (1)", ["INSERT 0 1"], T)
     run(a, "commit", ["COMMIT"], I)
     assert committed_sql(a) == [["set local timezone = 'UTC'", "insert into t values (1)"]]
+
+
+def test_commit_and_chain_keeps_the_next_transaction_explicit() -> None:
+    """After COMMIT AND CHAIN a transaction is open at once: its writes commit at the next COMMIT, not at each Sync."""
+    a = TransactionAssembler("app", 1)
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "insert into t values (1)", ["INSERT 0 1"], T)
+    run(a, "commit and chain", ["COMMIT"], T)
+    assert a.explicit
+    run(a, "insert into t values (2)", ["INSERT 0 1"], T)
+    run(a, "insert into t values (3)", ["INSERT 0 1"], T)
+    run(a, "rollback and chain", ["ROLLBACK"], T)
+    assert a.explicit
+    run(a, "insert into t values (4)", ["INSERT 0 1"], T)
+    run(a, "commit", ["COMMIT"], I)
+    assert not a.explicit
+    assert committed_sql(a) == [["insert into t values (1)"], ["insert into t values (4)"]]

@@ -309,3 +309,26 @@ def test_authenticate_client_unknown_user_fails() -> None:
     error, received = asyncio.run(_login(None, "anything", "scram-sha-256"))
     assert error == 'password authentication failed for user "app"'
     assert received == []
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "refused_login"),
+    [("57P03", False), ("53300", False), ("57P01", False), ("28P01", True), ("28000", True)],
+)
+def test_a_server_that_cannot_take_connections_now_is_unavailable_not_a_refused_login(
+    sqlstate: str, refused_login: bool
+) -> None:
+    """A server starting up, shutting down or full says so before the login: worth a retry (replay reconnects)."""
+    from pgleap.errors import ServerUnavailableError
+    from pgleap.protocol.auth import authenticate_to_server
+    from pgleap.protocol.messages import error_response
+
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(error_response("the database system is starting up", sqlstate, "FATAL"))
+        reader.feed_eof()
+        expected = AuthenticationError if refused_login else ServerUnavailableError
+        with pytest.raises(expected, match=sqlstate):
+            await authenticate_to_server(reader, None, "pgleap", "secret", "server 127.0.0.1:5432")  # type: ignore[arg-type]
+
+    asyncio.run(run())

@@ -343,6 +343,33 @@ def test_copy_from_stdin_in_autocommit_is_held_and_logged_before_its_commit(
     assert copied is not None and copied.count(b"\n") == rows
 
 
+def test_a_notice_raised_at_pgleaps_commit_reaches_the_client_before_the_statements_tag(
+    tmp_path: Path, pg_new: LabServer
+) -> None:
+    """An implicit write commits before its CommandComplete, so a deferred trigger's NOTICE (or ERROR) at that
+    commit comes first: through pgleap, whose own COMMIT ends the wrapped statement, in the same order (I2)."""
+    pg_new.psql(
+        "drop table if exists cap4; create table cap4 (id int primary key);"
+        "create or replace function cap4_check() returns trigger language plpgsql as $$ begin "
+        "raise notice 'checked %', new.id; if new.id < 0 then raise exception 'negative'; end if; return null; end $$;"
+        "create constraint trigger cap4_check after insert on cap4 deferrable initially deferred "
+        "for each row execute procedure cap4_check()"
+    )
+    proxy = start_proxy(tmp_path, {"app": pg_new}, users={"raw": ("raw-secret", "md5")})
+    changelog = SQLiteChangeLog(tmp_path / "changes.db")
+    try:
+        capture_into(proxy, changelog, row_images=False)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            login_md5(sock, "raw", "raw-secret")
+            sock.sendall(query_message("insert into cap4 values (1)"))
+            assert [kind for kind, _ in read_until_ready(sock)] == [b"N", b"C", b"Z"]
+            sock.sendall(query_message("insert into cap4 values (-1)"))
+            assert [kind for kind, _ in read_until_ready(sock)] == [b"N", b"E", b"Z"]
+    finally:
+        proxy.stop()
+        changelog.close()
+
+
 def test_two_phase_commit_is_reported(capturing: tuple[ProxyThread, Capture]) -> None:
     """PREPARE TRANSACTION may be committed from another session, or never: capture says it cannot follow."""
     proxy, capture = capturing

@@ -445,6 +445,27 @@ def test_apply_error_skip_and_resync(env: Env) -> None:
     assert rows.split("\n") == ["1|2", "3|3", "99|1"]  # row 2 was in the skipped transaction
 
 
+def test_a_target_in_trouble_pauses_replay_even_under_skip_and_resync(env: Env) -> None:
+    """A full disk on the target would fail every later transaction too: replay pauses instead of skipping."""
+    snapshot = env.snapshot()
+    env.target.psql(
+        "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = '53100'; END $$; "
+        "CREATE TRIGGER disk_full BEFORE INSERT ON items FOR EACH ROW EXECUTE PROCEDURE disk_full()",
+        dbname=env.dbname,
+    )
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("insert into items (id, worker, qty) values (1, 0, 1)")
+        conn.execute("insert into items (id, worker, qty) values (2, 0, 2)")
+    env.drain()
+    journal = ApplyJournal()
+    status, _ = replay(env, snapshot, batch_size=10, on_apply_error="skip_and_resync", journal=journal)
+    assert status.paused is not None and status.skipped_on_error == 0 and status.applied_position == 0
+    (error,) = journal.errors("app")
+    assert (error.action, error.sqlstate, error.position) == ("paused", "53100", 1)
+    assert journal.resync_tables("app") == []
+
+
 def test_two_replayers_at_once_still_apply_each_transaction_once(env: Env) -> None:
     """The position guard makes a second replayer (two pgleap instances, or a stale connection) harmless."""
     snapshot = env.snapshot()

@@ -189,3 +189,36 @@ def test_start_point_comes_from_a_finished_copy(tmp_path: Path) -> None:
         assert start.table_snapshots == {"public.scratch": "103:103:"}
     finally:
         store.close()
+
+
+def test_replay_sessions_switch_off_the_timeouts_their_server_knows(backend: LabServer) -> None:
+    """Timeouts a role or database sets must not cut a replayed batch, and the startup packet names only
+    settings every supported major knows (a 9.x server refuses a session over one it does not)."""
+    import asyncio
+
+    from pgleap.upgrade.replay.wire import SESSION_PARAMS, TargetSession
+
+    from conftest import server_config
+
+    timeouts = ["lock_timeout", "idle_in_transaction_session_timeout"]
+    if backend.install.major >= 17:
+        timeouts.append("transaction_timeout")
+    role = f"replay_{uuid.uuid4().hex[:8]}"
+    backend.psql(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD 'pw'")
+    try:
+        for name in timeouts:
+            backend.psql(f"ALTER ROLE {role} SET {name} = '1s'")
+
+        async def shown() -> list[str | None]:
+            config = server_config(backend, "postgres")
+            config = ServerConfig(config.host, config.port, "postgres", role, "pw")
+            session = await TargetSession.open(config)
+            try:
+                return [(await session.query(f"SHOW {name}"))[0][0] for name in timeouts]
+            finally:
+                session.close()
+
+        assert asyncio.run(shown()) == ["0"] * len(timeouts)
+        assert set(SESSION_PARAMS) <= {"application_name", "client_encoding", "statement_timeout"}
+    finally:
+        backend.psql(f"DROP ROLE {role}")

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from scramp import ScramClient, ScramException, ScramMechanism
 
-from pgleap.errors import AuthenticationError
+from pgleap.errors import AuthenticationError, ServerUnavailableError
 from pgleap.protocol import codes
 from pgleap.protocol.messages import (
     ProtocolError,
@@ -157,6 +157,12 @@ async def _scram_exchange(
     writer.write(auth_request(codes.AUTH_SASL_FINAL, server_final.encode()))
 
 
+# Refusals before the login that say "not now" (insufficient resources, connection exceptions), and
+# cannot_connect_now, admin_shutdown, crash_shutdown: a retry may succeed, the credentials are not at fault.
+_NOT_NOW_CLASSES = frozenset(["53", "08"])
+_NOT_NOW = frozenset(["57P03", "57P01", "57P02"])
+
+
 async def authenticate_to_server(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -170,6 +176,11 @@ async def authenticate_to_server(
         kind, body = await read_message(reader, _MAX_AUTH_MESSAGE)
         if kind == codes.ERROR_RESPONSE:
             error = parse_error(body)
+            if error.sqlstate[:2] in _NOT_NOW_CLASSES or error.sqlstate in _NOT_NOW:
+                # Starting up, shutting down, in recovery, out of connection slots: nothing wrong with the login.
+                raise ServerUnavailableError(
+                    f"{server_name} is not accepting connections now: {error.message} (SQLSTATE {error.sqlstate})"
+                )
             raise AuthenticationError(
                 f"{server_name} refused pgleap's login as {user!r}: {error.message} (SQLSTATE {error.sqlstate})"
             )

@@ -54,6 +54,7 @@ class StatementInfo:
     temporary: bool = False  # creates a temporary object: session state, not the schema the target must hold
     # Table names (unqualified) whose columns, rules or privileges this statement may change; None: any table.
     reshapes: tuple[str, ...] | None = ()
+    chain: bool = False  # COMMIT/ROLLBACK AND CHAIN: a new explicit transaction begins at once
 
     def with_text(self, text: str, start: int) -> StatementInfo:
         """The same classification for another text of the same template (its literals differ)."""
@@ -167,7 +168,7 @@ def _classify_node(node: ast.Node, text: str) -> StatementInfo:
     command = type(node).__name__
     if isinstance(node, ast.TransactionStmt):
         kind = _TRANSACTION_KINDS[TransactionStmtKind(node.kind or 0)]
-        return StatementInfo(kind, command, text, savepoint=node.savepoint_name)
+        return StatementInfo(kind, command, text, savepoint=node.savepoint_name, chain=bool(node.chain))
     if isinstance(node, _WRITE_NODES):
         return StatementInfo(Kind.WRITE, command, text, tuple(dict.fromkeys(_scan(node).writes)))
     if isinstance(node, ast.CopyStmt):

@@ -814,7 +814,10 @@ class CapturingForwarder(Forwarder):
                 offset = end
                 self.last_server_type = kind
                 if self._server_message(kind, raw):
-                    self._flush_held_tag()
+                    if kind != codes.NOTICE_RESPONSE:
+                        # A notice after the held tag comes from pgleap's COMMIT: directly, the commit of an
+                        # implicit transaction runs before its last CommandComplete, so the notice goes first.
+                        self._flush_held_tag()
                     forward.append(raw)
         except Exception as exc:  # any surprise here (a malformed message, a bug) must end this session, not the proxy
             self._capture_broken(exc)

@@ -137,11 +137,13 @@ class TransactionAssembler:
                 self.undone += len(self.checks) - len(kept_checks)
                 self.checks = kept_checks
             self.failed = False
-        elif kind is Kind.COMMIT:
+        elif kind is Kind.COMMIT or kind is Kind.ROLLBACK:
+            snapshot_tx = self.snapshot_tx
             # COMMIT of a failed transaction answers ROLLBACK: nothing was committed.
-            self._end(committed=tag.startswith("COMMIT"))
-        elif kind is Kind.ROLLBACK:
-            self._end(committed=False)
+            self._end(committed=kind is Kind.COMMIT and tag.startswith("COMMIT"))
+            if info.chain:
+                # AND CHAIN: the next transaction is already open, explicit, with the same characteristics.
+                self.explicit, self.snapshot_tx = True, snapshot_tx
         elif (info.writes or (kind is Kind.SESSION and self.explicit and _replayed_local(info))) and (
             pending.portal is None or pending.portal not in self._logged_portals  # logged when it was suspended
         ):

@@ -38,6 +38,7 @@ from pgleap.upgrade.replay.errors import (
     ReplayError,
     TargetRefusedError,
     TransientApplyError,
+    blames_target,
     classify_sqlstate,
 )
 from pgleap.upgrade.replay.images import combined_tag, image_statements
@@ -374,10 +375,11 @@ class Replayer:
             )
         skip = self._skip_paused
         if skip is not None:
-            self._skip_paused = None
             if skip.position == records[0].position:
-                await self._skip(records[0], skip)
+                await self._skip(records[0], skip)  # a lost connection keeps the DBA's decision for the retry
+                self._skip_paused = None
                 return True
+            self._skip_paused = None
         read = len(records)
         records = _cut_after_session_settings(self.ddl_queue.cut(records))
         if not records:
@@ -710,9 +712,11 @@ class Replayer:
             sqlstate,
             _error_text(failure.error),
             classify_sqlstate(sqlstate),
-            action="paused" if self.on_apply_error == "pause" else "skipped",
+            action="paused" if self.on_apply_error == "pause" or blames_target(sqlstate) else "skipped",
         )
-        if self.on_apply_error == "pause":
+        if error.action == "paused":
+            # A target out of space, memory or order fails every transaction after this one too: skipping
+            # would empty the log into re-sync flags (and lose its DDL), so it pauses whatever on_apply_error says.
             self.journal.record_error(error)
             self.paused = error
             log.error(

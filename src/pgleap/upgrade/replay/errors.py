@@ -37,6 +37,16 @@ def classify_sqlstate(sqlstate: str) -> ErrorKind:
     return ErrorKind.OTHER
 
 
+# Classes that blame the target, not the transaction: insufficient resources (a full disk: 53100), operator
+# intervention (a cancelled replay statement: 57014), system and internal errors; and a lock it could not get.
+_TARGET_CLASSES = frozenset(["53", "57", "58", "XX"])
+
+
+def blames_target(sqlstate: str) -> bool:
+    """Whether an apply error says the target is in trouble (then replay pauses, never skips)."""
+    return sqlstate[:2] in _TARGET_CLASSES or sqlstate == "55P03"
+
+
 def is_transient(sqlstate: str) -> bool:
     """Whether an error with this SQLSTATE is retried after reconnecting rather than reported."""
     return sqlstate.startswith("08") or sqlstate in _TRANSIENT_STATES

@@ -33,13 +33,17 @@ _READ_SIZE = 1 << 16  # answers are read in pieces of up to this size, then fram
 _LENGTH = struct.Struct("!i")
 
 # The replay session's own settings: no timeout may cut a long replayed statement, and text travels as UTF-8.
+# Only settings every supported major knows go in the startup packet (a server refuses the session over
+# one it does not know); the timeouts later majors added are switched off after the login, where they exist.
 SESSION_PARAMS = {
     "application_name": "pgleap_replay",
     "client_encoding": "UTF8",
     "statement_timeout": "0",
-    "lock_timeout": "0",
-    "idle_in_transaction_session_timeout": "0",
 }
+_NO_TIMEOUTS = (
+    "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN "
+    "('lock_timeout', 'idle_in_transaction_session_timeout', 'idle_session_timeout', 'transaction_timeout')"
+)
 
 
 @dataclass
@@ -149,7 +153,16 @@ class TargetSession:
             raise TransientApplyError(f"target {server.host}:{server.port}: {exc}") from exc
         except AuthenticationError:
             raise
-        return cls(conn)
+        session = cls(conn)
+        try:
+            await asyncio.wait_for(session.query(_NO_TIMEOUTS), timeout)
+        except BaseException as exc:
+            session.close()
+            if isinstance(exc, TimeoutError):
+                where = f"{server.host}:{server.port}"
+                raise TransientApplyError(f"target {where} did not answer within {timeout:g}s") from exc
+            raise
+        return session
 
     async def next_message(self) -> tuple[int, bytes]:
         """The target's next message: (type, body); ProtocolError when it is oversized or malformed.
