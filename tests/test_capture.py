@@ -370,6 +370,37 @@ def test_a_notice_raised_at_pgleaps_commit_reaches_the_client_before_the_stateme
         changelog.close()
 
 
+def test_an_explicit_simple_transaction_runs_the_probe_once(
+    tmp_path: Path, pg_new: LabServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe rides on the first write; the held COMMIT, released with its txid known, goes out alone."""
+    from pgleap.upgrade.capture.transaction import TransactionAssembler
+
+    probes: list[int | None] = []
+    real_probe = TransactionAssembler.probe
+
+    def counted(self: TransactionAssembler, txid: int | None, *rest: Any) -> None:
+        probes.append(txid)
+        real_probe(self, txid, *rest)
+
+    monkeypatch.setattr(TransactionAssembler, "probe", counted)
+    pg_new.psql("drop table if exists cap5; create table cap5 (id int primary key)")
+    proxy = start_proxy(tmp_path, {"app": pg_new}, users={"raw": ("raw-secret", "md5")})
+    changelog = SQLiteChangeLog(tmp_path / "changes.db")
+    try:
+        capture = capture_into(proxy, changelog, row_images=False)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            login_md5(sock, "raw", "raw-secret")
+            for sql in ("begin", "insert into cap5 values (1)", "insert into cap5 values (2)", "commit"):
+                sock.sendall(query_message(sql))
+                assert read_until_ready(sock)[-2][0] == b"C"
+        ((txid, statements),) = logged(proxy, capture)
+        assert len(statements) == 2 and probes == [txid]
+    finally:
+        proxy.stop()
+        changelog.close()
+
+
 def test_two_phase_commit_is_reported(capturing: tuple[ProxyThread, Capture]) -> None:
     """PREPARE TRANSACTION may be committed from another session, or never: capture says it cannot follow."""
     proxy, capture = capturing

@@ -482,7 +482,9 @@ class CapturingForwarder(Forwarder):
         in_block: bool,
     ) -> str:
         """A string with transaction control inside: probe before its COMMIT, or at its end; logged late."""
-        may_write = self.assembler.may_write and in_block
+        a = self.assembler
+        # A held COMMIT released with every answer in knows its transaction's txid already: no probe for it.
+        may_write = a.may_write and in_block and not (self._pass_one and a.txid is not None)
         explicit = in_block
         for i, info in enumerate(infos):
             if info.kind is Kind.BEGIN:
