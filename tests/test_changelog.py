@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -262,8 +263,11 @@ def test_truncate_keeps_unapplied_and_unresolved_records(tmp_path: Path) -> None
             for n, log_id in enumerate(ids[1:], start=2):
                 await log.settle(log_id, committed=n != 4, wait=True)  # txid 4 aborted
             # positions: 2->1, 3->2, 5->3, 6->4, 7->5, 8->6
-            deleted = await log.truncate_before("app", 4)
-            assert deleted == 4  # positions 1..3 and the aborted txid 4
+            assert await log.truncate_before("app", 4, older_than=time.time() - 60) == 0  # all logged just now
+            assert await log.truncate_before("app", 4, limit=1) == 1  # position 1 only: txid 4 is after it
+            assert [r.position for r in log.read_committed("app", 0, 10)] == [2, 3, 4, 5, 6]
+            deleted = await log.truncate_before("app", 4, limit=5)
+            assert deleted == 3  # positions 2..3 and the aborted txid 4
             assert [r.position for r in log.read_committed("app", 0, 10)] == [4, 5, 6]
             assert log.last_position("app") == 6
             assert [r.log_id for r in log.unresolved()] == [ids[0]]
@@ -655,6 +659,30 @@ def test_a_barrier_after_unsynced_settles_waits_for_their_fsync(
             assert log.read_committed("app", 0, 10) == []  # its position is not durable yet
             await asyncio.wait_for(log.flush(), timeout=5)
             assert syncs == [1]
+            assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [1]
+
+    asyncio.run(run())
+
+
+def test_a_prepare_the_disk_refuses_does_not_drop_the_settles_in_its_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db", durability="batch", batch_interval=0.2) as log:
+            first = await log.prepare(make_tx(1))
+            real_insert = log._insert
+
+            def full(op: Any, counts: Any) -> int:
+                if op.tx.txid == 2:
+                    raise sqlite3.OperationalError("database or disk is full")
+                return real_insert(op, counts)
+
+            monkeypatch.setattr(log, "_insert", full)
+            log.settle_nowait(first, committed=True)  # queued with the refused prepare: one group
+            with pytest.raises(ChangeLogError):
+                await asyncio.wait_for(log.prepare(make_tx(2)), timeout=5)
+            await log.flush()
+            assert log.pending() == []
             assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [1]
 
     asyncio.run(run())

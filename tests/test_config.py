@@ -391,6 +391,9 @@ def test_ddl_and_replay_keys() -> None:
     assert "ddl" in message and "block" in message and "queue" in message
     assert "replay_batch_size" in rejected(config(pgleap=PGLEAP + "replay_batch_size = 0\n"))
     assert "on_apply_error" in rejected(config(pgleap=PGLEAP + 'on_apply_error = "ignore"\n'))
+    assert proxy.change_log_retain == 100_000
+    assert parse_config(config(pgleap=PGLEAP + "change_log_retain = 500\n")).proxy.change_log_retain == 500
+    assert "change_log_retain" in rejected(config(pgleap=PGLEAP + "change_log_retain = 0\n"))
 
 
 def test_sync_keys_of_verification_and_splitting() -> None:

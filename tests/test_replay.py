@@ -466,6 +466,32 @@ def test_a_target_in_trouble_pauses_replay_even_under_skip_and_resync(env: Env) 
     assert journal.resync_tables("app") == []
 
 
+def test_replay_trims_the_applied_records_behind_it(env: Env) -> None:
+    """The change log keeps `retain` applied transactions behind replay and deletes the rest, a chunk at a time."""
+    snapshot = env.snapshot()
+    committed = run_workers(env.proxy.dsn(), workers=2, count=30)
+    env.drain()
+
+    async def go() -> ReplayStatus:
+        replayer = Replayer(env.upgrade, env.changelog, snapshot, batch_size=10, retain=5, max_retries=5)
+        assert replayer.retention is not None
+        replayer.retention.interval, replayer.retention.chunk, replayer.retention.keep_seconds = 0.0, 4, 0.0
+        try:
+            status = await replayer.run_until_caught_up()
+            for _ in range(committed):  # the rest, chunk by chunk
+                await replayer.retention.trim(replayer.position)
+            return status
+        finally:
+            replayer.close()
+
+    status = asyncio.run(go())
+    assert status.applied_position == committed
+    kept = [r.position for r in env.changelog.read_committed("app", 0, 10_000)]
+    assert kept == list(range(committed - 4, committed + 1))  # the 5 applied last
+    assert env.changelog.stats().committed == 5
+    assert_equal(env)
+
+
 def test_two_replayers_at_once_still_apply_each_transaction_once(env: Env) -> None:
     """The position guard makes a second replayer (two pgleap instances, or a stale connection) harmless."""
     snapshot = env.snapshot()

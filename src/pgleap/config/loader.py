@@ -387,6 +387,7 @@ def _proxy(table: _Table, base: Path | None) -> tuple[ProxyConfig, AdminConfig]:
         ddl=table.choice("ddl", ("block", "replay", "queue"), ProxyConfig.ddl),
         replay_batch_size=table.positive("replay_batch_size", ProxyConfig.replay_batch_size),
         on_apply_error=table.choice("on_apply_error", ("pause", "skip_and_resync"), ProxyConfig.on_apply_error),
+        change_log_retain=table.positive("change_log_retain", ProxyConfig.change_log_retain),
     )
     admin = AdminConfig(user=table.require("admin_user", str), password=table.require("admin_password", str))
     table.finish()

@@ -142,6 +142,7 @@ class ProxyConfig:
     ddl: str = "replay"  # schema changes while capturing: "block", "replay" or "queue" (held for the operator)
     replay_batch_size: int = 200  # source transactions per target transaction
     on_apply_error: str = "pause"  # a transaction the target refuses: "pause" or "skip_and_resync"
+    change_log_retain: int = 100_000  # applied transactions the change log keeps behind replay
 
 
 @dataclass(frozen=True)

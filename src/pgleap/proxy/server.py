@@ -405,6 +405,7 @@ class Proxy:
                 "batch_size": proxy.replay_batch_size,
                 "on_apply_error": proxy.on_apply_error,
                 "queue_ddl": proxy.ddl == "queue",
+                "retain": proxy.change_log_retain,
             }
             self.replay = ReplayService(self._changelog, journal, replayer_options=options)
         from pgleap.upgrade.switch import direction

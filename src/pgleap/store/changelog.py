@@ -194,8 +194,11 @@ class ChangeLog(abc.ABC):
         """Wait until everything asked of the log before this call is durable."""
 
     @abc.abstractmethod
-    async def truncate_before(self, database: str, position: int) -> int:
-        """Delete applied records of `database` below `position` (and aborted ones before them)."""
+    async def truncate_before(
+        self, database: str, position: int, limit: int | None = None, older_than: float | None = None
+    ) -> int:
+        """Delete applied records of `database` below `position` (and aborted ones before them), `limit` at most,
+        prepared before `older_than` only."""
 
     @abc.abstractmethod
     def pending(self) -> list[tuple[int, CapturedTransaction]]:
@@ -322,6 +325,8 @@ class _Op:
     record: bytes = b""
     database: str = ""
     position: int = 0
+    limit: int = -1  # TRUNCATE: at most this many committed records (-1: all)
+    older_than: float = float("inf")  # TRUNCATE: only records prepared before this time.time()
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -624,9 +629,20 @@ class SQLiteChangeLog(ChangeLog):
         """Wait until everything asked of the log before this call is durable."""
         await self._submit(_Op(_Kind.BARRIER), wait=True)
 
-    async def truncate_before(self, database: str, position: int) -> int:
-        """Delete applied records of `database` below `position` (and aborted ones before them)."""
-        deleted: int = await self._submit(_Op(_Kind.TRUNCATE, database=database, position=position), wait=True)
+    async def truncate_before(
+        self, database: str, position: int, limit: int | None = None, older_than: float | None = None
+    ) -> int:
+        """Delete applied records of `database` below `position` (and aborted ones before them), the oldest
+        `limit` of them at most (one write group: a COMMIT held meanwhile waits only for that many), and
+        only those prepared before `older_than` (a time.time())."""
+        op = _Op(
+            _Kind.TRUNCATE,
+            database=database,
+            position=position,
+            limit=-1 if limit is None else limit,
+            older_than=float("inf") if older_than is None else older_than,
+        )
+        deleted: int = await self._submit(op, wait=True)
         return deleted
 
     async def _submit(self, op: _Op, wait: bool, on_cancelled: Callable[[Any], None] | None = None) -> Any:
@@ -667,7 +683,7 @@ class SQLiteChangeLog(ChangeLog):
         if self._unsynced:
             self._sync_wal()  # closing: nothing answered may stay undurable
 
-    def _write_group(self, group: list[_Op]) -> None:
+    def _write_group(self, group: list[_Op], *, settles_again: bool = True) -> None:
         fx = _Effects()
         durable = any(op.kind is not _Kind.SETTLE for op in group)
         try:
@@ -686,6 +702,15 @@ class SQLiteChangeLog(ChangeLog):
             error = self._storage_error(exc, "write")
             error.__cause__ = exc  # raised in the callers' tasks, far from here: keep SQLite's own error
             self._report(error)
+            settles = [op for op in group if op.kind is _Kind.SETTLE]
+            if settles_again and 0 < len(settles) < len(group):
+                # One prepare the disk refused must not take other sessions' settles down with it: nobody
+                # waits for those, and their records would stay pending, holding replay back until a restart.
+                for op in group:
+                    if op.kind is not _Kind.SETTLE:
+                        self._fail_op(op, error)
+                self._write_group(settles, settles_again=False)
+                return
             for op in group:
                 self._fail_op(op, error)
             return
@@ -732,7 +757,7 @@ class SQLiteChangeLog(ChangeLog):
                 self._transition(op, fx)
                 return None
             if op.kind is _Kind.TRUNCATE:
-                return self._truncate(op.database, op.position, fx.counts)
+                return self._truncate(op.database, op.position, op.limit, op.older_than, fx.counts)
             return None
         except ChangeLogStateError as exc:
             return exc  # one bad settle must not undo the rest of the group
@@ -812,17 +837,19 @@ class SQLiteChangeLog(ChangeLog):
             (database, last_position, frontier),
         )
 
-    def _truncate(self, database: str, position: int, counts: _Counts) -> int:
-        row = self._db.execute(
-            "SELECT max(log_id) FROM change_log WHERE database = ? AND position < ?", (database, position)
-        ).fetchone()
+    def _truncate(self, database: str, position: int, limit: int, older_than: float, counts: _Counts) -> int:
+        oldest = (
+            "SELECT log_id FROM change_log WHERE database = :db AND position < :position AND prepared_at < :before "
+            "ORDER BY position LIMIT :limit"
+        )
+        args: dict[str, object] = {"db": database, "position": position, "before": older_than, "limit": limit}
+        row = self._db.execute(f"SELECT max(log_id) FROM ({oldest})", args).fetchone()
         if row is None or row[0] is None:
             return 0
-        cutoff = int(row[0])
         # Aborted records before the last truncated committed one are of no further use; unresolved and
         # pending ones are kept whatever their age (I1: reported, never silently dropped).
-        where = "database = ? AND ((state = 'committed' AND position < ?) OR (state = 'aborted' AND log_id < ?))"
-        args = (database, position, cutoff)
+        where = f"log_id IN ({oldest}) OR (database = :db AND state = 'aborted' AND log_id < :cutoff)"
+        args["cutoff"] = int(row[0])
         for state, n, size in self._db.execute(
             f"SELECT state, count(*), coalesce(sum(size), 0) FROM change_log WHERE {where} GROUP BY state", args
         ):

@@ -53,6 +53,7 @@ from pgleap.upgrade.replay.position import (
     server_version_num,
     store_position_sql,
 )
+from pgleap.upgrade.replay.retention import LogRetention
 from pgleap.upgrade.replay.snapshot import Snapshot, Stitch, make_stitch
 from pgleap.upgrade.replay.wire import Pipeline, Slot, TargetSession, is_copy_from_stdin
 
@@ -146,6 +147,7 @@ class Replayer:
         connect_timeout: float = 10.0,
         table_snapshots: dict[str, str] | None = None,
         queue_ddl: bool = False,
+        retain: int | None = None,
     ) -> None:
         if upgrade.target is None:
             raise ReplayError(
@@ -192,6 +194,8 @@ class Replayer:
         self.points_reordered = 0  # of those, how many had unseen transactions applied after the work
         # Result comparison's judge of the reads recorded inside transactions; None: they are not run.
         self.check_runner: CheckRunner | None = None
+        # Applied records deleted `retain` positions behind (None: the log keeps everything).
+        self.retention = LogRetention(changelog, self.database, retain) if retain is not None else None
 
     # -- driving ----------------------------------------------------------------------------
 
@@ -273,6 +277,8 @@ class Replayer:
                     await self._connect()
                 progressed = await self._step()
                 self._failures = 0
+                if self.retention is not None:
+                    await self.retention.trim(self.position)
             except TransientApplyError as exc:
                 self._retry_later(exc)
                 await _wait(stop, self._backoff())
