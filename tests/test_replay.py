@@ -492,6 +492,48 @@ def test_replay_trims_the_applied_records_behind_it(env: Env) -> None:
     assert_equal(env)
 
 
+def test_statements_that_refuse_a_transaction_block_replay_on_their_own(env: Env) -> None:
+    """CREATE INDEX CONCURRENTLY (and the like) runs on the target outside any transaction, between batches."""
+    snapshot = env.snapshot()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("insert into items (id, worker, qty) values (1, 0, 1)")
+        conn.execute("create index concurrently items_qty on items (qty)")
+        conn.execute("insert into items (id, worker, qty) values (2, 0, 2)")
+    env.drain()
+    status, _ = replay(env, snapshot, batch_size=10)
+    assert status.paused is None and status.applied_position == 3 and status.applied == 3
+    assert status.divergences == 0
+    valid = env.target.psql(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'items_qty'::regclass", dbname=env.dbname
+    )
+    assert valid == "t"
+    assert_equal(env)
+
+
+def test_a_refused_statement_outside_a_block_pauses_and_can_be_skipped(env: Env) -> None:
+    """Run again after a crash (or made on the target by hand), such a statement pauses replay like any refusal."""
+    snapshot = env.snapshot()
+    env.target.psql("create index items_qty on items (qty)", dbname=env.dbname)
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("create index concurrently items_qty on items (qty)")
+        conn.execute("insert into items (id, worker, qty) values (1, 0, 1)")
+    env.drain()
+
+    async def go() -> tuple[ReplayStatus, ReplayStatus]:
+        replayer = Replayer(env.upgrade, env.changelog, snapshot, batch_size=10, max_retries=5)
+        try:
+            paused = await replayer.run_until_caught_up()
+            replayer.resume(skip=True)
+            return paused, await replayer.run_until_caught_up()
+        finally:
+            replayer.close()
+
+    paused, resumed = asyncio.run(go())
+    assert paused.paused is not None and paused.paused.sqlstate == "42P07" and paused.applied_position == 0
+    assert resumed.paused is None and resumed.applied_position == 2 and resumed.skipped_on_error == 1
+    assert env.target.psql("select count(*) from items", dbname=env.dbname) == "1"
+
+
 def test_two_replayers_at_once_still_apply_each_transaction_once(env: Env) -> None:
     """The position guard makes a second replayer (two pgleap instances, or a stale connection) harmless."""
     snapshot = env.snapshot()

@@ -387,7 +387,7 @@ class Replayer:
                 return True
             self._skip_paused = None
         read = len(records)
-        records = _cut_after_session_settings(self.ddl_queue.cut(records))
+        records = _cut_around_outside_block(_cut_after_session_settings(self.ddl_queue.cut(records)))
         if not records:
             return False  # held in front of queued DDL
         await self._apply_batch(records)
@@ -405,7 +405,12 @@ class Replayer:
         records = self.changelog.read_committed(self.database, self.position, count) if count > 0 else []
         if len(records) < count:
             return False  # not durable yet
-        if self._skip_paused is not None or self.ddl_queue.cut(records) != records or _sets_session(records):
+        if (
+            self._skip_paused is not None
+            or self.ddl_queue.cut(records) != records
+            or _sets_session(records)
+            or any(_refuses_block(r) for r in records)
+        ):
             # Those need replay's own handling (one at a time, or an operator's decision) first.
             self._points.popleft()
             request.fail("a transaction replay must apply on its own is in the way; take a new snapshot")
@@ -467,6 +472,9 @@ class Replayer:
         request.fail(reason)
 
     async def _apply_batch(self, records: list[LoggedTransaction]) -> None:
+        if len(records) == 1 and _refuses_block(records[0]):
+            await self._apply_outside_block(records[0])
+            return
         plans, failure = await self._execute(records)
         if failure is None:
             self._committed(plans)
@@ -481,6 +489,62 @@ class Replayer:
                 await self._refused(record, failure)
                 return
             self._committed(plans)
+
+    async def _apply_outside_block(self, record: LoggedTransaction) -> None:
+        """A statement that refuses a transaction block (CREATE INDEX CONCURRENTLY, VACUUM, a CALL that commits):
+        run on its own under the source's settings, then its position stored in a transaction of its own.
+
+        A crash between the two runs it again at the restart; the target then refuses it (an index that exists
+        already, say) and replay pauses on it, as on any refused transaction, for the DBA to skip.
+        """
+        session = self._session
+        assert session is not None
+        if await read_position(session, self.database) != self.position:
+            raise TransientApplyError(
+                f"the applied position on the target is not {self.position}; another replay connection "
+                f"committed meanwhile; reading it again"
+            )
+        tx = record.transaction
+        planned = _Planned(record, in_snapshot=False)
+        failure: _Failure | None = None
+        names = [name for name, _ in tx.settings]
+        try:
+            if tx.settings:
+                # Session-wide for the moment (no transaction holds a SET LOCAL here), put back below.
+                sql = "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(len(names)))
+                params = tuple(part.encode() for pair in tx.settings for part in pair)
+                pipeline = Pipeline()
+                slot = pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="session settings")
+                pipeline.sync()
+                await session.run(pipeline)
+                if slot.error is not None:
+                    failure = _Failure(slot.error, planned, _SETTINGS_INDEX, sql)
+            for index, statement in enumerate(tx.statements):
+                if failure is not None:
+                    break
+                sql = self.adapted(statement.sql)
+                pipeline = Pipeline()
+                slot = pipeline.simple(sql)
+                planned.slots.append((index, sql, slot))
+                await session.run(pipeline)
+                if slot.error is not None:
+                    failure = _Failure(slot.error, planned, index, sql)
+        finally:
+            if names and session.status == b"I":
+                await session.query(
+                    "SELECT set_config(name, reset_val, false) FROM pg_settings WHERE name IN ("
+                    + ", ".join(_literal(n) for n in names)
+                    + ")"
+                )
+        if failure is not None:
+            await self._refused(record, failure)
+            return
+        _, failure = await self._execute([record], skip_all=True)  # the position, guarded, in its own transaction
+        if failure is not None:
+            raise TargetRefusedError(
+                f"the target refused to record position {record.position} of {self.database!r}: {failure.error}"
+            )
+        self._committed([planned])
 
     async def _execute(
         self,
@@ -619,8 +683,9 @@ class Replayer:
                 calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(run.settings)))
                 params = tuple(part.encode() for pair in run.settings for part in pair)
                 sql = "SELECT " + calls
-                slot = pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="read settings")
-                planned.slots.append((_SETTINGS_INDEX, sql, slot))
+                # Not one of the transaction's slots: settings the target refuses (a time zone its tzdata lacks)
+                # fail the read, which the savepoint undoes, not the transaction.
+                pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="read settings").tolerant = True
             start = pipeline.sync()
             read = Slot(check.sql, sink=run.row, tolerant=True)
             sql = self.adapted(check.sql)
@@ -819,6 +884,21 @@ def _failure_text(failure: _Failure | None, status: bytes) -> str:
 
 def _literal(value: str | None) -> str:
     return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
+def _refuses_block(record: LoggedTransaction) -> bool:
+    """Whether the transaction is a statement that cannot run inside a transaction block."""
+    tx = record.transaction
+    # Capture logs those without a probe, so without a txid: the cheap test first, for every other record.
+    return tx.txid is None and any(info.refuses_block for s in tx.statements for info in classify(s.sql))
+
+
+def _cut_around_outside_block(records: list[LoggedTransaction]) -> list[LoggedTransaction]:
+    """A transaction that must run outside a transaction block goes alone; the batch before it stops short."""
+    for i, record in enumerate(records):
+        if _refuses_block(record):
+            return records[: max(i, 1)]
+    return records
 
 
 def _cut_after_session_settings(records: list[LoggedTransaction]) -> list[LoggedTransaction]:
