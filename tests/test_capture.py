@@ -401,6 +401,31 @@ def test_an_explicit_simple_transaction_runs_the_probe_once(
         changelog.close()
 
 
+def test_writes_inside_an_explicit_extended_transaction_are_not_held_at_their_sync(
+    capturing: tuple[ProxyThread, Capture], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Sync inside a transaction block commits nothing: it goes on at once; only the COMMIT waits for the log."""
+    from pgleap.upgrade.capture.forwarding import CapturingForwarder
+
+    released: list[str | None] = []  # Syncs held for their answers, then let go without logging anything
+    real_release = CapturingForwarder._release_stash
+
+    def counted(self: CapturingForwarder, point: str | None) -> None:
+        released.append(point)
+        real_release(self, point)
+
+    monkeypatch.setattr(CapturingForwarder, "_release_stash", counted)
+    proxy, capture = capturing
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        with conn.transaction():
+            for i in (1, 2, 3):
+                conn.execute("insert into cap values (%s, txid_current(), 'explicit extended')", (i,))
+        conn.execute("insert into cap values (%s, txid_current(), 'implicit')", (4,))  # its Sync commits: logged
+    log = logged(proxy, capture)
+    assert [len(statements) for _, statements in log] == [3, 1]
+    assert "sync" not in released
+
+
 def test_two_phase_commit_is_reported(capturing: tuple[ProxyThread, Capture]) -> None:
     """PREPARE TRANSACTION may be committed from another session, or never: capture says it cannot follow."""
     proxy, capture = capturing

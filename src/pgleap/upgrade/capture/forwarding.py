@@ -62,6 +62,7 @@ _LEN = struct.Struct("!I")
 _PROBE = "probe"
 _HIDDEN = "hidden"  # pgleap's own BEGIN in front of an implicit transaction
 _FAILED = ord("E")
+_IN_BLOCK = ord("T")
 _COPY_IN = ord("G")
 _CONTROL = frozenset(
     (Kind.BEGIN, Kind.COMMIT, Kind.ROLLBACK, Kind.SAVEPOINT, Kind.RELEASE, Kind.ROLLBACK_TO, Kind.TWO_PHASE)
@@ -174,6 +175,7 @@ class CapturingForwarder(Forwarder):
         self._probe_inflight = False  # a probe was sent and has not answered yet
         self._batch_refuses_block = False  # the open extended batch has a statement refusing a transaction block
         self._batch_writes = False  # the open extended batch executes a write
+        self._batch_control = False  # it executes transaction control, or a statement capture does not know
         self._pass_one = False  # the next client message is a released commit point: let it through
         self._out: list[bytes] = []
         self._fwd: list[bytes] = []
@@ -627,9 +629,12 @@ class CapturingForwarder(Forwarder):
             a.may_write = True
         if portal is None or portal.statement is None or not portal.statement.infos:
             self.open_batch = True
+            self._batch_control = True  # it might be anything, a COMMIT included
             self._send(Request(codes.EXECUTE), raw)
             return False
         info = portal.statement.infos[0]
+        if any(i.kind in _CONTROL for i in portal.statement.infos):
+            self._batch_control = True
         if info.kind is Kind.COMMIT and not self._pass_one and self._may_have_written():
             if self._probe_allowed() and (
                 (self._batch_writes and not self._probe_in_batch) or (a.txid is None and not self._probe_inflight)
@@ -698,7 +703,13 @@ class CapturingForwarder(Forwarder):
             self._out.append(_FLUSH)
             self._commit_point = "copy"
             return True
-        if self._batch_writes and not self._batch_refuses_block and not self._pass_one and self._probe_allowed():
+        if (
+            self._batch_writes
+            and not self._batch_refuses_block
+            and not self._pass_one
+            and self._probe_allowed()
+            and not self._inside_a_block()
+        ):
             # The Sync may end an implicit transaction that wrote: it would commit there, so it waits for the log.
             if not self._probe_in_batch:
                 self._inject_extended_probe()
@@ -713,9 +724,15 @@ class CapturingForwarder(Forwarder):
         self._probe_in_batch = False
         self._batch_refuses_block = False
         self._batch_writes = False
+        self._batch_control = False
         self._syncs_sent += 1
         self._send(Request(codes.SYNC), raw)
         return False
+
+    def _inside_a_block(self) -> bool:
+        """Whether the open batch's Sync surely commits nothing: the session is in a transaction block, every
+        earlier batch is answered, and this one runs no transaction control. Then the Sync goes on at once."""
+        return self.tx_status == _IN_BLOCK and not self.pending and not self._batch_control and self.assembler.explicit
 
     def _may_have_written(self) -> bool:
         """Seen from the sending side: the open transaction may have written, and has not failed."""
