@@ -426,6 +426,54 @@ def test_writes_inside_an_explicit_extended_transaction_are_not_held_at_their_sy
     assert "sync" not in released
 
 
+def test_a_transaction_pipelined_behind_a_commit_is_probed_before_its_own_commit(
+    tmp_path: Path, pg_new: LabServer
+) -> None:
+    """Queries sent in one write ahead of their answers: the second transaction's txid is learnt at its own
+    COMMIT (the answers of the first had not told capture yet), so it is durable before that COMMIT too."""
+    pg_new.psql("drop table if exists cap6; create table cap6 (id int primary key)")
+    proxy = start_proxy(tmp_path, {"app": pg_new}, users={"raw": ("raw-secret", "md5")})
+    changelog = SQLiteChangeLog(tmp_path / "changes.db")
+    try:
+        capture = capture_into(proxy, changelog, row_images=False)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            login_md5(sock, "raw", "raw-secret")
+            for sql in ("begin", "insert into cap6 values (1)"):
+                sock.sendall(query_message(sql))
+                read_until_ready(sock)
+            pipelined = ("commit", "begin", "insert into cap6 values (2)", "commit")
+            sock.sendall(b"".join(query_message(sql) for sql in pipelined))
+            answers = [read_until_ready(sock) for _ in pipelined]
+        assert [a[-1] for a in answers] == [(b"Z", b"I"), (b"Z", b"T"), (b"Z", b"T"), (b"Z", b"I")]
+        log = logged(proxy, capture)
+        assert [statements for _, statements in log] == [
+            ["insert into cap6 values (1)"],
+            ["insert into cap6 values (2)"],
+        ]
+        assert all(txid is not None for txid, _ in log) and log[0][0] != log[1][0]
+        assert capture.logged_after_commit == 0
+    finally:
+        proxy.stop()
+        changelog.close()
+
+
+def test_explicit_transactions_in_one_pipeline_are_each_logged_with_their_txid(
+    capturing: tuple[ProxyThread, Capture],
+) -> None:
+    """libpq's pipeline mode: two explicit transactions sent before any answer, each durable before its COMMIT."""
+    proxy, capture = capturing
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn, conn.pipeline() as pipeline:
+        for i in (1, 2):
+            conn.execute("BEGIN")
+            conn.execute("insert into cap values (%s, txid_current(), 'pipelined tx')", (i,))
+            conn.execute("COMMIT")
+        pipeline.sync()
+    log = logged(proxy, capture)
+    assert [len(statements) for _, statements in log] == [1, 1]
+    assert all(txid is not None for txid, _ in log) and log[0][0] != log[1][0]
+    assert capture.logged_after_commit == 0
+
+
 def test_two_phase_commit_is_reported(capturing: tuple[ProxyThread, Capture]) -> None:
     """PREPARE TRANSACTION may be committed from another session, or never: capture says it cannot follow."""
     proxy, capture = capturing

@@ -762,6 +762,19 @@ class CapturingForwarder(Forwarder):
         # Decided from the answers, now all in: a COMMIT ends an explicit transaction; a Sync ends an implicit one.
         commits_here = a.explicit if point == "commit" else not a.explicit
         tx = a.current() if commits_here and not a.failed and self.tx_status != _FAILED else None
+        if tx is not None and tx.txid is None and not a.probed and not self._probe_inflight and self._probe_allowed():
+            # Sent behind the end of an earlier transaction, before its answers: capture's view was still of that
+            # one, so no probe went with this transaction's writes. Ask now, then come back here.
+            self._commit_point = point
+            assert self._stash is not None
+            if self._stash[0] == codes.QUERY:
+                self._probe_inflight = True
+                self._send(Request(codes.QUERY, injected=True), probe_query(self._probe_sql))
+            else:
+                self._inject_extended_probe()
+                self._out.append(_FLUSH)
+            self._flush_to_server()
+            return
         if tx is None or tx.txid is None:
             # Nothing to log, or the probe could not run: then it is logged after the answer, never lost.
             self._release_stash(point)
