@@ -534,6 +534,29 @@ def test_a_refused_statement_outside_a_block_pauses_and_can_be_skipped(env: Env)
     assert env.target.psql("select count(*) from items", dbname=env.dbname) == "1"
 
 
+def test_resume_with_skip_survives_a_connection_lost_while_paused(env: Env) -> None:
+    """Replay stays connected while paused, for hours maybe: a connection lost meanwhile keeps the DBA's skip."""
+    snapshot = env.snapshot()
+    _error_workload(env)
+
+    async def go() -> tuple[ReplayStatus, ReplayStatus]:
+        replayer = Replayer(
+            env.upgrade, env.changelog, snapshot, batch_size=10, backoff_initial=0.01, backoff_max=0.05, max_retries=5
+        )
+        try:
+            paused = await replayer.run_until_caught_up()
+            assert replayer._session is not None
+            env.target.psql(f"SELECT pg_terminate_backend({replayer._session.pid})")
+            replayer.resume(skip=True)
+            return paused, await replayer.run_until_caught_up()
+        finally:
+            replayer.close()
+
+    paused, resumed = asyncio.run(go())
+    assert paused.paused is not None and paused.paused.position == 2
+    assert resumed.paused is None and resumed.skipped_on_error == 1 and resumed.applied_position == 4
+
+
 def test_two_replayers_at_once_still_apply_each_transaction_once(env: Env) -> None:
     """The position guard makes a second replayer (two pgleap instances, or a stale connection) harmless."""
     snapshot = env.snapshot()
