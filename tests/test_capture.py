@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -42,6 +43,22 @@ def logged(proxy: ProxyThread, capture: Capture) -> list[tuple[int | None, list[
     proxy.call(capture.drain())
     records = capture.changelog.read_committed("app", 0, 10_000)
     return [(r.transaction.txid, [s.sql for s in r.transaction.statements]) for r in records]
+
+
+@contextlib.contextmanager
+def raw_session(tmp_path: Path, server: LabServer, schema: str) -> Iterator[tuple[socket.socket, ProxyThread, Capture]]:
+    """A raw client logged in through a capturing proxy (statements, no row images) to `server`, after `schema`."""
+    server.psql(schema)
+    proxy = start_proxy(tmp_path, {"app": server}, users={"raw": ("raw-secret", "md5")})
+    changelog = SQLiteChangeLog(tmp_path / "changes.db")
+    try:
+        capture = capture_into(proxy, changelog, row_images=False)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            login_md5(sock, "raw", "raw-secret")
+            yield sock, proxy, capture
+    finally:
+        proxy.stop()
+        changelog.close()
 
 
 def test_committed_writes_are_logged_once_with_their_txids(
@@ -348,26 +365,18 @@ def test_a_notice_raised_at_pgleaps_commit_reaches_the_client_before_the_stateme
 ) -> None:
     """An implicit write commits before its CommandComplete, so a deferred trigger's NOTICE (or ERROR) at that
     commit comes first: through pgleap, whose own COMMIT ends the wrapped statement, in the same order (I2)."""
-    pg_new.psql(
+    schema = (
         "drop table if exists cap4; create table cap4 (id int primary key);"
         "create or replace function cap4_check() returns trigger language plpgsql as $$ begin "
         "raise notice 'checked %', new.id; if new.id < 0 then raise exception 'negative'; end if; return null; end $$;"
         "create constraint trigger cap4_check after insert on cap4 deferrable initially deferred "
         "for each row execute procedure cap4_check()"
     )
-    proxy = start_proxy(tmp_path, {"app": pg_new}, users={"raw": ("raw-secret", "md5")})
-    changelog = SQLiteChangeLog(tmp_path / "changes.db")
-    try:
-        capture_into(proxy, changelog, row_images=False)
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-            login_md5(sock, "raw", "raw-secret")
-            sock.sendall(query_message("insert into cap4 values (1)"))
-            assert [kind for kind, _ in read_until_ready(sock)] == [b"N", b"C", b"Z"]
-            sock.sendall(query_message("insert into cap4 values (-1)"))
-            assert [kind for kind, _ in read_until_ready(sock)] == [b"N", b"E", b"Z"]
-    finally:
-        proxy.stop()
-        changelog.close()
+    with raw_session(tmp_path, pg_new, schema) as (sock, _, _):
+        sock.sendall(query_message("insert into cap4 values (1)"))
+        assert [kind for kind, _ in read_until_ready(sock)] == [b"N", b"C", b"Z"]
+        sock.sendall(query_message("insert into cap4 values (-1)"))
+        assert [kind for kind, _ in read_until_ready(sock)] == [b"N", b"E", b"Z"]
 
 
 def test_an_explicit_simple_transaction_runs_the_probe_once(
@@ -384,21 +393,13 @@ def test_an_explicit_simple_transaction_runs_the_probe_once(
         real_probe(self, txid, *rest)
 
     monkeypatch.setattr(TransactionAssembler, "probe", counted)
-    pg_new.psql("drop table if exists cap5; create table cap5 (id int primary key)")
-    proxy = start_proxy(tmp_path, {"app": pg_new}, users={"raw": ("raw-secret", "md5")})
-    changelog = SQLiteChangeLog(tmp_path / "changes.db")
-    try:
-        capture = capture_into(proxy, changelog, row_images=False)
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-            login_md5(sock, "raw", "raw-secret")
-            for sql in ("begin", "insert into cap5 values (1)", "insert into cap5 values (2)", "commit"):
-                sock.sendall(query_message(sql))
-                assert read_until_ready(sock)[-2][0] == b"C"
+    schema = "drop table if exists cap5; create table cap5 (id int primary key)"
+    with raw_session(tmp_path, pg_new, schema) as (sock, proxy, capture):
+        for sql in ("begin", "insert into cap5 values (1)", "insert into cap5 values (2)", "commit"):
+            sock.sendall(query_message(sql))
+            assert read_until_ready(sock)[-2][0] == b"C"
         ((txid, statements),) = logged(proxy, capture)
-        assert len(statements) == 2 and probes == [txid]
-    finally:
-        proxy.stop()
-        changelog.close()
+    assert len(statements) == 2 and probes == [txid]
 
 
 def test_writes_inside_an_explicit_extended_transaction_are_not_held_at_their_sync(
@@ -431,19 +432,14 @@ def test_a_transaction_pipelined_behind_a_commit_is_probed_before_its_own_commit
 ) -> None:
     """Queries sent in one write ahead of their answers: the second transaction's txid is learnt at its own
     COMMIT (the answers of the first had not told capture yet), so it is durable before that COMMIT too."""
-    pg_new.psql("drop table if exists cap6; create table cap6 (id int primary key)")
-    proxy = start_proxy(tmp_path, {"app": pg_new}, users={"raw": ("raw-secret", "md5")})
-    changelog = SQLiteChangeLog(tmp_path / "changes.db")
-    try:
-        capture = capture_into(proxy, changelog, row_images=False)
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-            login_md5(sock, "raw", "raw-secret")
-            for sql in ("begin", "insert into cap6 values (1)"):
-                sock.sendall(query_message(sql))
-                read_until_ready(sock)
-            pipelined = ("commit", "begin", "insert into cap6 values (2)", "commit")
-            sock.sendall(b"".join(query_message(sql) for sql in pipelined))
-            answers = [read_until_ready(sock) for _ in pipelined]
+    schema = "drop table if exists cap6; create table cap6 (id int primary key)"
+    with raw_session(tmp_path, pg_new, schema) as (sock, proxy, capture):
+        for sql in ("begin", "insert into cap6 values (1)"):
+            sock.sendall(query_message(sql))
+            read_until_ready(sock)
+        pipelined = ("commit", "begin", "insert into cap6 values (2)", "commit")
+        sock.sendall(b"".join(query_message(sql) for sql in pipelined))
+        answers = [read_until_ready(sock) for _ in pipelined]
         assert [a[-1] for a in answers] == [(b"Z", b"I"), (b"Z", b"T"), (b"Z", b"T"), (b"Z", b"I")]
         log = logged(proxy, capture)
         assert [statements for _, statements in log] == [
@@ -452,9 +448,6 @@ def test_a_transaction_pipelined_behind_a_commit_is_probed_before_its_own_commit
         ]
         assert all(txid is not None for txid, _ in log) and log[0][0] != log[1][0]
         assert capture.logged_after_commit == 0
-    finally:
-        proxy.stop()
-        changelog.close()
 
 
 def test_explicit_transactions_in_one_pipeline_are_each_logged_with_their_txid(
