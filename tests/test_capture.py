@@ -377,6 +377,11 @@ def test_a_notice_raised_at_pgleaps_commit_reaches_the_client_before_the_stateme
         assert [kind for kind, _ in read_until_ready(sock)] == [b"N", b"C", b"Z"]
         sock.sendall(query_message("insert into cap4 values (-1)"))
         assert [kind for kind, _ in read_until_ready(sock)] == [b"N", b"E", b"Z"]
+        # A later statement's notice follows the tags before it; only the commit's goes ahead of the last tag.
+        sock.sendall(query_message("insert into cap4 values (2); drop table if exists cap4_nosuch"))
+        answers = read_until_ready(sock)
+        assert [kind for kind, _ in answers] == [b"C", b"N", b"N", b"C", b"Z"]
+        assert b"skipping" in answers[1][1] and b"checked 2" in answers[2][1]
 
 
 def test_an_explicit_simple_transaction_runs_the_probe_once(

@@ -160,3 +160,15 @@ def test_queue_holds_until_applied_or_skipped(env: Env) -> None:
         (none,) = show(admin, "SKIP QUEUED DDL")
         assert none["note"] == "no replay holds queued DDL"
     wait_for(lambda: caught_up(env) and env.table(env.target) == env.table(env.source), "the target to match")
+
+    # A schema change that runs outside a transaction block, skipped: it never runs on the target.
+    with env.app() as app:
+        app.execute("CREATE INDEX CONCURRENTLY items_note ON items (note)")
+        app.execute("INSERT INTO items (note, qty, flag) VALUES ('after the index', 10, false)")
+    held = wait_for(lambda: (r := replay_row(env))["held_ddl"] and r, "replay to hold at the index")
+    assert "CONCURRENTLY" in held["held_ddl"]
+    with env.admin() as admin:
+        show(admin, "SKIP QUEUED DDL")
+    wait_for(lambda: caught_up(env) and env.table(env.target) == env.table(env.source), "the target to match")
+    indexes = "SELECT count(*) FROM pg_indexes WHERE indexname = 'items_note'"
+    assert (env.source.psql(indexes, dbname=env.dbname), env.target.psql(indexes, dbname=env.dbname)) == ("1", "0")

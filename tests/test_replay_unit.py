@@ -214,3 +214,23 @@ def test_stitch_uses_the_snapshot_of_tables_copied_apart() -> None:
     assert stitch.for_relations(touched_relations(mixed)) is None
     assert stitch.for_relations(()) is s
     assert not s.visible(150) and scratch.visible(150)
+
+
+@pytest.mark.parametrize(
+    ("sql", "txid", "alone"),
+    [
+        ("CREATE INDEX CONCURRENTLY i ON t (a)", None, True),
+        ("VACUUM t", None, True),
+        ("DO $$ BEGIN INSERT INTO t VALUES (1); END $$", None, False),  # may COMMIT, mostly does not
+        ("CALL p(1)", None, False),
+        ("INSERT INTO t VALUES (1)", None, False),
+        ("CREATE INDEX CONCURRENTLY i ON t (a)", 7, False),  # a txid: it ran in a block after all
+    ],
+)
+def test_which_transactions_replay_outside_a_block(sql: str, txid: int | None, alone: bool) -> None:
+    """Only statements the target refuses in a block leave the batch; CALL and DO keep their position's transaction."""
+    from pgleap.store.records import CapturedStatement, CapturedTransaction, LoggedTransaction, LogState
+    from pgleap.upgrade.replay.applier import _refuses_block
+
+    tx = CapturedTransaction("app", txid, None, (), (CapturedStatement(sql),), 1)
+    assert _refuses_block(LoggedTransaction(1, 1, LogState.COMMITTED, tx)) is alone

@@ -846,9 +846,7 @@ class CapturingForwarder(Forwarder):
                 offset = end
                 self.last_server_type = kind
                 if self._server_message(kind, raw):
-                    if kind != codes.NOTICE_RESPONSE:
-                        # A notice after the held tag comes from pgleap's COMMIT: directly, the commit of an
-                        # implicit transaction runs before its last CommandComplete, so the notice goes first.
+                    if kind != codes.NOTICE_RESPONSE or not self._held_tag_is_last():
                         self._flush_held_tag()
                     forward.append(raw)
         except Exception as exc:  # any surprise here (a malformed message, a bug) must end this session, not the proxy
@@ -876,6 +874,17 @@ class CapturingForwarder(Forwarder):
                 late.answered(ended.committed)  # its own record, landed or not yet: never a second one
             elif ended.committed and ended.transaction is not None:
                 self.capture.record_late(ended.transaction)
+
+    def _held_tag_is_last(self) -> bool:
+        """Whether the held tag is the wrapped string's last: a notice now comes from pgleap's probe or COMMIT.
+
+        Directly, the commit of an implicit transaction runs before its last CommandComplete, so such a
+        notice goes ahead of the tag; a notice of a later statement of the string goes after it.
+        """
+        if self._held_tag is None or not self.tracker.queue:
+            return False
+        context = self.tracker.queue[0].context
+        return isinstance(context, _WrapEnd) or (isinstance(context, _QueryParts) and context.current() == _PROBE)
 
     def _flush_held_tag(self) -> None:
         if self._held_tag is not None:

@@ -491,8 +491,8 @@ class Replayer:
             self._committed(plans)
 
     async def _apply_outside_block(self, record: LoggedTransaction) -> None:
-        """A statement that refuses a transaction block (CREATE INDEX CONCURRENTLY, VACUUM, a CALL that commits):
-        run on its own under the source's settings, then its position stored in a transaction of its own.
+        """A statement that refuses a transaction block (CREATE INDEX CONCURRENTLY, VACUUM, ...): run on its own
+        under the source's settings, then its position stored in a transaction of its own.
 
         A crash between the two runs it again at the restart; the target then refuses it (an index that exists
         already, say) and replay pauses on it, as on any refused transaction, for the DBA to skip.
@@ -519,12 +519,17 @@ class Replayer:
                 await session.run(pipeline)
                 if slot.error is not None:
                     failure = _Failure(slot.error, planned, _SETTINGS_INDEX, sql)
+            skip_ddl = self.ddl_queue.skips_ddl_of(record.position)
             for index, statement in enumerate(tx.statements):
                 if failure is not None:
                     break
+                if skip_ddl and changes_schema(statement):
+                    continue  # SKIP QUEUED DDL: applied on the target by hand
                 sql = self.adapted(statement.sql)
+                # One Execute, then Sync: an implicit transaction of its own, which these statements accept.
                 pipeline = Pipeline()
-                slot = pipeline.simple(sql)
+                slot = pipeline.extended(sql, statement.params, statement.param_formats, statement.param_types)
+                pipeline.sync()
                 planned.slots.append((index, sql, slot))
                 await session.run(pipeline)
                 if slot.error is not None:
@@ -886,11 +891,21 @@ def _literal(value: str | None) -> str:
     return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
 
 
+# CALL and DO may COMMIT (so capture never wraps them), but most do not: they stay in the batch's transaction,
+# with their position, so a retry never runs their writes twice.
+_IN_BLOCK_ALL_THE_SAME = frozenset(["CallStmt", "DoStmt"])
+
+
 def _refuses_block(record: LoggedTransaction) -> bool:
-    """Whether the transaction is a statement that cannot run inside a transaction block."""
+    """Whether the transaction is a statement the target refuses inside a transaction block (CREATE INDEX
+    CONCURRENTLY, VACUUM, ...)."""
     tx = record.transaction
     # Capture logs those without a probe, so without a txid: the cheap test first, for every other record.
-    return tx.txid is None and any(info.refuses_block for s in tx.statements for info in classify(s.sql))
+    return tx.txid is None and any(
+        info.refuses_block and info.command not in _IN_BLOCK_ALL_THE_SAME
+        for s in tx.statements
+        for info in classify(s.sql)
+    )
 
 
 def _cut_around_outside_block(records: list[LoggedTransaction]) -> list[LoggedTransaction]:

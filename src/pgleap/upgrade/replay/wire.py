@@ -110,12 +110,6 @@ class Pipeline:
         bind += struct.pack("!h", 0)  # every result column in text
         self._add(codes.BIND, bytes(bind), slot)
 
-    def simple(self, sql: str, label: str = "") -> Slot:
-        """`sql` as a simple Query: its own implicit transaction, outside any block (CREATE INDEX CONCURRENTLY)."""
-        slot = Slot(label or sql)
-        self._add(codes.QUERY, cstr(sql), slot)
-        return slot
-
     def copy_in(self, sql: str, data: bytes | None, label: str = "") -> Slot:
         """COPY ... FROM STDIN as a simple Query, its data and CopyDone, without waiting for CopyInResponse."""
         slot = Slot(label or sql)
