@@ -558,15 +558,25 @@ def test_a_prepare_cancelled_before_it_returned_is_aborted_not_left_pending(tmp_
     asyncio.run(run())
 
 
+@pytest.fixture
+def capture_module(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """pgleap.upgrade.capture.capture, with a PREPARE_TIMEOUT a slow group commit (batch, 0.3 s) outlasts."""
+    from pgleap.upgrade.capture import capture
+
+    monkeypatch.setattr(capture, "PREPARE_TIMEOUT", 0.05)
+    return capture
+
+
+def slow_log(tmp_path: Path) -> SQLiteChangeLog:
+    """A change log whose records land 0.3 s after they are asked for (group commit)."""
+    return SQLiteChangeLog(tmp_path / "log.db", durability="batch", batch_interval=0.3)
+
+
 def test_a_held_commit_goes_on_after_the_prepare_timeout_and_its_late_record_is_settled_by_the_answer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capture_module: Any
 ) -> None:
-    from pgleap.upgrade.capture import capture as capture_module
-
-    monkeypatch.setattr(capture_module, "PREPARE_TIMEOUT", 0.05)
-
     async def run() -> None:
-        with SQLiteChangeLog(tmp_path / "log.db", durability="batch", batch_interval=0.3) as log:
+        with slow_log(tmp_path) as log:
             capture = capture_module.Capture("app", log)
             answers: list[int | None] = []
             committed = capture.prepare_then(make_tx(1), answers.append)
@@ -589,15 +599,12 @@ def test_a_held_commit_goes_on_after_the_prepare_timeout_and_its_late_record_is_
 
 
 def test_a_late_record_that_never_lands_is_logged_after_the_answer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capture_module: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pgleap.upgrade.capture import capture as capture_module
-
-    monkeypatch.setattr(capture_module, "PREPARE_TIMEOUT", 0.05)
-
     async def run() -> None:
-        with SQLiteChangeLog(tmp_path / "log.db", durability="batch", batch_interval=0.3) as log:
+        with slow_log(tmp_path) as log:
             capture = capture_module.Capture("app", log)
+            real_insert = log._insert
 
             def broken(*args: object) -> int:
                 raise RuntimeError("disk gone")
@@ -607,7 +614,7 @@ def test_a_late_record_that_never_lands_is_logged_after_the_answer(
             while not held.landed:
                 await asyncio.sleep(0.01)
             assert held.log_id is None
-            monkeypatch.undo()
+            monkeypatch.setattr(log, "_insert", real_insert)
             held.answered(True)  # the source committed it: logged after the answer, as a COMMIT not held
             await capture.drain()
             assert capture.logged_after_commit == 1
