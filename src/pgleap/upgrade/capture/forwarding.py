@@ -434,8 +434,7 @@ class CapturingForwarder(Forwarder):
         in_block = a.explicit or self.tx_status != _IDLE
         if infos and in_block and infos[0].kind is Kind.COMMIT and not self._pass_one and self._may_have_written():
             if a.txid is None and not self._probe_inflight and self._probe_allowed():
-                self._probe_inflight = True
-                self._send(Request(codes.QUERY, injected=True), probe_query(self._probe_sql))
+                self._inject_query_probe()
             self._commit_point = "commit"
             return True
         self.pending.append(_now())
@@ -743,6 +742,10 @@ class CapturingForwarder(Forwarder):
         """The probe may only run in a transaction that has not failed."""
         return self.tx_status != _FAILED and not self.assembler.failed
 
+    def _inject_query_probe(self) -> None:
+        self._send(Request(codes.QUERY, injected=True), probe_query(self._probe_sql))
+        self._probe_inflight = True
+
     def _inject_extended_probe(self) -> None:
         for kind, raw in probe_extended(self._probe_sql):
             self._send(Request(kind, injected=True), raw)
@@ -768,8 +771,7 @@ class CapturingForwarder(Forwarder):
             self._commit_point = point
             assert self._stash is not None
             if self._stash[0] == codes.QUERY:
-                self._probe_inflight = True
-                self._send(Request(codes.QUERY, injected=True), probe_query(self._probe_sql))
+                self._inject_query_probe()
             else:
                 self._inject_extended_probe()
                 self._out.append(_FLUSH)

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -511,10 +512,8 @@ class Replayer:
         try:
             if tx.settings:
                 # Session-wide for the moment (no transaction holds a SET LOCAL here), put back below.
-                sql = "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(len(names)))
-                params = tuple(part.encode() for pair in tx.settings for part in pair)
                 pipeline = Pipeline()
-                slot = pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="session settings")
+                sql, slot = _set_config(pipeline, tx.settings, local=False, label="session settings")
                 pipeline.sync()
                 await session.run(pipeline)
                 if slot.error is not None:
@@ -636,10 +635,7 @@ class Replayer:
             return planned
         if tx.settings:
             # SET LOCAL semantics: each source transaction's settings hold until the next one's replace them.
-            calls = (f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(tx.settings)))
-            sql = "SELECT " + ", ".join(calls)
-            params = tuple(part.encode() for pair in tx.settings for part in pair)
-            slot = pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="session settings")
+            sql, slot = _set_config(pipeline, tx.settings, local=True, label="session settings")
             planned.slots.append((_SETTINGS_INDEX, sql, slot))
         skip_ddl = self.ddl_queue.skips_ddl_of(record.position)
         checks = tx.checks if self.check_runner is not None else ()
@@ -685,12 +681,9 @@ class Replayer:
             own = f"SAVEPOINT {_CHECK_SAVEPOINT}"
             planned.slots.append((_SETTINGS_INDEX, own, pipeline.extended(own)))
             if run.settings:
-                calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(run.settings)))
-                params = tuple(part.encode() for pair in run.settings for part in pair)
-                sql = "SELECT " + calls
                 # Not one of the transaction's slots: settings the target refuses (a time zone its tzdata lacks)
                 # fail the read, which the savepoint undoes, not the transaction.
-                pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label="read settings").tolerant = True
+                _set_config(pipeline, run.settings, local=True, label="read settings")[1].tolerant = True
             start = pipeline.sync()
             read = Slot(check.sql, sink=run.row, tolerant=True)
             sql = self.adapted(check.sql)
@@ -885,6 +878,16 @@ async def _run_work(session: TargetSession, work: Work) -> object:
 
 def _failure_text(failure: _Failure | None, status: bytes) -> str:
     return str(failure.error) if failure is not None else f"transaction status {status.decode()}"
+
+
+def _set_config(
+    pipeline: Pipeline, settings: Sequence[tuple[str, str]], *, local: bool, label: str
+) -> tuple[str, Slot]:
+    """One SELECT of set_config() for each (name, value), values as parameters; its text and slot."""
+    flag = "true" if local else "false"
+    sql = "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, {flag})" for i in range(len(settings)))
+    params = tuple(part.encode() for pair in settings for part in pair)
+    return sql, pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label=label)
 
 
 def _literal(value: str | None) -> str:
