@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,7 +124,8 @@ class HeldCommit:
         # After a timeout: True/False once the source answered the COMMIT; a settler when the client left.
         self.outcome: bool | Callable[[int, CapturedTransaction], None] | None = None
         loop = asyncio.get_running_loop()
-        self.held_at = loop.time()
+        # perf_counter, not loop.time(): uvloop's clock moves in whole milliseconds, and holds are often less.
+        self.held_at = time.perf_counter()
         self.timer = loop.call_later(PREPARE_TIMEOUT, self._timed_out)
         capture.changelog.prepare_then(tx, self._logged)
 
@@ -174,5 +176,5 @@ class HeldCommit:
         """Let the COMMIT go (once), counting how long it was held."""
         go_on, self.go_on = self.go_on, None
         assert go_on is not None
-        self.capture.commit_hold.observe(asyncio.get_running_loop().time() - self.held_at)
+        self.capture.commit_hold.observe(time.perf_counter() - self.held_at)
         go_on(log_id)
