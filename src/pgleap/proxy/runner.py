@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import importlib
 import logging
 import signal
 from collections.abc import Iterable
@@ -13,11 +15,28 @@ from pgleap.proxy.server import Proxy
 
 log = logging.getLogger(__name__)
 
+# The upgrade engine's modules, which the proxy otherwise imports when an upgrade step first needs them.
+_ENGINE_MODULES = (
+    "pgleap.admin.console",
+    "pgleap.store.changelog",
+    "pgleap.upgrade.capture.forwarding",
+    "pgleap.upgrade.capture.capture",
+    "pgleap.upgrade.capture.bypass",
+    "pgleap.upgrade.capture.recovery",
+    "pgleap.upgrade.copy.connect",
+    "pgleap.upgrade.machine",
+    "pgleap.upgrade.replay.service",
+    "pgleap.upgrade.switch",
+    "pgleap.upgrade.verify.service",
+    "pgleap.upgrade.verify.results",
+)
+
 
 async def serve(config: Config, install_signals: Iterable[signal.Signals] = ()) -> None:
     """Start a proxy for `config` and run it until SHUTDOWN or a signal."""
     proxy = Proxy(config)
     await proxy.start()
+    freeze_startup_objects()
     metrics = None
     if config.proxy.metrics_port:
         metrics = start_metrics_server(proxy, config.proxy.metrics_addr, config.proxy.metrics_port)
@@ -30,6 +49,19 @@ async def serve(config: Config, install_signals: Iterable[signal.Signals] = ()) 
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+def freeze_startup_objects() -> None:
+    """Move what startup built out of the garbage collector's sight, the engine's modules included.
+
+    Modules, pglast's tables, asyncpg and the config live as long as the process. Left in the oldest
+    generation, every full collection walks them again with the event loop stopped: under load that was a
+    stall of 50-85 ms every quarter-minute, which every session saw. Frozen, they are never walked.
+    """
+    for name in _ENGINE_MODULES:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
 
 
 def _on_signal(sig: signal.Signals, proxy: Proxy) -> None:

@@ -19,6 +19,9 @@ from pglast.parser import ParseError
 from pglast.visitors import Visitor
 
 _CACHE_SIZE = 16_384
+# By whole text: simple-protocol texts differ in their literals, so few repeat, and each entry is a few objects
+# the garbage collector walks at every full collection. Their templates are cached in the large cache.
+_TEXT_CACHE_SIZE = 1_024
 
 
 class Kind(enum.StrEnum):
@@ -333,7 +336,7 @@ def template(sql: str) -> str | None:
     return _NUMBERS.sub("0", body)
 
 
-@lru_cache(maxsize=_CACHE_SIZE)
+@lru_cache(maxsize=_TEXT_CACHE_SIZE)
 def classify(sql: str) -> tuple[StatementInfo, ...]:
     """Classify every statement of a query string (cached by text, or by template for one plain statement)."""
     shape = template(sql)

@@ -86,6 +86,14 @@ _SAMPLED_COMMANDS = frozenset(["SelectStmt", "Unparseable"])
 _RUN_TO_COMPLETION = frozenset(["InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"])
 
 
+def _has_insert(infos: tuple[StatementInfo, ...]) -> bool:
+    # A loop, not any() over a generator: this runs for every statement, and most are not INSERTs.
+    for info in infos:  # noqa: SIM110
+        if info.command == "InsertStmt":
+            return True
+    return False
+
+
 @dataclass
 class _QueryParts:
     """A simple Query's statements in the order the server answers them; the probe is one part."""
@@ -530,7 +538,7 @@ class CapturingForwarder(Forwarder):
         """The string with a RETURNING clause for each INSERT that can carry row images; where each statement starts."""
         images: list[ImageRows | None] = [None] * len(infos)
         starts = [info.start for info in infos]
-        if not any(info.command == "InsertStmt" for info in infos):
+        if not _has_insert(infos):
             return sql, images, starts
         pieces: list[str] = []
         done = 0
@@ -580,6 +588,8 @@ class CapturingForwarder(Forwarder):
         if self._catalog_waited:
             self._catalog_waited = False  # back from a wait: go on, with row images or without
             return False
+        if not _has_insert(infos):
+            return False  # most statements: nothing to wait for
         catalog = self.capture.catalog
         if catalog is None or catalog.in_ddl(self.session.id) or (not catalog.loaded and catalog.last_error):
             # The source refused pgleap's catalog queries: do not hold clients for it. Inside its own DDL
