@@ -70,6 +70,25 @@ class Facts:
         """S: the current txid snapshot in its text form (8.3+; same form as pg_current_snapshot on 13+)."""
         return "SELECT txid_current_snapshot()::text"
 
+    def standby_snapshot_sql(self) -> str | None:
+        """S on a paused hot standby, its in-progress txids filled in; None before 10 (no txid_status).
+
+        On a standby PostgreSQL keeps every running txid in the snapshot's subxip array and leaves xip empty,
+        so txid_current_snapshot() there says "xmin:xmax:" with transactions running: each of them would
+        read as visible in S, as if already copied. The standby's own txid_status() tells which txids of
+        [xmin, xmax) were still running at the point replay paused at (subtransactions among them too,
+        which is harmless: no top-level txid is ever one of those).
+        """
+        if self.version_num < PG10:
+            return None
+        return (
+            "SELECT txid_snapshot_xmin(s)::text || ':' || txid_snapshot_xmax(s)::text || ':' || "
+            "coalesce((SELECT string_agg(x::text, ',' ORDER BY x) "
+            "FROM generate_series(txid_snapshot_xmin(s), txid_snapshot_xmax(s) - 1) AS x "
+            "WHERE txid_status(x) = 'in progress'), '') "
+            "FROM (SELECT txid_current_snapshot() AS s) AS snapshot"
+        )
+
     @property
     def can_export_snapshot(self) -> bool:
         """pg_export_snapshot() exists (9.2+)."""

@@ -19,6 +19,9 @@ from pgleap.upgrade.copy.errors import CopyError, SnapshotLostError
 log = logging.getLogger(__name__)
 
 PAUSE_TIMEOUT = 60.0
+# Before 10, how long to keep pausing a standby's replay until it stops where no transaction is in progress.
+QUIET_TIMEOUT = 60.0
+_QUIET_RETRY = 0.2
 _STABLE_POLLS = 3  # replay position unchanged over this many polls = pause reached (before 14)
 _POLL_INTERVAL = 0.05
 
@@ -62,7 +65,7 @@ class ReadSide:
             await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             await self._adopt(conn)
             seen = await conn.fetchval(self.facts.snapshot_sql())
-            if seen != self.snapshot:
+            if seen != self._session_snapshot():
                 raise SnapshotLostError(
                     f"a new session on the {self.role} sees snapshot {seen}, not S = "
                     f"{self.snapshot}: {self._moved_hint()}"
@@ -82,6 +85,10 @@ class ReadSide:
     def _moved_hint(self) -> str:
         return "the snapshot moved"
 
+    def _session_snapshot(self) -> str:
+        """What txid_current_snapshot() says in a session that sees S."""
+        return self.snapshot
+
     def dump_args(self) -> list[str]:
         """Extra pg_dump arguments so the schema dump sees S too."""
         return []
@@ -95,20 +102,52 @@ class ReplicaReadSide(ReadSide):
 
     role = "replica"
 
+    def __init__(self, server: ServerConfig) -> None:
+        super().__init__(server)
+        self._seen = ""  # txid_current_snapshot() on the paused standby: its in-progress list is always empty
+
     async def take(self) -> SnapshotInfo:
         """Pause replay, wait until it stopped, and take S."""
         conn = await self._control()
         try:
             await self._check_standby(conn)
-            await conn.execute(self.facts.replay_pause_sql())
-            lsn = await self._wait_paused(conn)
-            snapshot = await conn.fetchval(self.facts.snapshot_sql())
+            deadline = time.monotonic() + QUIET_TIMEOUT
+            while True:
+                await conn.execute(self.facts.replay_pause_sql())
+                lsn = await self._wait_paused(conn)
+                snapshot = await self._paused_snapshot(conn)
+                if snapshot is not None:
+                    break
+                await conn.execute(self.facts.replay_resume_sql())
+                if time.monotonic() > deadline:
+                    raise CopyError(
+                        f"the replica {self.server.describe()} runs PostgreSQL {self.facts.major}, which cannot say "
+                        f"which transactions were in progress where its replay paused (txid_status is 10+), and "
+                        f"in {QUIET_TIMEOUT:.0f}s of trying it never paused with none in progress (S = "
+                        f"{self._seen}); copy from the primary instead (leave replica_* out of the config), or "
+                        f"run the copy at a quieter time"
+                    )
+                # Before 10 only a pause with nothing in progress gives an exact S: replay goes on, try again.
+                await asyncio.sleep(_QUIET_RETRY)
             start = await conn.fetchval(sql.postmaster_start_sql())
         finally:
             await conn.close()
         self.info = SnapshotInfo(snapshot, lsn, start)
         log.info("replay paused on the replica at %s; S = %s", lsn, snapshot)
         return self.info
+
+    async def _paused_snapshot(self, conn: asyncpg.Connection) -> str | None:
+        """S at the paused replay point, with the txids still in progress there; None when that cannot be told."""
+        self._seen = await conn.fetchval(self.facts.snapshot_sql())
+        filled = self.facts.standby_snapshot_sql()
+        if filled is not None:
+            return str(await conn.fetchval(filled))
+        xmin, xmax, _ = self._seen.split(":")
+        # The standby's xmin is its oldest running txid, or xmax when none runs: then S is exact as it stands.
+        return self._seen if xmin == xmax else None
+
+    def _session_snapshot(self) -> str:
+        return self._seen
 
     async def reuse(self, run: CopyRun) -> SnapshotInfo:
         """Check an interrupted run's S still holds (replay still paused at the same place, no restart)."""
@@ -125,8 +164,8 @@ class ReplicaReadSide(ReadSide):
             lsn = await self._wait_paused(conn)
             if lsn != run.snapshot_lsn:
                 raise SnapshotLostError(f"the replica replayed from {run.snapshot_lsn} to {lsn} since S was taken")
-            snapshot = await conn.fetchval(self.facts.snapshot_sql())
-            if snapshot != run.snapshot:
+            snapshot = await self._paused_snapshot(conn)
+            if snapshot is None or snapshot != run.snapshot:
                 raise SnapshotLostError(f"the replica's snapshot is now {snapshot}, not S = {run.snapshot}")
         finally:
             await conn.close()
