@@ -65,6 +65,26 @@ def test_a_commit_left_by_its_client_is_settled_and_later_transactions_replay(en
     assert not asyncio.run(database_differences(env.upgrade.source, env.upgrade.target))
 
 
+def test_a_left_commit_is_settled_once_the_source_takes_connections_again(env: CapturingPair) -> None:
+    """Settling asks the source again while it refuses connections (a restart, a network gap), not just once."""
+    conn = psycopg.connect(env.proxy.dsn())
+    conn.execute("INSERT INTO t VALUES (3, 'left while the source refused connections')")
+    conn.pgconn.send_query(b"COMMIT")  # sent, never read
+    conn.pgconn.flush()
+    time.sleep(0.3)  # the COMMIT is inside the sleeping trigger now
+    env.source.psql(f"ALTER DATABASE {env.dbname} ALLOW_CONNECTIONS false")
+    try:
+        conn.pgconn.finish()  # the client is gone: its record is settled from the source, which refuses now
+        time.sleep(3)
+        assert env.changelog.pending(), "the record was settled while the source refused every connection"
+    finally:
+        env.source.psql(f"ALTER DATABASE {env.dbname} ALLOW_CONNECTIONS true")
+    wait_for(lambda: not env.changelog.pending(), "the left COMMIT's record to be settled", timeout=60)
+    committed = env.source.psql("SELECT count(*) FROM t WHERE id = 3", dbname=env.dbname) == "1"
+    logged = [r.transaction.txid for r in env.changelog.read_committed("app", 0, 100)]
+    assert len(logged) == (1 if committed else 0), f"source committed: {committed}; log holds {logged}"
+
+
 def test_recovery_keeps_one_of_two_pending_records_of_one_txid(tmp_path: Path, pg_old: LabServer) -> None:
     """A transaction logged twice (two pending records of one committed txid) is applied once, in the first's place."""
     from pgleap.store import CapturedStatement, CapturedTransaction, LogState, SQLiteChangeLog

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from pgleap.admin.console import AdminConsole
 
 log = logging.getLogger(__name__)
+# Settling records a crash or a lost connection left pending: how soon, and how often at most, to ask again.
+SETTLE_RETRY_FIRST = 1.0
+SETTLE_RETRY_MAX = 30.0
 
 
 def make_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -185,12 +188,34 @@ class Proxy:
     async def _settle_pending(self, database: Database, left: list[Any], changelog: Any = None) -> None:
         from pgleap.upgrade.capture.recovery import settle_pending
 
-        try:
-            # Pending records belong to the server their COMMIT went to: the one the route points at now.
-            await settle_pending(changelog or self._changelog, database.route.server, left, database.log_name)
-        except Exception as exc:
-            # Replay stays held back behind these records until a restart settles them: say so loudly.
-            log.error("database %s: could not settle pending change-log records: %s", database.upgrade.database, exc)
+        changelog = changelog or self._changelog
+        delay, said = SETTLE_RETRY_FIRST, None
+        while True:
+            try:
+                # Pending records belong to the server their COMMIT went to: the one the route points at now.
+                await settle_pending(changelog, database.route.server, left, database.log_name)
+                if said is not None:
+                    log.info("database %s: the pending change-log records are settled now", database.upgrade.database)
+                return
+            except Exception as exc:
+                # The source restarting, or unreachable a while: its txid_status outlives both, so keep asking.
+                # Until then replay stays held back behind these records, and cutover waits: say so loudly.
+                if str(exc) != said:
+                    log.error(
+                        "database %s: could not settle %d pending change-log record(s) from the source: %s; "
+                        "replay waits behind them; trying again every %.0fs at most",
+                        database.upgrade.database,
+                        len(left),
+                        exc,
+                        SETTLE_RETRY_MAX,
+                    )
+                said = str(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SETTLE_RETRY_MAX)
+            still = {log_id for log_id, _ in changelog.pending()}
+            left = [(log_id, tx) for log_id, tx in left if log_id in still]  # some may be settled by now
+            if not left:
+                return
 
     async def row_images_ready(self, timeout: float = 10.0) -> list[str]:
         """Wait until every capturing database has loaded its source catalog; a note for each that has not."""
