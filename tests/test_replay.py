@@ -466,6 +466,32 @@ def test_a_target_in_trouble_pauses_replay_even_under_skip_and_resync(env: Env) 
     assert journal.resync_tables("app") == []
 
 
+def test_a_replayed_set_local_role_does_not_take_pgleaps_own_write_with_it(env: Env) -> None:
+    """SET LOCAL ROLE holds to the end of the replayed transaction; the applied position is still stored."""
+    role = f"writer_{env.dbname}"
+    for server in (env.source, env.target):
+        server.psql(f"CREATE ROLE {role}")
+        server.psql(f"GRANT SELECT, UPDATE ON counter TO {role}; GRANT INSERT ON items TO {role}", dbname=env.dbname)
+    try:
+        snapshot = env.snapshot()
+        with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+            with conn.transaction():
+                conn.execute(f"set local role {role}")
+                conn.execute("update counter set n = n + 1 where id = 1")
+                conn.execute("insert into items (id, worker, qty) values (7, 0, 7)")
+            conn.execute("insert into items (id, worker, qty) values (8, 0, 8)")  # the next one, as pgleap's role
+        env.drain()
+        status, _ = replay(env, snapshot, batch_size=10)
+        assert status.paused is None and status.applied == 2 and status.applied_position == 2
+        stored = env.target.psql("SELECT position FROM pgleap.applied WHERE database = 'app'", dbname=env.dbname)
+        assert stored == "2"
+        assert_equal(env)
+    finally:
+        for server in (env.source, env.target):
+            server.psql(f"DROP OWNED BY {role}", dbname=env.dbname)
+            server.psql(f"DROP ROLE {role}")
+
+
 def test_replay_trims_the_applied_records_behind_it(env: Env) -> None:
     """The change log keeps `retain` applied transactions behind replay and deletes the rest, a chunk at a time."""
     snapshot = env.snapshot()

@@ -196,6 +196,10 @@ class CapturingForwarder(Forwarder):
         self._late_record: HeldCommit | None = None  # a COMMIT let go before its record landed (PREPARE_TIMEOUT)
         self._held_tag: bytes | None = None  # a wrapped string's last CommandComplete, until the COMMIT answers
         self._temp_names: set[str] = set()  # temporary tables this session may have created (never shrinks)
+        # SET ROLE ran (for the session, or for the open transaction): RETURNING would be checked against a role
+        # capture cannot see, which may lack SELECT on the table; no row images then, or the INSERT would fail.
+        self._session_role = False
+        self._local_role = False
         # Sampled extended-protocol Executes by id of their Pending, with the number of the Sync that ends their batch.
         self._samples: dict[int, tuple[int, SourceSample]] = {}
         self._syncs_sent = 0
@@ -362,6 +366,7 @@ class CapturingForwarder(Forwarder):
             if self._wait_for_catalog(infos):
                 return True
             self._note_two_phase(infos)
+            self._note_role(infos)
             refused = self._refused_ddl(infos)
             if refused is not None:
                 sql, infos = refused, classify(refused)
@@ -432,6 +437,7 @@ class CapturingForwarder(Forwarder):
     def _client_query(self, sql: str, raw: bytes) -> bool:
         infos = classify(sql)
         self._note_two_phase(infos)
+        self._note_role(infos)
         if self._wait_for_catalog(infos):
             return True
         refused = self._refused_ddl(infos)
@@ -558,12 +564,24 @@ class CapturingForwarder(Forwarder):
     def _image_plan(self, info: StatementInfo) -> ImagePlan | None:
         if info.command != "InsertStmt":
             return None
+        if self._session_role or self._local_role:
+            self.capture.inserts_without_image += 1
+            return None
         # RETURNING needs SELECT for the role the server connection logged in as (not the client's proxy login).
         role = self.backend.parameters.get("session_authorization") or self.backend.server.user
         plan = plan_insert(info.text, self.capture.catalog, role, self._temp_names)
         if plan is None:
             self.capture.inserts_without_image += 1
         return plan
+
+    def _note_role(self, infos: tuple[StatementInfo, ...]) -> None:
+        """SET ROLE (or RESET ROLE: which role is current then is not known either) turns row images off."""
+        for info in infos:
+            if info.setting is not None and info.setting[0].lower() == "role":
+                if info.setting[1]:
+                    self._local_role = True
+                else:
+                    self._session_role = True
 
     def _note_two_phase(self, infos: tuple[StatementInfo, ...]) -> None:
         """Two-phase commit is not captured: a prepared transaction may be committed from any session, or none."""
@@ -1230,6 +1248,7 @@ class CapturingForwarder(Forwarder):
             stats.queries += 1
         if status == _IDLE:
             stats.transactions += 1
+            self._local_role = False
             if self.gate.paused and not self.pending:
                 self.gate.notify()
             if self.capture.catalog is not None:

@@ -446,12 +446,12 @@ class Replayer:
             await self._abandon_point(request, f"the work at the point failed: {exc}")
             return
         after = Pipeline()
-        unseen_plans = [self._plan(after, record, False) for record in unseen]
         position = None
         if records:
             last = records[-1].position
             assert last is not None
             position = self._store_position(after, last)
+        unseen_plans = [self._plan(after, record, False) for record in unseen]
         commit = after.extended("COMMIT")
         after.sync()
         status = await session.run(after)
@@ -561,10 +561,10 @@ class Replayer:
         pipeline = Pipeline()
         begin = pipeline.extended("BEGIN")
         guard = self._guard(pipeline)
-        plans = [self._plan(pipeline, record, skip_all) for record in records]
         last = records[-1].position
         assert last is not None
         position = self._store_position(pipeline, last)
+        plans = [self._plan(pipeline, record, skip_all) for record in records]
         commit = pipeline.extended("COMMIT")
         pipeline.sync()
         status = await self._session.run(pipeline)
@@ -596,7 +596,11 @@ class Replayer:
         )
 
     def _store_position(self, pipeline: Pipeline, last: int) -> Slot:
-        """The upsert of the applied position, in the transaction of the changes it covers (I4)."""
+        """The upsert of the applied position, in the transaction of the changes it covers (I4).
+
+        It goes first, before those changes: a replayed SET LOCAL ROLE (or statement_timeout, ...) holds to
+        the end of the transaction, and pgleap's own write must not run under the application's settings.
+        """
         return pipeline.extended(
             self._store_sql,
             (self.database.encode(), str(last).encode()),
@@ -968,12 +972,12 @@ def _first_failure(
     # (a failed COPY, sent as a simple Query, is followed by 25P02 errors that are only consequences).
     if begin is not None and begin.error is not None:
         return _Failure(begin.error, None, _SETTINGS_INDEX, "BEGIN")
+    if position is not None and position.error is not None:
+        return _Failure(position.error, None, _SETTINGS_INDEX, position.label)
     for planned in plans:
         for index, sql, slot in planned.slots:
             if slot.error is not None:
                 return _Failure(slot.error, planned, index, sql)
-    if position is not None and position.error is not None:
-        return _Failure(position.error, None, _SETTINGS_INDEX, position.label)
     if commit is not None and commit.error is not None:
         return _Failure(commit.error, None, _SETTINGS_INDEX, "COMMIT")
     return None
