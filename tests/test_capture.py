@@ -18,7 +18,7 @@ from pgleap.store import SQLiteChangeLog
 from pgleap.testing import ProxyThread
 from pgleap.upgrade.capture.capture import Capture
 
-from conftest import capture_into, start_proxy, tool
+from conftest import capture_into, start_proxy, tool, wait_for
 from rawclient import login_md5, query_message, read_until_ready
 
 pytestmark = pytest.mark.integration
@@ -207,6 +207,41 @@ def test_start_and_stop_capture_from_the_console(tmp_path: Path, pg_new: LabServ
         changelog = proxy.proxy._changelog
         records = changelog.read_committed("app", 0, 100)
         assert [r.transaction.txid for r in records] == [int(txid_2)]
+    finally:
+        proxy.stop()
+
+
+def test_stop_capture_leaves_a_session_midway_through_a_message_whole(tmp_path: Path, pg_new: LabServer) -> None:
+    """STOP CAPTURE does not switch a session that has read part of a message: it switches at the message's end."""
+    pg_new.psql("drop table if exists cap4; create table cap4 (id int primary key, note text)")
+    proxy = start_proxy(
+        tmp_path,
+        {"app": pg_new},
+        users={"raw": ("raw-secret", "md5")},
+        extra=f'changelog_path = "{tmp_path / "log.db"}"',
+    )
+    admin_dsn = proxy.dsn(database="pgleap", user="pgleap_admin", password="admin-secret")
+    try:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin, socket.create_connection(
+            ("127.0.0.1", proxy.port), timeout=10
+        ) as sock:
+            login_md5(sock, "raw", "raw-secret")
+            admin.execute("START CAPTURE")
+            query = query_message("insert into cap4 values (1, '" + "x" * 2000 + "')")
+            sock.sendall(query[:30])  # the capture path holds the first part of the message
+            time.sleep(0.2)
+            admin.execute("STOP CAPTURE")
+            sock.sendall(query[30:])
+            answers = read_until_ready(sock)
+            assert (b"C", b"INSERT 0 1\0") in answers, answers
+            sock.sendall(query_message("insert into cap4 values (2, 'after')"))  # now on the plain path
+            assert (b"C", b"INSERT 0 1\0") in read_until_ready(sock)
+        assert pg_new.psql("select string_agg(id::text, ',' order by id) from cap4") == "1,2"
+        assert proxy.proxy is not None
+        changelog = proxy.proxy._changelog
+        wait_for(lambda: not changelog.pending(), "nothing pending in the change log")
+        # Its transaction began after STOP CAPTURE answered: the session switched at the message, uncaptured.
+        assert changelog.read_committed("app", 0, 100) == []
     finally:
         proxy.stop()
 

@@ -135,6 +135,11 @@ class Forwarder:
         """True while the session is between the start and the end of a transaction."""
         return bool(self.pending) or self.open_batch or self.tx_status != _IDLE
 
+    @property
+    def quiescent(self) -> bool:
+        """Between transactions with no message half-read either way: it may switch forwarders, or be asked."""
+        return not (self.in_transaction or self._s_skip or self._s_buf or self._c_skip or self._c_buf)
+
     def close(self, error: bytes | None = None) -> None:
         """Close both connections; `error` is sent to the client first when its stream is clean."""
         if self.closed.done():
@@ -334,9 +339,8 @@ class Forwarder:
     async def _ask_own_server(self, sql: str, timeout: float) -> list[list[str | None]]:
         """Run pgleap's own query on the session's server connection between transactions ([] when the
         session is inside one, or bytes are in flight)."""
-        quiet = not (self._s_skip or self._s_buf or self._c_skip or self._c_buf)
         transport = self.server_transport
-        if self.closed.done() or self.in_transaction or not quiet or transport is None or transport.is_closing():
+        if self.closed.done() or not self.quiescent or transport is None or transport.is_closing():
             return []
         side = self._server_side
         reader = ServerStateReader(self.client_transport)
@@ -353,7 +357,9 @@ class Forwarder:
     def adopt_changes(self) -> None:
         """Take up a route or capture change now if the session is between transactions, rather than at its
         next one: an idle session (a pool's spare, a listener) may not send one for hours."""
-        if self.held is None and not self.in_transaction and not self.closed.done() and self._must_hold():
+        # Not with part of a message read: the forwarder taking over would not have it (it switches at the
+        # message's end instead, as every busy session does).
+        if self.held is None and self.quiescent and not self.closed.done() and self._must_hold():
             self._hold(b"", 0)
 
     async def move_now(self) -> None:

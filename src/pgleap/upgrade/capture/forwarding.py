@@ -237,6 +237,18 @@ class CapturingForwarder(Forwarder):
         return lambda sql: adapter.adapt(sql, source, target)
 
     @property
+    def quiescent(self) -> bool:
+        """Also nothing half-framed, unanswered (pgleap's own queries too), held for the log, or being logged."""
+        return (
+            super().quiescent
+            and not self._cin
+            and not self._sin
+            and not self.tracker.queue
+            and self._stash is None
+            and not self._preparing
+        )
+
+    @property
     def _client_encoding(self) -> str:
         return self.session.parameters.get("client_encoding", "UTF8")
 
