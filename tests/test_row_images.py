@@ -212,6 +212,39 @@ def test_an_insert_waits_for_the_first_catalog_load(env: CapturingPair) -> None:
     assert held >= 0.5, f"the INSERT was answered after {held:.2f} s, before the catalog could have loaded"
 
 
+class _StuckCatalog(SourceCatalog):
+    """A source catalog whose first load never finishes in time."""
+
+    async def load_once(self) -> bool:
+        await asyncio.sleep(300)
+        return False
+
+
+def test_an_insert_waiting_for_the_catalog_goes_on_when_capture_stops_refreshing_it(env: CapturingPair) -> None:
+    """STOP CAPTURE (or cutover) stops the catalog: an INSERT held for it goes on now, not after CATALOG_WAIT."""
+    assert env.proxy.proxy is not None
+    database = env.proxy.proxy.databases["app"]
+    stuck = _StuckCatalog(database.upgrade.database, database.upgrade.source)
+
+    async def swap() -> None:
+        assert env.capture.catalog is not None
+        await env.capture.catalog.stop()
+        env.capture.catalog = stuck
+        stuck.start()
+
+    env.proxy.call(swap())
+    result: list[tuple[float, list[bool]]] = []
+    inserting = threading.Thread(target=lambda: result.append(timed_insert(env, 8)))
+    inserting.start()
+    time.sleep(1.0)
+    assert inserting.is_alive(), "the INSERT did not wait for the first catalog load"
+    env.proxy.call(stuck.stop())
+    inserting.join(60)
+    (held, with_images), = result
+    assert held < 10, f"the INSERT waited {held:.1f} s after the catalog stopped refreshing"
+    assert with_images == [False]
+
+
 def test_a_catalog_the_source_refuses_holds_no_insert(env: CapturingPair) -> None:
     """When the source refuses pgleap's catalog login, INSERTs are not held for it: they go to the log as
     statements, and are counted so their tables get verified."""

@@ -77,6 +77,7 @@ class SourceCatalog:
         self._ended: list[tuple[int, Reshaped]] = []  # (generation, names) of DDL transactions not yet reloaded
         self._generation = 0  # bumped when a DDL transaction ends
         self._fresh = asyncio.Event()  # set while nothing is stale
+        self._stopped = asyncio.Event()  # set while no task refreshes it
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -125,20 +126,28 @@ class SourceCatalog:
             self._wake.set()
 
     async def wait_fresh(self, timeout: float) -> bool:
-        """Wait until nothing is stale (at most `timeout` seconds); whether it is so."""
+        """Wait until nothing is stale (at most `timeout` seconds, and no longer than refreshing goes on)."""
+        waits = [asyncio.ensure_future(self._fresh.wait()), asyncio.ensure_future(self._stopped.wait())]
         try:
-            await asyncio.wait_for(self._fresh.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self._fresh.is_set()
 
     def start(self) -> None:
         """Keep the catalog loaded in the background."""
         if self._task is None or self._task.done():
+            self._stopped.clear()
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"catalog-{self.database}")
 
     async def stop(self) -> None:
-        """Stop refreshing, waiting until the refresh task has ended (a load in flight is abandoned)."""
+        """Stop refreshing, waiting until the refresh task has ended (a load in flight is abandoned).
+
+        Whoever waits for a fresh catalog goes on at once, since nothing will refresh it now: an INSERT held
+        for it (at STOP CAPTURE, or at cutover) gets no row images for a stale table, as after a timeout.
+        """
+        self._stopped.set()
         task, self._task = self._task, None
         if task is not None:
             await cancel_until_done(task, 1.0)  # its wait_for may lose a cancellation (pgleap/tasks.py)

@@ -635,7 +635,12 @@ class CapturingForwarder(Forwarder):
 
     async def _await_catalog(self, catalog: SourceCatalog) -> None:
         if not await catalog.wait_fresh(CATALOG_WAIT):
-            log.warning("session %s: the source catalog is still stale after %g s", self.session.id, CATALOG_WAIT)
+            log.warning(
+                "session %s: the source catalog was not read again (within %g s, or capture stopped); "
+                "the INSERT goes on, replayed as a statement",
+                self.session.id,
+                CATALOG_WAIT,
+            )
         self._preparing = False
         self._catalog_waited = True
         self._release_stash(None)
