@@ -35,6 +35,7 @@ from pgleap.upgrade.capture import Kind, classify
         ("reset all", [Kind.SESSION]),
         ("discard all", [Kind.SESSION]),
         ("listen ch", [Kind.SESSION]),
+        ("set constraints all deferred", [Kind.SESSION]),  # to the end of its transaction: replayed with it
         ("notify ch, 'x'", [Kind.READ]),
         ("vacuum analyze t", [Kind.UTILITY]),
         ("lock table t in exclusive mode", [Kind.UTILITY]),

@@ -492,6 +492,28 @@ def test_a_replayed_set_local_role_does_not_take_pgleaps_own_write_with_it(env: 
             server.psql(f"DROP ROLE {role}")
 
 
+def test_set_constraints_deferred_is_replayed_with_its_transaction(env: Env) -> None:
+    """A child row inserted before its parent under SET CONSTRAINTS ALL DEFERRED replays as on the source."""
+    schema = (
+        "CREATE TABLE parent (id int PRIMARY KEY); "
+        "CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent DEFERRABLE INITIALLY IMMEDIATE)"
+    )
+    for server in (env.source, env.target):
+        server.psql(schema, dbname=env.dbname)
+    snapshot = env.snapshot()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("set constraints all deferred")
+            conn.execute("insert into child values (1, 10)")
+            conn.execute("insert into parent values (10)")
+        conn.execute("insert into parent values (20)")  # the next transaction: checked at once again
+    env.drain()
+    status, _ = replay(env, snapshot, batch_size=10)
+    assert status.paused is None and status.applied == 2 and status.applied_position == 2
+    assert env.target.psql("SELECT parent_id FROM child", dbname=env.dbname) == "10"
+    assert_equal(env)
+
+
 def test_replay_trims_the_applied_records_behind_it(env: Env) -> None:
     """The change log keeps `retain` applied transactions behind replay and deletes the rest, a chunk at a time."""
     snapshot = env.snapshot()

@@ -117,7 +117,7 @@ _SESSION_NODES = tuple(
 _READ_NODES = tuple(getattr(ast, n) for n in ("VariableShowStmt", "ExplainStmt", "NotifyStmt") if hasattr(ast, n))
 _UTILITY_NODES = tuple(
     getattr(ast, n)
-    for n in ("VacuumStmt", "CheckPointStmt", "LockStmt", "ReindexStmt", "ClusterStmt", "ConstraintsSetStmt")
+    for n in ("VacuumStmt", "CheckPointStmt", "LockStmt", "ReindexStmt", "ClusterStmt")
     if hasattr(ast, n)
 )
 _TRANSACTION_KINDS = {
@@ -188,6 +188,10 @@ def _classify_node(node: ast.Node, text: str) -> StatementInfo:
         return StatementInfo(Kind.READ, command, text)
     if isinstance(node, ast.VariableSetStmt):
         return StatementInfo(Kind.SESSION, command, text, setting=(node.name or "", bool(node.is_local)))
+    if isinstance(node, ast.ConstraintsSetStmt):
+        # Holds to the end of its transaction, like SET LOCAL: replayed with it (a deferred foreign key
+        # checked at once on the target would refuse rows the source accepted).
+        return StatementInfo(Kind.SESSION, command, text, setting=("constraints", True))
     if isinstance(node, _SESSION_NODES):
         return StatementInfo(Kind.SESSION, command, text)
     if isinstance(node, _READ_NODES):
