@@ -28,12 +28,22 @@ def test_replay_functions_by_version(version: int, pause: str, lsn: str) -> None
 def test_capability_gates() -> None:
     assert not facts_for(90000).can_export_snapshot and facts_for(90200).can_export_snapshot
     assert not facts_for(130000).has_tid_range_scan and facts_for(140000).has_tid_range_scan
-    with pytest.raises(UnsupportedVersionError, match="9.1"):
+    with pytest.raises(UnsupportedVersionError, match=r"9\.1"):
         facts_for(90000).replay_pause_sql()
     with pytest.raises(UnsupportedVersionError):
         facts_for(80400)
     assert "FORCE" in facts_for(170000).drop_database_sql('"x"')
     assert "FORCE" not in facts_for(120000).drop_database_sql('"x"')
+
+
+def test_version_gated_snapshot_and_lock_sql() -> None:
+    # A standby's S gets its running txids from txid_status (10+); before, none can be listed.
+    assert facts_for(90624).standby_snapshot_sql() is None
+    standby = facts_for(100023).standby_snapshot_sql()
+    assert standby is not None and "txid_status(x) = 'in progress'" in standby
+    # pg_advisory_xact_lock is 9.1+: 9.0 takes a session lock and gives it back in the same string.
+    assert facts_for(90023).advisory_lock_sql(7) == ("SELECT pg_advisory_lock(7);", "SELECT pg_advisory_unlock(7);")
+    assert facts_for(90100).advisory_lock_sql(7) == ("SELECT pg_advisory_xact_lock(7);", "")
 
 
 def test_binary_safety() -> None:

@@ -191,6 +191,15 @@ class Facts:
         """postgresql.auto.conf is read (9.4+); before, settings must go in postgresql.conf."""
         return self.version_num >= PG94
 
+    def advisory_lock_sql(self, key: int) -> tuple[str, str]:
+        """SQL taking, and then giving back, an advisory lock inside one implicit transaction (simple query).
+
+        pg_advisory_xact_lock (9.1+) goes with the transaction; on 9.0 a session lock is taken and released.
+        """
+        if self.version_num >= PG91:
+            return f"SELECT pg_advisory_xact_lock({key});", ""
+        return f"SELECT pg_advisory_lock({key});", f"SELECT pg_advisory_unlock({key});"
+
     @property
     def has_on_conflict(self) -> bool:
         """INSERT ... ON CONFLICT (9.5+); before it, replay stores its position with a writable CTE."""

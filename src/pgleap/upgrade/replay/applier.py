@@ -31,7 +31,7 @@ from pgleap.store.records import CapturedCheck, LoggedTransaction, decode_image
 from pgleap.upgrade.capture.classify import Kind, classify
 from pgleap.upgrade.capture.pinning import pin_time
 from pgleap.upgrade.compat.adapters import VersionAdapter, adapter_for
-from pgleap.upgrade.compat.facts import facts_for
+from pgleap.upgrade.compat.facts import PG90, Facts, facts_for
 from pgleap.upgrade.replay.ddl_queue import DDLQueue, HeldDDL, changes_schema
 from pgleap.upgrade.replay.errors import (
     ApplyError,
@@ -185,6 +185,7 @@ class Replayer:
         self.last_transient_error: str | None = None
         self._session: TargetSession | None = None
         self._store_sql = ""
+        self._target_facts: Facts = facts_for(PG90)  # learned at each connect
         self._failures = 0
         self._skip_paused: ApplyError | None = None
         self._caught_up = False  # the last step applied everything the log held (less than a batch)
@@ -335,9 +336,10 @@ class Replayer:
         session = await TargetSession.open(self.target, self.connect_timeout)
         try:
             target_num = await server_version_num(session)
-            self._store_sql = store_position_sql(facts_for(target_num))
+            self._target_facts = facts_for(target_num)
+            self._store_sql = store_position_sql(self._target_facts)
             await self._learn_majors(target_num)
-            position = await read_position(session, self.database)
+            position = await read_position(session, self.database, self._target_facts)
         except BaseException:
             session.close()
             raise
@@ -500,7 +502,7 @@ class Replayer:
         """
         session = self._session
         assert session is not None
-        if await read_position(session, self.database) != self.position:
+        if await read_position(session, self.database, self._target_facts) != self.position:
             raise TransientApplyError(
                 f"the applied position on the target is not {self.position}; another replay connection "
                 f"committed meanwhile; reading it again"

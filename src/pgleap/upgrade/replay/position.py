@@ -72,16 +72,17 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-async def read_position(session: TargetSession, database: str) -> int:
+async def read_position(session: TargetSession, database: str, facts: Facts) -> int:
     """Create pgleap.applied if missing and return the position applied for `database` (0: nothing yet)."""
     name = _literal(database)
     # One implicit transaction (a simple-query string), serialised by an advisory lock: two replayers starting
     # at once would otherwise race to create the schema. The row exists from then on, so the guard of the
     # very first batch has a row to lock.
+    lock, unlock = facts.advisory_lock_sql(ENSURE_LOCK_KEY)
     rows = await session.query(
-        f"SELECT pg_advisory_xact_lock({ENSURE_LOCK_KEY}); {ENSURE_SQL}"
+        f"{lock} {ENSURE_SQL}"
         f"INSERT INTO pgleap.applied (database, position) SELECT {name}, 0 "
-        f"WHERE NOT EXISTS (SELECT 1 FROM pgleap.applied WHERE database = {name});"
+        f"WHERE NOT EXISTS (SELECT 1 FROM pgleap.applied WHERE database = {name});{unlock}"
         f"SELECT position FROM pgleap.applied WHERE database = {name}"
     )
     return int(rows[-1][0] or 0)
