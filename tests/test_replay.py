@@ -514,6 +514,30 @@ def test_set_constraints_deferred_is_replayed_with_its_transaction(env: Env) -> 
     assert_equal(env)
 
 
+def test_a_record_without_a_txid_captured_while_the_copy_ran_flags_its_tables(env: Env) -> None:
+    """Such a record may be in the copy already: it is applied (never lost) and its tables are re-synced."""
+    from pgleap.store import CapturedStatement, CapturedTransaction
+
+    snapshot = env.snapshot()
+
+    async def log(at: float) -> None:
+        statement = CapturedStatement("update counter set n = n + 1 where id = 1", tag="UPDATE 1")
+        tx = CapturedTransaction("app", None, None, (), (statement,), session_id=1, captured_at=at)
+        await env.changelog.settle(await env.changelog.prepare(tx), committed=True, wait=True)
+
+    asyncio.run(log(time.time()))
+    journal = ApplyJournal()
+    status, _ = replay(env, snapshot, journal=journal, copied_until=time.time() + 60)
+    assert status.applied == 1 and status.paused is None
+    assert journal.resync_tables("app") == ["counter"]
+    # Captured after the copy finished: after S, nothing to doubt.
+    asyncio.run(log(time.time()))
+    later = ApplyJournal()
+    status, _ = replay(env, snapshot, journal=later, copied_until=time.time() - 60)
+    assert status.applied == 1 and later.resync_tables("app") == []
+    assert env.counter(env.target) == 2
+
+
 def test_replay_trims_the_applied_records_behind_it(env: Env) -> None:
     """The change log keeps `retain` applied transactions behind replay and deletes the rest, a chunk at a time."""
     snapshot = env.snapshot()

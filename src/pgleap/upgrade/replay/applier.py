@@ -149,6 +149,7 @@ class Replayer:
         table_snapshots: dict[str, str] | None = None,
         queue_ddl: bool = False,
         retain: int | None = None,
+        copied_until: float | None = None,
     ) -> None:
         if upgrade.target is None:
             raise ReplayError(
@@ -167,6 +168,8 @@ class Replayer:
         self.changelog = changelog
         self.stitch: Stitch = make_stitch(snapshot, table_snapshots)
         self.snapshot: Snapshot = self.stitch.default
+        # When the copy finished: a record without a txid captured before then may be in the copy already.
+        self.copied_until = copied_until
         self.batch_size = batch_size
         self.on_apply_error = on_apply_error
         self.journal = journal if journal is not None else ApplyJournal()
@@ -636,6 +639,8 @@ class Replayer:
         tx = record.transaction
         # Statements already in the copy, by the snapshot of the tables they write (S for all but unlogged ones).
         copied = {i for i, statement in enumerate(tx.statements) if self._in_copy(record, i, statement.sql)}
+        if tx.txid is None and not skip_all:
+            self._flag_unplaceable(record)
         planned = _Planned(record, in_snapshot=len(copied) == len(tx.statements))
         if planned.in_snapshot or skip_all:
             return planned
@@ -721,6 +726,21 @@ class Replayer:
             )
             snapshot = self.snapshot
         return snapshot.visible(txid)
+
+    def _flag_unplaceable(self, record: LoggedTransaction) -> None:
+        """A record without a txid captured while the copy ran: applied, and its tables flagged for re-sync.
+
+        Nothing tells whether it committed before S (then the copy holds it, and applying it doubles it) or
+        after; applying it loses nothing, and the re-sync makes its tables right either way.
+        """
+        if self.copied_until is None or record.transaction.captured_at >= self.copied_until:
+            return
+        assert record.position is not None
+        tables = touched_tables(record)
+        reason = f"position {record.position} has no txid and was captured while the copy ran: it may be applied twice"
+        self.journal.mark_resync(self.database, tables, record.position, reason)
+        if not tables:
+            log.warning("replay of %s: %s, and names no table; verify every table", self.database, reason)
 
     def _committed(self, plans: list[_Planned]) -> None:
         divergences = []

@@ -38,6 +38,7 @@ class StartPoint:
     snapshot: str
     table_snapshots: dict[str, str] = field(default_factory=dict)
     origin: str = "the snapshot given"  # or "S of copy run 3"
+    copied_until: float | None = None  # when that copy finished
 
 
 def copy_start_point(store: StateStore | None, database: str) -> StartPoint:
@@ -60,7 +61,7 @@ def copy_start_point(store: StateStore | None, database: str) -> StartPoint:
         for c in store.chunks(database)
         if c.snapshot is not None and c.snapshot != run.snapshot
     }
-    return StartPoint(run.snapshot, tables, f"S of copy run {run.run_id}")
+    return StartPoint(run.snapshot, tables, f"S of copy run {run.run_id}", run.finished_at)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class ReplayService:
             start.snapshot,
             journal=self.journal,
             table_snapshots=start.table_snapshots,
+            copied_until=start.copied_until,
             **self.replayer_options,
         )
         return _Run(replayer, start.origin)
