@@ -195,6 +195,34 @@ def test_copy_15_to_17_from_primary(lab: Lab, tmp_path: Path) -> None:
         source.stop()
 
 
+def test_copying_again_never_drops_a_target_that_replay_or_clients_write(lab: Lab, tmp_path: Path) -> None:
+    """Once replay applies the log to the target (or clients were moved there), a second copy refuses."""
+    from pgleap.upgrade.copy import CopyError
+
+    source = lab.primary(15)
+    target = lab.target(17)
+    try:
+        source.psql("CREATE DATABASE app")
+        source.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)", dbname="app")
+        upgrade = UpgradeConfig(database="app", source=server_config(source), target=server_config(target))
+        run_copy(upgrade, tmp_path / "state.db")
+        store = StateStore(tmp_path / "state.db")
+        store.set_phase("app", "mirroring", "test: replay follows the source")
+        store.close()
+        with pytest.raises(CopyError, match="the upgrade is mirroring"):
+            run_copy(upgrade, tmp_path / "state.db")
+        store = StateStore(tmp_path / "state.db")
+        store.set_phase("app", "rolled_back", "test")
+        store.set_route("app", "target", "1:1:")
+        store.close()
+        with pytest.raises(CopyError, match="moved to the target"):
+            run_copy(upgrade, tmp_path / "state.db")
+        assert target.psql("SELECT count(*) FROM t", dbname="app") == "10"  # still there, never dropped
+    finally:
+        target.stop()
+        source.stop()
+
+
 def test_schema_error_stop_and_skip(lab: Lab, tmp_path: Path) -> None:
     """An object the target rejects is reported with its definition; stop stops, skip goes on."""
     from pgleap.upgrade.copy import SchemaObjectError, TargetNotEmptyError

@@ -29,8 +29,13 @@ from pgleap.upgrade.copy.sequences import copy_sequences
 from pgleap.upgrade.copy.target import prepare_target, source_encoding
 from pgleap.upgrade.copy.toc import owning_tables, parse_listing
 from pgleap.upgrade.copy.tools import find_tool
+from pgleap.upgrade.phases import Phase
 
 log = logging.getLogger(__name__)
+# Upgrade phases in which the target takes replay's writes, or the clients': not to be dropped by a copy.
+_REPLAYING_PHASES = frozenset(
+    p.value for p in (Phase.CATCHING_UP, Phase.MIRRORING, Phase.CUTOVER_READY, Phase.CUT_OVER, Phase.COMPLETE)
+)
 
 # Steps in stages; the steps of one stage need nothing of each other and run concurrently. Each
 # table's indexes, keys and ANALYZE run during "data", as soon as its rows are in (see postdata);
@@ -170,6 +175,8 @@ class CopyJob:
             reason = "restart requested" if self.restart else "the previous copy finished; copying again"
         # Check (or recreate) the target before recording a run: a run in the store means pgleap
         # owns the target database's contents and may drop them to start over.
+        if run is not None:
+            self._refuse_dropping_a_live_target()
         await self._prepare_target(recreate=run is not None)
         new = self.store.start_run(self.database, self.mode, reason)
         info = await side.take()
@@ -179,6 +186,23 @@ class CopyJob:
         if self.on_snapshot is not None:
             await self.on_snapshot(info.snapshot)
         return CopyReport(self.database, new.run_id, self.mode, info.snapshot, False, reason)
+
+    def _refuse_dropping_a_live_target(self) -> None:
+        """Copying again drops the target database: never once it takes the clients' writes, or replay's."""
+        routed = self.store.route(self.database)
+        if routed is not None and routed[0] == "target":
+            raise CopyError(
+                f"database {self.database}: its clients were moved to the target {self.target.describe()} at "
+                f"cutover, and copying again would drop the database that now takes their writes; to copy "
+                f"again, ROLLBACK UPGRADE first (clients go back to the source, with every write)"
+            )
+        phase = self.store.phase(self.database)
+        if phase is not None and phase.phase in _REPLAYING_PHASES:
+            raise CopyError(
+                f"database {self.database}: the upgrade is {phase.phase}, so replay applies the change log to "
+                f"the target, and copying again would drop that database under it; to copy again, ROLLBACK "
+                f"UPGRADE and START UPGRADE (which copies afresh)"
+            )
 
     async def _prepare_target(self, *, recreate: bool) -> None:
         conn = await connect(self.upgrade.source, role="source")
