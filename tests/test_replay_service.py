@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pgleap.config import ServerConfig
 from pgleap.lab import LabServer
+from pgleap.lab.ports import free_port
 from pgleap.metrics import start_metrics_server
 from pgleap.store import ChunkRecord, StateStore
 from pgleap.testing import ProxyThread
@@ -163,6 +164,35 @@ def test_start_replay_over_the_console_follows_the_log(env: Env) -> None:
             )
     finally:
         metrics.stop()
+
+
+def test_lag_is_unknown_until_replay_reaches_the_target(tmp_path: Path, pg_old: LabServer) -> None:
+    """A target down at START REPLAY: SHOW REPLAY says NULL where it stands, not the whole log as lag."""
+    dbname = f"rs_{uuid.uuid4().hex[:10]}"
+    pg_old.psql(f"CREATE DATABASE {dbname}")
+    pg_old.psql(SCHEMA, dbname=dbname)
+    source = ServerConfig(pg_old.host, pg_old.port, dbname, pg_old.superuser, pg_old.password)
+    nowhere = ServerConfig("127.0.0.1", free_port(), dbname, "nobody", "secret")
+    proxy = start_proxy(tmp_path, {"app": source}, targets={"app": nowhere})  # type: ignore[dict-item]
+    try:
+        with console(proxy) as admin, psycopg.connect(proxy.dsn(), autocommit=True) as app:
+            admin.execute("START CAPTURE")
+            record_copy_snapshot(tmp_path / "pgleap-state.db", pg_old.psql("SELECT txid_current_snapshot()"))
+            app.execute("INSERT INTO items (id, note) VALUES (1, 'waits for the target')")
+            admin.execute("START REPLAY")
+            row = wait_for(
+                lambda: (r := show(admin, "SHOW REPLAY")[0])["last_transient_error"] and r,
+                "replay to fail to reach the target",
+                timeout=60,
+            )
+            assert row["running"] == "t" and row["connected"] == "f" and row["last_position"] == "1"
+            assert [row[c] for c in ("applied_position", "lag_transactions", "lag_bytes", "lag_seconds")] == [None] * 4
+            admin.execute("STOP REPLAY")
+    finally:
+        if proxy.proxy is not None:
+            proxy.call(quiesce(proxy.proxy))
+        proxy.stop()
+        pg_old.psql(f"DROP DATABASE IF EXISTS {dbname}")
 
 
 def test_start_point_comes_from_a_finished_copy(tmp_path: Path) -> None:

@@ -106,15 +106,17 @@ async def show_replay(proxy: Proxy, _session: Session) -> Result:
 
 def _replay_row(report: ReplayReport) -> list[Any]:
     status, lag = report.status, report.lag
+    # Until replay has reached the target once, where it stands there is not known: NULL, not the whole log.
+    known = lag.position_known
     return [
         report.database,
         report.running,
         status.connected,
-        status.applied_position,
+        status.applied_position if known else None,
         lag.last_position,
-        lag.transactions,
-        lag.bytes,
-        round(lag.seconds, 3),
+        lag.transactions if known else None,
+        lag.bytes if known else None,
+        round(lag.seconds, 3) if known else None,
         round(lag.apply_rate, 1),
         status.applied,
         status.skipped_in_snapshot,

@@ -126,10 +126,11 @@ class ProxyCollector(Collector):
         for report in service.sampled():
             name = [report.database]
             gauges["running"].add_metric(name, int(report.running))
-            gauges["transactions"].add_metric(name, report.lag.transactions)
-            gauges["bytes"].add_metric(name, report.lag.bytes)
-            gauges["seconds"].add_metric(name, report.lag.seconds)
-            gauges["position"].add_metric(name, report.status.applied_position)
+            if report.lag.position_known:  # else absent: replay has not reached the target yet
+                gauges["transactions"].add_metric(name, report.lag.transactions)
+                gauges["bytes"].add_metric(name, report.lag.bytes)
+                gauges["seconds"].add_metric(name, report.lag.seconds)
+                gauges["position"].add_metric(name, report.status.applied_position)
             applied.add_metric(name, report.applied_total)
             divergences.add_metric(name, report.divergences_total)
             errors.add_metric(name, report.apply_errors)

@@ -297,10 +297,11 @@ class UpgradeMachine:
             report = replay.report(self.database)
             if report is not None and report.stopped_error:
                 raise PgleapError(f"replay stopped: {report.stopped_error}")
-            if report is not None and report.running and report.lag.seconds <= CATCH_UP_LAG:
+            lag = report.lag_seconds if report is not None else None
+            if lag is not None and lag <= CATCH_UP_LAG:
                 break
             await asyncio.sleep(0.2)
-        self._move(Phase.MIRRORING, f"replay caught up (lag {report.lag.seconds:.2f}s)")
+        self._move(Phase.MIRRORING, f"replay caught up (lag {lag:.2f}s)")
 
     def _replay_started(self) -> Any:
         replay = self.proxy.replay
@@ -374,7 +375,7 @@ class UpgradeMachine:
                 compare_results=upgrade.validation.compare_results,
                 verified_tables=len(reports),
                 differing_tables=sum(1 for r in reports if not r.clean),
-                lag_seconds=replay.lag.seconds if replay is not None and replay.running else None,
+                lag_seconds=replay.lag_seconds if replay is not None else None,
                 max_lag_seconds=CUTOVER_MAX_LAG,
             )
         )

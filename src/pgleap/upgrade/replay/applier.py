@@ -179,6 +179,7 @@ class Replayer:
         self.max_retries = max_retries
         self.connect_timeout = connect_timeout
         self.position = 0  # the applied position, as last read from or committed to the target
+        self.position_known = False  # read from the target at least once
         self.paused: ApplyError | None = None
         self.applied = 0
         self.skipped_in_snapshot = 0
@@ -266,6 +267,7 @@ class Replayer:
             nbytes,
             seconds,
             self._rate.rate(),
+            self.position_known,
         )
 
     async def _loop(self, stop: asyncio.Event | None, follow: bool) -> None:
@@ -343,6 +345,7 @@ class Replayer:
             self._store_sql = store_position_sql(self._target_facts)
             await self._learn_majors(target_num)
             position = await read_position(session, self.database, self._target_facts)
+            self.position_known = True
         except BaseException:
             session.close()
             raise

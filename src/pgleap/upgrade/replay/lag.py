@@ -20,6 +20,8 @@ class ReplayLag:
     bytes: int  # their encoded size in the log
     seconds: float  # now - when the oldest of them was logged (0 when caught up)
     apply_rate: float  # log transactions consumed per second over the last RATE_WINDOW seconds
+    # False until replay has read the target's applied position: the figures above then count from 0.
+    position_known: bool = True
 
 
 class RateMeter:

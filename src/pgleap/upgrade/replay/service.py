@@ -77,6 +77,11 @@ class ReplayReport:
     divergences_total: int
     stopped_error: str | None  # why the run ended, when it ended on an error
 
+    @property
+    def lag_seconds(self) -> float | None:
+        """The lag in seconds while replay runs and knows where the target stands; None otherwise."""
+        return self.lag.seconds if self.running and self.lag.position_known else None
+
 
 @dataclass
 class _Run:
