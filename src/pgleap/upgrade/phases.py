@@ -34,6 +34,8 @@ _NEXT: dict[Phase, frozenset[Phase]] = {
     Phase.ROLLED_BACK: frozenset({Phase.INITIALIZING}),
 }
 RUNNING = frozenset({Phase.INITIALIZING, Phase.COPYING, Phase.CATCHING_UP, Phase.MIRRORING, Phase.CUTOVER_READY})
+# Phases in which the target takes replay's writes, or the clients': a copy must not drop it.
+TARGET_IN_USE = frozenset({Phase.CATCHING_UP, Phase.MIRRORING, Phase.CUTOVER_READY, Phase.CUT_OVER, Phase.COMPLETE})
 RESUMED = RUNNING | {Phase.CUT_OVER}  # what a restart picks up again
 
 

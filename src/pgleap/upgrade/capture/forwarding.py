@@ -243,7 +243,7 @@ class CapturingForwarder(Forwarder):
             super().quiescent
             and not self._cin
             and not self._sin
-            and not self.tracker.queue
+            and not self.tracker.outstanding
             and self._stash is None
             and not self._preparing
         )

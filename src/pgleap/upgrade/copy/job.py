@@ -29,13 +29,9 @@ from pgleap.upgrade.copy.sequences import copy_sequences
 from pgleap.upgrade.copy.target import prepare_target, source_encoding
 from pgleap.upgrade.copy.toc import owning_tables, parse_listing
 from pgleap.upgrade.copy.tools import find_tool
-from pgleap.upgrade.phases import Phase
+from pgleap.upgrade.phases import TARGET_IN_USE
 
 log = logging.getLogger(__name__)
-# Upgrade phases in which the target takes replay's writes, or the clients': not to be dropped by a copy.
-_REPLAYING_PHASES = frozenset(
-    p.value for p in (Phase.CATCHING_UP, Phase.MIRRORING, Phase.CUTOVER_READY, Phase.CUT_OVER, Phase.COMPLETE)
-)
 
 # Steps in stages; the steps of one stage need nothing of each other and run concurrently. Each
 # table's indexes, keys and ANALYZE run during "data", as soon as its rows are in (see postdata);
@@ -197,7 +193,7 @@ class CopyJob:
                 f"again, ROLLBACK UPGRADE first (clients go back to the source, with every write)"
             )
         phase = self.store.phase(self.database)
-        if phase is not None and phase.phase in _REPLAYING_PHASES:
+        if phase is not None and phase.phase in TARGET_IN_USE:
             raise CopyError(
                 f"database {self.database}: the upgrade is {phase.phase}, so replay applies the change log to "
                 f"the target, and copying again would drop that database under it; to copy again, ROLLBACK "
