@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from pgleap.store import (
     LogState,
     RecordFormatError,
     SQLiteChangeLog,
+    Trimmed,
     decode_transaction,
     encode_transaction,
 )
@@ -264,10 +266,13 @@ def test_truncate_keeps_unapplied_and_unresolved_records(tmp_path: Path) -> None
                 await log.settle(log_id, committed=n != 4, wait=True)  # txid 4 aborted
             # positions: 2->1, 3->2, 5->3, 6->4, 7->5, 8->6
             assert await log.truncate_before("app", 4, older_than=time.time() - 60) == 0  # all logged just now
+            assert log.trimmed("app") == Trimmed()
             assert await log.truncate_before("app", 4, limit=1) == 1  # position 1 only: txid 4 is after it
             assert [r.position for r in log.read_committed("app", 0, 10)] == [2, 3, 4, 5, 6]
+            assert log.trimmed("app") == Trimmed(1, 2, 0)  # position 1 was txid 2
             deleted = await log.truncate_before("app", 4, limit=5)
             assert deleted == 3  # positions 2..3 and the aborted txid 4
+            assert log.trimmed("app") == Trimmed(3, 5, 0)  # the aborted txid 4 is no committed record
             assert [r.position for r in log.read_committed("app", 0, 10)] == [4, 5, 6]
             assert log.last_position("app") == 6
             assert [r.log_id for r in log.unresolved()] == [ids[0]]
@@ -276,9 +281,12 @@ def test_truncate_keeps_unapplied_and_unresolved_records(tmp_path: Path) -> None
             assert await log.truncate_before("app", 7) == 3
             assert await log.truncate_before("app", 7) == 0
         with SQLiteChangeLog(tmp_path / "log.db") as log:  # positions continue after truncation and reopen
-            log_id = await log.prepare(make_tx(9))
+            assert log.trimmed("app") == Trimmed(6, 8, 0)
+            log_id = await log.prepare(replace(make_tx(9), txid=None))  # an autocommit DO, say
             await log.settle(log_id, committed=True, wait=True)
             assert [r.position for r in log.read_committed("app", 0, 10)] == [7]
+            assert await log.truncate_before("app", 8) == 1
+            assert log.trimmed("app") == Trimmed(7, 8, 1)
 
     asyncio.run(run())
 
@@ -502,6 +510,26 @@ def test_a_second_process_on_the_same_log_is_refused(tmp_path: Path) -> None:
     SQLiteChangeLog(path).close()  # free again once closed
 
 
+def test_a_log_from_before_the_trimmed_columns_gains_them(tmp_path: Path) -> None:
+    """A log written before log_head kept what retention deleted opens, keeps its head, and reads no trim."""
+    path = tmp_path / "log.db"
+
+    async def write() -> None:
+        with SQLiteChangeLog(path) as log:
+            await log.settle(await log.prepare(make_tx(5)), committed=True, wait=True)
+
+    asyncio.run(write())
+    db = sqlite3.connect(path)
+    db.executescript(
+        "ALTER TABLE log_head RENAME TO old_head; "
+        "CREATE TABLE log_head (database TEXT PRIMARY KEY, last_position INTEGER NOT NULL, frontier INTEGER NOT NULL); "
+        "INSERT INTO log_head SELECT database, last_position, frontier FROM old_head; DROP TABLE old_head;"
+    )
+    db.close()
+    with SQLiteChangeLog(path) as log:
+        assert log.last_position("app") == 1 and log.trimmed("app") == Trimmed()
+
+
 def test_a_log_from_a_newer_pgleap_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     SQLiteChangeLog(path).close()
@@ -693,3 +721,4 @@ def test_a_prepare_the_disk_refuses_does_not_drop_the_settles_in_its_group(
             assert [r.transaction.txid for r in log.read_committed("app", 0, 10)] == [1]
 
     asyncio.run(run())
+

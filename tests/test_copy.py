@@ -205,8 +205,15 @@ def test_copying_again_never_drops_a_target_that_replay_or_clients_write(lab: La
         source.psql("CREATE DATABASE app")
         source.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)", dbname="app")
         upgrade = UpgradeConfig(database="app", source=server_config(source), target=server_config(target))
+        oid_sql = "SELECT oid FROM pg_database WHERE datname = 'app'"
         run_copy(upgrade, tmp_path / "state.db")
+        first = int(target.psql(oid_sql))
+        run_copy(upgrade, tmp_path / "state.db")  # no upgrade recorded: copying again recreates the database
+        second = int(target.psql(oid_sql))
         store = StateStore(tmp_path / "state.db")
+        run = store.run("app")
+        # Replay compares this with the database it connects to (test_replay: ..._created_again_under_it).
+        assert run is not None and run.target_oid == second != first
         store.set_phase("app", "mirroring", "test: replay follows the source")
         store.close()
         with pytest.raises(CopyError, match="the upgrade is mirroring"):

@@ -22,7 +22,7 @@ import pytest
 from pgleap.config import ServerConfig
 from pgleap.lab import LabServer
 from pgleap.upgrade.copy.compare import database_differences
-from pgleap.upgrade.replay import ApplyJournal, ErrorKind, Replayer, ReplayStatus
+from pgleap.upgrade.replay import ApplyJournal, ErrorKind, ReplayError, Replayer, ReplayStatus
 
 from conftest import CapturingPair, capturing_pair
 
@@ -564,6 +564,45 @@ def test_replay_trims_the_applied_records_behind_it(env: Env) -> None:
     assert_equal(env)
 
 
+def test_a_target_copied_again_after_trimming_starts_past_the_deleted_records_its_snapshot_holds(env: Env) -> None:
+    """After ROLLBACK UPGRADE and a new copy the target is at position 0 while the log's head is gone."""
+    first_s = env.snapshot()
+    first = run_workers(env.proxy.dsn(), workers=2, count=12)
+    env.drain()
+
+    async def apply_and_trim() -> None:
+        replayer = Replayer(env.upgrade, env.changelog, first_s, retain=1, max_retries=5)
+        assert replayer.retention is not None
+        replayer.retention.interval, replayer.retention.keep_seconds = 0.0, 0.0
+        try:
+            await replayer.run_until_caught_up()
+            await replayer.retention.trim(replayer.position)
+        finally:
+            replayer.close()
+
+    asyncio.run(apply_and_trim())
+    assert env.changelog.trimmed("app").through == first - 1  # all but the last applied one
+    # A new copy at a later S: the data as the source has it now, and no applied position yet.
+    second_s = env.snapshot()
+    env.target.psql("DROP SCHEMA pgleap CASCADE", dbname=env.dbname)
+    second = 5
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        for i in range(second):
+            with conn.transaction():
+                conn.execute("insert into items (id, worker, qty) values (%s, 9, %s)", (900_000 + i, i))
+                conn.execute("update counter set n = n + 1 where id = 1")
+    env.drain()
+
+    with pytest.raises(ReplayError, match="does not hold them all"):
+        replay(env, first_s)  # S of the first copy: the deleted records are not all in it
+    assert env.counter(env.target) == first  # nothing applied on the way
+    status, _ = replay(env, second_s)
+    assert status.paused is None and status.applied_position == first + second
+    assert status.applied == second and status.skipped_in_snapshot == 1  # the one kept, in the copy already
+    assert env.counter(env.target) == env.counter(env.source) == first + second
+    assert_equal(env)
+
+
 def test_statements_that_refuse_a_transaction_block_replay_on_their_own(env: Env) -> None:
     """CREATE INDEX CONCURRENTLY (and the like) runs on the target outside any transaction, between batches."""
     snapshot = env.snapshot()
@@ -627,6 +666,50 @@ def test_resume_with_skip_survives_a_connection_lost_while_paused(env: Env) -> N
     paused, resumed = asyncio.run(go())
     assert paused.paused is not None and paused.paused.position == 2
     assert resumed.paused is None and resumed.skipped_on_error == 1 and resumed.applied_position == 4
+
+
+def test_replay_refuses_a_target_database_created_again_under_it(env: Env) -> None:
+    """A second copy drops and recreates the target at a new S: a replayer from the old S stops and writes nothing."""
+    snapshot = env.snapshot()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("insert into items (id, worker, qty) values (1, 0, 1)")
+    env.drain()
+
+    async def go() -> int:
+        replayer = Replayer(env.upgrade, env.changelog, snapshot, max_retries=5)
+        try:
+            first = await replayer.run_until_caught_up()
+            assert first.applied_position == 1 and replayer.target_oid is not None
+            replayer.close()
+            # What a new copy does: the database dropped, created again, filled at a later S (the row included).
+            env.target.psql(f"DROP DATABASE {env.dbname} WITH (FORCE)")
+            env.target.psql(f"CREATE DATABASE {env.dbname}")
+            env.target.psql(SCHEMA + "INSERT INTO items (id, worker, qty) VALUES (1, 0, 1)", dbname=env.dbname)
+            with pytest.raises(ReplayError, match="dropped and created again"):
+                await replayer.run_until_caught_up()
+            return replayer.target_oid
+        finally:
+            replayer.close()
+
+    old_oid = asyncio.run(go())
+    new_oid = int(env.target.psql(f"SELECT oid FROM pg_database WHERE datname = '{env.dbname}'"))
+    assert new_oid != old_oid
+    # Nothing was written: not pgleap's position table, not the logged insert again.
+    assert env.target.psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgleap'", dbname=env.dbname) == "0"
+    assert env.target.psql("SELECT count(*) FROM items", dbname=env.dbname) == "1"
+
+    async def fresh(oid: int) -> ReplayStatus:
+        replayer = Replayer(env.upgrade, env.changelog, env.snapshot(), target_oid=oid, max_retries=5)
+        try:
+            return await replayer.run_until_caught_up()
+        finally:
+            replayer.close()
+
+    with pytest.raises(ReplayError, match=f"its oid is {new_oid}, not {old_oid}"):
+        asyncio.run(fresh(old_oid))  # started from a copy run that recorded the old database
+    status = asyncio.run(fresh(new_oid))  # the new copy's S holds the insert: skipped, not applied again
+    assert (status.applied_position, status.applied, status.skipped_in_snapshot) == (1, 0, 1)
+    assert env.target.psql("SELECT count(*) FROM items", dbname=env.dbname) == "1"
 
 
 def test_two_replayers_at_once_still_apply_each_transaction_once(env: Env) -> None:

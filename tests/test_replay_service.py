@@ -201,7 +201,7 @@ def test_start_point_comes_from_a_finished_copy(tmp_path: Path) -> None:
         copy_start_point(None, "app")
     store = StateStore(tmp_path / "state.db")
     try:
-        store.start_run("app", "replica")
+        store.start_run("app", "replica", target_oid=16400)
         with pytest.raises(ReplayError, match="run `pgleap copy` first"):
             copy_start_point(store, "app")  # the run has not recorded S yet
         store.set_snapshot("app", "100:105:102", "0/3000000", None)
@@ -217,6 +217,7 @@ def test_start_point_comes_from_a_finished_copy(tmp_path: Path) -> None:
         start = copy_start_point(store, "app")
         assert (start.snapshot, start.origin) == ("100:105:102", "S of copy run 1")
         assert start.table_snapshots == {"public.scratch": "103:103:"}
+        assert start.target_oid == 16400  # replay refuses a target database created again since
     finally:
         store.close()
 

@@ -54,3 +54,27 @@ def test_wal_mode(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "s.db")
     assert store._query("PRAGMA journal_mode")[0][0] == "wal"
     store.close()
+
+
+def test_a_store_from_before_target_oid_gains_the_column_and_keeps_its_run(tmp_path: Path) -> None:
+    """An older pgleap's copy_run has no target_oid: opening adds it, the run reads back with None."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE copy_run (database TEXT PRIMARY KEY, run_id INTEGER NOT NULL, mode TEXT NOT NULL, "
+        "snapshot TEXT, snapshot_lsn TEXT, replica_start TEXT, status TEXT NOT NULL, started_at REAL NOT NULL, "
+        "finished_at REAL, restart_reason TEXT);"
+        "INSERT INTO copy_run VALUES ('app', 3, 'primary', '10:12:11', NULL, NULL, 'done', 1.0, 2.0, NULL);"
+    )
+    db.close()
+    store = StateStore(path)
+    run = store.run("app")
+    assert run is not None and (run.run_id, run.snapshot, run.target_oid) == (3, "10:12:11", None)
+    assert store.start_run("app", "primary", target_oid=16384).target_oid == 16384
+    store.close()
+    again = StateStore(path)
+    run = again.run("app")
+    again.close()
+    assert run is not None and run.target_oid == 16384

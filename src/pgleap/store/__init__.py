@@ -13,6 +13,7 @@ from pgleap.store.changelog import (
     ChangeLogStats,
     Durability,
     SQLiteChangeLog,
+    Trimmed,
 )
 from pgleap.store.records import (
     CapturedStatement,
@@ -50,6 +51,7 @@ __all__ = [
     "StateStore",
     "StoreError",
     "Transition",
+    "Trimmed",
     "decode_transaction",
     "encode_transaction",
 ]

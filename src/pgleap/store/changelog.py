@@ -77,9 +77,19 @@ CREATE INDEX IF NOT EXISTS change_log_open ON change_log (state) WHERE state IN 
 CREATE TABLE IF NOT EXISTS log_head (
     database TEXT PRIMARY KEY,
     last_position INTEGER NOT NULL,            -- highest position given out (kept across truncation)
-    frontier INTEGER NOT NULL                  -- every record of database with log_id <= frontier is settled
+    frontier INTEGER NOT NULL,                 -- every record of database with log_id <= frontier is settled
+    trimmed_through INTEGER NOT NULL DEFAULT 0,  -- highest position deleted by truncate_before (0: none)
+    trimmed_txid INTEGER,                      -- highest source txid among the committed records deleted
+    trimmed_unplaced INTEGER NOT NULL DEFAULT 0  -- committed records without a txid among them
 );
 """
+
+# Columns added to a schema-version-1 log after it shipped (an older pgleap ignores them).
+_ADDED_COLUMNS = (
+    ("log_head", "trimmed_through", "INTEGER NOT NULL DEFAULT 0"),
+    ("log_head", "trimmed_txid", "INTEGER"),
+    ("log_head", "trimmed_unplaced", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 # Ops are grouped into one SQLite transaction up to this many, so one huge burst cannot hold a single
 # transaction (and every waiter in it) for long.
@@ -159,6 +169,15 @@ class ChangeLogStats:
         return dict(asdict(self))
 
 
+@dataclass(frozen=True)
+class Trimmed:
+    """What `truncate_before` deleted of one database's committed records, so replay can place the gap."""
+
+    through: int = 0  # the highest position deleted (0: nothing was)
+    max_txid: int | None = None  # the highest source txid among them
+    unplaced: int = 0  # how many had no txid (cannot be placed against a snapshot)
+
+
 # -- the interface ----------------------------------------------------------------------------------
 
 
@@ -199,6 +218,10 @@ class ChangeLog(abc.ABC):
     ) -> int:
         """Delete applied records of `database` below `position` (and aborted ones before them), `limit` at most,
         prepared before `older_than` only."""
+
+    @abc.abstractmethod
+    def trimmed(self, database: str) -> Trimmed:
+        """What truncate_before has deleted of `database`'s committed records, over the log's life."""
 
     @abc.abstractmethod
     def pending(self) -> list[tuple[int, CapturedTransaction]]:
@@ -528,6 +551,9 @@ class SQLiteChangeLog(ChangeLog):
                 f"SELECT {SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM schema_version); "
                 f"COMMIT;"
             )
+            for table, column, decl in _ADDED_COLUMNS:
+                if column not in {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             found = int(self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0])
         except sqlite3.Error as exc:
             self._rollback()
@@ -850,6 +876,17 @@ class SQLiteChangeLog(ChangeLog):
         # pending ones are kept whatever their age (I1: reported, never silently dropped).
         where = f"log_id IN ({oldest}) OR (database = :db AND state = 'aborted' AND log_id < :cutoff)"
         args["cutoff"] = int(row[0])
+        # Kept with the head, in the same transaction as the delete: a target copied again later starts at
+        # position 0, and replay may pass over the deleted range only if its copy snapshot holds all of it.
+        through, txid, unplaced = self._db.execute(
+            f"SELECT max(position), max(txid), count(*) - count(txid) FROM change_log WHERE log_id IN ({oldest})", args
+        ).fetchone()
+        self._db.execute(
+            "UPDATE log_head SET trimmed_through = max(trimmed_through, ?), "
+            "trimmed_txid = max(coalesce(trimmed_txid, 0), ?), trimmed_unplaced = trimmed_unplaced + ? "
+            "WHERE database = ?",
+            (int(through or 0), int(txid or 0), int(unplaced), database),
+        )
         for state, n, size in self._db.execute(
             f"SELECT state, count(*), coalesce(sum(size), 0) FROM change_log WHERE {where} GROUP BY state", args
         ):
@@ -914,6 +951,16 @@ class SQLiteChangeLog(ChangeLog):
             log.warning("change log %s: could not fsync its WAL (%s); settles wait for the next write", self.path, exc)
             return
         self._synced()
+
+    def trimmed(self, database: str) -> Trimmed:
+        """What truncate_before has deleted of `database`'s committed records, over the log's life."""
+        rows = self._read(
+            "SELECT trimmed_through, trimmed_txid, trimmed_unplaced FROM log_head WHERE database = ?", (database,)
+        )
+        if not rows:
+            return Trimmed()
+        through, txid, unplaced = rows[0]
+        return Trimmed(int(through), int(txid) if txid else None, int(unplaced))
 
     def last_position(self, database: str) -> int:
         """The highest position given to a committed record of `database` (0 if none)."""

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS copy_run (
     status TEXT NOT NULL,              -- 'running', 'done', 'failed'
     started_at REAL NOT NULL,
     finished_at REAL,
-    restart_reason TEXT
+    restart_reason TEXT,
+    target_oid INTEGER                 -- pg_database.oid of the target database this run created (or found)
 );
 CREATE TABLE IF NOT EXISTS copy_step (
     database TEXT NOT NULL,
@@ -107,6 +108,7 @@ class CopyRun:
     started_at: float
     finished_at: float | None
     restart_reason: str | None
+    target_oid: int | None = None  # the target database's oid: replay refuses a database created again since
 
 
 @dataclass(frozen=True)
@@ -186,11 +188,18 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
         except sqlite3.Error as exc:
             raise StoreError(
                 f"cannot open the state store {self.path}: {exc}; check the directory exists and is writable"
             ) from exc
         self._lock = threading.RLock()
+
+    def _add_missing_columns(self) -> None:
+        # A store written by an older pgleap lacks the columns added since; CREATE TABLE IF NOT EXISTS keeps it.
+        columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(copy_run)")}
+        if "target_oid" not in columns:
+            self._db.execute("ALTER TABLE copy_run ADD COLUMN target_oid INTEGER")
 
     def close(self) -> None:
         """Close the database file."""
@@ -285,22 +294,24 @@ class StateStore:
         """The current copy run of `database`, if any."""
         rows = self._query(
             "SELECT database, run_id, mode, snapshot, snapshot_lsn, replica_start, status, "
-            "started_at, finished_at, restart_reason FROM copy_run WHERE database = ?",
+            "started_at, finished_at, restart_reason, target_oid FROM copy_run WHERE database = ?",
             (database,),
         )
         return CopyRun(*rows[0]) if rows else None  # type: ignore[arg-type]
 
-    def start_run(self, database: str, mode: str, restart_reason: str | None = None) -> CopyRun:
-        """Forget any previous run of `database` (steps, chunks, errors) and start a new one."""
+    def start_run(
+        self, database: str, mode: str, restart_reason: str | None = None, *, target_oid: int | None = None
+    ) -> CopyRun:
+        """Forget any previous run of `database` (steps, chunks, errors) and start one into the target `target_oid`."""
         previous = self.run(database)
         run_id = previous.run_id + 1 if previous else 1
         with self._tx() as db:
             for table in ("copy_step", "copy_chunk", "schema_error", "copy_run"):
                 db.execute(f"DELETE FROM {table} WHERE database = ?", (database,))
             db.execute(
-                "INSERT INTO copy_run (database, run_id, mode, status, started_at, restart_reason) "
-                "VALUES (?, ?, ?, 'running', ?, ?)",
-                (database, run_id, mode, time.time(), restart_reason),
+                "INSERT INTO copy_run (database, run_id, mode, status, started_at, restart_reason, target_oid) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                (database, run_id, mode, time.time(), restart_reason, target_oid),
             )
         run = self.run(database)
         assert run is not None

@@ -173,8 +173,8 @@ class CopyJob:
         # owns the target database's contents and may drop them to start over.
         if run is not None:
             self._refuse_dropping_a_live_target()
-        await self._prepare_target(recreate=run is not None)
-        new = self.store.start_run(self.database, self.mode, reason)
+        target_oid = await self._prepare_target(recreate=run is not None)
+        new = self.store.start_run(self.database, self.mode, reason, target_oid=target_oid)
         info = await side.take()
         self._read_side = side
         self.store.set_snapshot(self.database, info.snapshot, info.lsn, info.replica_start)
@@ -200,13 +200,13 @@ class CopyJob:
                 f"UPGRADE and START UPGRADE (which copies afresh)"
             )
 
-    async def _prepare_target(self, *, recreate: bool) -> None:
+    async def _prepare_target(self, *, recreate: bool) -> int:
         conn = await connect(self.upgrade.source, role="source")
         try:
             encoding = await source_encoding(conn)
         finally:
             await conn.close()
-        await prepare_target(self.target, encoding, recreate=recreate)
+        return await prepare_target(self.target, encoding, recreate=recreate)
 
     @property
     def _dump_path(self) -> Path:

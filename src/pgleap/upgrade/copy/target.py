@@ -21,8 +21,8 @@ _USER_OBJECTS = (
 )
 
 
-async def prepare_target(target: ServerConfig, encoding: str, *, recreate: bool) -> None:
-    """Make sure the target database exists and is empty; drop and recreate it when `recreate`."""
+async def prepare_target(target: ServerConfig, encoding: str, *, recreate: bool) -> int:
+    """Make sure the target database exists and is empty (dropped and recreated when `recreate`); its oid."""
     admin = await connect(replace(target, database="postgres"), role="target")
     try:
         facts = facts_for(await version_num(admin))
@@ -35,9 +35,16 @@ async def prepare_target(target: ServerConfig, encoding: str, *, recreate: bool)
             await admin.execute(
                 f"CREATE DATABASE {quote_ident(target.database)} TEMPLATE template0 ENCODING {quote_literal(encoding)}"
             )
-            return
+        # Replay compares it with the database it connects to: one created again since is another copy's.
+        oid = int(await admin.fetchval("SELECT oid FROM pg_database WHERE datname = $1", target.database))
     finally:
         await admin.close()
+    if exists:
+        await _refuse_foreign_objects(target)
+    return oid
+
+
+async def _refuse_foreign_objects(target: ServerConfig) -> None:
     conn = await connect(target, role="target")
     try:
         count = int(await conn.fetchval(_USER_OBJECTS))

@@ -50,6 +50,8 @@ from pgleap.upgrade.replay.position import (
     GUARD_SQL,
     POSITION_MOVED,
     POSITION_PARAM_TYPES,
+    database_oid,
+    move_position,
     read_position,
     server_version_num,
     store_position_sql,
@@ -150,6 +152,7 @@ class Replayer:
         queue_ddl: bool = False,
         retain: int | None = None,
         copied_until: float | None = None,
+        target_oid: int | None = None,
     ) -> None:
         if upgrade.target is None:
             raise ReplayError(
@@ -170,6 +173,8 @@ class Replayer:
         self.snapshot: Snapshot = self.stitch.default
         # When the copy finished: a record without a txid captured before then may be in the copy already.
         self.copied_until = copied_until
+        # The target database S belongs to (its oid); None: the first one replay connects to.
+        self.target_oid = target_oid
         self.batch_size = batch_size
         self.on_apply_error = on_apply_error
         self.journal = journal if journal is not None else ApplyJournal()
@@ -344,7 +349,9 @@ class Replayer:
             self._target_facts = facts_for(target_num)
             self._store_sql = store_position_sql(self._target_facts)
             await self._learn_majors(target_num)
+            await self._check_same_database(session)  # before read_position writes into it
             position = await read_position(session, self.database, self._target_facts)
+            position = await self._pass_trimmed(session, position)
             self.position_known = True
         except BaseException:
             session.close()
@@ -359,6 +366,45 @@ class Replayer:
             )
         self._session = session
         self.position = position
+
+    async def _check_same_database(self, session: TargetSession) -> None:
+        oid = await database_oid(session)
+        if self.target_oid is None:
+            self.target_oid = oid
+        elif oid != self.target_oid:
+            # Dropped and created again (a new `pgleap copy`, or by hand): what it holds is not the copy at this
+            # replayer's S, so applying the log there would double or miss transactions.
+            raise ReplayError(
+                f"the target database {self.target.describe()} is not the one this replay started on (its oid "
+                f"is {oid}, not {self.target_oid}): it was dropped and created again since, as copying again "
+                f"does; replay stopped without writing to it. Once that copy has finished, START REPLAY again: "
+                f"it starts from the new copy's snapshot S"
+            )
+
+    async def _pass_trimmed(self, session: TargetSession, position: int) -> int:
+        """Start after records retention deleted when the copy snapshot holds every one of them.
+
+        A target copied again (after ROLLBACK UPGRADE, say) starts at position 0, but the log may have lost
+        its first records to retention. Each was applied to the earlier target, so it committed before that
+        target was dropped; but only its txid, below every snapshot's xmin, proves it is in this copy.
+        """
+        trimmed = self.changelog.trimmed(self.database)
+        if position >= trimmed.through:
+            return position
+        xmin = min(snap.xmin for snap in (self.stitch.default, *self.stitch.tables.values()))
+        if trimmed.unplaced or trimmed.max_txid is None or trimmed.max_txid >= xmin:
+            return position  # _step stops replay: the deleted records may not be in the copy
+        await move_position(session, self.database, position, trimmed.through)
+        log.info(
+            "replay of %s: positions %d to %d were deleted from the change log, and all of them (txids up to %d) "
+            "are in the copy at %s; replay starts after them",
+            self.database,
+            position + 1,
+            trimmed.through,
+            trimmed.max_txid,
+            self.stitch.default,
+        )
+        return trimmed.through
 
     def _drop_connection(self) -> None:
         if self._session is not None:
@@ -383,10 +429,14 @@ class Replayer:
         if not records:
             return False
         if records[0].position != self.position + 1:
+            trimmed = self.changelog.trimmed(self.database)
             raise ReplayError(
                 f"the change log of {self.database!r} continues at position {records[0].position} "
                 f"but the target has applied {self.position}: records were removed before they were "
-                f"applied; the target must be copied again"
+                f"applied (retention deleted through {trimmed.through}, txids up to {trimmed.max_txid}, "
+                f"{trimmed.unplaced} without a txid), and the copy snapshot {self.stitch.default} does not "
+                f"hold them all; copy the target again: its new snapshot holds them, unless a transaction open on "
+                f"the source since before them holds its xmin back"
             )
         skip = self._skip_paused
         if skip is not None:

@@ -88,6 +88,21 @@ async def read_position(session: TargetSession, database: str, facts: Facts) -> 
     return int(rows[-1][0] or 0)
 
 
+async def move_position(session: TargetSession, database: str, expected: int, new: int) -> None:
+    """Set the applied position of `database` from `expected` to `new`, guarded like every batch."""
+    name = _literal(database)
+    await session.query(
+        f"SELECT pgleap.expect_position({name}, {int(expected)}); "
+        f"UPDATE pgleap.applied SET position = {int(new)}, applied_at = now() WHERE database = {name}"
+    )
+
+
+async def database_oid(session: TargetSession) -> int:
+    """pg_database.oid of the database the session is in: a database dropped and created again has another."""
+    rows = await session.query("SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()")
+    return int(rows[0][0] or 0)
+
+
 async def server_version_num(session: TargetSession) -> int:
     """SHOW server_version_num on the target."""
     rows = await session.query("SHOW server_version_num")

@@ -39,6 +39,7 @@ class StartPoint:
     table_snapshots: dict[str, str] = field(default_factory=dict)
     origin: str = "the snapshot given"  # or "S of copy run 3"
     copied_until: float | None = None  # when that copy finished
+    target_oid: int | None = None  # the target database that copy created (or filled)
 
 
 def copy_start_point(store: StateStore | None, database: str) -> StartPoint:
@@ -61,7 +62,7 @@ def copy_start_point(store: StateStore | None, database: str) -> StartPoint:
         for c in store.chunks(database)
         if c.snapshot is not None and c.snapshot != run.snapshot
     }
-    return StartPoint(run.snapshot, tables, f"S of copy run {run.run_id}", run.finished_at)
+    return StartPoint(run.snapshot, tables, f"S of copy run {run.run_id}", run.finished_at, run.target_oid)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class ReplayService:
             journal=self.journal,
             table_snapshots=start.table_snapshots,
             copied_until=start.copied_until,
+            target_oid=start.target_oid,
             **self.replayer_options,
         )
         return _Run(replayer, start.origin)
