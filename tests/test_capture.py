@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,6 +212,56 @@ def test_start_and_stop_capture_from_the_console(tmp_path: Path, pg_new: LabServ
         proxy.stop()
 
 
+def test_start_capture_again_leaves_a_commit_in_flight_to_its_own_answer(
+    tmp_path: Path, pg_new: LabServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A COMMIT still running after STOP CAPTURE keeps its record: START CAPTURE does not take it for a crash's."""
+    from pgleap.upgrade.capture import recovery
+
+    # Recovery asks txid_status while it says "in progress", this long, then calls the record unresolved.
+    monkeypatch.setattr(recovery, "IN_PROGRESS_WAIT", 0.3)
+    pg_new.psql(
+        "drop table if exists cap_slow; create table cap_slow (id int primary key);"
+        "create or replace function cap_slow() returns trigger language plpgsql as "
+        "$$ begin perform pg_sleep(2); return null; end $$;"
+        "create constraint trigger cap_slow after insert on cap_slow deferrable initially deferred "
+        "for each row execute procedure cap_slow()"
+    )
+    proxy = start_proxy(tmp_path, {"app": pg_new}, extra=f'changelog_path = "{tmp_path / "log.db"}"')
+    admin_dsn = proxy.dsn(database="pgleap", user="pgleap_admin", password="admin-secret")
+    try:
+        with psycopg.connect(proxy.dsn()) as app, psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute("START CAPTURE")
+            app.execute("insert into cap_slow values (1)")
+            failures: list[BaseException] = []
+
+            def commit() -> None:
+                try:
+                    app.commit()  # answered after the trigger's 2 s sleep
+                except BaseException as exc:  # reported by the test thread
+                    failures.append(exc)
+
+            committing = threading.Thread(target=commit)
+            committing.start()
+            time.sleep(0.3)
+            admin.execute("STOP CAPTURE")
+            notes = [r[0] for r in admin.execute("START CAPTURE").fetchall()]
+            assert not any("left pending" in n for n in notes), notes
+            committing.join(timeout=30)
+            assert not committing.is_alive(), "the COMMIT's answer never reached the client"
+            assert not failures, failures
+        assert proxy.proxy is not None
+        changelog = proxy.proxy._changelog
+        assert changelog is not None
+        wait_for(lambda: not changelog.pending(), "the COMMIT's record to be settled by its answer", timeout=30)
+        time.sleep(0.5)  # past IN_PROGRESS_WAIT: a recovery started by mistake would have called it unresolved
+        assert changelog.unresolved() == []
+        assert [r.transaction.txid is not None for r in changelog.read_committed("app", 0, 10)] == [True]
+    finally:
+        proxy.stop()
+        pg_new.psql("drop table if exists cap_slow; drop function if exists cap_slow()")
+
+
 def test_stop_capture_leaves_a_session_midway_through_a_message_whole(tmp_path: Path, pg_new: LabServer) -> None:
     """STOP CAPTURE does not switch a session that has read part of a message: it switches at the message's end."""
     pg_new.psql("drop table if exists cap4; create table cap4 (id int primary key, note text)")
@@ -222,9 +273,10 @@ def test_stop_capture_leaves_a_session_midway_through_a_message_whole(tmp_path: 
     )
     admin_dsn = proxy.dsn(database="pgleap", user="pgleap_admin", password="admin-secret")
     try:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin, socket.create_connection(
-            ("127.0.0.1", proxy.port), timeout=10
-        ) as sock:
+        with (
+            psycopg.connect(admin_dsn, autocommit=True) as admin,
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock,
+        ):
             login_md5(sock, "raw", "raw-secret")
             admin.execute("START CAPTURE")
             query = query_message("insert into cap4 values (1, '" + "x" * 2000 + "')")

@@ -22,7 +22,7 @@ import pytest
 from pgleap.config import ServerConfig
 from pgleap.lab import LabServer
 from pgleap.upgrade.copy.compare import database_differences
-from pgleap.upgrade.replay import ApplyJournal, ErrorKind, ReplayError, Replayer, ReplayStatus
+from pgleap.upgrade.replay import ApplyJournal, ErrorKind, Replayer, ReplayError, ReplayStatus
 
 from conftest import CapturingPair, capturing_pair
 

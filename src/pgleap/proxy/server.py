@@ -165,9 +165,11 @@ class Proxy:
             if database.capture is not None:
                 notes.append(f"database {name}: already capturing")
                 continue
-            # Read before any session captures: these records were left pending by an earlier run's crash.
-            # After cutover the writes go to the target and into the reverse log (route.reverse_name).
-            left = [(log_id, tx) for log_id, tx in self._changelog.pending() if tx.database == database.log_name]
+            # Left pending by an earlier run's crash. Not the records of this run's sessions: after a STOP CAPTURE
+            # a COMMIT may still be in flight, and its answer settles its record (txid_status would say "in
+            # progress" until then, and after 30 s recovery would call it unresolved). After cutover the writes
+            # go to the target and into the reverse log (route.reverse_name).
+            left = [(log_id, tx) for log_id, tx in self._changelog.left_pending() if tx.database == database.log_name]
             catalog = SourceCatalog(database.upgrade.database, database.route.server)
             catalog.start()
             database.capture = Capture(database.log_name, self._changelog, catalog=catalog)

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import IO, Any, Literal, cast
 
 from pgleap.errors import PgleapError
+from pgleap.store.checkpoint import INTERVAL as CHECKPOINT_INTERVAL
+from pgleap.store.checkpoint import WalCheckpointer
 from pgleap.store.records import (
     CapturedTransaction,
     LoggedTransaction,
@@ -226,6 +228,13 @@ class ChangeLog(abc.ABC):
     @abc.abstractmethod
     def pending(self) -> list[tuple[int, CapturedTransaction]]:
         """Records still pending, in prepare order: what crash recovery must settle."""
+
+    @abc.abstractmethod
+    def left_pending(self) -> list[tuple[int, CapturedTransaction]]:
+        """Records pending since before this log was opened (a crash left them), in prepare order.
+
+        Those prepared since belong to sessions of this process, whose COMMIT answers settle them.
+        """
 
     @abc.abstractmethod
     def unresolved(self) -> list[LoggedTransaction]:
@@ -446,6 +455,7 @@ class SQLiteChangeLog(ChangeLog):
         batch_interval: float = 0.005,
         *,
         max_bytes: int | None = None,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
     ) -> None:
         if durability not in ("commit", "batch"):
             raise ValueError(f"durability must be 'commit' or 'batch', not {durability!r}")
@@ -477,6 +487,9 @@ class SQLiteChangeLog(ChangeLog):
             self._init_schema()
             self._reader = self._connect()
             self._load_counts()
+            # Pending now means pending at a crash: recovery's, not a live session's (see left_pending).
+            self._left_at_open = {int(log_id) for log_id, _ in self.pending()}
+            self._checkpointer = WalCheckpointer(self._connect, self.path.name, checkpoint_interval)
         except ChangeLogError:
             with contextlib.suppress(AttributeError):
                 self._reader.close()
@@ -532,6 +545,7 @@ class SQLiteChangeLog(ChangeLog):
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             db.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a committed transaction survives power loss
+            db.execute("PRAGMA wal_autocheckpoint=0")  # inside a COMMIT it stalled every held one: checkpoint.py
             if self.max_bytes is not None:
                 page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
                 db.execute(f"PRAGMA max_page_count={max(1, self.max_bytes // page_size)}")
@@ -692,6 +706,7 @@ class SQLiteChangeLog(ChangeLog):
                 finally:
                     # Written or failed (then still pending, as the file says): no longer in between.
                     self._settling.difference_update(op.log_id for op in group if op.kind is _Kind.SETTLE)
+                self._checkpointer.after_commit(self._db)
                 if self._unsynced and not self._queue.wait_for_more(_SETTLE_SYNC_DELAY):
                     self._sync_wal()
             except Exception as exc:
@@ -919,6 +934,12 @@ class SQLiteChangeLog(ChangeLog):
         rows = self._read("SELECT log_id, record FROM change_log WHERE state = 'pending' ORDER BY log_id")
         return [(int(log_id), decode_transaction(record)) for log_id, record in rows]
 
+    def left_pending(self) -> list[tuple[int, CapturedTransaction]]:
+        """Records pending since before this log was opened (a crash left them), in prepare order."""
+        if not self._left_at_open:
+            return []  # the common case, without reading every record pending now
+        return [(log_id, tx) for log_id, tx in self.pending() if log_id in self._left_at_open]
+
     def unresolved(self) -> list[LoggedTransaction]:
         """Records whose outcome could not be determined, to report (I1)."""
         rows = self._read(
@@ -1049,6 +1070,7 @@ class SQLiteChangeLog(ChangeLog):
         self._queue.close()
         if self._writer.is_alive() and threading.current_thread() is not self._writer:
             self._writer.join()
+        self._checkpointer.close()
         with self._read_lock:
             self._reader.close()
         with contextlib.suppress(sqlite3.Error):
