@@ -160,6 +160,18 @@ def test_set_local_is_replayed_but_not_set_local_client_encoding() -> None:
     assert committed_sql(a) == [["set local timezone = 'UTC'", "insert into t values (1)"]]
 
 
+def test_a_read_only_transaction_with_set_local_logs_nothing() -> None:
+    """SET LOCAL statement_timeout before reads is common: kept for replay only when the transaction writes."""
+    a = TransactionAssembler("app", 1)
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "set local statement_timeout = 5000", ["SET"], T)
+    run(a, "select * from t", ["SELECT 3"], T)
+    run(a, "commit", ["COMMIT"], I)
+    ended = a.take_ended()
+    assert [e.transaction for e in ended if e.transaction is not None] == []
+    assert all(e.read_only for e in ended)
+
+
 def test_commit_and_chain_keeps_the_next_transaction_explicit() -> None:
     """After COMMIT AND CHAIN a transaction is open at once: its writes commit at the next COMMIT, not at each Sync."""
     a = TransactionAssembler("app", 1)

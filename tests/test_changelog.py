@@ -36,6 +36,7 @@ from pgleap.store import (
     decode_transaction,
     encode_transaction,
 )
+from pgleap.store.checkpoint import BACKSTOP_PAGES
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -521,16 +522,48 @@ def test_a_log_from_before_the_trimmed_columns_gains_them(tmp_path: Path) -> Non
         with SQLiteChangeLog(path) as log:
             await log.settle(await log.prepare(make_tx(5)), committed=True, wait=True)
 
+    async def write_trimmed() -> None:
+        with SQLiteChangeLog(path) as log:
+            for n in (5, 6, 7):
+                await log.settle(await log.prepare(make_tx(n, database="old")), committed=True, wait=True)
+
     asyncio.run(write())
+    asyncio.run(write_trimmed())
     db = sqlite3.connect(path)
     db.executescript(
         "ALTER TABLE log_head RENAME TO old_head; "
         "CREATE TABLE log_head (database TEXT PRIMARY KEY, last_position INTEGER NOT NULL, frontier INTEGER NOT NULL); "
         "INSERT INTO log_head SELECT database, last_position, frontier FROM old_head; DROP TABLE old_head;"
+        "DELETE FROM change_log WHERE database = 'old' AND position < 3;"  # an older pgleap's retention
     )
     db.close()
     with SQLiteChangeLog(path) as log:
         assert log.last_position("app") == 1 and log.trimmed("app") == Trimmed()
+        # What it deleted is not known: replay must never pass over it (as over a record without a txid).
+        assert log.trimmed("old") == Trimmed(2, None, 1)
+
+
+def test_a_record_whose_settle_the_disk_refused_is_left_to_recovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Still pending in the file and settled by nobody else: START CAPTURE's recovery must take it up."""
+
+    async def run() -> None:
+        with SQLiteChangeLog(tmp_path / "log.db") as log:
+            refused, fine = await log.prepare(make_tx(1)), await log.prepare(make_tx(2))
+
+            def failing(op: Any, fx: Any) -> None:
+                raise sqlite3.OperationalError("disk I/O error")
+
+            with monkeypatch.context() as patch:
+                patch.setattr(log, "_transition", failing)
+                with pytest.raises(ChangeLogError):
+                    await log.settle(refused, committed=True, wait=True)
+            await log.settle(fine, committed=True, wait=True)
+            assert [log_id for log_id, _ in log.pending()] == [refused]
+            assert [log_id for log_id, _ in log.left_pending()] == [refused]
+
+    asyncio.run(run())
 
 
 def test_a_log_from_a_newer_pgleap_is_refused(tmp_path: Path) -> None:
@@ -738,7 +771,7 @@ def test_the_wal_is_copied_and_started_over_off_the_commit_path(tmp_path: Path) 
 
     async def run() -> tuple[int, int]:
         with SQLiteChangeLog(path, checkpoint_interval=0.01) as log:
-            assert log._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+            assert log._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == BACKSTOP_PAGES
             await asyncio.gather(*(writer(log, w * per_writer) for w in range(writers)))
             return os.path.getsize(f"{path}-wal"), log._checkpointer.writer_passes
 

@@ -70,6 +70,12 @@ def test_statement_texts_and_relations_in_multi_statement_strings() -> None:
     assert [i.relations for i in infos] == [(), ("app.accounts",), ("t",), ()]
 
 
+def test_merge_names_its_target() -> None:
+    """Re-sync flags and the copy stitch (a table copied at its own snapshot) go by the relations written."""
+    (info,) = classify("merge into app.t using s on t.id = s.id when not matched then insert values (s.id)")
+    assert info.kind is Kind.WRITE and info.relations == ("app.t",)
+
+
 def test_savepoint_names_and_settings() -> None:
     assert classify("rollback to savepoint sp_1")[0].savepoint == "sp_1"
     assert classify("set local timezone = 'UTC'")[0].setting == ("timezone", True)

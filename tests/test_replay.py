@@ -463,7 +463,10 @@ def test_a_target_in_trouble_pauses_replay_even_under_skip_and_resync(env: Env) 
     assert status.paused is not None and status.skipped_on_error == 0 and status.applied_position == 0
     (error,) = journal.errors("app")
     assert (error.action, error.sqlstate, error.position) == ("paused", "53100", 1)
-    assert journal.resync_tables("app") == []
+    assert error.resync_tables == ()  # nothing skipped, so nothing to re-sync for it
+    # Flagged when planned, before the target answered (a flag must not be lost to a crash after a commit):
+    # for the trigger standing in for the full disk, which fires on the target.
+    assert journal.resync_tables("app") == ["items"]
 
 
 def test_a_replayed_set_local_role_does_not_take_pgleaps_own_write_with_it(env: Env) -> None:
@@ -666,6 +669,28 @@ def test_resume_with_skip_survives_a_connection_lost_while_paused(env: Env) -> N
     paused, resumed = asyncio.run(go())
     assert paused.paused is not None and paused.paused.position == 2
     assert resumed.paused is None and resumed.skipped_on_error == 1 and resumed.applied_position == 4
+
+
+def test_tables_whose_triggers_fire_again_on_the_target_are_flagged_for_resync(env: Env) -> None:
+    """A trigger recomputes on the target what the image carried: nothing in the tags shows it, so it is flagged."""
+    stamp = (
+        "CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN NEW.payload := jsonb_build_object('at', clock_timestamp()); RETURN NEW; END $$;"
+        "CREATE TRIGGER stamp BEFORE INSERT OR UPDATE ON events FOR EACH ROW EXECUTE PROCEDURE stamp()"
+    )
+    for server in (env.source, env.target):
+        server.psql(stamp, dbname=env.dbname)
+    snapshot = env.snapshot()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("insert into events (id) values (1)")
+        conn.execute("insert into items (id, worker, qty) values (1, 0, 1)")
+    env.drain()
+    journal = ApplyJournal()
+    status, _ = replay(env, snapshot, journal=journal)
+    assert status.applied == 2 and status.divergences == 0  # the tags agree
+    assert journal.resync_tables("app") == ["events"]  # items has no trigger
+    payload = "SELECT payload FROM events WHERE id = 1"
+    assert env.source.psql(payload, dbname=env.dbname) != env.target.psql(payload, dbname=env.dbname)
 
 
 def test_replay_refuses_a_target_database_created_again_under_it(env: Env) -> None:

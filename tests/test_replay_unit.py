@@ -234,3 +234,30 @@ def test_which_transactions_replay_outside_a_block(sql: str, txid: int | None, a
 
     tx = CapturedTransaction("app", txid, None, (), (CapturedStatement(sql),), 1)
     assert _refuses_block(LoggedTransaction(1, 1, LogState.COMMITTED, tx)) is alone
+
+
+def test_a_table_flagged_again_while_it_was_verified_stays_flagged() -> None:
+    """Re-sync clears a flag only through the position it read: a later write may be past the point it checked."""
+    journal = ApplyJournal()
+    journal.mark_resync("app", ("public.t", "public.u"), 5, "first")
+    flags = journal.resync_flags("app")
+    assert flags == {"public.t": 5, "public.u": 5}
+    journal.mark_resync("app", ("public.t",), 9, "again, during the verification")
+    journal.mark_resync("app", ("public.u",), 3, "an older position never lowers it")
+    for name, position in flags.items():
+        journal.clear_resync("app", name, through=position)
+    assert journal.resync_flags("app") == {"public.t": 9}
+    journal.clear_resync("app", "public.t")
+    assert journal.resync_tables("app") == []
+
+
+def test_triggered_tables_match_qualified_and_bare_names() -> None:
+    from pgleap.upgrade.replay.triggers import fired_on
+
+    triggered = frozenset({"public.orders", "audit.log"})
+    assert fired_on(("orders", "public.orders", "app.orders", "items", "log"), triggered) == (
+        "orders",
+        "public.orders",
+        "log",
+    )
+    assert fired_on(("orders",), frozenset()) == ()

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import IO, Any, Literal, cast
 
 from pgleap.errors import PgleapError
+from pgleap.store.checkpoint import BACKSTOP_PAGES, WalCheckpointer
 from pgleap.store.checkpoint import INTERVAL as CHECKPOINT_INTERVAL
-from pgleap.store.checkpoint import WalCheckpointer
 from pgleap.store.records import (
     CapturedTransaction,
     LoggedTransaction,
@@ -231,9 +231,9 @@ class ChangeLog(abc.ABC):
 
     @abc.abstractmethod
     def left_pending(self) -> list[tuple[int, CapturedTransaction]]:
-        """Records pending since before this log was opened (a crash left them), in prepare order.
+        """Records pending since before this log was opened (a crash left them) or whose settle failed.
 
-        Those prepared since belong to sessions of this process, whose COMMIT answers settle them.
+        Other pending records prepared since belong to sessions of this process, whose COMMIT answers settle them.
         """
 
     @abc.abstractmethod
@@ -487,8 +487,9 @@ class SQLiteChangeLog(ChangeLog):
             self._init_schema()
             self._reader = self._connect()
             self._load_counts()
-            # Pending now means pending at a crash: recovery's, not a live session's (see left_pending).
-            self._left_at_open = {int(log_id) for log_id, _ in self.pending()}
+            # Pending now means pending at a crash: recovery's, not a live session's (see left_pending). Records
+            # whose settle the disk refuses later join them: nothing else would settle those again.
+            self._for_recovery = {int(log_id) for log_id, _ in self.pending()}
             self._checkpointer = WalCheckpointer(self._connect, self.path.name, checkpoint_interval)
         except ChangeLogError:
             with contextlib.suppress(AttributeError):
@@ -545,7 +546,9 @@ class SQLiteChangeLog(ChangeLog):
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             db.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a committed transaction survives power loss
-            db.execute("PRAGMA wal_autocheckpoint=0")  # inside a COMMIT it stalled every held one: checkpoint.py
+            # SQLite's own checkpoint runs inside a COMMIT and stalled every held one (checkpoint.py does it off
+            # that path); kept only as a backstop, should that thread fail, so the WAL cannot grow without end.
+            db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
             if self.max_bytes is not None:
                 page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
                 db.execute(f"PRAGMA max_page_count={max(1, self.max_bytes // page_size)}")
@@ -565,9 +568,6 @@ class SQLiteChangeLog(ChangeLog):
                 f"SELECT {SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM schema_version); "
                 f"COMMIT;"
             )
-            for table, column, decl in _ADDED_COLUMNS:
-                if column not in {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})")}:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             found = int(self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0])
         except sqlite3.Error as exc:
             self._rollback()
@@ -577,6 +577,32 @@ class SQLiteChangeLog(ChangeLog):
                 f"the change log {self.path} has schema version {found}, written by a newer pgleap (this one "
                 f"reads up to {SCHEMA_VERSION}); run that pgleap version, or move the file aside and re-copy"
             )
+        try:
+            self._add_columns()
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise self._storage_error(exc, "update the schema of") from exc
+
+    def _add_columns(self) -> None:
+        missing = [
+            (table, column, decl)
+            for table, column, decl in _ADDED_COLUMNS
+            if column not in {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})")}
+        ]
+        if not missing:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        for table, column, decl in missing:
+            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        # An older pgleap's retention kept no account of what it deleted: a log short of positions 1..last has
+        # lost records nobody can place now, so replay must never pass over them (as if one had no txid).
+        self._db.execute(
+            "UPDATE log_head SET trimmed_unplaced = 1, trimmed_through = coalesce("
+            "(SELECT min(position) - 1 FROM change_log c WHERE c.database = log_head.database), last_position) "
+            "WHERE last_position > (SELECT count(*) FROM change_log c "
+            "WHERE c.database = log_head.database AND c.position IS NOT NULL)"
+        )
+        self._db.execute("COMMIT")
 
     def _load_counts(self) -> None:
         rows = self._read("SELECT state, count(*), coalesce(sum(size), 0) FROM change_log GROUP BY state")
@@ -783,8 +809,9 @@ class SQLiteChangeLog(ChangeLog):
         elif op.waiter is not None:
             op.waiter.done(result)
 
-    @staticmethod
-    def _fail_op(op: _Op, error: ChangeLogError) -> None:
+    def _fail_op(self, op: _Op, error: ChangeLogError) -> None:
+        if op.kind is _Kind.SETTLE and not isinstance(error, ChangeLogStateError):
+            self._for_recovery.add(op.log_id)  # still pending in the file: recovery's at the next START CAPTURE
         if op.waiter is not None:
             op.waiter.fail(error)
         elif isinstance(error, ChangeLogStateError):
@@ -935,10 +962,10 @@ class SQLiteChangeLog(ChangeLog):
         return [(int(log_id), decode_transaction(record)) for log_id, record in rows]
 
     def left_pending(self) -> list[tuple[int, CapturedTransaction]]:
-        """Records pending since before this log was opened (a crash left them), in prepare order."""
-        if not self._left_at_open:
+        """Records pending since before this log was opened (a crash left them) or whose settle failed."""
+        if not self._for_recovery:
             return []  # the common case, without reading every record pending now
-        return [(log_id, tx) for log_id, tx in self.pending() if log_id in self._left_at_open]
+        return [(log_id, tx) for log_id, tx in self.pending() if log_id in self._for_recovery]
 
     def unresolved(self) -> list[LoggedTransaction]:
         """Records whose outcome could not be determined, to report (I1)."""

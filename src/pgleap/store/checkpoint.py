@@ -19,6 +19,9 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+# SQLite's automatic checkpoint, left on at this many WAL pages (40 MB): the passes here keep the WAL far
+# below it, so it runs only if they stop working.
+BACKSTOP_PAGES = 10_000
 INTERVAL = 0.1  # seconds between background passes: 1 s let the WAL reach 36 MB at 2,600 records a second
 
 
@@ -46,7 +49,7 @@ class WalCheckpointer:
                     self._passive(self._db)  # what the writer appended during the first pass
                     self.background_passes += 1
                     self._due.set()
-            except sqlite3.Error as exc:
+            except Exception as exc:  # the thread must outlive any failure: the WAL would only grow
                 # The log stays correct (a WAL that is not copied just grows); say so once per failing spell.
                 if not self._warned:
                     log.warning("change log checkpoint failed (%s); the WAL grows until it succeeds", exc)
@@ -60,7 +63,7 @@ class WalCheckpointer:
             return
         try:
             self._passive(writer)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # never the writer's failure: its group is committed already
             log.warning("change log checkpoint failed in the writer (%s); the WAL grows until it succeeds", exc)
         else:
             self.writer_passes += 1

@@ -199,7 +199,11 @@ class StateStore:
         # A store written by an older pgleap lacks the columns added since; CREATE TABLE IF NOT EXISTS keeps it.
         columns = {str(r[1]) for r in self._db.execute("PRAGMA table_info(copy_run)")}
         if "target_oid" not in columns:
-            self._db.execute("ALTER TABLE copy_run ADD COLUMN target_oid INTEGER")
+            try:
+                self._db.execute("ALTER TABLE copy_run ADD COLUMN target_oid INTEGER")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process added it first
+                    raise
 
     def close(self) -> None:
         """Close the database file."""

@@ -154,6 +154,10 @@ class _Scan(Visitor):
     def visit_DeleteStmt(self, _ancestors: object, node: ast.DeleteStmt) -> None:
         self.writes.append(_relation_name(node.relation))
 
+    def visit_MergeStmt(self, _ancestors: object, node: ast.MergeStmt) -> None:
+        # Without its target, re-sync flags and the copy stitch (a table copied at its own snapshot) miss it.
+        self.writes.append(_relation_name(node.relation))
+
 
 def _relation_name(rangevar: ast.RangeVar | None) -> str:
     if rangevar is None:

@@ -73,6 +73,7 @@ class TransactionAssembler:
         self.settings: tuple[tuple[str, str], ...] = ()
         self.ended: list[Ended] = []  # not handed out yet, oldest first
         self.may_write = False  # a write was sent in the current transaction (the probe is needed)
+        self._appended_write = False  # a write is among `statements` (not only SET LOCAL)
         self.probed = False  # the probe answered after the last write was sent
         # Sampled reads of the open transaction (result comparison), each with the sample it came from.
         self.checks: list[tuple[CapturedCheck, object]] = []
@@ -168,6 +169,7 @@ class TransactionAssembler:
 
     def _append(self, pending: Pending, tag: str) -> None:
         info = pending.info
+        self._appended_write = self._appended_write or info.writes
         data = b"".join(pending.copy_data) if pending.copy_data else None
         image = pending.image
         # An image a suspended portal left incomplete is not used: the statement is replayed instead.
@@ -239,7 +241,9 @@ class TransactionAssembler:
         )
 
     def _end(self, committed: bool) -> None:
-        wrote = bool(self.statements or self.may_write)
+        # Not "any statement kept": a read-only transaction's SET LOCAL is kept for replay, but it writes nothing
+        # (logged, it was a record without a txid, applied twice if it came before S, for every such read).
+        wrote = self.may_write or self._appended_write
         tx = self.current() if wrote else None
         samples = tuple(s for _, s in self.checks) if tx is None or not committed else ()
         if wrote or samples or self.undone:
@@ -252,6 +256,7 @@ class TransactionAssembler:
         self.txid = None
         self.source_now = None
         self.may_write = False
+        self._appended_write = False
         self.probed = False
         self.checks = []
         self.undone = 0

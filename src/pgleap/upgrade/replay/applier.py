@@ -58,6 +58,7 @@ from pgleap.upgrade.replay.position import (
 )
 from pgleap.upgrade.replay.retention import LogRetention
 from pgleap.upgrade.replay.snapshot import Snapshot, Stitch, make_stitch
+from pgleap.upgrade.replay.triggers import fired_on, triggered_tables
 from pgleap.upgrade.replay.wire import Pipeline, Slot, TargetSession, is_copy_from_stdin
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class Replayer:
         self._session: TargetSession | None = None
         self._store_sql = ""
         self._target_facts: Facts = facts_for(PG90)  # learned at each connect
+        self._triggered: frozenset[str] = frozenset()  # tables with triggers on the target, read at each connect
         self._failures = 0
         self._skip_paused: ApplyError | None = None
         self._caught_up = False  # the last step applied everything the log held (less than a batch)
@@ -350,6 +352,7 @@ class Replayer:
             self._store_sql = store_position_sql(self._target_facts)
             await self._learn_majors(target_num)
             await self._check_same_database(session)  # before read_position writes into it
+            await self._learn_triggers(session)
             position = await read_position(session, self.database, self._target_facts)
             position = await self._pass_trimmed(session, position)
             self.position_known = True
@@ -366,6 +369,18 @@ class Replayer:
             )
         self._session = session
         self.position = position
+
+    async def _learn_triggers(self, session: TargetSession) -> None:
+        triggered = await triggered_tables(session)
+        if triggered and triggered != self._triggered:
+            log.warning(
+                "replay of %s: tables with triggers enabled on the target: %s; the triggers fire again as replay "
+                "writes, and what they compute may differ from the source's, so each table replay writes is "
+                "flagged for re-sync (verification repairs it)",
+                self.database,
+                ", ".join(sorted(triggered)),
+            )
+        self._triggered = triggered
 
     async def _check_same_database(self, session: TargetSession) -> None:
         oid = await database_oid(session)
@@ -394,17 +409,23 @@ class Replayer:
         xmin = min(snap.xmin for snap in (self.stitch.default, *self.stitch.tables.values()))
         if trimmed.unplaced or trimmed.max_txid is None or trimmed.max_txid >= xmin:
             return position  # _step stops replay: the deleted records may not be in the copy
-        await move_position(session, self.database, position, trimmed.through)
+        # Retention deletes by age as well as position, so records may remain below `through` (one positioned
+        # late, after a crash): only the run deleted in front of the first record still here is passed over.
+        present = self.changelog.read_committed(self.database, position, 1)
+        through = min(trimmed.through, present[0].position - 1) if present and present[0].position else trimmed.through
+        if through <= position:
+            return position
+        await move_position(session, self.database, position, through)
         log.info(
             "replay of %s: positions %d to %d were deleted from the change log, and all of them (txids up to %d) "
             "are in the copy at %s; replay starts after them",
             self.database,
             position + 1,
-            trimmed.through,
+            through,
             trimmed.max_txid,
             self.stitch.default,
         )
-        return trimmed.through
+        return through
 
     def _drop_connection(self) -> None:
         if self._session is not None:
@@ -708,6 +729,9 @@ class Replayer:
                 self._plan_checks(pipeline, planned, index)
             if index in copied or (skip_ddl and changes_schema(statement)):
                 continue
+            if self._triggered:
+                # When planned, not once committed: a crash right after the target's COMMIT must not lose it.
+                self._flag_triggered(record, statement.sql)
             if statement.images is not None:
                 # The rows the source wrote, not the statement: keys and defaults as they were there (I3).
                 for sql, values in image_statements(decode_image(statement.images)):
@@ -779,6 +803,13 @@ class Replayer:
             )
             snapshot = self.snapshot
         return snapshot.visible(txid)
+
+    def _flag_triggered(self, record: LoggedTransaction, sql: str) -> None:
+        tables = fired_on(touched_relations(sql), self._triggered)
+        if tables:
+            assert record.position is not None
+            reason = f"position {record.position} wrote it, and its triggers fired again on the target"
+            self.journal.mark_resync(self.database, tables, record.position, reason)
 
     def _flag_unplaceable(self, record: LoggedTransaction) -> None:
         """A record without a txid captured while the copy ran: applied, and its tables flagged for re-sync.

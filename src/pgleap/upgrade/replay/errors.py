@@ -93,3 +93,7 @@ class TransientApplyError(ReplayError):
 
 class TargetRefusedError(ReplayError):
     """The target answered one of pgleap's own statements with an error that is not transient."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate  # the target's, when it answered with an ErrorResponse

@@ -92,10 +92,11 @@ class ApplyJournal:
             )
 
     def mark_resync(self, database: str, tables: tuple[str, ...], position: int, reason: str) -> None:
-        """Flag tables for re-sync (the first reason is kept)."""
+        """Flag tables for re-sync: the first reason is kept, and the latest position that flagged them."""
         with self._lock:
             self._db.executemany(
-                "INSERT OR IGNORE INTO resync_table VALUES (?, ?, ?, ?)",
+                "INSERT INTO resync_table VALUES (?, ?, ?, ?) ON CONFLICT (database, table_name) "
+                "DO UPDATE SET position = max(position, excluded.position)",
                 [(database, t, position, reason) for t in tables],
             )
 
@@ -128,14 +129,21 @@ class ApplyJournal:
         ).fetchall()
         return [Divergence(*r) for r in rows]
 
-    def clear_resync(self, database: str, table: str) -> None:
-        """The table was re-synced and verified equal: no longer flagged."""
+    def clear_resync(self, database: str, table: str, through: int | None = None) -> None:
+        """The table was re-synced and verified equal: no longer flagged, unless flagged after `through` since."""
         with self._lock:
-            self._db.execute("DELETE FROM resync_table WHERE database = ? AND table_name = ?", (database, table))
+            self._db.execute(
+                "DELETE FROM resync_table WHERE database = ? AND table_name = ? AND (? IS NULL OR position <= ?)",
+                (database, table, through, through),
+            )
 
     def resync_tables(self, database: str) -> list[str]:
         """Tables of `database` flagged for re-sync, by name."""
+        return list(self.resync_flags(database))
+
+    def resync_flags(self, database: str) -> dict[str, int]:
+        """Tables of `database` flagged for re-sync, with the latest position that flagged each."""
         rows = self._db.execute(
-            "SELECT table_name FROM resync_table WHERE database = ? ORDER BY table_name", (database,)
+            "SELECT table_name, position FROM resync_table WHERE database = ? ORDER BY table_name", (database,)
         ).fetchall()
-        return [r[0] for r in rows]
+        return {str(name): int(position) for name, position in rows}

@@ -13,6 +13,7 @@ back and replay reads the position again.
 from __future__ import annotations
 
 from pgleap.upgrade.compat.facts import Facts
+from pgleap.upgrade.replay.errors import TargetRefusedError, TransientApplyError
 from pgleap.upgrade.replay.wire import TargetSession
 
 # A DO block rather than CREATE SCHEMA IF NOT EXISTS (9.3+), so the same statement also prepares a 9.x
@@ -91,10 +92,16 @@ async def read_position(session: TargetSession, database: str, facts: Facts) -> 
 async def move_position(session: TargetSession, database: str, expected: int, new: int) -> None:
     """Set the applied position of `database` from `expected` to `new`, guarded like every batch."""
     name = _literal(database)
-    await session.query(
-        f"SELECT pgleap.expect_position({name}, {int(expected)}); "
-        f"UPDATE pgleap.applied SET position = {int(new)}, applied_at = now() WHERE database = {name}"
-    )
+    try:
+        await session.query(
+            f"SELECT pgleap.expect_position({name}, {int(expected)}); "
+            f"UPDATE pgleap.applied SET position = {int(new)}, applied_at = now() WHERE database = {name}"
+        )
+    except TargetRefusedError as exc:
+        if exc.sqlstate == POSITION_MOVED:
+            # A cut-off connection's COMMIT landed after the position was read: read it again, as a batch does.
+            raise TransientApplyError(f"the applied position of {database!r} moved: {exc}") from exc
+        raise
 
 
 async def database_oid(session: TargetSession) -> int:

@@ -260,7 +260,7 @@ class TargetSession:
         except (OSError, asyncio.IncompleteReadError, ConnectionError, ProtocolError) as exc:
             raise TransientApplyError(f"connection to the target lost: {_lost(exc)}") from exc
         if error is not None:
-            raise TargetRefusedError(f"the target refused pgleap's statement {sql!r}: {error}")
+            raise TargetRefusedError(f"the target refused pgleap's statement {sql!r}: {error}", error.sqlstate)
         return rows, tag
 
     async def copy_in_stream(self, sql: str, data: AsyncIterator[bytes]) -> str:

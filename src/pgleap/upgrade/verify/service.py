@@ -100,7 +100,7 @@ class VerifyService:
     async def resync_flagged(self, database: str, journal: ApplyJournal) -> list[TableReport]:
         """Verify and repair the tables replay flagged for re-sync (a skipped transaction); unflag the clean ones."""
         reports = []
-        for name in journal.resync_tables(database):
+        for name, flagged_at in journal.resync_flags(database).items():
             try:
                 (report,) = await self.verify(database, [name], repair=True)
             except PgleapError as exc:
@@ -108,7 +108,8 @@ class VerifyService:
                 continue
             reports.append(report)
             if report.clean:
-                journal.clear_resync(database, name)
+                # Flagged again while it was verified (a later position): that write may be after the point checked.
+                journal.clear_resync(database, name, through=flagged_at)
         return reports
 
     async def watch_flagged(self, databases: Callable[[], list[str]], journal: ApplyJournal) -> None:
