@@ -170,6 +170,12 @@ def test_a_read_only_transaction_with_set_local_logs_nothing() -> None:
     ended = a.take_ended()
     assert [e.transaction for e in ended if e.transaction is not None] == []
     assert all(e.read_only for e in ended)
+    # FOR UPDATE gives it a txid, which the probe sees: still nothing to log, nothing to hold the COMMIT for.
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "set local lock_timeout = '1s'", ["SET"], T)
+    run(a, "select * from t for update", ["SELECT 3"], T)
+    a.probe(777, "2024-05-01 12:00:00+00", ())
+    assert a.current() is None and not a.has_writes
 
 
 def test_commit_and_chain_keeps_the_next_transaction_explicit() -> None:

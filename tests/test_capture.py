@@ -494,6 +494,26 @@ def test_an_explicit_simple_transaction_runs_the_probe_once(
     assert len(statements) == 2 and probes == [txid]
 
 
+def test_a_read_only_transaction_with_set_local_and_a_txid_logs_nothing_and_leaves_nothing_pending(
+    capturing: tuple[ProxyThread, Capture],
+) -> None:
+    """SELECT ... FOR UPDATE gets a txid but writes nothing: no record, and the next write is logged as usual."""
+    proxy, capture = capturing
+    with psycopg.connect(proxy.dsn()) as conn:
+        conn.execute("insert into cap values (1, 0, 'a')")
+        conn.commit()
+        conn.execute("set local lock_timeout = '1s'")
+        conn.execute("select * from cap for update")
+        conn.commit()
+        conn.execute("insert into cap values (2, 0, 'b')")
+        conn.commit()
+    assert [statements for _, statements in logged(proxy, capture)] == [
+        ["insert into cap values (1, 0, 'a')"],
+        ["insert into cap values (2, 0, 'b')"],
+    ]
+    assert capture.changelog.pending() == []  # drained above: every settle is written
+
+
 def test_writes_inside_an_explicit_extended_transaction_are_not_held_at_their_sync(
     capturing: tuple[ProxyThread, Capture], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,6 +70,29 @@ def test_statement_texts_and_relations_in_multi_statement_strings() -> None:
     assert [i.relations for i in infos] == [(), ("app.accounts",), ("t",), ()]
 
 
+@pytest.mark.parametrize(
+    ("sql", "unrepeatable"),
+    [
+        ("update t set a = a + 1 where id = 7", False),
+        ("update t set ts = now(), d = current_date where id = 7", False),  # pinned at replay
+        ("delete from t where id in (select id from t order by id limit 5)", False),
+        ("delete from t where id in (select id from t limit all)", False),
+        ("update t set a = random() where id = 1", True),
+        ("update t set u = gen_random_uuid(), c = clock_timestamp()", True),
+        ("update t set changed_by = current_user where id = 1", True),
+        ("delete from q where ctid in (select ctid from q limit 100)", True),
+        ("delete from t where id in (select id from t limit 5)", True),
+        ("update jobs set s = 1 where id = (select id from jobs order by id limit 1 for update skip locked)", True),
+        ("delete from t where id in (select id from t tablesample system (1))", True),
+        ("with d as (delete from t where id in (select id from t limit 3) returning *) select * from d", True),
+    ],
+)
+def test_writes_replay_cannot_repeat_exactly(sql: str, unrepeatable: bool) -> None:
+    """Replay flags their tables for re-sync: run again on the target they may write other values or rows."""
+    (info,) = classify(sql)
+    assert info.writes and info.unrepeatable is unrepeatable
+
+
 def test_merge_names_its_target() -> None:
     """Re-sync flags and the copy stitch (a table copied at its own snapshot) go by the relations written."""
     (info,) = classify("merge into app.t using s on t.id = s.id when not matched then insert values (s.id)")

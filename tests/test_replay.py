@@ -139,6 +139,14 @@ def assert_equal(env: Env) -> None:
     assert not problems, "\n".join(problems)
 
 
+def write_through_proxy(env: Env, *statements: str) -> None:
+    """Each statement in its own autocommit transaction through the capturing proxy, then the log drained."""
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        for sql in statements:
+            conn.execute(sql)  # type: ignore[arg-type]
+    env.drain()
+
+
 def replay(env: Env, snapshot: str, **options: object) -> tuple[ReplayStatus, Replayer]:
     """Run a Replayer until caught up (or paused); its connection is closed afterwards."""
 
@@ -609,11 +617,12 @@ def test_a_target_copied_again_after_trimming_starts_past_the_deleted_records_it
 def test_statements_that_refuse_a_transaction_block_replay_on_their_own(env: Env) -> None:
     """CREATE INDEX CONCURRENTLY (and the like) runs on the target outside any transaction, between batches."""
     snapshot = env.snapshot()
-    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
-        conn.execute("insert into items (id, worker, qty) values (1, 0, 1)")
-        conn.execute("create index concurrently items_qty on items (qty)")
-        conn.execute("insert into items (id, worker, qty) values (2, 0, 2)")
-    env.drain()
+    write_through_proxy(
+        env,
+        "insert into items (id, worker, qty) values (1, 0, 1)",
+        "create index concurrently items_qty on items (qty)",
+        "insert into items (id, worker, qty) values (2, 0, 2)",
+    )
     status, _ = replay(env, snapshot, batch_size=10)
     assert status.paused is None and status.applied_position == 3 and status.applied == 3
     assert status.divergences == 0
@@ -681,16 +690,30 @@ def test_tables_whose_triggers_fire_again_on_the_target_are_flagged_for_resync(e
     for server in (env.source, env.target):
         server.psql(stamp, dbname=env.dbname)
     snapshot = env.snapshot()
-    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
-        conn.execute("insert into events (id) values (1)")
-        conn.execute("insert into items (id, worker, qty) values (1, 0, 1)")
-    env.drain()
+    write_through_proxy(
+        env, "insert into events (id) values (1)", "insert into items (id, worker, qty) values (1, 0, 1)"
+    )
     journal = ApplyJournal()
     status, _ = replay(env, snapshot, journal=journal)
     assert status.applied == 2 and status.divergences == 0  # the tags agree
     assert journal.resync_tables("app") == ["events"]  # items has no trigger
     payload = "SELECT payload FROM events WHERE id = 1"
     assert env.source.psql(payload, dbname=env.dbname) != env.target.psql(payload, dbname=env.dbname)
+
+
+def test_statements_the_target_may_compute_otherwise_flag_their_tables(env: Env) -> None:
+    """random() in an UPDATE replays to another value with the same tag: its table is flagged, others not."""
+    snapshot = env.snapshot()
+    write_through_proxy(
+        env,
+        "insert into items (id, worker, qty) values (1, 0, 1)",
+        "update items set qty = 1 + (random() * 1000000)::int where id = 1",
+        "update counter set n = n + 1 where id = 1",
+    )
+    journal = ApplyJournal()
+    status, _ = replay(env, snapshot, journal=journal)
+    assert status.applied == 3 and status.divergences == 0
+    assert journal.resync_tables("app") == ["items"]
 
 
 def test_replay_refuses_a_target_database_created_again_under_it(env: Env) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from pgleap.upgrade.copy.model import Column, Table
 from pgleap.upgrade.verify import checksums as sql
 from pgleap.upgrade.verify.checksums import KeyRange
@@ -83,3 +87,32 @@ def test_row_differences_name_each_kind() -> None:
         RowDifference(("3",), "different"),
         RowDifference(("4",), "extra_on_target"),
     ]
+
+
+def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Triggers or SKIP LOCKED flag a busy table at every batch: each verification scans it whole."""
+    from types import SimpleNamespace
+
+    from pgleap.upgrade.replay import ApplyJournal
+    from pgleap.upgrade.verify import service as verify_service
+
+    service = verify_service.VerifyService(lambda _: None, lambda _: None)
+    journal = ApplyJournal()
+    clock = [100.0]
+    monkeypatch.setattr(verify_service.time, "monotonic", lambda: clock[0])
+    runs: list[float] = []
+
+    async def verify(database: str, names: list[str], repair: bool) -> list[object]:
+        runs.append(clock[0])
+        clock[0] += 2.0  # a two-second scan
+        return [SimpleNamespace(clean=True)]
+
+    monkeypatch.setattr(service, "verify", verify)
+    for position in range(1, 40):
+        journal.mark_resync("app", ("public.jobs",), position, "flagged again")
+        asyncio.run(service.resync_flagged("app", journal))
+        clock[0] += 1.0
+    # Each scan of 2 s is followed by 18 s of rest: 90% of the time neither server scans it.
+    assert runs[:3] == [100.0, 120.0, 140.0]

@@ -64,7 +64,9 @@ class WalCheckpointer:
         try:
             self._passive(writer)
         except Exception as exc:  # never the writer's failure: its group is committed already
-            log.warning("change log checkpoint failed in the writer (%s); the WAL grows until it succeeds", exc)
+            if not self._warned:
+                log.warning("change log checkpoint failed in the writer (%s); the WAL grows until it succeeds", exc)
+                self._warned = True
         else:
             self.writer_passes += 1
         finally:

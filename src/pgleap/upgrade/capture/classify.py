@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from pglast import ast, parse_sql
-from pglast.enums import GrantTargetType, ObjectType, TransactionStmtKind
+from pglast.enums import GrantTargetType, LockWaitPolicy, ObjectType, SQLValueFunctionOp, TransactionStmtKind
 from pglast.parser import ParseError
 from pglast.visitors import Visitor
 
@@ -58,6 +58,9 @@ class StatementInfo:
     # Table names (unqualified) whose columns, rules or privileges this statement may change; None: any table.
     reshapes: tuple[str, ...] | None = ()
     chain: bool = False  # COMMIT/ROLLBACK AND CHAIN: a new explicit transaction begins at once
+    # A write that, run again on the target, may change other values or other rows than on the source
+    # (volatile functions, the session's user, rows picked by LIMIT without ORDER BY, ctid, SKIP LOCKED...).
+    unrepeatable: bool = False
 
     def with_text(self, text: str, start: int) -> StatementInfo:
         """The same classification for another text of the same template (its literals differ)."""
@@ -134,16 +137,56 @@ _TRANSACTION_KINDS = {
 }
 
 
+# Values a statement computes that the target computes otherwise (now() and friends are pinned instead).
+UNREPEATABLE_FUNCTIONS = frozenset(
+    """
+    random clock_timestamp timeofday statement_timestamp gen_random_uuid uuid_generate_v1 uuid_generate_v1mc
+    uuid_generate_v4 uuidv4 uuidv7 nextval currval lastval txid_current pg_current_xact_id pg_backend_pid
+    inet_client_addr inet_client_port inet_server_addr pg_postmaster_start_time
+    """.split()
+)
+_USER_VALUES = frozenset(
+    {
+        SQLValueFunctionOp.SVFOP_CURRENT_ROLE,
+        SQLValueFunctionOp.SVFOP_CURRENT_USER,
+        SQLValueFunctionOp.SVFOP_USER,
+        SQLValueFunctionOp.SVFOP_SESSION_USER,
+    }
+)
+
+
 class _Scan(Visitor):
     """Collects what a statement tree contains that matters for capture."""
 
     def __init__(self) -> None:
         self.functions: list[str] = []
         self.writes: list[str] = []
+        self.unrepeatable = False
 
     def visit_FuncCall(self, _ancestors: object, node: ast.FuncCall) -> None:
         if node.funcname:
-            self.functions.append(node.funcname[-1].sval.lower())
+            name = node.funcname[-1].sval.lower()
+            self.functions.append(name)
+            self.unrepeatable = self.unrepeatable or name in UNREPEATABLE_FUNCTIONS
+
+    def visit_SQLValueFunction(self, _ancestors: object, node: ast.SQLValueFunction) -> None:
+        if node.op in _USER_VALUES:  # replay logs in as its own role
+            self.unrepeatable = True
+
+    def visit_SelectStmt(self, _ancestors: object, node: ast.SelectStmt) -> None:
+        limit = node.limitCount
+        if limit is not None and not _is_null(limit) and not node.sortClause:  # which rows is the server's choice
+            self.unrepeatable = True
+        if any(c.waitPolicy == LockWaitPolicy.LockWaitSkip for c in node.lockingClause or ()):
+            self.unrepeatable = True  # SKIP LOCKED: which rows depends on what others held then
+
+    def visit_RangeTableSample(self, _ancestors: object, node: ast.RangeTableSample) -> None:
+        self.unrepeatable = True
+
+    def visit_ColumnRef(self, _ancestors: object, node: ast.ColumnRef) -> None:
+        last = node.fields[-1] if node.fields else None
+        if isinstance(last, ast.String) and last.sval == "ctid":  # a copy lays rows out anew
+            self.unrepeatable = True
 
     def visit_InsertStmt(self, _ancestors: object, node: ast.InsertStmt) -> None:
         self.writes.append(_relation_name(node.relation))
@@ -157,6 +200,11 @@ class _Scan(Visitor):
     def visit_MergeStmt(self, _ancestors: object, node: ast.MergeStmt) -> None:
         # Without its target, re-sync flags and the copy stitch (a table copied at its own snapshot) miss it.
         self.writes.append(_relation_name(node.relation))
+
+
+def _is_null(node: ast.Node) -> bool:
+    """LIMIT ALL (and LIMIT NULL): no limit at all."""
+    return isinstance(node, ast.A_Const) and bool(node.isnull)
 
 
 def _relation_name(rangevar: ast.RangeVar | None) -> str:
@@ -177,7 +225,10 @@ def _classify_node(node: ast.Node, text: str) -> StatementInfo:
         kind = _TRANSACTION_KINDS[TransactionStmtKind(node.kind or 0)]
         return StatementInfo(kind, command, text, savepoint=node.savepoint_name, chain=bool(node.chain))
     if isinstance(node, _WRITE_NODES):
-        return StatementInfo(Kind.WRITE, command, text, tuple(dict.fromkeys(_scan(node).writes)))
+        scan = _scan(node)
+        return StatementInfo(
+            Kind.WRITE, command, text, tuple(dict.fromkeys(scan.writes)), unrepeatable=scan.unrepeatable
+        )
     if isinstance(node, ast.CopyStmt):
         if node.is_from:
             return StatementInfo(Kind.WRITE, command, text, (_relation_name(node.relation),))
@@ -277,7 +328,9 @@ def _classify_select(node: ast.SelectStmt, command: str, text: str) -> Statement
         return _ddl(node, command, text)
     scan = _scan(node)
     if scan.writes:  # a writable CTE
-        return StatementInfo(Kind.WRITE, command, text, tuple(dict.fromkeys(scan.writes)))
+        return StatementInfo(
+            Kind.WRITE, command, text, tuple(dict.fromkeys(scan.writes)), unrepeatable=scan.unrepeatable
+        )
     if any(f not in READ_ONLY_FUNCTIONS for f in scan.functions):
         return StatementInfo(Kind.MAYBE_WRITE, command, text)
     return StatementInfo(Kind.READ, command, text)

@@ -781,7 +781,7 @@ class CapturingForwarder(Forwarder):
     def _may_have_written(self) -> bool:
         """Seen from the sending side: the open transaction may have written, and has not failed."""
         a = self.assembler
-        return (a.may_write or a.statements or self._batch_writes) and self.tx_status != _FAILED and not a.failed
+        return (a.has_writes or self._batch_writes) and self.tx_status != _FAILED and not a.failed
 
     def _probe_allowed(self) -> bool:
         """The probe may only run in a transaction that has not failed."""

@@ -225,9 +225,14 @@ class TransactionAssembler:
                 return statements
         return None
 
+    @property
+    def has_writes(self) -> bool:
+        """A write was sent or kept in the open transaction: a SET LOCAL kept for replay is not one."""
+        return self.may_write or self._appended_write
+
     def current(self) -> CapturedTransaction | None:
         """The open transaction as it stands (what the change log holds before its COMMIT is forwarded)."""
-        if not self.statements or self.wrote_nothing:
+        if not self.statements or not self.has_writes or self.wrote_nothing:
             return None
         return CapturedTransaction(
             database=self.database,
@@ -243,7 +248,7 @@ class TransactionAssembler:
     def _end(self, committed: bool) -> None:
         # Not "any statement kept": a read-only transaction's SET LOCAL is kept for replay, but it writes nothing
         # (logged, it was a record without a txid, applied twice if it came before S, for every such read).
-        wrote = self.may_write or self._appended_write
+        wrote = self.has_writes
         tx = self.current() if wrote else None
         samples = tuple(s for _, s in self.checks) if tx is None or not committed else ()
         if wrote or samples or self.undone:

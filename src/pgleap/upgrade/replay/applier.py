@@ -197,6 +197,7 @@ class Replayer:
         self._store_sql = ""
         self._target_facts: Facts = facts_for(PG90)  # learned at each connect
         self._triggered: frozenset[str] = frozenset()  # tables with triggers on the target, read at each connect
+        self._flags: dict[str, tuple[int, str]] = {}  # re-sync flags of the batch being planned
         self._failures = 0
         self._skip_paused: ApplyError | None = None
         self._caught_up = False  # the last step applied everything the log held (less than a batch)
@@ -455,9 +456,9 @@ class Replayer:
                 f"the change log of {self.database!r} continues at position {records[0].position} "
                 f"but the target has applied {self.position}: records were removed before they were "
                 f"applied (retention deleted through {trimmed.through}, txids up to {trimmed.max_txid}, "
-                f"{trimmed.unplaced} without a txid), and the copy snapshot {self.stitch.default} does not "
-                f"hold them all; copy the target again: its new snapshot holds them, unless a transaction open on "
-                f"the source since before them holds its xmin back"
+                f"{trimmed.unplaced} without a txid or not counted), and the copy snapshot "
+                f"{self.stitch.default} does not hold them all; copy the target again: its new snapshot "
+                f"holds them, unless a transaction open on the source since before them holds its xmin back"
             )
         skip = self._skip_paused
         if skip is not None:
@@ -509,6 +510,7 @@ class Replayer:
         guard = self._guard(before)
         seen_plans = [self._plan(before, record, False) for record in seen]
         before.sync()
+        self._write_flags()
         status = await session.run(before)
         failure = _first_failure(begin, seen_plans, None, None) or (
             _Failure(guard.error, None, _SETTINGS_INDEX, guard.label) if guard.error is not None else None
@@ -533,6 +535,7 @@ class Replayer:
         unseen_plans = [self._plan(after, record, False) for record in unseen]
         commit = after.extended("COMMIT")
         after.sync()
+        self._write_flags()
         status = await session.run(after)
         failure = _first_failure(None, unseen_plans, position, commit)
         if failure is not None or status != b"I":
@@ -646,6 +649,7 @@ class Replayer:
         plans = [self._plan(pipeline, record, skip_all) for record in records]
         commit = pipeline.extended("COMMIT")
         pipeline.sync()
+        self._write_flags()
         status = await self._session.run(pipeline)
         failure = _first_failure(begin, plans, position, commit)
         if (failure is not None or guard.error is not None) and status != b"I":
@@ -730,13 +734,13 @@ class Replayer:
             if index in copied or (skip_ddl and changes_schema(statement)):
                 continue
             if self._triggered:
-                # When planned, not once committed: a crash right after the target's COMMIT must not lose it.
                 self._flag_triggered(record, statement.sql)
             if statement.images is not None:
                 # The rows the source wrote, not the statement: keys and defaults as they were there (I3).
                 for sql, values in image_statements(decode_image(statement.images)):
                     planned.slots.append((index, sql, pipeline.extended(sql, values, label=statement.sql)))
                 continue
+            self._flag_unrepeatable(record, statement.sql)
             sql = self.adapted(pin_time(statement.sql, tx.source_now) if tx.source_now else statement.sql)
             if statement.copy_data is not None or is_copy_from_stdin(sql):
                 slot = pipeline.copy_in(sql, statement.copy_data)
@@ -795,21 +799,37 @@ class Replayer:
         if snapshot is None:
             # One statement writing tables copied at different snapshots cannot be stitched exactly.
             assert record.position is not None
-            self.journal.mark_resync(
-                self.database,
-                relations,
-                record.position,
-                f"statement {index} of txid {txid} writes tables copied at different snapshots",
-            )
+            reason = f"statement {index} of txid {txid} writes tables copied at different snapshots"
+            self._flag(relations, record.position, reason)
             snapshot = self.snapshot
         return snapshot.visible(txid)
+
+    def _flag(self, tables: tuple[str, ...], position: int, reason: str) -> None:
+        """Flag `tables` for re-sync when the planned batch is sent (one journal write per batch)."""
+        for table in tables:
+            flagged = self._flags.get(table)
+            self._flags[table] = (position, reason) if flagged is None else (max(position, flagged[0]), flagged[1])
+
+    def _write_flags(self) -> None:
+        # Before the target sees the batch: a crash after its COMMIT must not lose them (more is harmless).
+        if self._flags:
+            flags, self._flags = self._flags, {}
+            self.journal.mark_resync_all(self.database, flags)
 
     def _flag_triggered(self, record: LoggedTransaction, sql: str) -> None:
         tables = fired_on(touched_relations(sql), self._triggered)
         if tables:
             assert record.position is not None
-            reason = f"position {record.position} wrote it, and its triggers fired again on the target"
-            self.journal.mark_resync(self.database, tables, record.position, reason)
+            self._flag(tables, record.position, f"position {record.position} wrote it, and its triggers fired again")
+
+    def _flag_unrepeatable(self, record: LoggedTransaction, sql: str) -> None:
+        # Run again here it may write other values or rows, with the same tag: flagged, as for triggers.
+        infos = classify(sql)
+        if any(info.unrepeatable for info in infos):
+            assert record.position is not None
+            tables = tuple(dict.fromkeys(r for info in infos for r in info.relations if r))
+            reason = f"position {record.position} ran a statement the target may compute otherwise ({sql[:80]!r})"
+            self._flag(tables, record.position, reason)
 
     def _flag_unplaceable(self, record: LoggedTransaction) -> None:
         """A record without a txid captured while the copy ran: applied, and its tables flagged for re-sync.
@@ -822,7 +842,7 @@ class Replayer:
         assert record.position is not None
         tables = touched_tables(record)
         reason = f"position {record.position} has no txid and was captured while the copy ran: it may be applied twice"
-        self.journal.mark_resync(self.database, tables, record.position, reason)
+        self._flag(tables, record.position, reason)
         if not tables:
             log.warning("replay of %s: %s, and names no table; verify every table", self.database, reason)
 

@@ -93,12 +93,22 @@ class ApplyJournal:
 
     def mark_resync(self, database: str, tables: tuple[str, ...], position: int, reason: str) -> None:
         """Flag tables for re-sync: the first reason is kept, and the latest position that flagged them."""
+        self.mark_resync_all(database, {t: (position, reason) for t in tables})
+
+    def mark_resync_all(self, database: str, flags: dict[str, tuple[int, str]]) -> None:
+        """Flag each table with its (position, reason), as mark_resync does, in one durable write."""
         with self._lock:
-            self._db.executemany(
-                "INSERT INTO resync_table VALUES (?, ?, ?, ?) ON CONFLICT (database, table_name) "
-                "DO UPDATE SET position = max(position, excluded.position)",
-                [(database, t, position, reason) for t in tables],
-            )
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO resync_table VALUES (?, ?, ?, ?) ON CONFLICT (database, table_name) "
+                    "DO UPDATE SET position = max(position, excluded.position)",
+                    [(database, table, position, reason) for table, (position, reason) in flags.items()],
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def errors(self, database: str) -> list[ApplyError]:
         """Every recorded apply error of `database`, in log order."""

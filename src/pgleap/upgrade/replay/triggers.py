@@ -10,6 +10,8 @@ never silently different).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from pgleap.upgrade.replay.wire import TargetSession
 
 # Enabled for an ordinary session ('O' origin, 'A' always; replay's session_replication_role is origin);
@@ -30,6 +32,11 @@ def fired_on(relations: tuple[str, ...], triggered: frozenset[str]) -> tuple[str
     """Those of `relations` (as written: qualified or not) that may be tables in `triggered`."""
     if not triggered:
         return ()
-    bare = {name.rsplit(".", 1)[-1] for name in triggered}
+    bare = _bare_names(triggered)
     # An unqualified name is matched by table name: the session's search_path is not known here.
     return tuple(r for r in relations if r in triggered or ("." not in r and r in bare))
+
+
+@lru_cache(maxsize=4)
+def _bare_names(triggered: frozenset[str]) -> frozenset[str]:
+    return frozenset(name.rsplit(".", 1)[-1] for name in triggered)

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 _HISTORY = 200  # table reports kept for SHOW UPGRADE STATUS / ERRORS
 FLAGGED_INTERVAL = 10.0  # seconds between looks for tables replay flagged for re-sync
+# A table flagged again and again (triggers, a job queue's SKIP LOCKED) is verified whole each time: at most
+# this share of the time, so a big busy table does not keep both servers scanning it.
+FLAGGED_DUTY = 0.1
 
 
 class VerifyError(PgleapError):
@@ -68,6 +71,7 @@ class VerifyService:
         self.replayer_of = replayer_of
         self.reports: list[TableReport] = []
         self._stop_watching = asyncio.Event()
+        self._resync_due: dict[tuple[str, str], float] = {}  # (database, table) -> when it may be verified again
 
     def last_reports(self) -> dict[tuple[str, str], TableReport]:
         """The latest report per (database, table)."""
@@ -101,11 +105,17 @@ class VerifyService:
         """Verify and repair the tables replay flagged for re-sync (a skipped transaction); unflag the clean ones."""
         reports = []
         for name, flagged_at in journal.resync_flags(database).items():
+            if time.monotonic() < self._resync_due.get((database, name), 0.0):
+                continue  # verified a moment ago; it stays flagged until its turn
+            started = time.monotonic()
             try:
                 (report,) = await self.verify(database, [name], repair=True)
             except PgleapError as exc:
                 log.error("re-sync of flagged table %s.%s failed: %s; it stays flagged", database, name, exc)
                 continue
+            finally:
+                spent = time.monotonic() - started
+                self._resync_due[(database, name)] = time.monotonic() + spent * (1 / FLAGGED_DUTY - 1)
             reports.append(report)
             if report.clean:
                 # Flagged again while it was verified (a later position): that write may be after the point checked.
