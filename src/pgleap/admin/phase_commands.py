@@ -117,6 +117,7 @@ async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
         record = store.phase(name) if store is not None else None
         blocked = describe(shut(status.gates)) if status else None
         replay = proxy.replay.report(name) if proxy.replay is not None else None
+        lag = replay.lag if replay is not None and replay.lag.position_known else None  # unknown before it connects
         mine = [r for (db, _), r in reports.items() if db == name]
         database = proxy.databases[name]
         rows.append(
@@ -134,8 +135,8 @@ async def show_upgrade_status(proxy: Proxy, _session: Session) -> Result:
                 database.capture is not None,
                 bool(replay and replay.running),
                 replay.status.applied_position if replay else None,
-                replay.lag.transactions if replay and replay.lag.position_known else None,
-                round(replay.lag.seconds, 3) if replay and replay.lag.position_known else None,
+                lag.transactions if lag else None,
+                round(lag.seconds, 3) if lag else None,
                 replay.apply_errors if replay else None,
                 getattr(metrics, "total", None),
                 getattr(metrics, "matching", None),

@@ -50,10 +50,7 @@ class WalCheckpointer:
                     self.background_passes += 1
                     self._due.set()
             except Exception as exc:  # the thread must outlive any failure: the WAL would only grow
-                # The log stays correct (a WAL that is not copied just grows); say so once per failing spell.
-                if not self._warned:
-                    log.warning("change log checkpoint failed (%s); the WAL grows until it succeeds", exc)
-                    self._warned = True
+                self._failed("", exc)
             else:
                 self._warned = False
 
@@ -64,13 +61,17 @@ class WalCheckpointer:
         try:
             self._passive(writer)
         except Exception as exc:  # never the writer's failure: its group is committed already
-            if not self._warned:
-                log.warning("change log checkpoint failed in the writer (%s); the WAL grows until it succeeds", exc)
-                self._warned = True
+            self._failed(" in the writer", exc)
         else:
             self.writer_passes += 1
         finally:
             self._due.clear()  # only now: the thread's next pass must not run beside this one
+
+    def _failed(self, where: str, exc: Exception) -> None:
+        # The log stays correct (a WAL that is not copied just grows): said once per failing spell.
+        if not self._warned:
+            log.warning("change log checkpoint failed%s (%s); the WAL grows until it succeeds", where, exc)
+            self._warned = True
 
     @staticmethod
     def _passive(db: sqlite3.Connection) -> tuple[int, int, int]:

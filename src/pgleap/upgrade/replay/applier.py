@@ -733,14 +733,12 @@ class Replayer:
                 self._plan_checks(pipeline, planned, index)
             if index in copied or (skip_ddl and changes_schema(statement)):
                 continue
-            if self._triggered:
-                self._flag_triggered(record, statement.sql)
+            self._flag_unreproduced(record, statement.sql, image=statement.images is not None)
             if statement.images is not None:
                 # The rows the source wrote, not the statement: keys and defaults as they were there (I3).
                 for sql, values in image_statements(decode_image(statement.images)):
                     planned.slots.append((index, sql, pipeline.extended(sql, values, label=statement.sql)))
                 continue
-            self._flag_unrepeatable(record, statement.sql)
             sql = self.adapted(pin_time(statement.sql, tx.source_now) if tx.source_now else statement.sql)
             if statement.copy_data is not None or is_copy_from_stdin(sql):
                 slot = pipeline.copy_in(sql, statement.copy_data)
@@ -816,20 +814,23 @@ class Replayer:
             flags, self._flags = self._flags, {}
             self.journal.mark_resync_all(self.database, flags)
 
-    def _flag_triggered(self, record: LoggedTransaction, sql: str) -> None:
-        tables = fired_on(touched_relations(sql), self._triggered)
-        if tables:
-            assert record.position is not None
-            self._flag(tables, record.position, f"position {record.position} wrote it, and its triggers fired again")
+    def _flag_unreproduced(self, record: LoggedTransaction, sql: str, *, image: bool) -> None:
+        """Flag the tables a statement writes when the target may end up with other values than the source.
 
-    def _flag_unrepeatable(self, record: LoggedTransaction, sql: str) -> None:
-        # Run again here it may write other values or rows, with the same tag: flagged, as for triggers.
-        infos = classify(sql)
-        if any(info.unrepeatable for info in infos):
-            assert record.position is not None
-            tables = tuple(dict.fromkeys(r for info in infos for r in info.relations if r))
+        Its triggers fire again there (row images included), or, replayed as SQL, it computes values or picks
+        rows the target computes otherwise: the command tags agree all the same.
+        """
+        unrepeatable = not image and any(info.unrepeatable for info in classify(sql))
+        if not (unrepeatable or self._triggered):
+            return  # the common case: nothing more to read from the statement
+        relations = touched_relations(sql)
+        assert record.position is not None
+        triggered = fired_on(relations, self._triggered)
+        if triggered:
+            self._flag(triggered, record.position, f"position {record.position} wrote it, and its triggers fired again")
+        if unrepeatable:
             reason = f"position {record.position} ran a statement the target may compute otherwise ({sql[:80]!r})"
-            self._flag(tables, record.position, reason)
+            self._flag(relations, record.position, reason)
 
     def _flag_unplaceable(self, record: LoggedTransaction) -> None:
         """A record without a txid captured while the copy ran: applied, and its tables flagged for re-sync.
