@@ -193,3 +193,47 @@ def test_commit_and_chain_keeps_the_next_transaction_explicit() -> None:
     run(a, "commit", ["COMMIT"], I)
     assert not a.explicit
     assert committed_sql(a) == [["insert into t values (1)"], ["insert into t values (4)"]]
+
+
+def test_a_setting_changed_after_a_write_is_kept_at_its_place_and_taken_back_with_its_savepoint() -> None:
+    """The first read of the settings is the transaction's; a change read later is a set_config() among its
+    statements, for the statements after it, and a ROLLBACK TO SAVEPOINT takes it back with them."""
+    a = TransactionAssembler("app", 1)
+    s1 = (("search_path", "s1"), ("TimeZone", "UTC"))
+    s2 = (("search_path", "s2"), ("TimeZone", "UTC"))
+    tokyo = (("search_path", "s2"), ("TimeZone", "Asia/Tokyo"))
+    run(a, "begin", ["BEGIN"], T)
+    a.settings_seen(s2)  # read before any statement: the transaction's own, whatever it read before
+    a.settings_seen(s1)
+    run(a, "update t set v = 1", ["UPDATE 1"], T)
+    a.probe(42, "2020-01-01T00:00:00+00", s1)
+    a.settings_seen(s1)  # around `set search_path = s2`
+    run(a, "set search_path = s2", ["SET"], T)
+    a.settings_seen(s2)
+    run(a, "update t set v = 2", ["UPDATE 1"], T)
+    run(a, "savepoint p", ["SAVEPOINT"], T)
+    a.settings_seen(tokyo)
+    run(a, "update t set v = 3", ["UPDATE 1"], T)
+    run(a, "rollback to savepoint p", ["ROLLBACK"], T)
+    a.settings_seen(tokyo)  # set again after the rollback: a change from s2 again, kept again
+    run(a, "update t set v = 4", ["UPDATE 1"], T)
+    run(a, "commit", ["COMMIT"], I)
+    (tx,) = take_committed(a)
+    assert tx.settings == s1
+    statements = [(s.sql, s.params, s.tag) for s in tx.statements]
+    set_one = "SELECT set_config($1, $2, true)"
+    assert statements == [
+        ("update t set v = 1", (), "UPDATE 1"),
+        (set_one, (b"search_path", b"s2"), "SELECT 1"),
+        ("update t set v = 2", (), "UPDATE 1"),
+        (set_one, (b"TimeZone", b"Asia/Tokyo"), "SELECT 1"),
+        ("update t set v = 4", (), "UPDATE 1"),
+    ]
+    assert all(s.param_types == (25, 25) for s in tx.statements if s.sql == set_one)
+    # The next transaction starts from its own first read.
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "update t set v = 5", ["UPDATE 1"], T)
+    a.probe(43, "2020-01-01T00:00:00+00", tokyo)
+    run(a, "commit", ["COMMIT"], I)
+    (tx,) = take_committed(a)
+    assert tx.settings == tokyo and [s.sql for s in tx.statements] == ["update t set v = 5"]

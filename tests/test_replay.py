@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from pgleap.lab import LabServer
 from pgleap.upgrade.copy.compare import database_differences
 from pgleap.upgrade.replay import ApplyJournal, ErrorKind, Replayer, ReplayError, ReplayStatus
 
-from conftest import CapturingPair, capturing_pair
+from conftest import CapturingPair, capturing_pair, tool
 
 pytestmark = pytest.mark.integration
 
@@ -501,6 +502,81 @@ def test_a_replayed_set_local_role_does_not_take_pgleaps_own_write_with_it(env: 
         for server in (env.source, env.target):
             server.psql(f"DROP OWNED BY {role}", dbname=env.dbname)
             server.psql(f"DROP ROLE {role}")
+
+
+def test_a_setting_changed_between_two_writes_of_a_transaction_holds_for_the_writes_after_it(env: Env) -> None:
+    """search_path and TimeZone SET (LOCAL or not, RESET too) after a write: each later write replays under the
+    value it ran under on the source, in both protocols, in strings of several statements and across savepoints."""
+    tables = "".join(
+        f"CREATE TABLE {schema}.t (id int PRIMARY KEY, note text, at timestamptz); "
+        f"INSERT INTO {schema}.t SELECT g, NULL, NULL FROM generate_series(1, 30) g; "
+        for schema in ("s1", "s2")
+    )
+    for server in (env.source, env.target):
+        server.psql(f"CREATE SCHEMA s1; CREATE SCHEMA s2; {tables}", dbname=env.dbname)
+    snapshot = env.snapshot()
+
+    def touch(row: int) -> str:
+        # An UPDATE replays as a statement (an INSERT would carry row images, named by schema).
+        return f"update t set note = current_schema, at = '2020-01-01 12:00' where id = {row}"
+
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:  # the extended protocol
+        conn.execute("set search_path = s1")
+        with conn.transaction():
+            conn.execute(touch(1))
+            conn.execute("set search_path = s2")
+            conn.execute(touch(2))
+            conn.execute("set time zone 'Asia/Tokyo'")
+            conn.execute(touch(3))
+            with pytest.raises(ZeroDivisionError), conn.transaction():
+                conn.execute("set search_path = s1")
+                conn.execute(touch(4))  # undone with the savepoint, and the SET with it
+                raise ZeroDivisionError
+            conn.execute(touch(5))
+            conn.execute("reset time zone")
+            conn.execute("set local search_path = s1")
+            conn.execute(touch(6))
+        with conn.pipeline(), conn.transaction():
+            conn.execute(touch(7))
+            conn.execute("set search_path = s1")
+            conn.execute(touch(8))
+    # The simple protocol, through psql: each -c is one Query message.
+    commands = [
+        "set search_path = s1",
+        f"{touch(10)}; set search_path = s2; {touch(11)}",  # one implicit transaction
+        f"begin; {touch(12)}; set local search_path = s1; {touch(13)}; set time zone 'America/Lima'; {touch(14)}; "
+        "commit",
+        "begin",
+        touch(15),
+        "set search_path = s1",
+        touch(16),
+        "set time zone 'Asia/Kolkata'",
+        f"{touch(17)}; set search_path = s2; {touch(18)}",
+        "commit",
+        touch(19),
+    ]
+    argv = [tool("psql"), env.proxy.dsn(), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+    for command in commands:
+        argv += ["-c", command]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    env.drain()
+    touched = env.source.psql(
+        "SELECT string_agg(note || ':' || id || ':' || extract(epoch FROM at), ' ' ORDER BY note, id) "
+        "FROM (SELECT * FROM s1.t UNION ALL SELECT * FROM s2.t) u WHERE note IS NOT NULL",
+        dbname=env.dbname,
+    )
+    # Where each write went on the source, and in which time zone its literal was read.
+    base = int(float(env.source.psql("SELECT extract(epoch FROM timestamptz '2020-01-01 12:00')")))
+    tokyo, lima, kolkata = 1577847600, 1577898000, 1577860200
+    expected = {
+        "s1": {1: base, 6: base, 8: base, 10: base, 13: base, 14: lima, 16: lima, 17: kolkata},
+        "s2": {2: base, 3: tokyo, 5: tokyo, 7: base, 11: base, 12: base, 15: lima, 18: kolkata, 19: kolkata},
+    }
+    assert touched.split() == [f"{schema}:{row}:{at}" for schema, rows in expected.items() for row, at in rows.items()]
+    status, _ = replay(env, snapshot, batch_size=3)
+    assert status.paused is None and status.divergences == 0
+    assert_equal(env)
 
 
 def test_set_constraints_deferred_is_replayed_with_its_transaction(env: Env) -> None:

@@ -47,7 +47,13 @@ from pgleap.upgrade.capture.images import (
     insert_target,
     plan_insert,
 )
-from pgleap.upgrade.capture.probe import parse_probe_row, probe_extended, probe_query, probe_sql
+from pgleap.upgrade.capture.probe import (
+    changes_captured_setting,
+    parse_probe_row,
+    probe_extended,
+    probe_query,
+    probe_sql,
+)
 from pgleap.upgrade.capture.transaction import Pending, TransactionAssembler
 from pgleap.upgrade.compat import UnsupportedVersionError, facts_for, version_num_of
 from pgleap.upgrade.compat.adapters import adapter_for
@@ -60,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")
 _PROBE = "probe"
+_SETTINGS = "settings"  # a probe read only for the settings, around a SET of a captured one (not for the txid)
 _HIDDEN = "hidden"  # pgleap's own BEGIN in front of an implicit transaction
 _FAILED = ord("E")
 _IN_BLOCK = ord("T")
@@ -84,6 +91,59 @@ _SAMPLED_COMMANDS = frozenset(["SelectStmt", "Unparseable"])
 # Statements PostgreSQL runs to completion at their first Execute even under a row limit (their RETURNING rows
 # wait in a store): a suspended portal of one has done all its writes.
 _RUN_TO_COMPLETION = frozenset(["InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"])
+
+
+def _settings_points(infos: tuple[StatementInfo, ...], in_block: bool) -> list[tuple[int, str]]:
+    """Where settings probes go in a string: before and after each SET of a captured setting inside a
+    transaction block, or after a write of the same implicit transaction; empty for nearly every string.
+
+    Before: the transaction's first read of its settings must come before any change after its first
+    statement. After: the change is read before the next statement, and kept at its place for replay.
+    """
+    for info in infos:  # most strings set nothing: a plain loop, no generator
+        if info.setting is not None:
+            break
+    else:
+        return []
+    points: list[tuple[int, str]] = []
+    probing = in_block
+    for i, info in enumerate(infos):
+        kind = info.kind
+        if kind is Kind.BEGIN:
+            probing = True
+        elif kind is Kind.COMMIT or kind is Kind.ROLLBACK or kind is Kind.TWO_PHASE:
+            probing = info.chain
+        elif info.writes:
+            probing = True  # the rest of the string is the same transaction
+        elif probing and info.setting is not None and changes_captured_setting(info):
+            points += [(i, _SETTINGS), (i + 1, _SETTINGS)]
+    return points
+
+
+def _with_probes(
+    sql: str, starts: list[int], statements: list[Pending | str], points: list[tuple[int, str]], probe: str
+) -> tuple[str, list[Pending | str]]:
+    """`sql` with the probe spliced in before statement i for each (i, marker) of `points` (after the last for
+    i == len(statements)), and the parts in the order the server answers them, each marker at its probe's place."""
+    if not points:
+        return sql, statements
+    pieces: list[str] = []
+    parts: list[Pending | str] = []
+    done = 0  # characters of `sql` and statements already placed
+    placed = 0
+    for i, marker in sorted(points, key=lambda point: point[0]):
+        parts += statements[placed:i]
+        placed = max(placed, i)
+        if i < len(statements):
+            pieces += [sql[done : starts[i]], f"{probe};"]
+            done = starts[i]
+        else:
+            pieces += [sql[done:], f"{_SEP}{probe}"]
+            done = len(sql)
+        parts.append(marker)
+    parts += statements[placed:]
+    pieces.append(sql[done:])
+    return "".join(pieces), parts
 
 
 def _has_insert(infos: tuple[StatementInfo, ...]) -> bool:
@@ -480,34 +540,30 @@ class CapturingForwarder(Forwarder):
         control = any(i.kind in _CONTROL for i in infos)
         writes = any(i.writes for i in infos)
         no_block = any(i.refuses_block for i in infos)
+        around = _settings_points(infos, in_block) if parseable and not no_block and self._probe_allowed() else []
         if not in_block and writes and parseable and not control and not no_block and self._probe_allowed():
-            self._send_wrapped(sql, infos, images, sample)
+            self._send_wrapped(sql, infos, images, starts, around, sample)
             return False
         parts: list[Pending | str] = []
         for info, image in zip(infos, images, strict=True):
             a.sending(info)
             parts.append(Pending(info, image=image, client_encoding=self._client_encoding))
-        text = sql
+        points = around
         may_probe = parseable and not no_block and self._probe_allowed() and not self._probe_inflight
         if may_probe and in_block and writes and not control and a.needs_probe():
-            text = f"{sql}{_SEP}{self._probe_sql}"  # learn the txid now, so the COMMIT need not wait for it
-            parts.append(_PROBE)
+            points = [*around, (len(infos), _PROBE)]  # learn the txid now, so the COMMIT need not wait for it
             self._probe_inflight = True
         elif may_probe and control:
-            text = self._splice_late_probe(sql, infos, starts, parts, in_block)
+            late = self._late_probe_point(infos, in_block)
+            if late is not None:
+                points = [*around, (late, _PROBE)]
+        text, parts = _with_probes(sql, starts, parts, points, self._probe_sql)
         if text is not original:
             raw = self._query_message(text)
         self._send(Request(codes.QUERY, context=_QueryParts(parts, sample=sample)), raw)
         return False
 
-    def _splice_late_probe(
-        self,
-        sql: str,
-        infos: tuple[StatementInfo, ...],
-        starts: list[int],
-        parts: list[Pending | str],
-        in_block: bool,
-    ) -> str:
+    def _late_probe_point(self, infos: tuple[StatementInfo, ...], in_block: bool) -> int | None:
         """A string with transaction control inside: probe before its COMMIT, or at its end; logged late."""
         a = self.assembler
         # A held COMMIT released with every answer in knows its transaction's txid already: no probe for it.
@@ -518,34 +574,34 @@ class CapturingForwarder(Forwarder):
                 explicit = True
             elif info.kind in (Kind.COMMIT, Kind.ROLLBACK):
                 if info.kind is Kind.COMMIT and may_write:
-                    parts.insert(i, _PROBE)
-                    return f"{sql[: starts[i]]}{self._probe_sql};{sql[starts[i] :]}"
+                    return i
                 explicit = False
                 may_write = False
             if info.writes:
                 may_write = True
         if may_write and not explicit:
-            parts.append(_PROBE)
-            return f"{sql}{_SEP}{self._probe_sql}"
-        return sql
+            return len(infos)
+        return None
 
     def _send_wrapped(
         self,
         sql: str,
         infos: tuple[StatementInfo, ...],
         images: list[ImageRows | None],
+        starts: list[int],
+        around: list[tuple[int, str]],
         sample: SourceSample | None = None,
     ) -> None:
         """An implicit write transaction: BEGIN; the client's string; the probe. pgleap commits it later."""
-        parts: list[Pending | str] = [_HIDDEN]
+        statements: list[Pending | str] = []
         for info, image in zip(infos, images, strict=True):
             self.assembler.sending(info)
-            parts.append(Pending(info, image=image, client_encoding=self._client_encoding))
-        parts.append(_PROBE)
+            statements.append(Pending(info, image=image, client_encoding=self._client_encoding))
+        text, parts = _with_probes(sql, starts, statements, [*around, (len(infos), _PROBE)], self._probe_sql)
         self._probe_inflight = True
         self._send(
-            Request(codes.QUERY, context=_QueryParts(parts, wrapped=True, sample=sample)),
-            self._query_message(f"BEGIN;{sql}{_SEP}{self._probe_sql}"),
+            Request(codes.QUERY, context=_QueryParts([_HIDDEN, *parts], wrapped=True, sample=sample)),
+            self._query_message(f"BEGIN;{text}"),
         )
         # Whatever the client sends next must wait until pgleap's COMMIT has answered.
         self._stash = bytearray()
@@ -725,7 +781,12 @@ class CapturingForwarder(Forwarder):
             self._samples[id(pending)] = (self._syncs_sent + 1, sample)
         if info.command == "CopyStmt" and info.kind is Kind.WRITE:
             self._copy_execute = pending
+        around = info.setting is not None and self._probes_settings(info)
+        if around:
+            self._inject_extended_probe(_SETTINGS)  # see _settings_points
         self._send(Request(codes.EXECUTE, context=pending), raw)
+        if around:
+            self._inject_extended_probe(_SETTINGS)
         copy_in = self._copy_execute is not None  # the server reads only copy data after this Execute
         if (
             info.writes
@@ -791,11 +852,17 @@ class CapturingForwarder(Forwarder):
         self._send(Request(codes.QUERY, injected=True), probe_query(self._probe_sql))
         self._probe_inflight = True
 
-    def _inject_extended_probe(self) -> None:
+    def _inject_extended_probe(self, marker: str = _PROBE) -> None:
         for kind, raw in probe_extended(self._probe_sql):
-            self._send(Request(kind, injected=True), raw)
-        self._probe_in_batch = True
-        self._probe_inflight = True
+            self._send(Request(kind, injected=True, context=marker), raw)
+        if marker == _PROBE:
+            self._probe_in_batch = True
+            self._probe_inflight = True
+
+    def _probes_settings(self, info: StatementInfo) -> bool:
+        """Whether an Execute of `info` needs settings probes around it (see _settings_points)."""
+        in_block = self.assembler.explicit or self.tx_status != _IDLE or self._batch_writes
+        return in_block and changes_captured_setting(info) and self._probe_allowed()
 
     # -- the commit point --------------------------------------------------------------------
 
@@ -953,6 +1020,9 @@ class CapturingForwarder(Forwarder):
                 elif kind == codes.READY_FOR_QUERY and self._stash is not None and self._commit_point is None:
                     self._release_stash(None)
                 return False
+            if kind == codes.DATA_ROW and context == _SETTINGS:
+                self.assembler.settings_seen(parse_probe_row(raw[5:])[2])
+                return False
             if kind == codes.DATA_ROW:
                 self.assembler.probe(*parse_probe_row(raw[5:]))
                 self._probe_inflight = False
@@ -1033,10 +1103,12 @@ class CapturingForwarder(Forwarder):
         part = context.current()
         if context.sample is not None and isinstance(part, Pending):
             self._feed_sample(context, kind, raw)
-        if part == _PROBE:
-            if kind == codes.DATA_ROW:
+        if part is _PROBE or part is _SETTINGS:  # the markers themselves: no Pending's __eq__ on every answer
+            if kind == codes.DATA_ROW and part is _PROBE:
                 self.assembler.probe(*parse_probe_row(raw[5:]))
                 self._probe_inflight = False
+            elif kind == codes.DATA_ROW:
+                self.assembler.settings_seen(parse_probe_row(raw[5:])[2])
             if kind == codes.COMMAND_COMPLETE:
                 context.index += 1
             return False

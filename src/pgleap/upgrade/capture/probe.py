@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from functools import lru_cache
 
 from pgleap.protocol import codes
 from pgleap.protocol.messages import cstr, message, text_row
+from pgleap.upgrade.capture.classify import StatementInfo
 from pgleap.upgrade.compat import Facts
 
 # Settings that change what a replayed statement means; captured with each transaction.
 CAPTURED_SETTINGS = ("search_path", "TimeZone", "DateStyle", "IntervalStyle", "standard_conforming_strings")
+_CAPTURED_NAMES = frozenset(name.lower() for name in CAPTURED_SETTINGS)
 
 # now() as ISO 8601 in UTC with microseconds, so that pinning it into a replayed statement does not
 # depend on the session's DateStyle or TimeZone.
@@ -56,3 +59,17 @@ def parse_probe_row(body: bytes) -> tuple[int | None, str, tuple[tuple[str, str]
         now or "",
         tuple((name, value or "") for name, value in zip(CAPTURED_SETTINGS, settings, strict=True)),
     )
+
+
+def changes_captured_setting(info: StatementInfo) -> bool:
+    """A SET or RESET, LOCAL or not, of a captured setting (RESET ALL included: its name is empty)."""
+    setting = info.setting
+    return setting is not None and (not setting[0] or setting[0].lower() in _CAPTURED_NAMES)
+
+
+def settings_statement(settings: Sequence[tuple[str, str]], *, local: bool = True) -> tuple[str, tuple[bytes, ...]]:
+    """One SELECT of set_config() for each (name, value), for the transaction (`local`) or the session; values
+    as parameters: its text and parameters."""
+    flag = "true" if local else "false"
+    calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, {flag})" for i in range(len(settings)))
+    return f"SELECT {calls}", tuple(part.encode() for pair in settings for part in pair)

@@ -18,10 +18,12 @@ from pgleap.store.records import CapturedCheck, CapturedStatement, CapturedTrans
 from pgleap.upgrade.capture.classify import Kind, StatementInfo
 from pgleap.upgrade.capture.encoding import to_utf8
 from pgleap.upgrade.capture.images import ImageRows
+from pgleap.upgrade.capture.probe import settings_statement
 
 _IDLE = ord("I")
 MAX_CHECKS = 16  # sampled reads kept per transaction (each adds a read to its replay)
 _SNAPSHOT_LEVELS = ("REPEATABLE", "SERIALIZABLE")
+_TEXT_OID = 25
 
 
 @dataclass
@@ -70,7 +72,12 @@ class TransactionAssembler:
         self.savepoints: list[_Savepoint] = []
         self.txid: int | None = None
         self.source_now: str | None = None
-        self.settings: tuple[tuple[str, str], ...] = ()
+        self.settings: tuple[tuple[str, str], ...] = ()  # in effect at the transaction's first statement
+        # The settings as last read in the open transaction, and where a change read after its first statement
+        # was kept among the statements (ROLLBACK TO SAVEPOINT takes changes back with the statements).
+        self._settings_read = False
+        self._settings_now: tuple[tuple[str, str], ...] = ()
+        self._settings_changes: list[tuple[int, tuple[tuple[str, str], ...]]] = []
         self.ended: list[Ended] = []  # not handed out yet, oldest first
         self.may_write = False  # a write was sent in the current transaction (the probe is needed)
         self._appended_write = False  # a write is among `statements` (not only SET LOCAL)
@@ -133,6 +140,8 @@ class TransactionAssembler:
             kept = self._pop_savepoints(info.savepoint, keep=True)
             if kept is not None:
                 del self.statements[kept:]
+                self._settings_changes = [c for c in self._settings_changes if c[0] < kept]
+                self._settings_now = self._settings_changes[-1][1] if self._settings_changes else self.settings
                 # A read after a rolled-back write saw it; the replay will not have it.
                 kept_checks = [c for c in self.checks if c[0].before <= kept]
                 self.undone += len(self.checks) - len(kept_checks)
@@ -201,8 +210,30 @@ class TransactionAssembler:
         if txid is not None:
             self.txid = txid
         self.source_now = source_now
-        self.settings = settings
+        self.settings_seen(settings)
         self.probed = True
+
+    def settings_seen(self, settings: tuple[tuple[str, str], ...]) -> None:
+        """A probe read the captured settings: the first read gives the transaction's; a change after a statement
+        was kept is kept too, as a set_config() at its place, so the statements after it replay under it.
+
+        The forwarder probes before and after each SET of a captured setting in a transaction block (or after a
+        write in an implicit one), so a change is read before the next statement, and the first read comes
+        before any change made after the transaction's first statement.
+        """
+        if not self._settings_read or not self.statements:
+            self.settings = self._settings_now = settings
+            self._settings_read = True
+            return
+        if settings == self._settings_now:
+            return
+        changed = tuple(pair for pair, before in zip(settings, self._settings_now, strict=True) if pair != before)
+        sql, params = settings_statement(changed)
+        self._settings_changes.append((len(self.statements), settings))
+        self.statements.append(
+            CapturedStatement(sql=sql, params=params, param_types=(_TEXT_OID,) * len(params), tag="SELECT 1")
+        )
+        self._settings_now = settings
 
     def ready(self, status: int) -> None:
         """ReadyForQuery with transaction status `status` ('I', 'T' or 'E')."""
@@ -263,6 +294,8 @@ class TransactionAssembler:
         self.may_write = False
         self._appended_write = False
         self.probed = False
+        self._settings_read = False
+        self._settings_changes = []
         self.checks = []
         self.undone = 0
         self.snapshot_tx = False

@@ -30,6 +30,7 @@ from pgleap.store.changelog import ChangeLog
 from pgleap.store.records import CapturedCheck, LoggedTransaction, decode_image
 from pgleap.upgrade.capture.classify import Kind, classify
 from pgleap.upgrade.capture.pinning import pin_time
+from pgleap.upgrade.capture.probe import settings_statement
 from pgleap.upgrade.compat.adapters import VersionAdapter, adapter_for
 from pgleap.upgrade.compat.facts import PG90, Facts, facts_for
 from pgleap.upgrade.replay.ddl_queue import DDLQueue, HeldDDL, changes_schema
@@ -1015,9 +1016,7 @@ def _set_config(
     pipeline: Pipeline, settings: Sequence[tuple[str, str]], *, local: bool, label: str
 ) -> tuple[str, Slot]:
     """One SELECT of set_config() for each (name, value), values as parameters; its text and slot."""
-    flag = "true" if local else "false"
-    sql = "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, {flag})" for i in range(len(settings)))
-    params = tuple(part.encode() for pair in settings for part in pair)
+    sql, params = settings_statement(settings, local=local)
     return sql, pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label=label)
 
 
