@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from pgleap.lab import LabServer
-from pgleap.upgrade.capture.pinning import pin_time
+from pgleap.upgrade.capture.pinning import pin_time, reads_the_clock_as_input
 
 SOURCE_NOW = "2026-11-25T04:00:00.123456+00"
 
@@ -67,3 +67,13 @@ def test_unparseable_statements_are_returned_as_is() -> None:
     assert (
         pin_time("update t set a = now() with oids garbage", SOURCE_NOW) == "update t set a = now() with oids garbage"
     )
+
+
+def test_the_clocks_input_strings_are_told_in_text_and_parameters() -> None:
+    """'now', 'today', 'tomorrow' and 'yesterday' are not pinned (their type is the context's): replay flags them."""
+    assert reads_the_clock_as_input("update t set at = 'now' where id = 1")
+    assert reads_the_clock_as_input("insert into t values (1, ' Today '::date)")
+    assert reads_the_clock_as_input("update t set at = $1 where id = $2", (b"tomorrow", b"1"))
+    assert reads_the_clock_as_input("update t set at = $1", (b" YESTERDAY",))
+    assert not reads_the_clock_as_input("update t set note = 'nowhere', at = now() where id = 1")
+    assert not reads_the_clock_as_input("update t set note = $1 where id = $2", (b"now and then", None))

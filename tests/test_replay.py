@@ -786,10 +786,13 @@ def test_statements_the_target_may_compute_otherwise_flag_their_tables(env: Env)
         "update items set qty = 1 + (random() * 1000000)::int where id = 1",
         "update counter set n = n + 1 where id = 1",
     )
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        conn.execute("insert into events (id) values (1)")
+        conn.execute("update events set payload = to_jsonb(%s::timestamptz) where id = 1", ("now",))  # a parameter
     journal = ApplyJournal()
     status, _ = replay(env, snapshot, journal=journal)
-    assert status.applied == 3 and status.divergences == 0
-    assert journal.resync_tables("app") == ["items"]
+    assert status.applied == 5 and status.divergences == 0
+    assert journal.resync_tables("app") == ["events", "items"]
 
 
 def test_replay_refuses_a_target_database_created_again_under_it(env: Env) -> None:

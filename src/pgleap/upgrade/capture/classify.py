@@ -174,9 +174,9 @@ class _Scan(Visitor):
             self.unrepeatable = True
 
     def visit_SelectStmt(self, _ancestors: object, node: ast.SelectStmt) -> None:
-        limit = node.limitCount
-        if limit is not None and not _is_null(limit) and not node.sortClause:  # which rows is the server's choice
-            self.unrepeatable = True
+        limit, offset = node.limitCount, node.limitOffset
+        if not node.sortClause and ((limit is not None and not _is_null(limit)) or offset is not None):
+            self.unrepeatable = True  # which rows is the server's choice
         if any(c.waitPolicy == LockWaitPolicy.LockWaitSkip for c in node.lockingClause or ()):
             self.unrepeatable = True  # SKIP LOCKED: which rows depends on what others held then
 

@@ -9,6 +9,8 @@ verification catches what they change.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from functools import lru_cache
 
 from pglast import ast, parse_sql
@@ -18,6 +20,10 @@ from pglast.stream import RawStream
 from pglast.visitors import Visitor
 
 _PINNED_FUNCTIONS = frozenset(["now", "transaction_timestamp", "statement_timestamp"])
+# The date/time input strings the server reads from its clock. Their type comes from the context (a column, a
+# parameter's type), so they are not pinned: replay flags what they write instead.
+_CLOCK_STRINGS = re.compile(r"'\s*(?:now|today|tomorrow|yesterday)\s*'", re.IGNORECASE)
+_CLOCK_VALUES = frozenset([b"now", b"today", b"tomorrow", b"yesterday"])
 _SQL_VALUE_TYPES = {
     SQLValueFunctionOp.SVFOP_CURRENT_DATE: "date",
     SQLValueFunctionOp.SVFOP_CURRENT_TIME: "timetz",
@@ -80,3 +86,10 @@ def pin_time(sql: str, source_now: str) -> str:
             pin(raw.stmt)
             pieces.append(RawStream()(raw.stmt))
     return "; ".join(pieces) if pin.changed else sql
+
+
+def reads_the_clock_as_input(sql: str, params: Sequence[bytes | None] = ()) -> bool:
+    """Whether a statement passes 'now', 'today', 'tomorrow' or 'yesterday', in its text or as a parameter."""
+    if "'" in sql and _CLOCK_STRINGS.search(sql):
+        return True
+    return any(value is not None and len(value) < 16 and value.strip().lower() in _CLOCK_VALUES for value in params)

@@ -27,9 +27,9 @@ from typing import Literal, Protocol
 from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.protocol.messages import ServerError
 from pgleap.store.changelog import ChangeLog
-from pgleap.store.records import CapturedCheck, LoggedTransaction, decode_image
+from pgleap.store.records import CapturedCheck, CapturedStatement, LoggedTransaction, decode_image
 from pgleap.upgrade.capture.classify import Kind, classify
-from pgleap.upgrade.capture.pinning import pin_time
+from pgleap.upgrade.capture.pinning import pin_time, reads_the_clock_as_input
 from pgleap.upgrade.capture.probe import settings_statement
 from pgleap.upgrade.compat.adapters import VersionAdapter, adapter_for
 from pgleap.upgrade.compat.facts import PG90, Facts, facts_for
@@ -734,7 +734,7 @@ class Replayer:
                 self._plan_checks(pipeline, planned, index)
             if index in copied or (skip_ddl and changes_schema(statement)):
                 continue
-            self._flag_unreproduced(record, statement.sql, image=statement.images is not None)
+            self._flag_unreproduced(record, statement)
             if statement.images is not None:
                 # The rows the source wrote, not the statement: keys and defaults as they were there (I3).
                 for sql, values in image_statements(decode_image(statement.images)):
@@ -815,13 +815,16 @@ class Replayer:
             flags, self._flags = self._flags, {}
             self.journal.mark_resync_all(self.database, flags)
 
-    def _flag_unreproduced(self, record: LoggedTransaction, sql: str, *, image: bool) -> None:
+    def _flag_unreproduced(self, record: LoggedTransaction, statement: CapturedStatement) -> None:
         """Flag the tables a statement writes when the target may end up with other values than the source.
 
         Its triggers fire again there (row images included), or, replayed as SQL, it computes values or picks
-        rows the target computes otherwise: the command tags agree all the same.
+        rows the target computes otherwise ('now' read as a time among them): the command tags agree all the same.
         """
-        unrepeatable = not image and any(info.unrepeatable for info in classify(sql))
+        sql = statement.sql
+        unrepeatable = statement.images is None and (
+            any(info.unrepeatable for info in classify(sql)) or reads_the_clock_as_input(sql, statement.params)
+        )
         if not (unrepeatable or self._triggered):
             return  # the common case: nothing more to read from the statement
         relations = touched_relations(sql)
