@@ -237,3 +237,25 @@ def test_a_setting_changed_after_a_write_is_kept_at_its_place_and_taken_back_wit
     run(a, "commit", ["COMMIT"], I)
     (tx,) = take_committed(a)
     assert tx.settings == tokyo and [s.sql for s in tx.statements] == ["update t set v = 5"]
+
+
+def test_settings_read_inside_a_savepoint_are_taken_back_by_its_rollback() -> None:
+    """Read after a SET the ROLLBACK TO SAVEPOINT undoes: the server is back at the earlier value, and so is capture."""
+    a = TransactionAssembler("app", 1)
+    public = (("search_path", "public"),)
+    other = (("search_path", "b"),)
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "savepoint s", ["SAVEPOINT"], T)
+    run(a, "insert into t values (1)", ["INSERT 0 1"], T)
+    run(a, "rollback to savepoint s", ["ROLLBACK"], T)  # nothing kept: the write is undone
+    run(a, "savepoint u", ["SAVEPOINT"], T)
+    a.settings_seen(public)  # around `set search_path = b` (a write was sent)
+    run(a, "set search_path = b", ["SET"], T)
+    a.settings_seen(other)
+    run(a, "rollback to savepoint u", ["ROLLBACK"], T)
+    run(a, "insert into t values (2)", ["INSERT 0 1"], T)
+    a.probe(44, "2020-01-01T00:00:00+00", public)
+    run(a, "commit", ["COMMIT"], I)
+    (tx,) = take_committed(a)
+    assert tx.settings == public and [s.sql for s in tx.statements] == ["insert into t values (2)"]
+    assert a.last_settings == public

@@ -514,6 +514,37 @@ def test_a_read_only_transaction_with_set_local_and_a_txid_logs_nothing_and_leav
     assert capture.changelog.pending() == []  # drained above: every settle is written
 
 
+def test_a_set_before_any_write_leaves_the_transaction_without_a_snapshot(
+    capturing: tuple[ProxyThread, Capture],
+) -> None:
+    """No probe goes around a SET before the transaction's first write: its SELECT would take the snapshot,
+    and SET TRANSACTION ISOLATION LEVEL after it would fail (I2: nothing injected shows)."""
+    proxy, _ = capturing
+    with psycopg.connect(proxy.dsn()) as conn:  # the extended protocol, in a transaction block
+        conn.execute("set search_path = public")
+        conn.execute("set local time zone 'UTC'")
+        conn.execute("set transaction isolation level repeatable read")
+        assert conn.execute("show transaction_isolation").fetchone() == ("repeatable read",)
+        conn.execute("insert into cap values (1, 0, 'a')")
+        conn.commit()
+    # The simple protocol: one string, then statement by statement.
+    script = (
+        "begin; set search_path = public; set transaction isolation level serializable; "
+        "insert into cap values (2, 0, 'b'); commit;\n"
+        "begin;\nset time zone 'UTC';\nset transaction isolation level repeatable read;\nshow transaction_isolation;\n"
+        "commit;\n"
+    )
+    done = subprocess.run(
+        [tool("psql"), proxy.dsn(), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "repeatable read" in done.stdout.splitlines()
+
+
 def test_writes_inside_an_explicit_extended_transaction_are_not_held_at_their_sync(
     capturing: tuple[ProxyThread, Capture], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,6 +84,7 @@ def test_statement_texts_and_relations_in_multi_statement_strings() -> None:
         ("delete from t where id in (select id from t limit 5)", True),
         ("delete from t where id in (select id from t offset 5)", True),
         ("delete from t where id in (select id from t order by id offset 5)", False),
+        ("delete from t where id in (select id from t offset null)", False),
         ("update jobs set s = 1 where id = (select id from jobs order by id limit 1 for update skip locked)", True),
         ("delete from t where id in (select id from t tablesample system (1))", True),
         ("with d as (delete from t where id in (select id from t limit 3) returning *) select * from d", True),

@@ -77,3 +77,6 @@ def test_the_clocks_input_strings_are_told_in_text_and_parameters() -> None:
     assert reads_the_clock_as_input("update t set at = $1", (b" YESTERDAY",))
     assert not reads_the_clock_as_input("update t set note = 'nowhere', at = now() where id = 1")
     assert not reads_the_clock_as_input("update t set note = $1 where id = $2", (b"now and then", None))
+    # A parameter typed as text is a label; one typed as a timestamp or date, or not typed, reads the clock.
+    assert not reads_the_clock_as_input("update t set label = $1", (b"today",), (25,))
+    assert reads_the_clock_as_input("update t set at = $1", (b"today",), (1114,))

@@ -795,6 +795,33 @@ def test_statements_the_target_may_compute_otherwise_flag_their_tables(env: Env)
     assert journal.resync_tables("app") == ["events", "items"]
 
 
+def test_writes_replayed_as_statements_flag_the_tables_whose_defaults_the_target_computes(env: Env) -> None:
+    """COPY and an INSERT in a CTE (no row images) have the target compute now() and nextval() again."""
+    schema = (
+        "CREATE TABLE stamped (id serial PRIMARY KEY, at timestamptz DEFAULT now(), note text); "
+        "CREATE TABLE plain (id int PRIMARY KEY, note text DEFAULT 'constant'); "
+        "CREATE TABLE imaged (id serial PRIMARY KEY, at timestamptz DEFAULT now()); "
+        "CREATE TABLE cte_target (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())"
+    )
+    for server in (env.source, env.target):
+        server.psql(schema, dbname=env.dbname)
+    catalog = env.capture.catalog
+    assert catalog is not None and env.proxy.call(catalog.load_once())  # made outside pgleap: read them now
+    snapshot = env.snapshot()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        with conn.cursor().copy("copy stamped (note) from stdin") as copy:
+            copy.write_row(("copied",))
+        with conn.cursor().copy("copy plain (id) from stdin") as copy:
+            copy.write_row((1,))
+        conn.execute("insert into imaged default values")  # row images: the source's values, exact
+        conn.execute("with w as (insert into cte_target (id) values (1) returning id) select count(*) from w")
+    env.drain()
+    journal = ApplyJournal()
+    status, _ = replay(env, snapshot, journal=journal)
+    assert status.applied == 4 and status.paused is None
+    assert journal.resync_tables("app") == ["cte_target", "stamped"]
+
+
 def test_replay_refuses_a_target_database_created_again_under_it(env: Env) -> None:
     """A second copy drops and recreates the target at a new S: a replayer from the old S stops and writes nothing."""
     snapshot = env.snapshot()

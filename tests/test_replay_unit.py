@@ -252,12 +252,23 @@ def test_a_table_flagged_again_while_it_was_verified_stays_flagged() -> None:
 
 
 def test_triggered_tables_match_qualified_and_bare_names() -> None:
-    from pgleap.upgrade.replay.triggers import fired_on
+    from pgleap.upgrade.replay.recomputed import named_among
 
     triggered = frozenset({"public.orders", "audit.log"})
-    assert fired_on(("orders", "public.orders", "app.orders", "items", "log"), triggered) == (
+    assert named_among(("orders", "public.orders", "app.orders", "items", "log"), triggered) == (
         "orders",
         "public.orders",
         "log",
     )
-    assert fired_on(("orders",), frozenset()) == ()
+    assert named_among(("orders",), frozenset()) == ()
+
+
+def test_defaults_that_call_anything_count_as_computed_by_the_target() -> None:
+    from pgleap.upgrade.replay.recomputed import computes
+
+    for default in ("nextval('t_id_seq'::regclass)", "now()", "CURRENT_TIMESTAMP", "gen_random_uuid()", "my_id()"):
+        assert computes(default), default
+    # A constant, cast or not: 'now' in a default was read once, when the table was made.
+    for default in ("0", "'x'::text", "'2020-01-01 00:00:00+00'::timestamp with time zone", "(-1)", "'{}'::jsonb"):
+        assert not computes(default), default
+    assert computes("this is not sql (")  # unknown: counted as computed

@@ -175,8 +175,10 @@ class _Scan(Visitor):
 
     def visit_SelectStmt(self, _ancestors: object, node: ast.SelectStmt) -> None:
         limit, offset = node.limitCount, node.limitOffset
-        if not node.sortClause and ((limit is not None and not _is_null(limit)) or offset is not None):
-            self.unrepeatable = True  # which rows is the server's choice
+        # Which rows is the server's choice. OFFSET 0 (an old planner fence) counts too: the template a statement
+        # is classified by has every number as 0.
+        if not node.sortClause and any(n is not None and not _is_null(n) for n in (limit, offset)):
+            self.unrepeatable = True
         if any(c.waitPolicy == LockWaitPolicy.LockWaitSkip for c in node.lockingClause or ()):
             self.unrepeatable = True  # SKIP LOCKED: which rows depends on what others held then
 

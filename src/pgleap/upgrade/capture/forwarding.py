@@ -93,31 +93,30 @@ _SAMPLED_COMMANDS = frozenset(["SelectStmt", "Unparseable"])
 _RUN_TO_COMPLETION = frozenset(["InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"])
 
 
-def _settings_points(infos: tuple[StatementInfo, ...], in_block: bool) -> list[tuple[int, str]]:
-    """Where settings probes go in a string: before and after each SET of a captured setting inside a
-    transaction block, or after a write of the same implicit transaction; empty for nearly every string.
+def _settings_points(infos: tuple[StatementInfo, ...], wrote: bool) -> list[tuple[int, str]]:
+    """Where settings probes go in a string: before and after each SET of a captured setting that follows a
+    write of the same transaction (`wrote`: one was sent before the string); empty for nearly every string.
 
-    Before: the transaction's first read of its settings must come before any change after its first
-    statement. After: the change is read before the next statement, and kept at its place for replay.
+    Before: the transaction's first read of its settings must come before any change after its first write.
+    After: the change is read before the next statement, and kept at its place for replay. Never before a
+    write: the probe's SELECT would take the transaction's snapshot, which a SET does not (a later SET
+    TRANSACTION ISOLATION LEVEL would fail, a LOCK taken first would no longer come before the snapshot).
     """
     for info in infos:  # most strings set nothing: a plain loop, no generator
         if info.setting is not None:
             break
     else:
         return []
-    points: list[tuple[int, str]] = []
-    probing = in_block
+    points: dict[tuple[int, str], None] = {}  # two SETs in a row share the probe between them
     for i, info in enumerate(infos):
         kind = info.kind
-        if kind is Kind.BEGIN:
-            probing = True
-        elif kind is Kind.COMMIT or kind is Kind.ROLLBACK or kind is Kind.TWO_PHASE:
-            probing = info.chain
+        if kind is Kind.BEGIN or kind is Kind.COMMIT or kind is Kind.ROLLBACK or kind is Kind.TWO_PHASE:
+            wrote = False  # AND CHAIN too: the next transaction has written nothing yet
         elif info.writes:
-            probing = True  # the rest of the string is the same transaction
-        elif probing and info.setting is not None and changes_captured_setting(info):
-            points += [(i, _SETTINGS), (i + 1, _SETTINGS)]
-    return points
+            wrote = True
+        elif wrote and info.setting is not None and changes_captured_setting(info):
+            points[(i, _SETTINGS)] = points[(i + 1, _SETTINGS)] = None
+    return list(points)
 
 
 def _with_probes(
@@ -540,7 +539,8 @@ class CapturingForwarder(Forwarder):
         control = any(i.kind in _CONTROL for i in infos)
         writes = any(i.writes for i in infos)
         no_block = any(i.refuses_block for i in infos)
-        around = _settings_points(infos, in_block) if parseable and not no_block and self._probe_allowed() else []
+        wrote = in_block and a.has_writes
+        around = _settings_points(infos, wrote) if parseable and not no_block and self._probe_allowed() else []
         if not in_block and writes and parseable and not control and not no_block and self._probe_allowed():
             self._send_wrapped(sql, infos, images, starts, around, sample)
             return False
@@ -861,8 +861,9 @@ class CapturingForwarder(Forwarder):
 
     def _probes_settings(self, info: StatementInfo) -> bool:
         """Whether an Execute of `info` needs settings probes around it (see _settings_points)."""
-        in_block = self.assembler.explicit or self.tx_status != _IDLE or self._batch_writes
-        return in_block and changes_captured_setting(info) and self._probe_allowed()
+        a = self.assembler
+        wrote = (a.has_writes and (a.explicit or self.tx_status != _IDLE)) or self._batch_writes
+        return wrote and changes_captured_setting(info) and self._probe_allowed()
 
     # -- the commit point --------------------------------------------------------------------
 
@@ -1349,7 +1350,7 @@ class CapturingForwarder(Forwarder):
         every setting the session changed (the probe sees only those replay needs)."""
         statements = [(name, p.sql, p.param_types) for name, p in self.prepared.items() if name]
         found = await self._movable_from_server(SESSION_SETTINGS_SQL)  # the statements are known here
-        return statements, found[1] if found is not None else list(self.assembler.settings)
+        return statements, found[1] if found is not None else list(self.assembler.last_settings)
 
     def close(self, error: bytes | None = None) -> None:
         """Close the session; a DDL transaction it left open no longer holds row images back."""

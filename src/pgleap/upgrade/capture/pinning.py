@@ -24,6 +24,9 @@ _PINNED_FUNCTIONS = frozenset(["now", "transaction_timestamp", "statement_timest
 # parameter's type), so they are not pinned: replay flags what they write instead.
 _CLOCK_STRINGS = re.compile(r"'\s*(?:now|today|tomorrow|yesterday)\s*'", re.IGNORECASE)
 _CLOCK_VALUES = frozenset([b"now", b"today", b"tomorrow", b"yesterday"])
+# Parameter types such a string can be read as: unspecified (the server infers it), date, time, timestamp,
+# timestamptz, timetz. A text parameter 'today' is a label, not a date.
+_CLOCK_TYPES = frozenset([0, 1082, 1083, 1114, 1184, 1266])
 _SQL_VALUE_TYPES = {
     SQLValueFunctionOp.SVFOP_CURRENT_DATE: "date",
     SQLValueFunctionOp.SVFOP_CURRENT_TIME: "timetz",
@@ -88,8 +91,13 @@ def pin_time(sql: str, source_now: str) -> str:
     return "; ".join(pieces) if pin.changed else sql
 
 
-def reads_the_clock_as_input(sql: str, params: Sequence[bytes | None] = ()) -> bool:
-    """Whether a statement passes 'now', 'today', 'tomorrow' or 'yesterday', in its text or as a parameter."""
+def reads_the_clock_as_input(sql: str, params: Sequence[bytes | None] = (), types: Sequence[int] = ()) -> bool:
+    """Whether a statement passes 'now', 'today', 'tomorrow' or 'yesterday', in its text (whatever it is read
+    as: the catalog is not known here) or as a parameter of a time type or of none (`types`, by position)."""
     if "'" in sql and _CLOCK_STRINGS.search(sql):
         return True
-    return any(value is not None and len(value) < 16 and value.strip().lower() in _CLOCK_VALUES for value in params)
+    for i, value in enumerate(params):
+        typed = types[i] if i < len(types) else 0
+        if value is not None and len(value) < 16 and value.strip().lower() in _CLOCK_VALUES and typed in _CLOCK_TYPES:
+            return True
+    return False

@@ -52,10 +52,15 @@ class Ended:
     undone: int = 0  # checks a ROLLBACK TO SAVEPOINT took back (they saw writes that are not replayed)
 
 
+_Settings = tuple[tuple[str, str], ...]
+
+
 @dataclass
 class _Savepoint:
     name: str
     statements: int  # how many statements the transaction had when it was set
+    # What the transaction knew of its settings then: a ROLLBACK TO SAVEPOINT puts the server's back too.
+    settings: tuple[bool, _Settings, _Settings] = (False, (), ())
 
 
 class TransactionAssembler:
@@ -72,12 +77,9 @@ class TransactionAssembler:
         self.savepoints: list[_Savepoint] = []
         self.txid: int | None = None
         self.source_now: str | None = None
-        self.settings: tuple[tuple[str, str], ...] = ()  # in effect at the transaction's first statement
-        # The settings as last read in the open transaction, and where a change read after its first statement
-        # was kept among the statements (ROLLBACK TO SAVEPOINT takes changes back with the statements).
-        self._settings_read = False
-        self._settings_now: tuple[tuple[str, str], ...] = ()
-        self._settings_changes: list[tuple[int, tuple[tuple[str, str], ...]]] = []
+        self.settings: _Settings = ()  # in effect at the transaction's first statement
+        self._settings_read = False  # read in the open transaction
+        self._settings_now: _Settings = ()  # as last read
         self.ended: list[Ended] = []  # not handed out yet, oldest first
         self.may_write = False  # a write was sent in the current transaction (the probe is needed)
         self._appended_write = False  # a write is among `statements` (not only SET LOCAL)
@@ -133,15 +135,15 @@ class TransactionAssembler:
         if kind is Kind.BEGIN:
             self.explicit = True
         elif kind is Kind.SAVEPOINT and info.savepoint:
-            self.savepoints.append(_Savepoint(info.savepoint, len(self.statements)))
+            known = (self._settings_read, self.settings, self._settings_now)
+            self.savepoints.append(_Savepoint(info.savepoint, len(self.statements), known))
         elif kind is Kind.RELEASE and info.savepoint:
             self._pop_savepoints(info.savepoint, keep=False)
         elif kind is Kind.ROLLBACK_TO and info.savepoint:
             kept = self._pop_savepoints(info.savepoint, keep=True)
             if kept is not None:
-                del self.statements[kept:]
-                self._settings_changes = [c for c in self._settings_changes if c[0] < kept]
-                self._settings_now = self._settings_changes[-1][1] if self._settings_changes else self.settings
+                self._settings_read, self.settings, self._settings_now = self.savepoints[-1].settings
+                del self.statements[kept:]  # the set_config() of changes after the savepoint with them
                 # A read after a rolled-back write saw it; the replay will not have it.
                 kept_checks = [c for c in self.checks if c[0].before <= kept]
                 self.undone += len(self.checks) - len(kept_checks)
@@ -213,13 +215,18 @@ class TransactionAssembler:
         self.settings_seen(settings)
         self.probed = True
 
-    def settings_seen(self, settings: tuple[tuple[str, str], ...]) -> None:
+    @property
+    def last_settings(self) -> _Settings:
+        """The captured settings as last read in the session."""
+        return self._settings_now or self.settings
+
+    def settings_seen(self, settings: _Settings) -> None:
         """A probe read the captured settings: the first read gives the transaction's; a change after a statement
         was kept is kept too, as a set_config() at its place, so the statements after it replay under it.
 
-        The forwarder probes before and after each SET of a captured setting in a transaction block (or after a
-        write in an implicit one), so a change is read before the next statement, and the first read comes
-        before any change made after the transaction's first statement.
+        The forwarder probes before and after each SET of a captured setting that follows a write of the same
+        transaction, so a change is read before the next statement, and the first read comes before any change
+        made after the transaction's first write.
         """
         if not self._settings_read or not self.statements:
             self.settings = self._settings_now = settings
@@ -229,7 +236,6 @@ class TransactionAssembler:
             return
         changed = tuple(pair for pair, before in zip(settings, self._settings_now, strict=True) if pair != before)
         sql, params = settings_statement(changed)
-        self._settings_changes.append((len(self.statements), settings))
         self.statements.append(
             CapturedStatement(sql=sql, params=params, param_types=(_TEXT_OID,) * len(params), tag="SELECT 1")
         )
@@ -295,7 +301,6 @@ class TransactionAssembler:
         self._appended_write = False
         self.probed = False
         self._settings_read = False
-        self._settings_changes = []
         self.checks = []
         self.undone = 0
         self.snapshot_tx = False

@@ -52,6 +52,25 @@ def columns_sql(facts: Facts) -> str:
     )
 
 
+def defaults_sql(facts: Facts) -> str:
+    """Column defaults a write may have the server compute: "schema.table", the default's text (NULL for an
+    identity column). Generated columns are left out: their expressions are immutable, computed from the row."""
+    generated = "AND a.attgenerated = '' " if facts.version_num >= PG12 else ""
+    sql = (
+        "SELECT n.nspname || '.' || c.relname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d "
+        "JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum "
+        "JOIN pg_class c ON c.oid = d.adrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE NOT a.attisdropped {generated}AND {_SYSTEM_SCHEMAS}"
+    )
+    if facts.version_num >= PG10:  # identity columns
+        sql += (
+            " UNION ALL SELECT n.nspname || '.' || c.relname, NULL FROM pg_attribute a "
+            "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE a.attidentity <> '' AND NOT a.attisdropped AND {_SYSTEM_SCHEMAS}"
+        )
+    return sql
+
+
 def primary_key_sql(facts: Facts) -> str:
     """Primary key columns of table oid $1 (name, type name), in key order."""
     del facts  # pg_index.indkey / indisprimary are the same from 9.0 on; no LATERAL/ORDINALITY (9.3/9.4)

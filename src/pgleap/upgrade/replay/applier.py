@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.protocol.messages import ServerError
 from pgleap.store.changelog import ChangeLog
 from pgleap.store.records import CapturedCheck, CapturedStatement, LoggedTransaction, decode_image
-from pgleap.upgrade.capture.classify import Kind, classify
+from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
 from pgleap.upgrade.capture.pinning import pin_time, reads_the_clock_as_input
 from pgleap.upgrade.capture.probe import settings_statement
 from pgleap.upgrade.compat.adapters import VersionAdapter, adapter_for
@@ -57,9 +58,9 @@ from pgleap.upgrade.replay.position import (
     server_version_num,
     store_position_sql,
 )
+from pgleap.upgrade.replay.recomputed import defaulted_tables, named_among, triggered_tables
 from pgleap.upgrade.replay.retention import LogRetention
 from pgleap.upgrade.replay.snapshot import Snapshot, Stitch, make_stitch
-from pgleap.upgrade.replay.triggers import fired_on, triggered_tables
 from pgleap.upgrade.replay.wire import Pipeline, Slot, TargetSession, is_copy_from_stdin
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class Replayer:
         self._store_sql = ""
         self._target_facts: Facts = facts_for(PG90)  # learned at each connect
         self._triggered: frozenset[str] = frozenset()  # tables with triggers on the target, read at each connect
+        self._defaulted: frozenset[str] = frozenset()  # and tables with defaults the target computes
         self._flags: dict[str, tuple[int, str]] = {}  # re-sync flags of the batch being planned
         self._failures = 0
         self._skip_paused: ApplyError | None = None
@@ -354,7 +356,7 @@ class Replayer:
             self._store_sql = store_position_sql(self._target_facts)
             await self._learn_majors(target_num)
             await self._check_same_database(session)  # before read_position writes into it
-            await self._learn_triggers(session)
+            await self._learn_recomputed(session)
             position = await read_position(session, self.database, self._target_facts)
             position = await self._pass_trimmed(session, position)
             self.position_known = True
@@ -372,7 +374,8 @@ class Replayer:
         self._session = session
         self.position = position
 
-    async def _learn_triggers(self, session: TargetSession) -> None:
+    async def _learn_recomputed(self, session: TargetSession) -> None:
+        self._defaulted = await defaulted_tables(session, self._target_facts)
         triggered = await triggered_tables(session)
         if triggered and triggered != self._triggered:
             log.warning(
@@ -718,6 +721,10 @@ class Replayer:
         tx = record.transaction
         # Statements already in the copy, by the snapshot of the tables they write (S for all but unlogged ones).
         copied = {i for i, statement in enumerate(tx.statements) if self._in_copy(record, i, statement.sql)}
+        if self.stitch.tables and 0 < len(copied) < len(tx.statements):
+            # A statement writing no table (SET LOCAL, a set_config() capture kept) is judged by S: it must
+            # still run before a later write that is applied, to a table copied at a snapshot of its own.
+            copied = {i for i in copied if touched_relations(tx.statements[i].sql)}
         if tx.txid is None and not skip_all:
             self._flag_unplaceable(record)
         planned = _Planned(record, in_snapshot=len(copied) == len(tx.statements))
@@ -822,19 +829,30 @@ class Replayer:
         rows the target computes otherwise ('now' read as a time among them): the command tags agree all the same.
         """
         sql = statement.sql
-        unrepeatable = statement.images is None and (
-            any(info.unrepeatable for info in classify(sql)) or reads_the_clock_as_input(sql, statement.params)
+        infos = classify(sql) if statement.images is None else ()
+        unrepeatable = bool(infos) and (
+            any(info.unrepeatable for info in infos)
+            or reads_the_clock_as_input(sql, statement.params, statement.param_types)
         )
-        if not (unrepeatable or self._triggered):
+        defaults = bool(self._defaulted) and any(_fills_defaults(info) for info in infos)
+        if not (unrepeatable or defaults or self._triggered):
             return  # the common case: nothing more to read from the statement
         relations = touched_relations(sql)
-        assert record.position is not None
-        triggered = fired_on(relations, self._triggered)
+        position = record.position
+        assert position is not None
+        triggered = named_among(relations, self._triggered)
         if triggered:
-            self._flag(triggered, record.position, f"position {record.position} wrote it, and its triggers fired again")
+            self._flag(triggered, position, f"position {position} wrote it, and its triggers fired again")
         if unrepeatable:
-            reason = f"position {record.position} ran a statement the target may compute otherwise ({sql[:80]!r})"
-            self._flag(relations, record.position, reason)
+            self._flag(
+                relations,
+                position,
+                f"position {position} ran a statement the target may compute otherwise ({sql[:80]!r})",
+            )
+        defaulted = named_among(relations, self._defaulted) if defaults else ()
+        if defaulted:
+            reason = f"position {position} was replayed as a statement, and the target computed its defaults again"
+            self._flag(defaulted, position, reason)
 
     def _flag_unplaceable(self, record: LoggedTransaction) -> None:
         """A record without a txid captured while the copy ran: applied, and its tables flagged for re-sync.
@@ -1062,6 +1080,18 @@ def _cut_after_session_settings(records: list[LoggedTransaction]) -> list[Logged
         if _record_sets_session(record):
             return records[: i + 1]
     return records
+
+
+_DEFAULT_WORD = re.compile(r"\bdefault\b", re.IGNORECASE)
+_FILLING_DEFAULTS = frozenset(["InsertStmt", "CopyStmt", "MergeStmt", "SelectStmt"])  # SELECT: a writable CTE
+
+
+def _fills_defaults(info: StatementInfo) -> bool:
+    """Whether a write, replayed as a statement, may have the target compute column defaults."""
+    command = info.command
+    if command in _FILLING_DEFAULTS:
+        return info.writes
+    return command == "UpdateStmt" and _DEFAULT_WORD.search(info.text) is not None
 
 
 def touched_relations(sql: str) -> tuple[str, ...]:
