@@ -593,6 +593,20 @@ def test_a_transaction_pipelined_behind_a_commit_is_probed_before_its_own_commit
         assert capture.logged_after_commit == 0
 
 
+def test_a_write_pipelined_behind_a_begin_is_left_in_the_clients_transaction(tmp_path: Path, pg_new: LabServer) -> None:
+    """BEGIN, a write and ROLLBACK sent before any answer: capture must not take the write for an implicit
+    transaction and wrap it in its own BEGIN ... COMMIT, which would warn the client and commit its block."""
+    schema = "drop table if exists cap7; create table cap7 (id int primary key)"
+    with raw_session(tmp_path, pg_new, schema) as (sock, proxy, capture):
+        pipelined = ("begin", "insert into cap7 values (1)", "rollback", "insert into cap7 values (2)")
+        sock.sendall(b"".join(query_message(sql) for sql in pipelined))
+        answers = [read_until_ready(sock) for _ in pipelined]
+        assert [a[-1] for a in answers] == [(b"Z", b"T"), (b"Z", b"T"), (b"Z", b"I"), (b"Z", b"I")]
+        assert [kind for answer in answers for kind, _ in answer if kind in (b"N", b"E")] == []  # no warning
+        assert pg_new.psql("select string_agg(id::text, ',') from cap7") == "2"
+        assert [statements for _, statements in logged(proxy, capture)] == [["insert into cap7 values (2)"]]
+
+
 def test_explicit_transactions_in_one_pipeline_are_each_logged_with_their_txid(
     capturing: tuple[ProxyThread, Capture],
 ) -> None:

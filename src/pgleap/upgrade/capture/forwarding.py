@@ -244,6 +244,10 @@ class CapturingForwarder(Forwarder):
         self._batch_writes = False  # the open extended batch executes a write
         self._batch_control = False  # it executes transaction control, or a statement capture does not know
         self._pass_one = False  # the next client message is a released commit point: let it through
+        # Whether the server will be in a transaction block once everything sent has run, while answers are still
+        # out (None: as the last answer says). A write pipelined behind an unanswered BEGIN is in the client's
+        # block, not an implicit transaction for pgleap to wrap (and commit).
+        self._block_when_run: bool | None = None
         self._out: list[bytes] = []
         self._fwd: list[bytes] = []
         self._stash: bytearray | None = None  # client bytes held until the transaction's record is durable
@@ -516,7 +520,7 @@ class CapturingForwarder(Forwarder):
             sql, raw = refused, self._query_message(refused)
             infos = classify(sql)
         a = self.assembler
-        in_block = a.explicit or self.tx_status != _IDLE
+        in_block = self._in_block_when_run()
         if infos and in_block and infos[0].kind is Kind.COMMIT and not self._pass_one and self._may_have_written():
             if a.txid is None and not self._probe_inflight and self._probe_allowed():
                 self._inject_query_probe()
@@ -561,7 +565,25 @@ class CapturingForwarder(Forwarder):
         if text is not original:
             raw = self._query_message(text)
         self._send(Request(codes.QUERY, context=_QueryParts(parts, sample=sample)), raw)
+        if control:
+            self._sent_control(infos, in_block)
         return False
+
+    def _in_block_when_run(self) -> bool:
+        """Whether a statement sent now runs inside a transaction block (see _block_when_run)."""
+        if self._block_when_run is not None:
+            return self._block_when_run
+        return self.assembler.explicit or self.tx_status != _IDLE
+
+    def _sent_control(self, infos: tuple[StatementInfo, ...], in_block: bool) -> None:
+        """Transaction control went out: the block state it leaves, until every answer is in."""
+        for info in infos:
+            kind = info.kind
+            if kind is Kind.BEGIN:
+                in_block = True
+            elif kind is Kind.COMMIT or kind is Kind.ROLLBACK or kind is Kind.TWO_PHASE:
+                in_block = info.chain
+        self._block_when_run = in_block
 
     def _late_probe_point(self, infos: tuple[StatementInfo, ...], in_block: bool) -> int | None:
         """A string with transaction control inside: probe before its COMMIT, or at its end; logged late."""
@@ -735,6 +757,7 @@ class CapturingForwarder(Forwarder):
         info = portal.statement.infos[0]
         if any(i.kind in _CONTROL for i in portal.statement.infos):
             self._batch_control = True
+            self._sent_control(portal.statement.infos, self._in_block_when_run())
         if info.kind is Kind.COMMIT and not self._pass_one and self._may_have_written():
             if self._probe_allowed() and (
                 (self._batch_writes and not self._probe_in_batch) or (a.txid is None and not self._probe_inflight)
@@ -1336,6 +1359,8 @@ class CapturingForwarder(Forwarder):
         if self.pending:
             stats.latency.observe(_now() - self.pending.popleft())
             stats.queries += 1
+        if not self.pending:
+            self._block_when_run = None  # every answer is in: the server's own status says it
         if status == _IDLE:
             stats.transactions += 1
             self._local_role = False
