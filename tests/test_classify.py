@@ -96,6 +96,14 @@ def test_writes_replay_cannot_repeat_exactly(sql: str, unrepeatable: bool) -> No
     assert info.writes and info.unrepeatable is unrepeatable
 
 
+def test_a_write_names_the_functions_capture_does_not_know() -> None:
+    """Replay asks the target which of them are volatile (a user's order-number function, say)."""
+    (info,) = classify("update t set n = next_order_no(), m = lower(x), r = random() where id = 1")
+    assert info.calls == ("next_order_no",) and info.unrepeatable
+    (info,) = classify("with w as (insert into t select f(1) returning id) select count(*) from w")
+    assert info.writes and info.calls == ("f",)
+
+
 def test_merge_names_its_target() -> None:
     """Re-sync flags and the copy stitch (a table copied at its own snapshot) go by the relations written."""
     (info,) = classify("merge into app.t using s on t.id = s.id when not matched then insert values (s.id)")

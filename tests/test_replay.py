@@ -822,6 +822,24 @@ def test_writes_replayed_as_statements_flag_the_tables_whose_defaults_the_target
     assert journal.resync_tables("app") == ["cte_target", "stamped"]
 
 
+def test_a_write_calling_a_users_volatile_function_flags_its_table(env: Env) -> None:
+    """The target runs the function again (its own counters, its own random()); an immutable one is exact."""
+    schema = (
+        "CREATE TABLE vf_a (id int PRIMARY KEY, n int); CREATE TABLE vf_b (id int PRIMARY KEY, n int); "
+        "INSERT INTO vf_a VALUES (1, 1); INSERT INTO vf_b VALUES (1, 1); "
+        "CREATE FUNCTION pick() RETURNS int VOLATILE LANGUAGE sql AS 'SELECT (random() * 1000000)::int'; "
+        "CREATE FUNCTION twice(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1 * 2'"
+    )
+    for server in (env.source, env.target):
+        server.psql(schema, dbname=env.dbname)
+    snapshot = env.snapshot()
+    write_through_proxy(env, "update vf_a set n = pick() where id = 1", "update vf_b set n = twice(n) where id = 1")
+    journal = ApplyJournal()
+    status, _ = replay(env, snapshot, journal=journal)
+    assert status.applied == 2 and status.paused is None
+    assert journal.resync_tables("app") == ["vf_a"]
+
+
 def test_replay_refuses_a_target_database_created_again_under_it(env: Env) -> None:
     """A second copy drops and recreates the target at a new S: a replayer from the old S stops and writes nothing."""
     snapshot = env.snapshot()

@@ -61,6 +61,9 @@ class StatementInfo:
     # A write that, run again on the target, may change other values or other rows than on the source
     # (volatile functions, the session's user, rows picked by LIMIT without ORDER BY, ctid, SKIP LOCKED...).
     unrepeatable: bool = False
+    # Functions a write calls that capture knows nothing of (a user's, most often): replay flags its tables
+    # when the target has a volatile function of that name.
+    calls: tuple[str, ...] = ()
 
     def with_text(self, text: str, start: int) -> StatementInfo:
         """The same classification for another text of the same template (its literals differ)."""
@@ -204,6 +207,18 @@ class _Scan(Visitor):
         self.writes.append(_relation_name(node.relation))
 
 
+def _write(command: str, text: str, scan: _Scan) -> StatementInfo:
+    unknown = (f for f in scan.functions if f not in READ_ONLY_FUNCTIONS and f not in UNREPEATABLE_FUNCTIONS)
+    return StatementInfo(
+        Kind.WRITE,
+        command,
+        text,
+        tuple(dict.fromkeys(scan.writes)),
+        unrepeatable=scan.unrepeatable,
+        calls=tuple(dict.fromkeys(unknown)),
+    )
+
+
 def _is_null(node: ast.Node) -> bool:
     """LIMIT ALL (and LIMIT NULL): no limit at all."""
     return isinstance(node, ast.A_Const) and bool(node.isnull)
@@ -227,10 +242,7 @@ def _classify_node(node: ast.Node, text: str) -> StatementInfo:
         kind = _TRANSACTION_KINDS[TransactionStmtKind(node.kind or 0)]
         return StatementInfo(kind, command, text, savepoint=node.savepoint_name, chain=bool(node.chain))
     if isinstance(node, _WRITE_NODES):
-        scan = _scan(node)
-        return StatementInfo(
-            Kind.WRITE, command, text, tuple(dict.fromkeys(scan.writes)), unrepeatable=scan.unrepeatable
-        )
+        return _write(command, text, _scan(node))
     if isinstance(node, ast.CopyStmt):
         if node.is_from:
             return StatementInfo(Kind.WRITE, command, text, (_relation_name(node.relation),))
@@ -330,9 +342,7 @@ def _classify_select(node: ast.SelectStmt, command: str, text: str) -> Statement
         return _ddl(node, command, text)
     scan = _scan(node)
     if scan.writes:  # a writable CTE
-        return StatementInfo(
-            Kind.WRITE, command, text, tuple(dict.fromkeys(scan.writes)), unrepeatable=scan.unrepeatable
-        )
+        return _write(command, text, scan)
     if any(f not in READ_ONLY_FUNCTIONS for f in scan.functions):
         return StatementInfo(Kind.MAYBE_WRITE, command, text)
     return StatementInfo(Kind.READ, command, text)

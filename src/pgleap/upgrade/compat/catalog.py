@@ -71,6 +71,14 @@ def defaults_sql(facts: Facts) -> str:
     return sql
 
 
+def volatile_functions_sql() -> str:
+    """Names of the volatile functions outside pg_catalog (users' and extensions'), the same in every version."""
+    return (
+        "SELECT DISTINCT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE p.provolatile = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    )
+
+
 def primary_key_sql(facts: Facts) -> str:
     """Primary key columns of table oid $1 (name, type name), in key order."""
     del facts  # pg_index.indkey / indisprimary are the same from 9.0 on; no LATERAL/ORDINALITY (9.3/9.4)

@@ -58,7 +58,7 @@ from pgleap.upgrade.replay.position import (
     server_version_num,
     store_position_sql,
 )
-from pgleap.upgrade.replay.recomputed import defaulted_tables, named_among, triggered_tables
+from pgleap.upgrade.replay.recomputed import defaulted_tables, named_among, triggered_tables, volatile_functions
 from pgleap.upgrade.replay.retention import LogRetention
 from pgleap.upgrade.replay.snapshot import Snapshot, Stitch, make_stitch
 from pgleap.upgrade.replay.wire import Pipeline, Slot, TargetSession, is_copy_from_stdin
@@ -200,6 +200,7 @@ class Replayer:
         self._target_facts: Facts = facts_for(PG90)  # learned at each connect
         self._triggered: frozenset[str] = frozenset()  # tables with triggers on the target, read at each connect
         self._defaulted: frozenset[str] = frozenset()  # and tables with defaults the target computes
+        self._volatile: frozenset[str] = frozenset()  # and its volatile functions outside pg_catalog
         self._flags: dict[str, tuple[int, str]] = {}  # re-sync flags of the batch being planned
         self._failures = 0
         self._skip_paused: ApplyError | None = None
@@ -376,6 +377,7 @@ class Replayer:
 
     async def _learn_recomputed(self, session: TargetSession) -> None:
         self._defaulted = await defaulted_tables(session, self._target_facts)
+        self._volatile = await volatile_functions(session)
         triggered = await triggered_tables(session)
         if triggered and triggered != self._triggered:
             log.warning(
@@ -831,7 +833,7 @@ class Replayer:
         sql = statement.sql
         infos = classify(sql) if statement.images is None else ()
         unrepeatable = bool(infos) and (
-            any(info.unrepeatable for info in infos)
+            any(info.unrepeatable or (info.calls and not self._volatile.isdisjoint(info.calls)) for info in infos)
             or reads_the_clock_as_input(sql, statement.params, statement.param_types)
         )
         defaults = bool(self._defaulted) and any(_fills_defaults(info) for info in infos)

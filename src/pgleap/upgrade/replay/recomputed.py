@@ -1,4 +1,4 @@
-"""Tables where the target computes again what replay writes: their triggers, their column defaults.
+"""What the target computes again as replay writes: triggers, column defaults, users' volatile functions.
 
 Replay applies the source's statements (and row images for INSERTs) with the target's triggers enabled:
 disabling them (`session_replication_role = replica`) would lose what an audit trigger writes to other
@@ -10,6 +10,8 @@ never silently different).
 Defaults are the same story for writes replayed as statements (an INSERT without row images, COPY FROM
 STDIN, `SET x = DEFAULT`): a `now()` or `nextval()` default is computed again on the target, at another
 time and in another order. An INSERT with row images carries the values the source computed, and is exact.
+And a statement calling a user's volatile function (an order number from a table of counters, say) runs
+it again there.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pglast.parser import ParseError
 from pglast.visitors import Visitor
 
 from pgleap.upgrade.compat import Facts
-from pgleap.upgrade.compat.catalog import defaults_sql
+from pgleap.upgrade.compat.catalog import defaults_sql, volatile_functions_sql
 from pgleap.upgrade.replay.wire import TargetSession
 
 # Enabled for an ordinary session ('O' origin, 'A' always; replay's session_replication_role is origin);
@@ -42,6 +44,11 @@ async def defaulted_tables(session: TargetSession, facts: Facts) -> frozenset[st
     """ "schema.table" of every table with a default the target computes (a function, an identity column)."""
     rows = await session.query(defaults_sql(facts))
     return frozenset(str(table) for table, default in rows if default is None or computes(str(default)))
+
+
+async def volatile_functions(session: TargetSession) -> frozenset[str]:
+    """Names of the target's volatile functions outside pg_catalog."""
+    return frozenset(str(row[0]) for row in await session.query(volatile_functions_sql()))
 
 
 @lru_cache(maxsize=1024)
