@@ -254,8 +254,25 @@ def test_settings_read_inside_a_savepoint_are_taken_back_by_its_rollback() -> No
     a.settings_seen(other)
     run(a, "rollback to savepoint u", ["ROLLBACK"], T)
     run(a, "insert into t values (2)", ["INSERT 0 1"], T)
+    assert a.needs_probe()  # the settings were read after both savepoints: read again
     a.probe(44, "2020-01-01T00:00:00+00", public)
     run(a, "commit", ["COMMIT"], I)
     (tx,) = take_committed(a)
     assert tx.settings == public and [s.sql for s in tx.statements] == ["insert into t values (2)"]
     assert a.last_settings == public
+
+
+def test_a_rollback_to_a_savepoint_set_before_the_first_read_keeps_the_settings_and_asks_again() -> None:
+    """BEGIN; SAVEPOINT; INSERT (probed); ROLLBACK TO; INSERT: the txid is known, the settings are read again."""
+    a = TransactionAssembler("app", 1)
+    zone = (("search_path", "app"), ("TimeZone", "Asia/Tokyo"))
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "savepoint s", ["SAVEPOINT"], T)
+    run(a, "insert into t values (1)", ["INSERT 0 1"], T)
+    a.probe(1234, "2020-01-01T00:00:00+00", zone)
+    run(a, "rollback to savepoint s", ["ROLLBACK"], T)
+    run(a, "insert into t values (2)", ["INSERT 0 1"], T)
+    assert a.needs_probe()
+    run(a, "commit", ["COMMIT"], I)  # had the probe not come: the settings read inside the savepoint, not none
+    (tx,) = take_committed(a)
+    assert (tx.txid, tx.settings, [s.sql for s in tx.statements]) == (1234, zone, ["insert into t values (2)"])

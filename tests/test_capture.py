@@ -605,6 +605,16 @@ def test_a_write_pipelined_behind_a_begin_is_left_in_the_clients_transaction(tmp
         assert [kind for answer in answers for kind, _ in answer if kind in (b"N", b"E")] == []  # no warning
         assert pg_new.psql("select string_agg(id::text, ',') from cap7") == "2"
         assert [statements for _, statements in logged(proxy, capture)] == [["insert into cap7 values (2)"]]
+        # In a block whose COMMIT is skipped by an error before it, in the same string: the writes after it
+        # fail as they would directly, and the client's ROLLBACK ends the block, not pgleap.
+        sock.sendall(query_message("begin"))
+        read_until_ready(sock)
+        pipelined = ("insert into cap7 values (2); commit", "insert into cap7 values (3)", "rollback")
+        sock.sendall(b"".join(query_message(sql) for sql in pipelined))
+        answers = [read_until_ready(sock) for _ in pipelined]
+        assert [a[-1] for a in answers] == [(b"Z", b"E"), (b"Z", b"E"), (b"Z", b"I")]
+        assert [kind for answer in answers for kind, _ in answer if kind in (b"N", b"E")] == [b"E", b"E"]
+        assert pg_new.psql("select string_agg(id::text, ',') from cap7") == "2"
 
 
 def test_explicit_transactions_in_one_pipeline_are_each_logged_with_their_txid(

@@ -448,6 +448,7 @@ def test_apply_error_skip_and_resync(env: Env) -> None:
     (error,) = journal.errors("app")
     assert error.action == "skipped" and error.position == 2 and error.sqlstate == "42P01"
     assert set(error.resync_tables) == {"items", "only_src"} == set(journal.resync_tables("app"))
+    assert journal.required_resyncs("app") == ["items", "only_src"]  # cutover waits for their re-sync
     (divergence,) = journal.divergences("app")
     assert (divergence.source_tag, divergence.target_tag) == ("UPDATE 1", "UPDATE 2")
     rows = env.target.psql("SELECT id, qty FROM items ORDER BY id", dbname=env.dbname)
@@ -793,6 +794,7 @@ def test_statements_the_target_may_compute_otherwise_flag_their_tables(env: Env)
     status, _ = replay(env, snapshot, journal=journal)
     assert status.applied == 5 and status.divergences == 0
     assert journal.resync_tables("app") == ["events", "items"]
+    assert journal.required_resyncs("app") == []  # they may differ: found and repaired, cutover does not wait
 
 
 def test_writes_replayed_as_statements_flag_the_tables_whose_defaults_the_target_computes(env: Env) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +274,26 @@ def test_defaults_that_call_anything_count_as_computed_by_the_target() -> None:
     for default in ("0", "'x'::text", "'2020-01-01 00:00:00+00'::timestamp with time zone", "(-1)", "'{}'::jsonb"):
         assert not computes(default), default
     assert computes("this is not sql (")  # unknown: counted as computed
+
+
+def test_a_required_flag_stays_required_until_cleared_and_an_older_journal_gains_the_column(tmp_path: Path) -> None:
+    """A table flagged for a skipped transaction keeps holding cutover when flagged again for lesser reasons."""
+    path = tmp_path / "old.journal.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE resync_table (database TEXT NOT NULL, table_name TEXT NOT NULL, position INTEGER NOT NULL, "
+        "reason TEXT NOT NULL, PRIMARY KEY (database, table_name))"
+    )
+    old.execute("INSERT INTO resync_table VALUES ('app', 'public.old', 2, 'before the column')")
+    old.commit()
+    old.close()
+    journal = ApplyJournal(path)
+    try:
+        journal.mark_resync("app", ("public.t",), 5, "txid 7 skipped", required=True)
+        journal.mark_resync("app", ("public.t", "public.u"), 6, "triggers fired again")
+        assert journal.required_resyncs("app") == ["public.t"]
+        assert journal.resync_flags("app") == {"public.old": 2, "public.t": 6, "public.u": 6}
+        journal.clear_resync("app", "public.t", through=6)
+        assert journal.required_resyncs("app") == []
+    finally:
+        journal.close()

@@ -22,6 +22,7 @@ from pgleap.lab import LabServer
 from pgleap.protocol.messages import command_complete, data_row, message, ready_for_query, row_description
 from pgleap.proxy.session_state import ServerState, ServerStateReader, movable_state
 from pgleap.testing import ProxyProcess
+from pgleap.upgrade.replay import ApplyJournal
 
 from conftest import console as open_console
 from conftest import pgbench_database, server_config, show, wait_for
@@ -111,6 +112,39 @@ def test_temporary_state_delays_cutover_and_listen_moves(
             heard = list(listener.notifies(timeout=10, stop_after=1))
             assert [(n.channel, n.payload) for n in heard] == [(CHANNEL, "on the target")], heard
             assert port_of(listener) == target.port and port_of(holder) == target.port
+    finally:
+        pgleap.stop()
+
+
+def test_a_table_that_must_be_re_synced_holds_cutover_even_forced_until_it_is(
+    tmp_path: Path, pg_old: LabServer, source_db: str, target: LabServer
+) -> None:
+    """A table whose transaction replay skipped (skip_and_resync) may lack it on the target: the resync gate
+    shuts, a forced cutover is refused in its pause with nothing switched, and FORCE RESYNC TABLE opens it."""
+    source, target_config = server_config(pg_old, source_db), server_config(target, source_db)
+    extra = f'state_path = "{tmp_path / "state.db"}"\nchangelog_path = "{tmp_path / "changes.db"}"'
+    upgrade = UPGRADE.replace("parallel_workers = 2", "parallel_workers = 2\nresync_on_error = false")
+    pgleap = ProxyProcess(tmp_path, {"app": source}, extra=extra, targets={"app": target_config}, upgrade_extra=upgrade)
+    try:
+        pgleap.wait_accepting()
+        with open_console(pgleap) as console:
+            console.execute("START UPGRADE")
+            wait_for(lambda: show(console, "SHOW UPGRADE STATUS")[0]["phase"] == "cutover_ready", "cutover_ready", 180)
+            journal = ApplyJournal(tmp_path / "changes.journal.db")  # the running pgleap's, as replay writes it
+            try:
+                journal.mark_resync("app", ("pgbench_branches",), 1, "stands in for a skipped txid", required=True)
+            finally:
+                journal.close()
+            wait_for(lambda: show(console, "SHOW UPGRADE STATUS")[0]["phase"] == "mirroring", "the gate to shut", 30)
+            with pytest.raises(psycopg.Error, match="resync: 1 tables must be re-synced first"):
+                console.execute("INITIATE CUTOVER")
+            with pytest.raises(psycopg.Error, match=r"must be re-synced before clients move \(pgbench_branches\)"):
+                console.execute("INITIATE CUTOVER FORCE")
+            assert show(console, "SHOW UPGRADE STATUS")[0]["routed_to"] == "source"
+            console.execute("FORCE RESYNC TABLE 'pgbench_branches'")
+            wait_for(lambda: show(console, "SHOW UPGRADE STATUS")[0]["phase"] == "cutover_ready", "cutover_ready", 60)
+            (note,) = console.execute("INITIATE CUTOVER").fetchall()
+            assert "clients on the target" in note[0], note
     finally:
         pgleap.stop()
 

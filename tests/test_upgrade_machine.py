@@ -61,6 +61,10 @@ def test_gates_name_what_holds_cutover_back() -> None:
         "error_rate": "error rate 1.0000% (threshold 0.1000%)",
     }
     assert "error_rate" not in {g.name for g in cutover_gates(GateInputs(10, 5, 0.001, None, False, 3, 0, 0.2, 1.0))}
+    waiting = GateInputs(10, 5, 0.001, 0.0, True, 3, 0, 0.2, 1.0, must_resync=("public.orders",))
+    (gate,) = shut(cutover_gates(waiting))
+    assert gate.name == "resync" and gate.detail.startswith("1 tables must be re-synced first")
+    assert "public.orders" in gate.detail
 
 
 @pytest.fixture

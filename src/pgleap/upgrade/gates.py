@@ -27,6 +27,9 @@ class GateInputs:
     differing_tables: int
     lag_seconds: float | None  # None: replay not running
     max_lag_seconds: float
+    # Tables replay flagged because the target may lack or repeat a transaction there (one skipped under
+    # skip_and_resync, say): until their re-sync, the last verification round says nothing about them.
+    must_resync: tuple[str, ...] = ()
 
 
 def cutover_gates(inputs: GateInputs) -> list[Gate]:
@@ -44,6 +47,15 @@ def cutover_gates(inputs: GateInputs) -> list[Gate]:
             "no table verified yet"
             if inputs.verified_tables == 0
             else f"{inputs.differing_tables} of {inputs.verified_tables} tables differ",
+        ),
+        Gate(
+            "resync",
+            not inputs.must_resync,
+            "no table waits for a re-sync"
+            if not inputs.must_resync
+            else f"{len(inputs.must_resync)} tables must be re-synced first (a transaction skipped or applied "
+            f"without its place known): {', '.join(inputs.must_resync[:5])}; pgleap re-syncs them with "
+            f"resync_on_error, or run FORCE RESYNC TABLE",
         ),
         Gate(
             "validation_duration",

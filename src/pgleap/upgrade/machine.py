@@ -377,6 +377,9 @@ class UpgradeMachine:
                 differing_tables=sum(1 for r in reports if not r.clean),
                 lag_seconds=replay.lag_seconds if replay is not None else None,
                 max_lag_seconds=CUTOVER_MAX_LAG,
+                must_resync=tuple(self.proxy.replay.journal.required_resyncs(self.database))
+                if self.proxy.replay is not None
+                else (),
             )
         )
         closed = shut(self.gates)

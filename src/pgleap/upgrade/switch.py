@@ -120,6 +120,14 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
             await database.capture.drain()
         await _applied(proxy, closing, started + timeout)
         caught_up = time.monotonic()
+        # Checked again in the pause, everything applied: a transaction skipped since the gates were judged.
+        must_resync = proxy.replay.journal.required_resyncs(closing)
+        if must_resync:
+            raise SwitchAbortedError(
+                f"tables must be re-synced before clients move ({', '.join(must_resync)}): a transaction was "
+                f"skipped there, or applied without its place known; nothing was switched and clients go on "
+                f"with the {database.route.role}; try again once they are re-synced (FORCE RESYNC TABLE)"
+            )
         old = await connect(old_server, role="old server")
         new = await connect(new_server, role="new server")
         try:

@@ -246,12 +246,14 @@ class CapturingForwarder(Forwarder):
         self._pass_one = False  # the next client message is a released commit point: let it through
         # Whether the server will be in a transaction block once everything sent has run, while answers are still
         # out (None: as the last answer says). A write pipelined behind an unanswered BEGIN is in the client's
-        # block, not an implicit transaction for pgleap to wrap (and commit).
+        # block, not an implicit transaction for pgleap to wrap (and commit). Unsure when an earlier statement
+        # of the string (or batch) may fail and skip the control statement: writes then wait for the answers.
         self._block_when_run: bool | None = None
+        self._block_unsure = False
         self._out: list[bytes] = []
         self._fwd: list[bytes] = []
         self._stash: bytearray | None = None  # client bytes held until the transaction's record is durable
-        self._commit_point: str | None = None  # "commit" or "sync": why the stash was taken
+        self._commit_point: str | None = None  # "commit", "sync", "copy" or "answers": why the stash was taken
         self._preparing = False
         self._log_id: int | None = None  # the pending record of the transaction whose COMMIT went out
         self._log_tx: CapturedTransaction | None = None  # and that transaction
@@ -526,6 +528,9 @@ class CapturingForwarder(Forwarder):
                 self._inject_query_probe()
             self._commit_point = "commit"
             return True
+        if self.pending and self._waits_for_answers(infos, in_block):
+            self._commit_point = "answers"
+            return True
         self.pending.append(_now())
         self.open_batch = False
         self._ddl_sent(infos)
@@ -569,20 +574,32 @@ class CapturingForwarder(Forwarder):
             self._sent_control(infos, in_block)
         return False
 
+    def _waits_for_answers(self, infos: tuple[StatementInfo, ...], in_block: bool) -> bool:
+        """A write sent while answers are out, whose transaction is not surely known: it would be wrapped as an
+        implicit transaction (the client's block may be open after all, an earlier statement having failed), or
+        the block state is a guess. Decided again once every answer is in; a wrap waits for them anyway."""
+        if not any(i.writes for i in infos):
+            return False
+        return self._block_unsure or not (in_block or any(i.kind in _CONTROL for i in infos))
+
     def _in_block_when_run(self) -> bool:
         """Whether a statement sent now runs inside a transaction block (see _block_when_run)."""
         if self._block_when_run is not None:
             return self._block_when_run
         return self.assembler.explicit or self.tx_status != _IDLE
 
-    def _sent_control(self, infos: tuple[StatementInfo, ...], in_block: bool) -> None:
-        """Transaction control went out: the block state it leaves, until every answer is in."""
-        for info in infos:
+    def _sent_control(self, infos: tuple[StatementInfo, ...], in_block: bool, *, batch: bool = False) -> None:
+        """Transaction control went out: the block state it leaves, until every answer is in.
+
+        Sure only when nothing before it in the string (or the extended batch: `batch`) can fail and skip it,
+        and it is a plain BEGIN, COMMIT or ROLLBACK: AND CHAIN and the two-phase commands can fail on their own.
+        """
+        for i, info in enumerate(infos):
             kind = info.kind
-            if kind is Kind.BEGIN:
-                in_block = True
-            elif kind is Kind.COMMIT or kind is Kind.ROLLBACK or kind is Kind.TWO_PHASE:
-                in_block = info.chain
+            if kind is Kind.BEGIN or kind is Kind.COMMIT or kind is Kind.ROLLBACK or kind is Kind.TWO_PHASE:
+                in_block = kind is Kind.BEGIN or info.chain
+                if i > 0 or batch or info.chain or kind is Kind.TWO_PHASE:
+                    self._block_unsure = True
         self._block_when_run = in_block
 
     def _late_probe_point(self, infos: tuple[StatementInfo, ...], in_block: bool) -> int | None:
@@ -757,7 +774,7 @@ class CapturingForwarder(Forwarder):
         info = portal.statement.infos[0]
         if any(i.kind in _CONTROL for i in portal.statement.infos):
             self._batch_control = True
-            self._sent_control(portal.statement.infos, self._in_block_when_run())
+            self._sent_control(portal.statement.infos, self._in_block_when_run(), batch=True)
         if info.kind is Kind.COMMIT and not self._pass_one and self._may_have_written():
             if self._probe_allowed() and (
                 (self._batch_writes and not self._probe_in_batch) or (a.txid is None and not self._probe_inflight)
@@ -895,6 +912,10 @@ class CapturingForwarder(Forwarder):
         if self._stash is None or self._commit_point in (None, "copy") or self._preparing:
             return
         if self.tracker.outstanding_statements():
+            return
+        if self._commit_point == "answers":  # see _waits_for_answers
+            self._commit_point = None
+            self._release_stash(None)
             return
         a = self.assembler
         point, self._commit_point = self._commit_point, None
@@ -1359,8 +1380,9 @@ class CapturingForwarder(Forwarder):
         if self.pending:
             stats.latency.observe(_now() - self.pending.popleft())
             stats.queries += 1
-        if not self.pending:
-            self._block_when_run = None  # every answer is in: the server's own status says it
+        if not self.pending and not self.open_batch:
+            # Every answer is in: the server's own status says it.
+            self._block_when_run, self._block_unsure = None, False
         if status == _IDLE:
             stats.transactions += 1
             self._local_role = False

@@ -73,3 +73,8 @@ def settings_statement(settings: Sequence[tuple[str, str]], *, local: bool = Tru
     flag = "true" if local else "false"
     calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, {flag})" for i in range(len(settings)))
     return f"SELECT {calls}", tuple(part.encode() for pair in settings for part in pair)
+
+
+def is_settings_statement(sql: str) -> bool:
+    """Whether `sql` is a settings_statement() for the transaction (what capture keeps for a SET between writes)."""
+    return sql.startswith("SELECT set_config($1, $2, true)")

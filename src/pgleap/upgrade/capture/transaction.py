@@ -101,8 +101,9 @@ class TransactionAssembler:
             self.probed = False
 
     def needs_probe(self) -> bool:
-        """Whether the transaction may have written and its txid is not known yet."""
-        return self.may_write and not self.failed and self.txid is None and not self.probed
+        """Whether the transaction may have written and its txid (or, after a ROLLBACK TO SAVEPOINT, its
+        settings) is not known yet."""
+        return self.may_write and not self.failed and (self.txid is None or not self._settings_read) and not self.probed
 
     @property
     def checks_allowed(self) -> bool:
@@ -142,7 +143,13 @@ class TransactionAssembler:
         elif kind is Kind.ROLLBACK_TO and info.savepoint:
             kept = self._pop_savepoints(info.savepoint, keep=True)
             if kept is not None:
-                self._settings_read, self.settings, self._settings_now = self.savepoints[-1].settings
+                read, settings, now = self.savepoints[-1].settings
+                if read:
+                    self._settings_read, self.settings, self._settings_now = read, settings, now
+                else:
+                    # Read only after the savepoint: kept until read again (a SET between the savepoint and that
+                    # read is undone now); needs_probe() asks for that read with the next write.
+                    self._settings_read = False
                 del self.statements[kept:]  # the set_config() of changes after the savepoint with them
                 # A read after a rolled-back write saw it; the replay will not have it.
                 kept_checks = [c for c in self.checks if c[0].before <= kept]

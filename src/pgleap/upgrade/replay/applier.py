@@ -31,7 +31,7 @@ from pgleap.store.changelog import ChangeLog
 from pgleap.store.records import CapturedCheck, CapturedStatement, LoggedTransaction, decode_image
 from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
 from pgleap.upgrade.capture.pinning import pin_time, reads_the_clock_as_input
-from pgleap.upgrade.capture.probe import settings_statement
+from pgleap.upgrade.capture.probe import is_settings_statement, settings_statement
 from pgleap.upgrade.compat.adapters import VersionAdapter, adapter_for
 from pgleap.upgrade.compat.facts import PG90, Facts, facts_for
 from pgleap.upgrade.replay.ddl_queue import DDLQueue, HeldDDL, changes_schema
@@ -201,7 +201,7 @@ class Replayer:
         self._triggered: frozenset[str] = frozenset()  # tables with triggers on the target, read at each connect
         self._defaulted: frozenset[str] = frozenset()  # and tables with defaults the target computes
         self._volatile: frozenset[str] = frozenset()  # and its volatile functions outside pg_catalog
-        self._flags: dict[str, tuple[int, str]] = {}  # re-sync flags of the batch being planned
+        self._flags: dict[str, tuple[int, str, bool]] = {}  # re-sync flags of the batch being planned
         self._failures = 0
         self._skip_paused: ApplyError | None = None
         self._caught_up = False  # the last step applied everything the log held (less than a batch)
@@ -724,9 +724,10 @@ class Replayer:
         # Statements already in the copy, by the snapshot of the tables they write (S for all but unlogged ones).
         copied = {i for i, statement in enumerate(tx.statements) if self._in_copy(record, i, statement.sql)}
         if self.stitch.tables and 0 < len(copied) < len(tx.statements):
-            # A statement writing no table (SET LOCAL, a set_config() capture kept) is judged by S: it must
-            # still run before a later write that is applied, to a table copied at a snapshot of its own.
-            copied = {i for i in copied if touched_relations(tx.statements[i].sql)}
+            # A SET LOCAL, or a set_config() capture kept, is judged by S: it must still run before a later
+            # write that is applied, to a table copied at a snapshot of its own. (Not a write naming no table,
+            # a DO or a SELECT f(): it would be applied twice.)
+            copied = {i for i in copied if not _only_sets(tx.statements[i].sql)}
         if tx.txid is None and not skip_all:
             self._flag_unplaceable(record)
         planned = _Planned(record, in_snapshot=len(copied) == len(tx.statements))
@@ -808,15 +809,19 @@ class Replayer:
             # One statement writing tables copied at different snapshots cannot be stitched exactly.
             assert record.position is not None
             reason = f"statement {index} of txid {txid} writes tables copied at different snapshots"
-            self._flag(relations, record.position, reason)
+            self._flag(relations, record.position, reason, required=True)
             snapshot = self.snapshot
         return snapshot.visible(txid)
 
-    def _flag(self, tables: tuple[str, ...], position: int, reason: str) -> None:
-        """Flag `tables` for re-sync when the planned batch is sent (one journal write per batch)."""
+    def _flag(self, tables: tuple[str, ...], position: int, reason: str, *, required: bool = False) -> None:
+        """Flag `tables` for re-sync when the planned batch is sent (one journal write per batch); `required`:
+        the target may lack or repeat a transaction there, and cutover waits for the re-sync."""
         for table in tables:
             flagged = self._flags.get(table)
-            self._flags[table] = (position, reason) if flagged is None else (max(position, flagged[0]), flagged[1])
+            if flagged is None:
+                self._flags[table] = (position, reason, required)
+            else:
+                self._flags[table] = (max(position, flagged[0]), flagged[1], required or flagged[2])
 
     def _write_flags(self) -> None:
         # Before the target sees the batch: a crash after its COMMIT must not lose them (more is harmless).
@@ -867,7 +872,7 @@ class Replayer:
         assert record.position is not None
         tables = touched_tables(record)
         reason = f"position {record.position} has no txid and was captured while the copy ran: it may be applied twice"
-        self._flag(tables, record.position, reason)
+        self._flag(tables, record.position, reason, required=True)
         if not tables:
             log.warning("replay of %s: %s, and names no table; verify every table", self.database, reason)
 
@@ -980,6 +985,7 @@ class Replayer:
             tables,
             record.position,
             f"transaction txid {record.transaction.txid} skipped: {error.message}",
+            required=True,
         )
         self.journal.record_error(skipped)
         _, failure = await self._execute([record], skip_all=True)
@@ -1062,6 +1068,11 @@ def _refuses_block(record: LoggedTransaction) -> bool:
         for s in tx.statements
         for info in classify(s.sql)
     )
+
+
+def _only_sets(sql: str) -> bool:
+    """A statement that changes settings and nothing else."""
+    return is_settings_statement(sql) or all(info.kind is Kind.SESSION for info in classify(sql))
 
 
 def _cut_around_outside_block(records: list[LoggedTransaction]) -> list[LoggedTransaction]:

@@ -28,9 +28,13 @@ CREATE TABLE IF NOT EXISTS divergence (
 );
 CREATE TABLE IF NOT EXISTS resync_table (
     database TEXT NOT NULL, table_name TEXT NOT NULL, position INTEGER NOT NULL, reason TEXT NOT NULL,
+    required INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (database, table_name)
 );
 """
+# `required`: the target is known to lack or repeat a transaction there (one skipped, one without a txid
+# applied over the copy, a statement across tables copied at different snapshots), not only that it may
+# compute other values: cutover waits for the re-sync of such a table.
 
 
 class ApplyJournal:
@@ -44,6 +48,9 @@ class ApplyJournal:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(resync_table)")}
+        if "required" not in columns:  # a journal written before the column
+            self._db.execute("ALTER TABLE resync_table ADD COLUMN required INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         """Close the file."""
@@ -91,19 +98,23 @@ class ApplyJournal:
                 ],
             )
 
-    def mark_resync(self, database: str, tables: tuple[str, ...], position: int, reason: str) -> None:
-        """Flag tables for re-sync: the first reason is kept, and the latest position that flagged them."""
-        self.mark_resync_all(database, {t: (position, reason) for t in tables})
+    def mark_resync(
+        self, database: str, tables: tuple[str, ...], position: int, reason: str, *, required: bool = False
+    ) -> None:
+        """Flag tables for re-sync: the first reason is kept, the latest position that flagged them, and whether
+        any flag was `required` (see the schema)."""
+        self.mark_resync_all(database, {t: (position, reason, required) for t in tables})
 
-    def mark_resync_all(self, database: str, flags: dict[str, tuple[int, str]]) -> None:
-        """Flag each table with its (position, reason), as mark_resync does, in one durable write."""
+    def mark_resync_all(self, database: str, flags: dict[str, tuple[int, str, bool]]) -> None:
+        """Flag each table with its (position, reason, required), as mark_resync does, in one durable write."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(
-                    "INSERT INTO resync_table VALUES (?, ?, ?, ?) ON CONFLICT (database, table_name) "
-                    "DO UPDATE SET position = max(position, excluded.position)",
-                    [(database, table, position, reason) for table, (position, reason) in flags.items()],
+                    "INSERT INTO resync_table VALUES (?, ?, ?, ?, ?) ON CONFLICT (database, table_name) "
+                    "DO UPDATE SET position = max(position, excluded.position), "
+                    "required = max(required, excluded.required)",
+                    [(database, table, *flag[:2], int(flag[2])) for table, flag in flags.items()],
                 )
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -146,6 +157,14 @@ class ApplyJournal:
                 "DELETE FROM resync_table WHERE database = ? AND table_name = ? AND (? IS NULL OR position <= ?)",
                 (database, table, through, through),
             )
+
+    def required_resyncs(self, database: str) -> list[str]:
+        """Tables of `database` whose re-sync cutover waits for (see the schema), by name."""
+        rows = self._db.execute(
+            "SELECT table_name FROM resync_table WHERE database = ? AND required <> 0 ORDER BY table_name",
+            (database,),
+        ).fetchall()
+        return [str(name) for (name,) in rows]
 
     def resync_tables(self, database: str) -> list[str]:
         """Tables of `database` flagged for re-sync, by name."""

@@ -54,7 +54,7 @@ async def volatile_functions(session: TargetSession) -> frozenset[str]:
 @lru_cache(maxsize=1024)
 def computes(default: str) -> bool:
     """Whether a default expression calls anything (`now()`, `nextval(...)`, CURRENT_TIMESTAMP, a user's
-    function); a constant, cast or not, does not. What cannot be parsed counts as computing."""
+    function, a cast of a cast); a constant, cast or not, does not. What cannot be parsed counts as computing."""
     try:
         (statement,) = parse_sql(f"SELECT ({default})")
     except (ParseError, ValueError):
@@ -75,6 +75,12 @@ class _Calls(Visitor):
 
     def visit_SQLValueFunction(self, _ancestors: object, _node: ast.Node) -> None:
         self.found = True
+
+    def visit_TypeCast(self, _ancestors: object, node: ast.TypeCast) -> None:
+        # A cast of a cast, as in `('now'::text)::timestamptz`: the outer one runs at each insert (the trick
+        # for a default of the time of the insert that is not now()). A cast of a constant is folded once.
+        if isinstance(node.arg, ast.TypeCast):
+            self.found = True
 
 
 def named_among(relations: tuple[str, ...], tables: frozenset[str]) -> tuple[str, ...]:

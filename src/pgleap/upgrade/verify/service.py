@@ -138,12 +138,17 @@ class VerifyService:
         self._stop_watching.set()
 
     async def force_resync(self, database: str, name: str) -> ResyncResult:
-        """Copy one whole table again at a point, whatever verification would say."""
+        """Copy one whole table again at a point, whatever verification would say; its re-sync flags are cleared."""
         upgrade, replayer = self._prepared(database)
         source = await self._source(upgrade)
         try:
             (table,) = await self._tables(source, database, [name])
+            journal = replayer.journal
+            # Its flags as they stand now: one set again while it is copied may be past the copy's point.
+            flags = {key: at for key, at in journal.resync_flags(database).items() if key in (table.label, table.name)}
             result = await resync_table(replayer, source, table)
+            for key, at in flags.items():
+                journal.clear_resync(database, key, through=at)
             log.info(
                 "re-sync of %s.%s: %d rows copied, %d removed", database, table.label, result.copied, result.deleted
             )
