@@ -615,6 +615,35 @@ def test_a_write_pipelined_behind_a_begin_is_left_in_the_clients_transaction(tmp
         assert [a[-1] for a in answers] == [(b"Z", b"E"), (b"Z", b"E"), (b"Z", b"I")]
         assert [kind for answer in answers for kind, _ in answer if kind in (b"N", b"E")] == [b"E", b"E"]
         assert pg_new.psql("select string_agg(id::text, ',') from cap7") == "2"
+        # Behind the ROLLBACK of a failed block: the next transaction's write is probed and its COMMIT held
+        # (not judged by the failed block); a SET behind a COMMIT does not take the next one's snapshot.
+        sock.sendall(query_message("begin"))
+        read_until_ready(sock)
+        sock.sendall(query_message("insert into cap7 values (2)"))  # a duplicate: the block fails
+        read_until_ready(sock)
+        pipelined = (
+            "rollback",
+            "begin",
+            "insert into cap7 values (4)",
+            "commit",
+            "begin",
+            "insert into cap7 values (5)",
+            "commit",
+            "begin",
+            "set search_path = public",
+            "set transaction isolation level serializable",
+            "commit",
+        )
+        sock.sendall(b"".join(query_message(sql) for sql in pipelined))
+        answers = [read_until_ready(sock) for _ in pipelined]
+        assert [kind for answer in answers for kind, _ in answer if kind in (b"N", b"E")] == []
+        assert pg_new.psql("select string_agg(id::text, ',' order by id) from cap7") == "2,4,5"
+        log = logged(proxy, capture)
+        assert [statements for _, statements in log][1:] == [
+            ["insert into cap7 values (4)"],
+            ["insert into cap7 values (5)"],
+        ]
+        assert all(txid is not None for txid, _ in log) and capture.logged_after_commit == 0
 
 
 def test_explicit_transactions_in_one_pipeline_are_each_logged_with_their_txid(

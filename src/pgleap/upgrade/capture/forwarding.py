@@ -244,12 +244,10 @@ class CapturingForwarder(Forwarder):
         self._batch_writes = False  # the open extended batch executes a write
         self._batch_control = False  # it executes transaction control, or a statement capture does not know
         self._pass_one = False  # the next client message is a released commit point: let it through
-        # Whether the server will be in a transaction block once everything sent has run, while answers are still
-        # out (None: as the last answer says). A write pipelined behind an unanswered BEGIN is in the client's
-        # block, not an implicit transaction for pgleap to wrap (and commit). Unsure when an earlier statement
-        # of the string (or batch) may fail and skip the control statement: writes then wait for the answers.
+        # Whether the server will be in a transaction block once everything sent has run, while transaction
+        # control sent is not answered yet (None: as the last answer says). A COMMIT pipelined behind an
+        # unanswered BEGIN is the client's to hold; writes behind it wait for the answers (_waits_for_answers).
         self._block_when_run: bool | None = None
-        self._block_unsure = False
         self._out: list[bytes] = []
         self._fwd: list[bytes] = []
         self._stash: bytearray | None = None  # client bytes held until the transaction's record is durable
@@ -528,7 +526,7 @@ class CapturingForwarder(Forwarder):
                 self._inject_query_probe()
             self._commit_point = "commit"
             return True
-        if self.pending and self._waits_for_answers(infos, in_block):
+        if self.pending and self._waits_for_answers(infos):
             self._commit_point = "answers"
             return True
         self.pending.append(_now())
@@ -574,13 +572,18 @@ class CapturingForwarder(Forwarder):
             self._sent_control(infos, in_block)
         return False
 
-    def _waits_for_answers(self, infos: tuple[StatementInfo, ...], in_block: bool) -> bool:
-        """A write sent while answers are out, whose transaction is not surely known: it would be wrapped as an
-        implicit transaction (the client's block may be open after all, an earlier statement having failed), or
-        the block state is a guess. Decided again once every answer is in; a wrap waits for them anyway."""
-        if not any(i.writes for i in infos):
+    def _waits_for_answers(self, infos: tuple[StatementInfo, ...]) -> bool:
+        """A write (or a SET of a captured setting) sent behind transaction control not answered yet: which
+        transaction it runs in, whether that one has failed and what it has written are known only from the
+        answers (an error before a COMMIT in the same string skips the COMMIT). Wrapped as an implicit
+        transaction in the client's open block, a write would have pgleap's COMMIT end that block. So it is
+        decided once every answer is in; a wrapped write waits for pgleap's COMMIT anyway."""
+        if self._block_when_run is None:
             return False
-        return self._block_unsure or not (in_block or any(i.kind in _CONTROL for i in infos))
+        for info in infos:  # noqa: SIM110 (a plain loop: no generator for every pipelined statement)
+            if info.writes or (info.setting is not None and changes_captured_setting(info)):
+                return True
+        return False
 
     def _in_block_when_run(self) -> bool:
         """Whether a statement sent now runs inside a transaction block (see _block_when_run)."""
@@ -588,18 +591,12 @@ class CapturingForwarder(Forwarder):
             return self._block_when_run
         return self.assembler.explicit or self.tx_status != _IDLE
 
-    def _sent_control(self, infos: tuple[StatementInfo, ...], in_block: bool, *, batch: bool = False) -> None:
-        """Transaction control went out: the block state it leaves, until every answer is in.
-
-        Sure only when nothing before it in the string (or the extended batch: `batch`) can fail and skip it,
-        and it is a plain BEGIN, COMMIT or ROLLBACK: AND CHAIN and the two-phase commands can fail on their own.
-        """
-        for i, info in enumerate(infos):
+    def _sent_control(self, infos: tuple[StatementInfo, ...], in_block: bool) -> None:
+        """Transaction control went out: the block state it leaves if it all succeeds, until every answer is in."""
+        for info in infos:
             kind = info.kind
             if kind is Kind.BEGIN or kind is Kind.COMMIT or kind is Kind.ROLLBACK or kind is Kind.TWO_PHASE:
                 in_block = kind is Kind.BEGIN or info.chain
-                if i > 0 or batch or info.chain or kind is Kind.TWO_PHASE:
-                    self._block_unsure = True
         self._block_when_run = in_block
 
     def _late_probe_point(self, infos: tuple[StatementInfo, ...], in_block: bool) -> int | None:
@@ -774,7 +771,7 @@ class CapturingForwarder(Forwarder):
         info = portal.statement.infos[0]
         if any(i.kind in _CONTROL for i in portal.statement.infos):
             self._batch_control = True
-            self._sent_control(portal.statement.infos, self._in_block_when_run(), batch=True)
+            self._sent_control(portal.statement.infos, self._in_block_when_run())
         if info.kind is Kind.COMMIT and not self._pass_one and self._may_have_written():
             if self._probe_allowed() and (
                 (self._batch_writes and not self._probe_in_batch) or (a.txid is None and not self._probe_inflight)
@@ -911,11 +908,12 @@ class CapturingForwarder(Forwarder):
         """Once every statement before the stashed commit point is answered, log the transaction, then go on."""
         if self._stash is None or self._commit_point in (None, "copy") or self._preparing:
             return
-        if self.tracker.outstanding_statements():
-            return
         if self._commit_point == "answers":  # see _waits_for_answers
-            self._commit_point = None
-            self._release_stash(None)
+            if not self.pending:  # not every request: an Execute without Sync may wait for what is held
+                self._commit_point = None
+                self._release_stash(None)
+            return
+        if self.tracker.outstanding_statements():
             return
         a = self.assembler
         point, self._commit_point = self._commit_point, None
@@ -1382,7 +1380,7 @@ class CapturingForwarder(Forwarder):
             stats.queries += 1
         if not self.pending and not self.open_batch:
             # Every answer is in: the server's own status says it.
-            self._block_when_run, self._block_unsure = None, False
+            self._block_when_run = None
         if status == _IDLE:
             stats.transactions += 1
             self._local_role = False
