@@ -803,7 +803,8 @@ def test_writes_replayed_as_statements_flag_the_tables_whose_defaults_the_target
         "CREATE TABLE stamped (id serial PRIMARY KEY, at timestamptz DEFAULT now(), note text); "
         "CREATE TABLE plain (id int PRIMARY KEY, note text DEFAULT 'constant'); "
         "CREATE TABLE imaged (id serial PRIMARY KEY, at timestamptz DEFAULT now()); "
-        "CREATE TABLE cte_target (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())"
+        "CREATE TABLE cte_target (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp()); "
+        "CREATE DOMAIN stamp AS timestamptz DEFAULT now(); CREATE TABLE by_domain (id int PRIMARY KEY, at stamp)"
     )
     for server in (env.source, env.target):
         server.psql(schema, dbname=env.dbname)
@@ -815,13 +816,15 @@ def test_writes_replayed_as_statements_flag_the_tables_whose_defaults_the_target
             copy.write_row(("copied",))
         with conn.cursor().copy("copy plain (id) from stdin") as copy:
             copy.write_row((1,))
+        with conn.cursor().copy("copy by_domain (id) from stdin") as copy:
+            copy.write_row((1,))
         conn.execute("insert into imaged default values")  # row images: the source's values, exact
         conn.execute("with w as (insert into cte_target (id) values (1) returning id) select count(*) from w")
     env.drain()
     journal = ApplyJournal()
     status, _ = replay(env, snapshot, journal=journal)
-    assert status.applied == 4 and status.paused is None
-    assert journal.resync_tables("app") == ["cte_target", "stamped"]
+    assert status.applied == 5 and status.paused is None
+    assert journal.resync_tables("app") == ["by_domain", "cte_target", "stamped"]
 
 
 def test_a_write_calling_a_users_volatile_function_flags_its_table(env: Env) -> None:

@@ -53,14 +53,23 @@ def columns_sql(facts: Facts) -> str:
 
 
 def defaults_sql(facts: Facts) -> str:
-    """Column defaults a write may have the server compute: "schema.table", the default's text (NULL for an
-    identity column). Generated columns are left out: their expressions are immutable, computed from the row."""
+    """Column defaults a write may have the server compute: "schema.table", the default's text (a domain's
+    too; NULL for an identity column). Generated columns are left out: immutable, computed from the row."""
     generated = "AND a.attgenerated = '' " if facts.version_num >= PG12 else ""
     sql = (
         "SELECT n.nspname || '.' || c.relname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d "
         "JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum "
         "JOIN pg_class c ON c.oid = d.adrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
         f"WHERE NOT a.attisdropped {generated}AND {_SYSTEM_SCHEMAS}"
+    )
+    # A domain's default, for a column of that domain without one of its own.
+    sql += (
+        " UNION ALL SELECT n.nspname || '.' || c.relname, t.typdefault FROM pg_attribute a "
+        "JOIN pg_type t ON t.oid = a.atttypid JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE t.typtype = 'd' AND t.typdefault IS NOT NULL AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND NOT a.atthasdef AND c.relkind IN ('r', 'p') "
+        f"AND {_SYSTEM_SCHEMAS}"
     )
     if facts.version_num >= PG10:  # identity columns
         sql += (
