@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -284,3 +285,13 @@ def run_tool(
     if result.returncode != 0:
         pytest.fail(f"{' '.join(argv)} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def older_sqlite_file(path: Path, script: str) -> Path:
+    """A SQLite file made by `script`, as an older pgleap left it (for the migrations' tests)."""
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(script)
+    finally:
+        db.close()
+    return path

@@ -162,6 +162,19 @@ def replay(env: Env, snapshot: str, **options: object) -> tuple[ReplayStatus, Re
     return asyncio.run(go())
 
 
+def on_both(env: Env, sql: str) -> None:
+    """`sql` on the source and on the target, directly (the same schema on both, as a copy leaves it)."""
+    for server in (env.source, env.target):
+        server.psql(sql, dbname=env.dbname)
+
+
+def replay_flagging(env: Env, snapshot: str) -> tuple[ReplayStatus, ApplyJournal]:
+    """Replay until caught up, into a journal of its own: the status and what it flagged for re-sync."""
+    journal = ApplyJournal()
+    status, _ = replay(env, snapshot, journal=journal)
+    return status, journal
+
+
 def test_replay_applies_the_captured_workload(env: Env) -> None:
     """Everything after S is applied once, in order, batched; the tables end equal; lag is zero."""
     snapshot = env.snapshot()
@@ -806,8 +819,7 @@ def test_writes_replayed_as_statements_flag_the_tables_whose_defaults_the_target
         "CREATE TABLE cte_target (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp()); "
         "CREATE DOMAIN stamp AS timestamptz DEFAULT now(); CREATE TABLE by_domain (id int PRIMARY KEY, at stamp)"
     )
-    for server in (env.source, env.target):
-        server.psql(schema, dbname=env.dbname)
+    on_both(env, schema)
     catalog = env.capture.catalog
     assert catalog is not None and env.proxy.call(catalog.load_once())  # made outside pgleap: read them now
     snapshot = env.snapshot()
@@ -821,8 +833,7 @@ def test_writes_replayed_as_statements_flag_the_tables_whose_defaults_the_target
         conn.execute("insert into imaged default values")  # row images: the source's values, exact
         conn.execute("with w as (insert into cte_target (id) values (1) returning id) select count(*) from w")
     env.drain()
-    journal = ApplyJournal()
-    status, _ = replay(env, snapshot, journal=journal)
+    status, journal = replay_flagging(env, snapshot)
     assert status.applied == 5 and status.paused is None
     assert journal.resync_tables("app") == ["by_domain", "cte_target", "stamped"]
 
@@ -835,12 +846,10 @@ def test_a_write_calling_a_users_volatile_function_flags_its_table(env: Env) -> 
         "CREATE FUNCTION pick() RETURNS int VOLATILE LANGUAGE sql AS 'SELECT (random() * 1000000)::int'; "
         "CREATE FUNCTION twice(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1 * 2'"
     )
-    for server in (env.source, env.target):
-        server.psql(schema, dbname=env.dbname)
+    on_both(env, schema)
     snapshot = env.snapshot()
     write_through_proxy(env, "update vf_a set n = pick() where id = 1", "update vf_b set n = twice(n) where id = 1")
-    journal = ApplyJournal()
-    status, _ = replay(env, snapshot, journal=journal)
+    status, journal = replay_flagging(env, snapshot)
     assert status.applied == 2 and status.paused is None
     assert journal.resync_tables("app") == ["vf_a"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import struct
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from pgleap.upgrade.replay import (
 )
 from pgleap.upgrade.replay.lag import RateMeter
 from pgleap.upgrade.replay.wire import Pipeline, TargetSession, is_copy_from_stdin
+
+from conftest import older_sqlite_file
 
 EPOCH = 1 << 32  # txid_current() carries the epoch in its high 32 bits
 
@@ -278,15 +279,12 @@ def test_defaults_that_call_anything_count_as_computed_by_the_target() -> None:
 
 def test_a_required_flag_stays_required_until_cleared_and_an_older_journal_gains_the_column(tmp_path: Path) -> None:
     """A table flagged for a skipped transaction keeps holding cutover when flagged again for lesser reasons."""
-    path = tmp_path / "old.journal.db"
-    old = sqlite3.connect(path)
-    old.execute(
+    path = older_sqlite_file(
+        tmp_path / "old.journal.db",
         "CREATE TABLE resync_table (database TEXT NOT NULL, table_name TEXT NOT NULL, position INTEGER NOT NULL, "
-        "reason TEXT NOT NULL, PRIMARY KEY (database, table_name))"
+        "reason TEXT NOT NULL, PRIMARY KEY (database, table_name));"
+        "INSERT INTO resync_table VALUES ('app', 'public.old', 2, 'before the column');",
     )
-    old.execute("INSERT INTO resync_table VALUES ('app', 'public.old', 2, 'before the column')")
-    old.commit()
-    old.close()
     journal = ApplyJournal(path)
     try:
         journal.mark_resync("app", ("public.t",), 5, "txid 7 skipped", required=True)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pgleap.store import ChunkRecord, SchemaErrorRecord, StateStore
 
+from conftest import older_sqlite_file
+
 
 def _chunk(i: int) -> ChunkRecord:
     return ChunkRecord(
@@ -58,17 +60,13 @@ def test_wal_mode(tmp_path: Path) -> None:
 
 def test_a_store_from_before_target_oid_gains_the_column_and_keeps_its_run(tmp_path: Path) -> None:
     """An older pgleap's copy_run has no target_oid: opening adds it, the run reads back with None."""
-    import sqlite3
-
-    path = tmp_path / "old.db"
-    db = sqlite3.connect(path)
-    db.executescript(
+    path = older_sqlite_file(
+        tmp_path / "old.db",
         "CREATE TABLE copy_run (database TEXT PRIMARY KEY, run_id INTEGER NOT NULL, mode TEXT NOT NULL, "
         "snapshot TEXT, snapshot_lsn TEXT, replica_start TEXT, status TEXT NOT NULL, started_at REAL NOT NULL, "
         "finished_at REAL, restart_reason TEXT);"
-        "INSERT INTO copy_run VALUES ('app', 3, 'primary', '10:12:11', NULL, NULL, 'done', 1.0, 2.0, NULL);"
+        "INSERT INTO copy_run VALUES ('app', 3, 'primary', '10:12:11', NULL, NULL, 'done', 1.0, 2.0, NULL);",
     )
-    db.close()
     store = StateStore(path)
     run = store.run("app")
     assert run is not None and (run.run_id, run.snapshot, run.target_oid) == (3, "10:12:11", None)
