@@ -646,6 +646,25 @@ def test_a_write_pipelined_behind_a_begin_is_left_in_the_clients_transaction(tmp
         assert all(txid is not None for txid, _ in log) and capture.logged_after_commit == 0
 
 
+def test_a_rollback_to_savepoint_pipelined_with_the_next_write_has_the_settings_read_again(
+    tmp_path: Path, pg_new: LabServer
+) -> None:
+    """The settings were read inside the savepoint, after a SET it undoes: the record has them as they are."""
+    schema = "drop table if exists cap8; create table cap8 (id int primary key)"
+    with raw_session(tmp_path, pg_new, schema) as (sock, proxy, capture):
+        for sql in ("begin", "savepoint s", "set search_path = elsewhere, public", "insert into cap8 values (1)"):
+            sock.sendall(query_message(sql))
+            read_until_ready(sock)
+        pipelined = ("rollback to savepoint s", "insert into cap8 values (2)", "commit")
+        sock.sendall(b"".join(query_message(sql) for sql in pipelined))
+        answers = [read_until_ready(sock) for _ in pipelined]
+        assert [a[-1] for a in answers] == [(b"Z", b"T"), (b"Z", b"T"), (b"Z", b"I")]
+        proxy.call(capture.drain())
+        (record,) = capture.changelog.read_committed("app", 0, 10)
+        assert [s.sql for s in record.transaction.statements] == ["insert into cap8 values (2)"]
+        assert dict(record.transaction.settings)["search_path"] == '"$user", public'
+
+
 def test_explicit_transactions_in_one_pipeline_are_each_logged_with_their_txid(
     capturing: tuple[ProxyThread, Capture],
 ) -> None:

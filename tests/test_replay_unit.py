@@ -215,6 +215,10 @@ def test_stitch_uses_the_snapshot_of_tables_copied_apart() -> None:
     # One statement writing tables copied at different snapshots cannot be stitched exactly.
     mixed = "with d as (delete from public.scratch returning *) insert into items select * from d"
     assert stitch.for_relations(touched_relations(mixed)) is None
+    # ... unless every one of their copies holds the transaction, or none does.
+    assert {x.visible(999) for x in stitch.all_for(touched_relations(mixed))} == {False}
+    assert {x.visible(99) for x in stitch.all_for(touched_relations(mixed))} == {True}
+    assert {x.visible(150) for x in stitch.all_for(touched_relations(mixed))} == {False, True}
     assert stitch.for_relations(()) is s
     assert not s.visible(150) and scratch.visible(150)
 

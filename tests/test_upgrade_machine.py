@@ -545,3 +545,23 @@ def test_a_drive_that_swallows_a_cancellation_is_still_stopped() -> None:
 
     lost, seconds = asyncio.run(main())
     assert lost == 1 and seconds < 2, (lost, seconds)
+
+
+def test_the_switch_refuses_the_target_while_replay_requires_re_syncs_but_never_the_way_back() -> None:
+    """Checked before the pause and in it: to the target only when forced; back to the source always (logged)."""
+    from types import SimpleNamespace
+
+    from pgleap.upgrade.replay import ApplyJournal
+    from pgleap.upgrade.switch import SwitchAbortedError, _check_resyncs
+
+    journal = ApplyJournal()
+    proxy = SimpleNamespace(replay=SimpleNamespace(journal=journal))
+    _check_resyncs(proxy, "app", "target", False, "source")  # type: ignore[arg-type]  # nothing flagged
+    journal.mark_resync("app", ("public.t",), 3, "may differ: triggers")
+    _check_resyncs(proxy, "app", "target", False, "source")  # type: ignore[arg-type]
+    journal.mark_resync("app", ("public.t",), 4, "txid 9 skipped", required=True)
+    with pytest.raises(SwitchAbortedError, match=r"re-synced before clients move \(public.t\).*nothing was switched"):
+        _check_resyncs(proxy, "app", "target", False, "source")  # type: ignore[arg-type]
+    _check_resyncs(proxy, "app", "target", True, "source")  # type: ignore[arg-type]  # forced
+    journal.mark_resync("app@reverse", ("public.u",), 2, "txid 12 skipped", required=True)
+    _check_resyncs(proxy, "app@reverse", "source", False, "target")  # type: ignore[arg-type]  # the way back

@@ -55,7 +55,7 @@ def cutover_gates(inputs: GateInputs) -> list[Gate]:
             if not inputs.must_resync
             else f"{len(inputs.must_resync)} tables must be re-synced first (a transaction skipped or applied "
             f"without its place known): {', '.join(inputs.must_resync[:5])}; pgleap re-syncs them with "
-            f"resync_on_error, or run FORCE RESYNC TABLE",
+            f"resync_on_error, or run FORCE RESYNC TABLE (INITIATE CUTOVER FORCE goes without)",
         ),
         Gate(
             "validation_duration",

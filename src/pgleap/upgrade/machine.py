@@ -127,7 +127,7 @@ class UpgradeMachine:
             check_move(phase, Phase.CUT_OVER)
             await self.stop()  # mirroring ends; replay and verification of the old direction stop with the switch
             try:
-                report = await switch(self.proxy, self.database, "target", self._cutover.switch_timeout)
+                report = await switch(self.proxy, self.database, "target", self._cutover.switch_timeout, force=force)
             except BaseException:
                 self._start_task()  # not switched: mirroring goes on
                 raise

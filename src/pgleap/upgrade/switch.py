@@ -76,8 +76,9 @@ def direction(upgrade: UpgradeConfig, to: Side) -> UpgradeConfig:
     return upgrade
 
 
-async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchReport:
-    """Move `name`'s clients `to` the source or the target (see the module docstring)."""
+async def switch(proxy: Proxy, name: str, to: Side, timeout: float, *, force: bool = False) -> SwitchReport:
+    """Move `name`'s clients `to` the source or the target (see the module docstring); `force`: even though
+    replay requires re-syncs first (see _check_resyncs)."""
     from pgleap.upgrade.capture.capture import Capture
     from pgleap.upgrade.capture.catalog import SourceCatalog
 
@@ -96,6 +97,7 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
     while not catalog.loaded and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     holders_deadline = time.monotonic() + upgrade.cutover.session_wait
+    _check_resyncs(proxy, closing, to, force, database.route.role)  # before clients pause for nothing
     try:
         while True:
             await _wait_movable(proxy, database, new_server, holders_deadline)
@@ -120,14 +122,7 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float) -> SwitchRep
             await database.capture.drain()
         await _applied(proxy, closing, started + timeout)
         caught_up = time.monotonic()
-        # Checked again in the pause, everything applied: a transaction skipped since the gates were judged.
-        must_resync = proxy.replay.journal.required_resyncs(closing)
-        if must_resync:
-            raise SwitchAbortedError(
-                f"tables must be re-synced before clients move ({', '.join(must_resync)}): a transaction was "
-                f"skipped there, or applied without its place known; nothing was switched and clients go on "
-                f"with the {database.route.role}; try again once they are re-synced (FORCE RESYNC TABLE)"
-            )
+        _check_resyncs(proxy, closing, to, force, database.route.role)  # again, everything applied
         old = await connect(old_server, role="old server")
         new = await connect(new_server, role="new server")
         try:
@@ -239,6 +234,32 @@ def _holders_message(stuck: Mapping[Forwarder, ServerState | None]) -> str:
         f"sessions hold what cannot move to another server, still at the end of [auto_upgrade.cutover] "
         f"session_wait: {names}; nothing was switched; let them end those (DROP the temporary tables, CLOSE "
         f"the cursors, release the advisory locks, or DISCARD ALL) or close those sessions, then try again"
+    )
+
+
+def _check_resyncs(proxy: Proxy, log_name: str, to: Side, force: bool, role: str) -> None:
+    """Refuse to move clients to the target while replay requires re-syncs (a transaction skipped there, or
+    applied without its place known): the target may lack it. The way back to the source is never refused, it
+    is the way out of trouble: what it would leave behind is logged."""
+    assert proxy.replay is not None
+    tables = proxy.replay.journal.required_resyncs(log_name)
+    if not tables:
+        return
+    named = ", ".join(tables)
+    if to == "source" or force:
+        log.warning(
+            "%s: moving clients to the %s although replay of %s requires tables re-synced first (%s): a "
+            "transaction was skipped there or applied without its place known, and may be missing",
+            log_name,
+            to,
+            log_name,
+            named,
+        )
+        return
+    raise SwitchAbortedError(
+        f"tables must be re-synced before clients move ({named}): a transaction was skipped there, or applied "
+        f"without its place known; nothing was switched and clients go on with the {role}; re-sync them "
+        f"(FORCE RESYNC TABLE), or INITIATE CUTOVER FORCE to move without"
     )
 
 

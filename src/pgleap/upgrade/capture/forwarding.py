@@ -511,6 +511,11 @@ class CapturingForwarder(Forwarder):
 
     def _client_query(self, sql: str, raw: bytes) -> bool:
         infos = classify(sql)
+        # First, before anything this string does is counted: it is decided again when released. Not inside an
+        # extended batch without its Sync: the server may keep those answers until it reads on.
+        if self.pending and not self.open_batch and self._waits_for_answers(infos):
+            self._commit_point = "answers"
+            return True
         self._note_two_phase(infos)
         self._note_role(infos)
         if self._wait_for_catalog(infos):
@@ -525,9 +530,6 @@ class CapturingForwarder(Forwarder):
             if a.txid is None and not self._probe_inflight and self._probe_allowed():
                 self._inject_query_probe()
             self._commit_point = "commit"
-            return True
-        if self.pending and self._waits_for_answers(infos):
-            self._commit_point = "answers"
             return True
         self.pending.append(_now())
         self.open_batch = False
@@ -920,9 +922,11 @@ class CapturingForwarder(Forwarder):
         # Decided from the answers, now all in: a COMMIT ends an explicit transaction; a Sync ends an implicit one.
         commits_here = a.explicit if point == "commit" else not a.explicit
         tx = a.current() if commits_here and not a.failed and self.tx_status != _FAILED else None
-        if tx is not None and tx.txid is None and not a.probed and not self._probe_inflight and self._probe_allowed():
+        unknown = tx is not None and (tx.txid is None or not a.settings_read)
+        if unknown and not a.probed and not self._probe_inflight and self._probe_allowed():
             # Sent behind the end of an earlier transaction, before its answers: capture's view was still of that
-            # one, so no probe went with this transaction's writes. Ask now, then come back here.
+            # one, so no probe went with this transaction's writes (or a ROLLBACK TO SAVEPOINT went out with the
+            # next write, undoing what the settings were read after). Ask now, then come back here.
             self._commit_point = point
             assert self._stash is not None
             if self._stash[0] == codes.QUERY:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 from functools import lru_cache
@@ -75,6 +76,9 @@ def settings_statement(settings: Sequence[tuple[str, str]], *, local: bool = Tru
     return f"SELECT {calls}", tuple(part.encode() for pair in settings for part in pair)
 
 
+_SETTINGS_STATEMENT = re.compile(r"SELECT set_config\(\$1, \$2, true\)(?:, set_config\(\$\d+, \$\d+, true\))*")
+
+
 def is_settings_statement(sql: str) -> bool:
     """Whether `sql` is a settings_statement() for the transaction (what capture keeps for a SET between writes)."""
-    return sql.startswith("SELECT set_config($1, $2, true)")
+    return _SETTINGS_STATEMENT.fullmatch(sql) is not None

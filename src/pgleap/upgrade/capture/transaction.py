@@ -223,6 +223,11 @@ class TransactionAssembler:
         self.probed = True
 
     @property
+    def settings_read(self) -> bool:
+        """Whether the open transaction's settings are known (read, and not undone by a ROLLBACK TO since)."""
+        return self._settings_read
+
+    @property
     def last_settings(self) -> _Settings:
         """The captured settings as last read in the session."""
         return self._settings_now or self.settings

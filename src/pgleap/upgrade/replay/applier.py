@@ -805,13 +805,16 @@ class Replayer:
             return self.snapshot.visible(txid)
         relations = touched_relations(sql)
         snapshot = self.stitch.for_relations(relations)
-        if snapshot is None:
-            # One statement writing tables copied at different snapshots cannot be stitched exactly.
-            assert record.position is not None
-            reason = f"statement {index} of txid {txid} writes tables copied at different snapshots"
-            self._flag(relations, record.position, reason, required=True)
-            snapshot = self.snapshot
-        return snapshot.visible(txid)
+        if snapshot is not None:
+            return snapshot.visible(txid)
+        seen = {s.visible(txid) for s in self.stitch.all_for(relations)}
+        if len(seen) == 1:  # every one of those copies holds it, or none does: no question
+            return seen.pop()
+        # In some of the tables' copies and not in others: one statement cannot be stitched exactly.
+        assert record.position is not None
+        reason = f"statement {index} of txid {txid} writes tables copied at different snapshots"
+        self._flag(relations, record.position, reason, required=True)
+        return self.snapshot.visible(txid)
 
     def _flag(self, tables: tuple[str, ...], position: int, reason: str, *, required: bool = False) -> None:
         """Flag `tables` for re-sync when the planned batch is sent (one journal write per batch); `required`:

@@ -86,6 +86,10 @@ class Stitch:
             return only
         return None
 
+    def all_for(self, relations: tuple[str, ...]) -> set[Snapshot]:
+        """Every snapshot the tables `relations` were copied at."""
+        return {self._lookup(name) for name in relations} if self.tables and relations else {self.default}
+
     def _lookup(self, name: str) -> Snapshot:
         if "." in name:
             return self.tables.get(name, self.default)

@@ -142,10 +142,14 @@ class VerifyService:
         upgrade, replayer = self._prepared(database)
         source = await self._source(upgrade)
         try:
+            tables = await self._tables(source, database, None)
             (table,) = await self._tables(source, database, [name])
             journal = replayer.journal
-            # Its flags as they stand now: one set again while it is copied may be past the copy's point.
-            flags = {key: at for key, at in journal.resync_flags(database).items() if key in (table.label, table.name)}
+            # Its flags as they stand now (one set again while it is copied may be past the copy's point); a flag
+            # by bare name only when no other table has that name (one schema per tenant, say).
+            bare = sum(1 for t in tables if t.name == table.name) == 1
+            names = (table.label, table.name) if bare else (table.label,)
+            flags = {key: at for key, at in journal.resync_flags(database).items() if key in names}
             result = await resync_table(replayer, source, table)
             for key, at in flags.items():
                 journal.clear_resync(database, key, through=at)
