@@ -152,12 +152,26 @@ def test_set_local_is_replayed_but_not_set_local_client_encoding() -> None:
     """Replay re-runs a transaction's SET LOCAL; its session stays UTF-8, which capture re-encodes to."""
     a = TransactionAssembler("app", 1)
     run(a, "begin", ["BEGIN"], T)
-    run(a, "set local timezone = 'UTC'", ["SET"], T)
+    run(a, "set local statement_timeout = '5s'", ["SET"], T)
     run(a, "set local client_encoding = 'LATIN1'", ["SET"], T)
     run(a, "set local names 'LATIN1'", ["SET"], T)
     run(a, "insert into t values (1)", ["INSERT 0 1"], T)
     run(a, "commit", ["COMMIT"], I)
-    assert committed_sql(a) == [["set local timezone = 'UTC'", "insert into t values (1)"]]
+    assert committed_sql(a) == [["set local statement_timeout = '5s'", "insert into t values (1)"]]
+
+
+def test_a_set_local_of_a_captured_setting_before_the_first_write_is_left_to_the_settings_read() -> None:
+    """BEGIN; SET LOCAL search_path = a; SET search_path = b; INSERT: the INSERT ran under b, which the probe
+    reads; the SET LOCAL replayed after the settings would put a back."""
+    a = TransactionAssembler("app", 1)
+    run(a, "begin", ["BEGIN"], T)
+    run(a, "set local search_path = a", ["SET"], T)
+    run(a, "set search_path = b", ["SET"], T)
+    run(a, "insert into t values (1)", ["INSERT 0 1"], T)
+    a.probe(5, "2020-01-01T00:00:00+00", (("search_path", "b"),))
+    run(a, "commit", ["COMMIT"], I)
+    (tx,) = take_committed(a)
+    assert tx.settings == (("search_path", "b"),) and [s.sql for s in tx.statements] == ["insert into t values (1)"]
 
 
 def test_a_read_only_transaction_with_set_local_logs_nothing() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -663,6 +664,27 @@ def test_a_rollback_to_savepoint_pipelined_with_the_next_write_has_the_settings_
         (record,) = capture.changelog.read_committed("app", 0, 10)
         assert [s.sql for s in record.transaction.statements] == ["insert into cap8 values (2)"]
         assert dict(record.transaction.settings)["search_path"] == '"$user", public'
+
+
+def test_copy_data_sent_before_the_servers_answer_is_captured(tmp_path: Path, pg_new: LabServer) -> None:
+    """COPY FROM STDIN and its data in one write, in a block: the data is the statement's from the Query on."""
+    schema = "drop table if exists cap9; create table cap9 (id int primary key, v text)"
+
+    def frame(kind: bytes, body: bytes) -> bytes:
+        return kind + struct.pack("!I", len(body) + 4) + body
+
+    with raw_session(tmp_path, pg_new, schema) as (sock, proxy, capture):
+        sock.sendall(query_message("begin"))
+        read_until_ready(sock)
+        rows = b"1\tone\n2\ttwo\n"
+        sock.sendall(query_message("copy cap9 from stdin") + frame(b"d", rows) + frame(b"c", b""))
+        assert read_until_ready(sock)[-1] == (b"Z", b"T")
+        sock.sendall(query_message("commit"))
+        read_until_ready(sock)
+        proxy.call(capture.drain())
+        (record,) = capture.changelog.read_committed("app", 0, 10)
+        (statement,) = record.transaction.statements
+        assert (statement.sql, statement.copy_data, statement.tag) == ("copy cap9 from stdin", rows, "COPY 2")
 
 
 def test_explicit_transactions_in_one_pipeline_are_each_logged_with_their_txid(

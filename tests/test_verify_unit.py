@@ -104,7 +104,7 @@ def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time
     monkeypatch.setattr(verify_service.time, "monotonic", lambda: clock[0])
     runs: list[float] = []
 
-    async def verify(database: str, names: list[str], repair: bool) -> list[object]:
+    async def verify(database: str, names: list[str], repair: bool, every_match: bool) -> list[object]:
         runs.append(clock[0])
         clock[0] += 2.0  # a two-second scan
         return [SimpleNamespace(clean=True)]
@@ -116,3 +116,18 @@ def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time
         clock[0] += 1.0
     # Each scan of 2 s is followed by 18 s of rest: 90% of the time neither server scans it.
     assert runs[:3] == [100.0, 120.0, 140.0]
+
+
+def test_a_bare_name_stands_for_every_table_of_that_name_only_when_asked() -> None:
+    """Replay flags tables as statements wrote them: `orders` of one schema per tenant is all of them."""
+    from pgleap.upgrade.copy.model import Table
+    from pgleap.upgrade.verify.service import VerifyError, _named
+
+    tables = [Table(schema, "orders", oid, "p", 1, 1.0, False, False) for oid, schema in enumerate(("t1", "t2"))]
+    tables.append(Table("public", "items", 9, "p", 1, 1.0, False, False))
+    assert [t.label for t in _named(tables, "app", ["items", "t2.orders"])] == ["public.items", "t2.orders"]
+    assert [t.label for t in _named(tables, "app", ["orders"], every_match=True)] == ["t1.orders", "t2.orders"]
+    with pytest.raises(VerifyError, match="2 tables"):
+        _named(tables, "app", ["orders"])
+    with pytest.raises(VerifyError, match="no table named 'gone'"):
+        _named(tables, "app", ["gone"], every_match=True)

@@ -119,6 +119,7 @@ class UpgradeMachine:
                 closed = shut(self.gates)
                 if closed and not force:
                     raise PgleapError("cutover refused: " + describe(closed))
+                force = bool(closed)  # forcing past no shut gate overrides nothing, not a re-sync required later
                 reason = "INITIATE CUTOVER" + (" FORCE" if closed else "")
             else:
                 where = phase.value if phase else "not started"

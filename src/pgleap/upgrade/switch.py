@@ -91,13 +91,13 @@ async def switch(proxy: Proxy, name: str, to: Side, timeout: float, *, force: bo
     old_server = database.route.server
     closing = database.log_name
     opening = direction(upgrade, to)
+    _check_resyncs(proxy, closing, to, force, database.route.role)  # before clients pause for nothing
     catalog = SourceCatalog(upgrade.database, new_server)
     catalog.start()
     deadline = time.monotonic() + CATALOG_WAIT
     while not catalog.loaded and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     holders_deadline = time.monotonic() + upgrade.cutover.session_wait
-    _check_resyncs(proxy, closing, to, force, database.route.role)  # before clients pause for nothing
     try:
         while True:
             await _wait_movable(proxy, database, new_server, holders_deadline)

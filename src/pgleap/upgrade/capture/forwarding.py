@@ -511,9 +511,8 @@ class CapturingForwarder(Forwarder):
 
     def _client_query(self, sql: str, raw: bytes) -> bool:
         infos = classify(sql)
-        # First, before anything this string does is counted: it is decided again when released. Not inside an
-        # extended batch without its Sync: the server may keep those answers until it reads on.
-        if self.pending and not self.open_batch and self._waits_for_answers(infos):
+        # First, before anything this string does is counted: it is decided again when released.
+        if self.pending and self._waits_for_answers(infos):
             self._commit_point = "answers"
             return True
         self._note_two_phase(infos)
@@ -556,7 +555,11 @@ class CapturingForwarder(Forwarder):
         parts: list[Pending | str] = []
         for info, image in zip(infos, images, strict=True):
             a.sending(info)
-            parts.append(Pending(info, image=image, client_encoding=self._client_encoding))
+            pending = Pending(info, image=image, client_encoding=self._client_encoding)
+            if info.command == "CopyStmt" and info.kind is Kind.WRITE and self._copy_target is None:
+                # Its data from now on, not from the CopyInResponse: a client may send it without waiting.
+                self._copy_target = pending
+            parts.append(pending)
         points = around
         may_probe = parseable and not no_block and self._probe_allowed() and not self._probe_inflight
         if may_probe and in_block and writes and not control and a.needs_probe():

@@ -18,7 +18,7 @@ from pgleap.store.records import CapturedCheck, CapturedStatement, CapturedTrans
 from pgleap.upgrade.capture.classify import Kind, StatementInfo
 from pgleap.upgrade.capture.encoding import to_utf8
 from pgleap.upgrade.capture.images import ImageRows
-from pgleap.upgrade.capture.probe import settings_statement
+from pgleap.upgrade.capture.probe import changes_captured_setting, settings_statement
 
 _IDLE = ord("I")
 MAX_CHECKS = 16  # sampled reads kept per transaction (each adds a read to its replay)
@@ -163,7 +163,7 @@ class TransactionAssembler:
             if info.chain:
                 # AND CHAIN: the next transaction is already open, explicit, with the same characteristics.
                 self.explicit, self.snapshot_tx = True, snapshot_tx
-        elif (info.writes or (kind is Kind.SESSION and self.explicit and _replayed_local(info))) and (
+        elif (info.writes or (kind is Kind.SESSION and self.explicit and self._replayed_local(info))) and (
             pending.portal is None or pending.portal not in self._logged_portals  # logged when it was suspended
         ):
             self._append(pending, tag)
@@ -209,6 +209,15 @@ class TransactionAssembler:
                 images=images,
             )
         )
+
+    def _replayed_local(self, info: StatementInfo) -> bool:
+        """A SET LOCAL replay must run too; not client_encoding (capture re-encodes to the UTF-8 replay speaks),
+        nor, before the transaction's first write, one of the captured settings: the first read of the settings
+        holds it already, and replayed after them it would undo a later SET of the same setting."""
+        setting = info.setting
+        if setting is None or not setting[1] or setting[0].lower() == "client_encoding":
+            return False
+        return self._appended_write or not changes_captured_setting(info)
 
     def failed_statement(self) -> None:
         """An ErrorResponse ended the current statement."""
@@ -321,11 +330,6 @@ class TransactionAssembler:
         """The transactions that ended since the last call, oldest first."""
         out, self.ended = self.ended, []
         return out
-
-
-def _replayed_local(info: StatementInfo) -> bool:
-    """A SET LOCAL replay must run too; not client_encoding: capture re-encodes to the UTF-8 replay speaks."""
-    return info.setting is not None and info.setting[1] and info.setting[0].lower() != "client_encoding"
 
 
 def _snapshot_level(text: str) -> bool:

@@ -81,15 +81,16 @@ class VerifyService:
         return latest
 
     async def verify(
-        self, database: str, names: list[str] | None = None, *, repair: bool | None = None
+        self, database: str, names: list[str] | None = None, *, repair: bool | None = None, every_match: bool = False
     ) -> list[TableReport]:
-        """Verify the named tables (every table when None) of `database`, repairing per config or `repair`."""
+        """Verify the named tables (every table when None) of `database`, repairing per config or `repair`;
+        `every_match`: a bare name several schemas have stands for all of those tables."""
         upgrade, replayer = self._prepared(database)
         do_repair = upgrade.sync.resync_on_error if repair is None else repair
         source = await self._source(upgrade)
         try:
             reports = []
-            for table in await self._tables(source, database, names):
+            for table in await self._tables(source, database, names, every_match=every_match):
                 verifier = self._verifier(upgrade, replayer, source, table)
                 report = TableReport(await verifier.run())
                 if do_repair and not report.verification.clean:
@@ -109,15 +110,16 @@ class VerifyService:
                 continue  # verified a moment ago; it stays flagged until its turn
             started = time.monotonic()
             try:
-                (report,) = await self.verify(database, [name], repair=True)
+                # Flags name tables as the statements wrote them: a bare name may be one table per tenant schema.
+                found = await self.verify(database, [name], repair=True, every_match=True)
             except PgleapError as exc:
                 log.error("re-sync of flagged table %s.%s failed: %s; it stays flagged", database, name, exc)
                 continue
             finally:
                 spent = time.monotonic() - started
                 self._resync_due[(database, name)] = time.monotonic() + spent * (1 / FLAGGED_DUTY - 1)
-            reports.append(report)
-            if report.clean:
+            reports += found
+            if all(report.clean for report in found):
                 # Flagged again while it was verified (a later position): that write may be after the point checked.
                 journal.clear_resync(database, name, through=flagged_at)
         return reports
@@ -143,7 +145,7 @@ class VerifyService:
         source = await self._source(upgrade)
         try:
             tables = await self._tables(source, database, None)
-            (table,) = await self._tables(source, database, [name])
+            (table,) = _named(tables, database, [name])
             journal = replayer.journal
             # Its flags as they stand now (one set again while it is copied may be past the copy's point); a flag
             # by bare name only when no other table has that name (one schema per tenant, say).
@@ -253,15 +255,20 @@ class VerifyService:
         settings = {"application_name": "pgleap_verify", **WORK_SETTINGS}
         return await connect(upgrade.source, role="source", settings=settings)
 
-    async def _tables(self, source: asyncpg.Connection, database: str, names: list[str] | None) -> list[Table]:
+    async def _tables(
+        self, source: asyncpg.Connection, database: str, names: list[str] | None, *, every_match: bool = False
+    ) -> list[Table]:
         tables = await load_tables(source, facts_for(await version_num(source)), allow_binary=False)
-        if names is None:
-            return tables
-        chosen = []
-        for name in names:
-            matches = [t for t in tables if name in (t.label, t.name)]
-            if len(matches) != 1:
-                found = "no table" if not matches else f"{len(matches)} tables ({', '.join(t.label for t in matches)})"
-                raise VerifyError(f"database {database!r}: {found} named {name!r}; give it as schema.table")
-            chosen.append(matches[0])
-        return chosen
+        return tables if names is None else _named(tables, database, names, every_match=every_match)
+
+
+def _named(tables: list[Table], database: str, names: list[str], *, every_match: bool = False) -> list[Table]:
+    """The tables `names` name ("schema.table", or a bare name one table has; all that have it: `every_match`)."""
+    chosen = []
+    for name in names:
+        matches = [t for t in tables if name in (t.label, t.name)]
+        if not matches or (len(matches) > 1 and not every_match):
+            found = "no table" if not matches else f"{len(matches)} tables ({', '.join(t.label for t in matches)})"
+            raise VerifyError(f"database {database!r}: {found} named {name!r}; give it as schema.table")
+        chosen += matches
+    return chosen
