@@ -15,6 +15,7 @@ from pgleap.upgrade.compat import Facts
 # Settings that change what a replayed statement means; captured with each transaction.
 CAPTURED_SETTINGS = ("search_path", "TimeZone", "DateStyle", "IntervalStyle", "standard_conforming_strings")
 _CAPTURED_NAMES = frozenset(name.lower() for name in CAPTURED_SETTINGS)
+_TEXT_OID = 25
 
 # now() as ISO 8601 in UTC with microseconds, so that pinning it into a replayed statement does not
 # depend on the session's DateStyle or TimeZone.
@@ -68,12 +69,15 @@ def changes_captured_setting(info: StatementInfo) -> bool:
     return setting is not None and (not setting[0] or setting[0].lower() in _CAPTURED_NAMES)
 
 
-def settings_statement(settings: Sequence[tuple[str, str]], *, local: bool = True) -> tuple[str, tuple[bytes, ...]]:
+def settings_statement(
+    settings: Sequence[tuple[str, str]], *, local: bool = True
+) -> tuple[str, tuple[bytes, ...], tuple[int, ...]]:
     """One SELECT of set_config() for each (name, value), for the transaction (`local`) or the session; values
-    as parameters: its text and parameters."""
+    as text parameters: its text, parameters and their types."""
     flag = "true" if local else "false"
     calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, {flag})" for i in range(len(settings)))
-    return f"SELECT {calls}", tuple(part.encode() for pair in settings for part in pair)
+    params = tuple(part.encode() for pair in settings for part in pair)
+    return f"SELECT {calls}", params, (_TEXT_OID,) * len(params)
 
 
 _SETTINGS_STATEMENT = re.compile(r"SELECT set_config\(\$1, \$2, true\)(?:, set_config\(\$\d+, \$\d+, true\))*")

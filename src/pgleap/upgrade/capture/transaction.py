@@ -23,7 +23,6 @@ from pgleap.upgrade.capture.probe import changes_captured_setting, settings_stat
 _IDLE = ord("I")
 MAX_CHECKS = 16  # sampled reads kept per transaction (each adds a read to its replay)
 _SNAPSHOT_LEVELS = ("REPEATABLE", "SERIALIZABLE")
-_TEXT_OID = 25
 
 
 @dataclass
@@ -256,10 +255,8 @@ class TransactionAssembler:
         if settings == self._settings_now:
             return
         changed = tuple(pair for pair, before in zip(settings, self._settings_now, strict=True) if pair != before)
-        sql, params = settings_statement(changed)
-        self.statements.append(
-            CapturedStatement(sql=sql, params=params, param_types=(_TEXT_OID,) * len(params), tag="SELECT 1")
-        )
+        sql, params, types = settings_statement(changed)
+        self.statements.append(CapturedStatement(sql=sql, params=params, param_types=types, tag="SELECT 1"))
         self._settings_now = settings
 
     def ready(self, status: int) -> None:

@@ -66,7 +66,6 @@ from pgleap.upgrade.replay.wire import Pipeline, Slot, TargetSession, is_copy_fr
 log = logging.getLogger(__name__)
 
 OnApplyError = Literal["pause", "skip_and_resync"]
-_TEXT_OID = 25
 _SETTINGS_INDEX = -1  # statement_index of pgleap's own set_config (and COMMIT) in error records
 _CHECK_SAVEPOINT = "pgleap_check"
 
@@ -804,11 +803,8 @@ class Replayer:
         if not self.stitch.tables:
             return self.snapshot.visible(txid)
         relations = touched_relations(sql)
-        snapshot = self.stitch.for_relations(relations)
-        if snapshot is not None:
-            return snapshot.visible(txid)
         seen = {s.visible(txid) for s in self.stitch.all_for(relations)}
-        if len(seen) == 1:  # every one of those copies holds it, or none does: no question
+        if len(seen) == 1:  # one snapshot, or every one of those copies holds it, or none does: no question
             return seen.pop()
         # In some of the tables' copies and not in others: one statement cannot be stitched exactly.
         assert record.position is not None
@@ -1048,8 +1044,8 @@ def _set_config(
     pipeline: Pipeline, settings: Sequence[tuple[str, str]], *, local: bool, label: str
 ) -> tuple[str, Slot]:
     """One SELECT of set_config() for each (name, value), values as parameters; its text and slot."""
-    sql, params = settings_statement(settings, local=local)
-    return sql, pipeline.extended(sql, params, (), (_TEXT_OID,) * len(params), label=label)
+    sql, params, types = settings_statement(settings, local=local)
+    return sql, pipeline.extended(sql, params, (), types, label=label)
 
 
 def _literal(value: str | None) -> str:

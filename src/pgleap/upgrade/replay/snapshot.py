@@ -78,13 +78,8 @@ class Stitch:
 
     def for_relations(self, relations: tuple[str, ...]) -> Snapshot | None:
         """The snapshot for a statement writing `relations`; None when they need different snapshots."""
-        if not self.tables or not relations:
-            return self.default
-        found = {self._lookup(name) for name in relations}
-        if len(found) == 1:
-            (only,) = found
-            return only
-        return None
+        found = self.all_for(relations)
+        return next(iter(found)) if len(found) == 1 else None
 
     def all_for(self, relations: tuple[str, ...]) -> set[Snapshot]:
         """Every snapshot the tables `relations` were copied at."""
