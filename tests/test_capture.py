@@ -448,6 +448,29 @@ def test_copy_from_stdin_in_autocommit_is_held_and_logged_before_its_commit(
     assert copied is not None and copied.count(b"\n") == rows
 
 
+def test_an_autocommit_do_block_is_held_and_logged_with_its_txid_before_11(
+    capturing: tuple[ProxyThread, Capture], backend: LabServer
+) -> None:
+    """A DO block cannot COMMIT inside before 11: capture wraps it like any implicit write, its record durable
+    before the COMMIT and with its txid. From 11 it may, so it runs outside a block, logged after its answer."""
+    proxy, capture = capturing
+    do = "do $$ begin insert into cap (id, v) values ({}, 'do'); end $$"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute(do.format(1))  # type: ignore[arg-type]
+    result = subprocess.run(
+        [tool("psql"), proxy.dsn(), "-X", "-q", "-c", do.format(2)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(backend.dsn()) as direct:
+        assert direct.execute("select count(*) from cap").fetchone() == (2,)
+    log = logged(proxy, capture)
+    assert [statements for _, statements in log] == [[do.format(1)], [do.format(2)]]
+    if backend.major < 11:
+        assert all(txid is not None for txid, _ in log) and capture.logged_after_commit == 0
+    else:
+        assert all(txid is None for txid, _ in log) and capture.logged_after_commit == 2
+
+
 def test_a_notice_raised_at_pgleaps_commit_reaches_the_client_before_the_statements_tag(
     tmp_path: Path, pg_new: LabServer
 ) -> None:

@@ -88,6 +88,14 @@ def test_statement_texts_and_relations_in_multi_statement_strings() -> None:
         ("update jobs set s = 1 where id = (select id from jobs order by id limit 1 for update skip locked)", True),
         ("delete from t where id in (select id from t tablesample system (1))", True),
         ("with d as (delete from t where id in (select id from t limit 3) returning *) select * from d", True),
+        # Another table read: replay in commit order may see a transaction the source's statement did not.
+        ("update stats set total = (select count(*) from orders)", True),
+        ("insert into t select * from u", True),
+        ("delete from t using u where t.id = u.id", True),
+        ("update t set a = t2.a from t t2 where t.id = t2.id", False),
+        ("with x as (select 1 as a) insert into t select a from x", False),
+        ("with d as (delete from q returning *) insert into log select * from d", False),
+        ("insert into t select g from generate_series(1, 3) g", False),
     ],
 )
 def test_writes_replay_cannot_repeat_exactly(sql: str, unrepeatable: bool) -> None:

@@ -243,6 +243,31 @@ def test_which_transactions_replay_outside_a_block(sql: str, txid: int | None, a
     assert _refuses_block(LoggedTransaction(1, 1, LogState.COMMITTED, tx)) is alone
 
 
+@pytest.mark.parametrize(
+    ("statements", "tables"),
+    [
+        (("SELECT nextval('s')", "INSERT INTO s.t VALUES (1)", "SELECT 1"), ("s.t",)),
+        (("SELECT set_config($1, $2, true)", "UPDATE t SET a = 1", "SELECT pg_advisory_xact_lock(1)"), ("t",)),
+        (("UPDATE t SET a = 1", "SELECT bump(1)"), ("*", "t")),  # bump() may write anywhere
+        (("DO $$ BEGIN INSERT INTO t VALUES (1); END $$",), ("*",)),
+        (("CALL p(1)",), ("*",)),
+        (("this is no SQL",), ("*",)),
+        (("TRUNCATE a, b.c",), ("a", "b.c")),
+        (("CREATE INDEX i ON t (a)",), ()),
+        (("SELECT count(*) FROM t",), ()),
+    ],
+)
+def test_the_tables_a_transaction_writes_and_every_table_when_a_write_names_none(
+    statements: tuple[str, ...], tables: tuple[str, ...]
+) -> None:
+    """Re-sync flags and result comparison read these: a write that names no table must not name none."""
+    from pgleap.store.records import CapturedStatement, CapturedTransaction, LoggedTransaction, LogState
+    from pgleap.upgrade.replay.applier import touched_tables
+
+    tx = CapturedTransaction("app", 7, None, (), tuple(CapturedStatement(sql) for sql in statements), 1)
+    assert sorted(touched_tables(LoggedTransaction(1, 1, LogState.COMMITTED, tx))) == sorted(tables)
+
+
 def test_a_table_flagged_again_while_it_was_verified_stays_flagged() -> None:
     """Re-sync clears a flag only through the position it read: a later write may be past the point it checked."""
     journal = ApplyJournal()

@@ -78,13 +78,24 @@ def env(tmp_path: Path, pg_old: LabServer, target18: LabServer) -> Iterator[Env]
 
 
 @contextlib.contextmanager
-def replaying(tmp_path: Path, pg_old: LabServer, target18: LabServer, extra: str = "") -> Iterator[Env]:
-    """The same data on both servers, capture and replay started from S; everything removed afterwards."""
+def replaying(
+    tmp_path: Path, pg_old: LabServer, target18: LabServer, extra: str = "", *, upgrade_extra: str = "", sql: str = ""
+) -> Iterator[Env]:
+    """The same data on both servers (`sql` run on each too), capture and replay started from S; everything
+    removed afterwards."""
     dbname = f"vf_{uuid.uuid4().hex[:10]}"
     for server in (pg_old, target18):
         make_database(server, dbname)
+        if sql:
+            server.psql(sql, dbname=dbname)
     source = ServerConfig(pg_old.host, pg_old.port, dbname, pg_old.superuser, pg_old.password)
-    proxy = start_proxy(tmp_path, {"app": source}, targets={"app": target18}, extra=extra)  # type: ignore[dict-item]
+    proxy = start_proxy(
+        tmp_path,
+        {"app": source},  # type: ignore[dict-item]
+        targets={"app": target18},
+        extra=extra,
+        upgrade_extra=upgrade_extra,
+    )
     try:
         with psycopg.connect(proxy.dsn("pgleap", "pgleap_admin", "admin-secret"), autocommit=True) as admin:
             admin.execute("START CAPTURE")
@@ -238,3 +249,71 @@ def test_a_table_flagged_by_a_skipped_transaction_is_resynced_by_itself(
         assert env.target.psql(query, dbname=env.dbname) == env.source.psql(query, dbname=env.dbname)
         reports = env.proxy.proxy.verifier().reports
         assert reports and reports[-1].repairs and reports[-1].clean
+
+
+BUMP = """
+CREATE FUNCTION bump(c text) RETURNS void LANGUAGE sql AS $$ UPDATE items SET qty = qty + 1 WHERE code = c $$;
+"""
+
+
+def test_a_skipped_transaction_whose_writes_name_no_table_has_every_table_verified(
+    tmp_path: Path, pg_old: LabServer, target18: LabServer
+) -> None:
+    """`SELECT bump(...)` writes items inside a function: skipped, it flags every table (cutover waits for it),
+    and pgleap verifies every table, finds items, re-syncs it and clears the flag."""
+    with replaying(tmp_path, pg_old, target18, extra='on_apply_error = "skip_and_resync"', sql=BUMP) as env:
+        refuse = "CREATE OR REPLACE FUNCTION bump(c text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN RAISE 'no'; END $$"
+        env.target.psql(refuse, dbname=env.dbname)
+        with psycopg.connect(env.proxy.dsn(), autocommit=True) as app:
+            app.execute("SELECT bump('item-00002')")
+        assert env.proxy.proxy is not None and env.proxy.proxy.replay is not None
+        journal = env.proxy.proxy.replay.journal
+        wait_for(lambda: journal.errors("app"), "the refused SELECT to be skipped", 30)
+        (skipped,) = journal.errors("app")
+        assert (skipped.sqlstate, skipped.action, skipped.resync_tables) == ("P0001", "skipped", ("*",))
+        started = len(env.proxy.proxy.verifier().reports)
+        wait_for(lambda: not journal.resync_tables("app"), "every table to be verified for the flag", 90)
+        query = "SELECT qty FROM items WHERE code = 'item-00002'"
+        assert env.target.psql(query, dbname=env.dbname) == env.source.psql(query, dbname=env.dbname)
+        reports = env.proxy.proxy.verifier().reports[started:]
+        assert {r.verification.table for r in reports} >= {f"public.{t}" for t in TABLES}
+        (items,) = [r for r in reports if r.verification.table == "public.items"]
+        assert items.repairs and items.clean
+
+
+READINGS = """
+CREATE TABLE readings (id int NOT NULL, at date NOT NULL, v int) PARTITION BY RANGE (at);
+CREATE TABLE readings_2024 PARTITION OF readings FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE readings_2025 PARTITION OF readings FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+INSERT INTO readings SELECT g, date '2024-06-01' + g, g FROM generate_series(1, 400) g;
+CREATE VIEW cheap AS SELECT * FROM items WHERE price < 10;
+"""
+
+
+def test_re_sync_flags_on_a_partitioned_table_or_a_view_can_be_cleared(
+    tmp_path: Path, pg_old: LabServer, target18: LabServer
+) -> None:
+    """A flag names what a statement wrote: a partitioned parent stands for its partitions, a view (no table)
+    for every table. FORCE RESYNC TABLE on the parent copies each partition and clears the parent's flag; a
+    clean VERIFY ALL TABLES clears the view's. Without this, only INITIATE CUTOVER FORCE got past them."""
+    no_watcher = "[auto_upgrade.sync]\nresync_on_error = false"
+    with replaying(tmp_path, pg_old, target18, upgrade_extra=no_watcher, sql=READINGS) as env:
+        assert env.proxy.proxy is not None and env.proxy.proxy.replay is not None
+        journal = env.proxy.proxy.replay.journal
+        env.target.psql("DELETE FROM readings_2025 WHERE id = 300", dbname=env.dbname)
+        for name in ("readings", "cheap", "public.readings"):
+            journal.mark_resync("app", (name,), 1, "stands in for a skipped txid", required=True)
+        with env.admin() as admin:
+            rows = show(admin, "FORCE RESYNC TABLE 'readings'")
+            assert sorted(r["table"] for r in rows) == ["public.readings_2024", "public.readings_2025"]
+            assert journal.required_resyncs("app") == ["cheap"]
+            query = "SELECT count(*) FROM readings_2025"
+            assert env.target.psql(query, dbname=env.dbname) == env.source.psql(query, dbname=env.dbname)
+            env.target.psql("DELETE FROM readings_2024 WHERE id = 5", dbname=env.dbname)
+            first = show(admin, "VERIFY ALL TABLES")  # no repair: readings_2024 differs, so the view's flag stays
+            assert [r["table"] for r in first if r["clean"] != "t"] == ["public.readings_2024"]
+            assert journal.required_resyncs("app") == ["cheap"]
+            show(admin, "FORCE RESYNC TABLE 'readings_2024'")
+            second = show(admin, "VERIFY ALL TABLES")
+            assert all(r["clean"] == "t" for r in second) and len(second) == len(TABLES) + 2
+            assert journal.required_resyncs("app") == []

@@ -104,12 +104,24 @@ def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time
     monkeypatch.setattr(verify_service.time, "monotonic", lambda: clock[0])
     runs: list[float] = []
 
-    async def verify(database: str, names: list[str], repair: bool, every_match: bool) -> list[object]:
+    async def check(*_args: object) -> list[object]:
         runs.append(clock[0])
         clock[0] += 2.0  # a two-second scan
         return [SimpleNamespace(clean=True)]
 
-    monkeypatch.setattr(service, "verify", verify)
+    async def nothing(*_args: object) -> list[object]:
+        return []
+
+    source = SimpleNamespace(close=nothing)
+
+    async def connect(_upgrade: object) -> object:
+        return source
+
+    monkeypatch.setattr(service, "_prepared", lambda _database: (None, None))
+    monkeypatch.setattr(service, "_source", connect)
+    monkeypatch.setattr(service, "_tables", nothing)
+    monkeypatch.setattr(service, "_flagged_tables", nothing)
+    monkeypatch.setattr(service, "_check", check)
     for position in range(1, 40):
         journal.mark_resync("app", ("public.jobs",), position, "flagged again")
         asyncio.run(service.resync_flagged("app", journal))
@@ -118,16 +130,15 @@ def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time
     assert runs[:3] == [100.0, 120.0, 140.0]
 
 
-def test_a_bare_name_stands_for_every_table_of_that_name_only_when_asked() -> None:
-    """Replay flags tables as statements wrote them: `orders` of one schema per tenant is all of them."""
+def test_a_table_is_named_by_schema_and_name_or_by_a_name_only_one_table_has() -> None:
+    """VERIFY TABLE and FORCE RESYNC TABLE name one table: `orders` of one schema per tenant is ambiguous."""
     from pgleap.upgrade.copy.model import Table
     from pgleap.upgrade.verify.service import VerifyError, _named
 
     tables = [Table(schema, "orders", oid, "p", 1, 1.0, False, False) for oid, schema in enumerate(("t1", "t2"))]
     tables.append(Table("public", "items", 9, "p", 1, 1.0, False, False))
     assert [t.label for t in _named(tables, "app", ["items", "t2.orders"])] == ["public.items", "t2.orders"]
-    assert [t.label for t in _named(tables, "app", ["orders"], every_match=True)] == ["t1.orders", "t2.orders"]
     with pytest.raises(VerifyError, match="2 tables"):
         _named(tables, "app", ["orders"])
     with pytest.raises(VerifyError, match="no table named 'gone'"):
-        _named(tables, "app", ["gone"], every_match=True)
+        _named(tables, "app", ["gone"])

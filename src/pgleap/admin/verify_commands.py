@@ -57,18 +57,16 @@ async def verify_all_tables(proxy: Proxy, _session: Session) -> Result:
 
 @command_with_argument("FORCE RESYNC TABLE")
 async def force_resync_table(proxy: Proxy, _session: Session, name: str) -> Result:
-    """Copy one whole table again from the source at a point of the change stream, replay going on."""
+    """Copy one whole table (each partition of a partitioned one) again from the source at a point of the change
+    stream, replay going on."""
     database, table = _database_and_table(proxy, name, "FORCE RESYNC TABLE")
     try:
-        done = await proxy.verifier().force_resync(database, table)
+        results = await proxy.verifier().force_resync(database, table)
     except PgleapError as exc:
         raise AdminCommandError(f"FORCE RESYNC TABLE failed: {exc}") from exc
     columns = ["database", "table", "rows_removed", "rows_copied", "triggers_disabled", "seconds"]
-    return Result(
-        "RESYNC 1",
-        columns,
-        [[database, done.table, done.deleted, done.copied, done.triggers_disabled, round(done.seconds, 3)]],
-    )
+    rows = [[database, r.table, r.deleted, r.copied, r.triggers_disabled, round(r.seconds, 3)] for r in results]
+    return Result(f"RESYNC {len(rows)}", columns, rows)
 
 
 async def _verify(proxy: Proxy, database: str, tables: list[str] | None) -> Result:

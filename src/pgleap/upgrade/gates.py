@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pgleap.upgrade.replay.journal import flag_label
+
 
 @dataclass(frozen=True)
 class Gate:
@@ -54,8 +56,9 @@ def cutover_gates(inputs: GateInputs) -> list[Gate]:
             "no table waits for a re-sync"
             if not inputs.must_resync
             else f"{len(inputs.must_resync)} tables must be re-synced first (a transaction skipped or applied "
-            f"without its place known): {', '.join(inputs.must_resync[:5])}; pgleap re-syncs them with "
-            f"resync_on_error, or run FORCE RESYNC TABLE (INITIATE CUTOVER FORCE goes without)",
+            f"without its place known): {', '.join(map(flag_label, inputs.must_resync[:5]))}; pgleap re-syncs "
+            f"them with resync_on_error, or run FORCE RESYNC TABLE, or VERIFY (a clean check clears them); "
+            f"INITIATE CUTOVER FORCE goes without",
         ),
         Gate(
             "validation_duration",

@@ -37,6 +37,7 @@ from pgleap.proxy.session_state import STATE_TIMEOUT, ServerState
 from pgleap.upgrade.compat.facts import facts_for
 from pgleap.upgrade.copy.connect import connect, version_num
 from pgleap.upgrade.copy.sequences import copy_sequences
+from pgleap.upgrade.replay.journal import flag_label
 
 if TYPE_CHECKING:
     from pgleap.proxy.forward import Forwarder
@@ -245,7 +246,7 @@ def _check_resyncs(proxy: Proxy, log_name: str, to: Side, force: bool, role: str
     tables = proxy.replay.journal.required_resyncs(log_name)
     if not tables:
         return
-    named = ", ".join(tables)
+    named = ", ".join(map(flag_label, tables))
     if to == "source" or force:
         log.warning(
             "%s: moving clients to the %s although replay of %s requires tables re-synced first (%s): a "
@@ -259,7 +260,7 @@ def _check_resyncs(proxy: Proxy, log_name: str, to: Side, force: bool, role: str
     raise SwitchAbortedError(
         f"tables must be re-synced before clients move ({named}): a transaction was skipped there, or applied "
         f"without its place known; nothing was switched and clients go on with the {role}; re-sync them "
-        f"(FORCE RESYNC TABLE), or INITIATE CUTOVER FORCE to move without"
+        f"(FORCE RESYNC TABLE, or VERIFY: a clean check clears them), or INITIATE CUTOVER FORCE to move without"
     )
 
 

@@ -62,7 +62,8 @@ class StatementInfo:
     # (volatile functions, the session's user, rows picked by LIMIT without ORDER BY, ctid, SKIP LOCKED...).
     unrepeatable: bool = False
     # Functions a write calls that capture knows nothing of (a user's, most often): replay flags its tables
-    # when the target has a volatile function of that name.
+    # when the target has a volatile function of that name. For a SELECT that may write: every function it
+    # calls that is not read-only.
     calls: tuple[str, ...] = ()
 
     def with_text(self, text: str, start: int) -> StatementInfo:
@@ -100,6 +101,17 @@ READ_ONLY_FUNCTIONS = frozenset(
     txid_snapshot_xmax txid_snapshot_xmin txid_visible_in_snapshot unnest upper version dense_rank
     lag lead first_value last_value ntile percent_rank cume_dist stddev variance array_remove
     array_append array_prepend array_cat cardinality
+    """.split()
+)
+
+# Functions that change something other than a table's rows (sequences, settings, locks, notifications,
+# large objects): a `SELECT nextval(...)` writes no table a re-sync must look at.
+WRITES_NO_TABLE = frozenset(
+    """
+    nextval setval set_config pg_advisory_lock pg_advisory_xact_lock pg_advisory_lock_shared
+    pg_advisory_xact_lock_shared pg_try_advisory_lock pg_try_advisory_xact_lock pg_try_advisory_lock_shared
+    pg_try_advisory_xact_lock_shared pg_advisory_unlock pg_advisory_unlock_shared pg_advisory_unlock_all
+    pg_notify lo_create lo_creat lo_unlink lo_import lo_export lo_from_bytea lo_put lo_open lo_close lowrite
     """.split()
 )
 
@@ -164,7 +176,19 @@ class _Scan(Visitor):
     def __init__(self) -> None:
         self.functions: list[str] = []
         self.writes: list[str] = []
+        self.relations: list[str] = []  # every relation named, written or read
+        self.ctes: set[str] = set()
         self.unrepeatable = False
+
+    def reads_other_tables(self) -> bool:
+        """Whether it reads a relation it does not write (a WITH query's name is none)."""
+        return any(r not in self.writes and r not in self.ctes for r in self.relations)
+
+    def visit_RangeVar(self, _ancestors: object, node: ast.RangeVar) -> None:
+        self.relations.append(_relation_name(node))
+
+    def visit_CommonTableExpr(self, _ancestors: object, node: ast.CommonTableExpr) -> None:
+        self.ctes.add(node.ctename or "")
 
     def visit_FuncCall(self, _ancestors: object, node: ast.FuncCall) -> None:
         if node.funcname:
@@ -214,7 +238,9 @@ def _write(command: str, text: str, scan: _Scan) -> StatementInfo:
         command,
         text,
         tuple(dict.fromkeys(scan.writes)),
-        unrepeatable=scan.unrepeatable,
+        # Reading another table, a statement sees the rows of its own snapshot, but replay in commit order runs
+        # it after every transaction that committed before its own: one committed meanwhile is seen there.
+        unrepeatable=scan.unrepeatable or scan.reads_other_tables(),
         calls=tuple(dict.fromkeys(unknown)),
     )
 
@@ -269,7 +295,11 @@ def _classify_node(node: ast.Node, text: str) -> StatementInfo:
         return StatementInfo(Kind.UTILITY, command, text)
     if isinstance(node, (ast.CallStmt, ast.DoStmt, ast.ExecuteStmt)):
         return StatementInfo(Kind.MAYBE_WRITE, command, text)
-    # CREATE/ALTER/DROP/GRANT/COMMENT/TRUNCATE... all change what the target must hold.
+    if isinstance(node, ast.TruncateStmt):
+        # DDL to the `ddl` setting, but it empties tables: a skip must flag them, the copy stitch must place it.
+        names = tuple(dict.fromkeys(_relation_name(r) for r in node.relations or ()))
+        return StatementInfo(Kind.DDL, command, text, names, reshapes=())
+    # CREATE/ALTER/DROP/GRANT/COMMENT... all change what the target must hold.
     return _ddl(node, command, text)
 
 
@@ -343,8 +373,9 @@ def _classify_select(node: ast.SelectStmt, command: str, text: str) -> Statement
     scan = _scan(node)
     if scan.writes:  # a writable CTE
         return _write(command, text, scan)
-    if any(f not in READ_ONLY_FUNCTIONS for f in scan.functions):
-        return StatementInfo(Kind.MAYBE_WRITE, command, text)
+    calls = tuple(dict.fromkeys(f for f in scan.functions if f not in READ_ONLY_FUNCTIONS))
+    if calls:
+        return StatementInfo(Kind.MAYBE_WRITE, command, text, calls=calls)
     return StatementInfo(Kind.READ, command, text)
 
 

@@ -274,6 +274,7 @@ class CapturingForwarder(Forwarder):
             # An unreadable server_version: the oldest supported major's probe runs on every major.
             facts = facts_for(PG90)
         self._probe_sql = probe_sql(facts)
+        self._do_in_block = not facts.do_may_commit
         self._adapt = self._adapter_for_route()
         if self.server_transport is not None:
             # Statements prepared before capture started are Bound later: learn them, or their writes go unseen.
@@ -546,7 +547,7 @@ class CapturingForwarder(Forwarder):
         parseable = not (len(infos) == 1 and infos[0].command == "Unparseable")
         control = any(i.kind in _CONTROL for i in infos)
         writes = any(i.writes for i in infos)
-        no_block = any(i.refuses_block for i in infos)
+        no_block = any(map(self._refuses_block, infos))
         wrote = in_block and a.has_writes
         around = _settings_points(infos, wrote) if parseable and not no_block and self._probe_allowed() else []
         if not in_block and writes and parseable and not control and not no_block and self._probe_allowed():
@@ -576,6 +577,10 @@ class CapturingForwarder(Forwarder):
         if control:
             self._sent_control(infos, in_block)
         return False
+
+    def _refuses_block(self, info: StatementInfo) -> bool:
+        """Whether the statement must not go in a transaction block of capture's (see Facts.do_may_commit)."""
+        return info.refuses_block and not (self._do_in_block and info.command == "DoStmt")
 
     def _waits_for_answers(self, infos: tuple[StatementInfo, ...]) -> bool:
         """A write (or a SET of a captured setting) sent behind transaction control not answered yet: which
@@ -799,7 +804,7 @@ class CapturingForwarder(Forwarder):
             elif self._may_check():
                 # In a transaction block, or after a write of its implicit transaction: a check of its record.
                 sample = self._begin_sample(portal.statement.sql, portal, in_transaction=True)
-        if info.refuses_block:
+        if self._refuses_block(info):
             self._batch_refuses_block = True
         if info.writes:
             self._batch_writes = True

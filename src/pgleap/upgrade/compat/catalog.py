@@ -88,6 +88,17 @@ def volatile_functions_sql() -> str:
     )
 
 
+def inheritors_sql() -> str:
+    """Oids of the relations named $1 ("schema.name", or a bare name, all schemas) and of every table that
+    inherits from them or is one of their partitions, at any depth; the same in every version."""
+    return (
+        "WITH RECURSIVE tree(oid) AS (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = $1::text OR n.nspname || '.' || c.relname = $1::text "
+        "UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid) "
+        "SELECT oid::bigint FROM tree"
+    )
+
+
 def primary_key_sql(facts: Facts) -> str:
     """Primary key columns of table oid $1 (name, type name), in key order."""
     del facts  # pg_index.indkey / indisprimary are the same from 9.0 on; no LATERAL/ORDINALITY (9.3/9.4)

@@ -9,7 +9,7 @@ from pgleap.errors import PgleapError
 
 PG90, PG91, PG92, PG93, PG94, PG96 = 90000, 90100, 90200, 90300, 90400, 90600
 PG95 = 90500
-PG10, PG12, PG13, PG14 = 100000, 120000, 130000, 140000
+PG10, PG11, PG12, PG13, PG14 = 100000, 110000, 120000, 130000, 140000
 
 
 class UnsupportedVersionError(PgleapError):
@@ -199,6 +199,12 @@ class Facts:
         if self.version_num >= PG91:
             return f"SELECT pg_advisory_xact_lock({key});", ""
         return f"SELECT pg_advisory_lock({key});", f"SELECT pg_advisory_unlock({key});"
+
+    @property
+    def do_may_commit(self) -> bool:
+        """A DO block may COMMIT inside (11+), which it cannot in a transaction block: capture leaves it out of
+        one. Before 11 it is wrapped and probed like any other write."""
+        return self.version_num >= PG11
 
     @property
     def has_on_conflict(self) -> bool:

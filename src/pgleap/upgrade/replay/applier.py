@@ -29,7 +29,7 @@ from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.protocol.messages import ServerError
 from pgleap.store.changelog import ChangeLog
 from pgleap.store.records import CapturedCheck, CapturedStatement, LoggedTransaction, decode_image
-from pgleap.upgrade.capture.classify import Kind, StatementInfo, classify
+from pgleap.upgrade.capture.classify import WRITES_NO_TABLE, Kind, StatementInfo, classify
 from pgleap.upgrade.capture.pinning import pin_time, reads_the_clock_as_input
 from pgleap.upgrade.capture.probe import is_settings_statement, settings_statement
 from pgleap.upgrade.compat.adapters import VersionAdapter, adapter_for
@@ -45,7 +45,7 @@ from pgleap.upgrade.replay.errors import (
     classify_sqlstate,
 )
 from pgleap.upgrade.replay.images import combined_tag, image_statements
-from pgleap.upgrade.replay.journal import ApplyJournal
+from pgleap.upgrade.replay.journal import EVERY_TABLE, ApplyJournal
 from pgleap.upgrade.replay.lag import RateMeter, ReplayLag
 from pgleap.upgrade.replay.point import WORK_SETTINGS, PointRequest, SourcePoint, Work
 from pgleap.upgrade.replay.position import (
@@ -871,9 +871,7 @@ class Replayer:
         assert record.position is not None
         tables = touched_tables(record)
         reason = f"position {record.position} has no txid and was captured while the copy ran: it may be applied twice"
-        self._flag(tables, record.position, reason, required=True)
-        if not tables:
-            log.warning("replay of %s: %s, and names no table; verify every table", self.database, reason)
+        self._flag(tables or (EVERY_TABLE,), record.position, reason, required=True)
 
     def _committed(self, plans: list[_Planned]) -> None:
         divergences = []
@@ -962,7 +960,7 @@ class Replayer:
 
     async def _skip(self, record: LoggedTransaction, error: ApplyError) -> None:
         """Move the position past a refused transaction, recording it and flagging its tables for re-sync."""
-        tables = touched_tables(record)
+        tables = touched_tables(record) or (EVERY_TABLE,)
         assert record.position is not None
         skipped = ApplyError(
             error.database,
@@ -1112,11 +1110,22 @@ def touched_relations(sql: str) -> tuple[str, ...]:
 
 
 def touched_tables(record: LoggedTransaction) -> tuple[str, ...]:
-    """Relations the transaction's statements write, as written in them (empty when none can be named)."""
+    """Relations the transaction's statements write, as written in them, and EVERY_TABLE among them when one
+    writes without naming its tables (`SELECT f()`, CALL, DO, an unparseable statement)."""
     names: dict[str, None] = {}
     for statement in record.transaction.statements:
-        names.update(dict.fromkeys(touched_relations(statement.sql)))
+        for info in classify(statement.sql):
+            if _writes_unnamed_tables(info):
+                names[EVERY_TABLE] = None
+            names.update(dict.fromkeys(r for r in info.relations if r))
     return tuple(names)
+
+
+def _writes_unnamed_tables(info: StatementInfo) -> bool:
+    if info.kind is Kind.WRITE:
+        return not info.relations or not all(info.relations)  # unparseable, or a target it could not name
+    # SELECT f(), CALL, DO, EXECUTE: unless every function it calls is known to write no table.
+    return info.kind is Kind.MAYBE_WRITE and not (info.calls and WRITES_NO_TABLE.issuperset(info.calls))
 
 
 def _statement_tags(planned: _Planned) -> list[tuple[int, str, str | None]]:

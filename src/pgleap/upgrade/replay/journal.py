@@ -32,6 +32,16 @@ CREATE TABLE IF NOT EXISTS resync_table (
     PRIMARY KEY (database, table_name)
 );
 """
+# The flag of a transaction whose writes name no table (`SELECT f()`, DO, or a skipped DDL statement): only
+# every table verified clean clears it.
+EVERY_TABLE = "*"
+
+
+def flag_label(name: str) -> str:
+    """A re-sync flag's table as a DBA reads it."""
+    return "every table (a transaction's writes named none)" if name == EVERY_TABLE else name
+
+
 # `required`: the target is known to lack or repeat a transaction there (one skipped, one without a txid
 # applied over the copy, a statement across tables copied at different snapshots), not only that it may
 # compute other values: cutover waits for the re-sync of such a table.

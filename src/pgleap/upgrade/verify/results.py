@@ -35,6 +35,7 @@ from pgleap.protocol.messages import cstr, message, parse_error
 from pgleap.store.changelog import ChangeLog
 from pgleap.store.records import CapturedCheck, LoggedTransaction
 from pgleap.upgrade.replay.errors import ErrorKind, TransientApplyError, classify_sqlstate, is_transient
+from pgleap.upgrade.replay.journal import EVERY_TABLE
 from pgleap.upgrade.replay.point import PointMissedError, log_point
 from pgleap.upgrade.replay.snapshot import parse_snapshot
 from pgleap.upgrade.replay.wire import Pipeline, Slot, TargetSession
@@ -721,7 +722,7 @@ def tables_written(changelog: ChangeLog, database: str, after: int, through: int
     for record in records:
         if record.log_id > above_log_id:
             for table in touched_tables(record) or ("?",):
-                names.add(table.rsplit(".", 1)[-1].strip('"').lower())
+                names.add("?" if table == EVERY_TABLE else table.rsplit(".", 1)[-1].strip('"').lower())
     return names
 
 

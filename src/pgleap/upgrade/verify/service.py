@@ -19,12 +19,13 @@ import asyncpg
 
 from pgleap.config import UpgradeConfig
 from pgleap.errors import PgleapError
+from pgleap.upgrade.compat.catalog import inheritors_sql
 from pgleap.upgrade.compat.facts import facts_for
 from pgleap.upgrade.copy.connect import connect, version_num
 from pgleap.upgrade.copy.model import Table
 from pgleap.upgrade.copy.plan import load_tables
 from pgleap.upgrade.replay.applier import Replayer
-from pgleap.upgrade.replay.journal import ApplyJournal
+from pgleap.upgrade.replay.journal import EVERY_TABLE, ApplyJournal
 from pgleap.upgrade.replay.point import WORK_SETTINGS
 from pgleap.upgrade.verify.checksums import Key
 from pgleap.upgrade.verify.resync import ResyncResult, resync_keys, resync_table
@@ -81,48 +82,106 @@ class VerifyService:
         return latest
 
     async def verify(
-        self, database: str, names: list[str] | None = None, *, repair: bool | None = None, every_match: bool = False
+        self, database: str, names: list[str] | None = None, *, repair: bool | None = None
     ) -> list[TableReport]:
-        """Verify the named tables (every table when None) of `database`, repairing per config or `repair`;
-        `every_match`: a bare name several schemas have stands for all of those tables."""
+        """Verify the named tables (every table when None) of `database`, repairing per config or `repair`; the
+        re-sync flags standing only for tables found clean are cleared."""
         upgrade, replayer = self._prepared(database)
-        do_repair = upgrade.sync.resync_on_error if repair is None else repair
         source = await self._source(upgrade)
         try:
-            reports = []
-            for table in await self._tables(source, database, names, every_match=every_match):
-                verifier = self._verifier(upgrade, replayer, source, table)
-                report = TableReport(await verifier.run())
-                if do_repair and not report.verification.clean:
-                    await self._repair(upgrade, replayer, source, table, verifier, report)
-                report.finished_at = time.time()
-                self._keep(report)
-                reports.append(report)
+            every = await self._tables(source, database, None)
+            tables = every if names is None else _named(every, database, names)
+            flags = replayer.journal.resync_flags(database)  # before: one set during the check may be past its point
+            do_repair = upgrade.sync.resync_on_error if repair is None else repair
+            reports = await self._check(upgrade, replayer, source, tables, do_repair)
+            clean = {t.oid for t, report in zip(tables, reports, strict=True) if report.clean}
+            await self._clear_flags(source, every, replayer.journal, database, flags, clean)
             return reports
         finally:
             await source.close()
 
+    async def _clear_flags(
+        self,
+        source: asyncpg.Connection,
+        tables: list[Table],
+        journal: ApplyJournal,
+        database: str,
+        flags: dict[str, int],
+        clean: set[int],
+    ) -> None:
+        """Clear each of `flags` (as they stood before the check) whose tables are all among the `clean` oids."""
+        for key, at in flags.items():
+            stands_for = await self._flagged_tables(source, tables, database, key)
+            if stands_for and clean.issuperset(t.oid for t in stands_for):
+                journal.clear_resync(database, key, through=at)
+
+    async def _check(
+        self, upgrade: UpgradeConfig, replayer: Replayer, source: asyncpg.Connection, tables: list[Table], repair: bool
+    ) -> list[TableReport]:
+        reports = []
+        for table in tables:
+            verifier = self._verifier(upgrade, replayer, source, table)
+            report = TableReport(await verifier.run())
+            if repair and not report.verification.clean:
+                await self._repair(upgrade, replayer, source, table, verifier, report)
+            report.finished_at = time.time()
+            self._keep(report)
+            reports.append(report)
+        return reports
+
     async def resync_flagged(self, database: str, journal: ApplyJournal) -> list[TableReport]:
         """Verify and repair the tables replay flagged for re-sync (a skipped transaction); unflag the clean ones."""
+        due = {
+            name: flagged_at
+            for name, flagged_at in journal.resync_flags(database).items()
+            if time.monotonic() >= self._resync_due.get((database, name), 0.0)  # else verified a moment ago
+        }
+        if not due:
+            return []
+        try:
+            upgrade, replayer = self._prepared(database)
+            source = await self._source(upgrade)
+        except PgleapError as exc:
+            log.error("re-sync of the flagged tables of %s cannot start: %s; they stay flagged", database, exc)
+            return []
         reports = []
-        for name, flagged_at in journal.resync_flags(database).items():
-            if time.monotonic() < self._resync_due.get((database, name), 0.0):
-                continue  # verified a moment ago; it stays flagged until its turn
-            started = time.monotonic()
-            try:
-                # Flags name tables as the statements wrote them: a bare name may be one table per tenant schema.
-                found = await self.verify(database, [name], repair=True, every_match=True)
-            except PgleapError as exc:
-                log.error("re-sync of flagged table %s.%s failed: %s; it stays flagged", database, name, exc)
-                continue
-            finally:
-                spent = time.monotonic() - started
-                self._resync_due[(database, name)] = time.monotonic() + spent * (1 / FLAGGED_DUTY - 1)
-            reports += found
-            if all(report.clean for report in found):
-                # Flagged again while it was verified (a later position): that write may be after the point checked.
-                journal.clear_resync(database, name, through=flagged_at)
+        try:
+            tables = await self._tables(source, database, None)
+            for name, flagged_at in due.items():
+                started = time.monotonic()
+                try:
+                    found = await self._check(
+                        upgrade, replayer, source, await self._flagged_tables(source, tables, database, name), True
+                    )
+                except PgleapError as exc:
+                    log.error("re-sync of flagged table %s.%s failed: %s; it stays flagged", database, name, exc)
+                    continue
+                finally:
+                    spent = time.monotonic() - started
+                    self._resync_due[(database, name)] = time.monotonic() + spent * (1 / FLAGGED_DUTY - 1)
+                reports += found
+                if all(report.clean for report in found):
+                    # Flagged again while it was verified (a later position): that write may be after the point.
+                    journal.clear_resync(database, name, through=flagged_at)
+        finally:
+            await source.close()
         return reports
+
+    async def _flagged_tables(
+        self, source: asyncpg.Connection, tables: list[Table], database: str, name: str
+    ) -> list[Table]:
+        """The tables a re-sync flag stands for (see _resolve); every table for EVERY_TABLE or a name none has."""
+        if name != EVERY_TABLE:
+            chosen = await self._resolve(source, tables, name)
+            if chosen:
+                return chosen
+            log.warning(
+                "%s: re-sync flag %r names no table verification lists (a view, or a table dropped or renamed "
+                "since): it stands for every table",
+                database,
+                name,
+            )
+        return tables
 
     async def watch_flagged(self, databases: Callable[[], list[str]], journal: ApplyJournal) -> None:
         """Until stop_watching(): re-sync flagged tables of `databases()` whose resync_on_error is on."""
@@ -139,26 +198,33 @@ class VerifyService:
         """End watch_flagged (replay is stopping)."""
         self._stop_watching.set()
 
-    async def force_resync(self, database: str, name: str) -> ResyncResult:
-        """Copy one whole table again at a point, whatever verification would say; its re-sync flags are cleared."""
+    async def force_resync(self, database: str, name: str) -> list[ResyncResult]:
+        """Copy one whole table again at a point (each partition of a partitioned one), whatever verification
+        would say; the re-sync flags standing for no other table are cleared."""
         upgrade, replayer = self._prepared(database)
         source = await self._source(upgrade)
         try:
             tables = await self._tables(source, database, None)
-            (table,) = _named(tables, database, [name])
+            try:
+                chosen = _named(tables, database, [name])
+            except VerifyError:
+                chosen = await self._resolve(source, tables, name)
+                if not chosen or any(name in (t.label, t.name) for t in chosen):
+                    raise  # no such table, or a bare name several schemas have
             journal = replayer.journal
-            # Its flags as they stand now (one set again while it is copied may be past the copy's point); a flag
-            # by bare name only when no other table has that name (one schema per tenant, say).
-            bare = sum(1 for t in tables if t.name == table.name) == 1
-            names = (table.label, table.name) if bare else (table.label,)
-            flags = {key: at for key, at in journal.resync_flags(database).items() if key in names}
-            result = await resync_table(replayer, source, table)
-            for key, at in flags.items():
-                journal.clear_resync(database, key, through=at)
-            log.info(
-                "re-sync of %s.%s: %d rows copied, %d removed", database, table.label, result.copied, result.deleted
-            )
-            return result
+            flags = journal.resync_flags(database)  # before: one set during the copy may be past its point
+            results = []
+            for table in chosen:
+                results.append(await resync_table(replayer, source, table))
+                log.info(
+                    "re-sync of %s.%s: %d rows copied, %d removed",
+                    database,
+                    table.label,
+                    results[-1].copied,
+                    results[-1].deleted,
+                )
+            await self._clear_flags(source, tables, journal, database, flags, {t.oid for t in chosen})
+            return results
         finally:
             await source.close()
 
@@ -255,19 +321,23 @@ class VerifyService:
         settings = {"application_name": "pgleap_verify", **WORK_SETTINGS}
         return await connect(upgrade.source, role="source", settings=settings)
 
-    async def _tables(
-        self, source: asyncpg.Connection, database: str, names: list[str] | None, *, every_match: bool = False
-    ) -> list[Table]:
+    async def _resolve(self, source: asyncpg.Connection, tables: list[Table], name: str) -> list[Table]:
+        """The `tables` a name stands for: those of that name in any schema when it is bare (flags name tables as
+        statements wrote them), with their partitions and inheritors."""
+        oids = {int(oid) for (oid,) in await source.fetch(inheritors_sql(), name)}
+        return [t for t in tables if t.oid in oids]
+
+    async def _tables(self, source: asyncpg.Connection, database: str, names: list[str] | None) -> list[Table]:
         tables = await load_tables(source, facts_for(await version_num(source)), allow_binary=False)
-        return tables if names is None else _named(tables, database, names, every_match=every_match)
+        return tables if names is None else _named(tables, database, names)
 
 
-def _named(tables: list[Table], database: str, names: list[str], *, every_match: bool = False) -> list[Table]:
-    """The tables `names` name ("schema.table", or a bare name one table has; all that have it: `every_match`)."""
+def _named(tables: list[Table], database: str, names: list[str]) -> list[Table]:
+    """The tables `names` name ("schema.table", or a bare name one table has)."""
     chosen = []
     for name in names:
         matches = [t for t in tables if name in (t.label, t.name)]
-        if not matches or (len(matches) > 1 and not every_match):
+        if len(matches) != 1:
             found = "no table" if not matches else f"{len(matches)} tables ({', '.join(t.label for t in matches)})"
             raise VerifyError(f"database {database!r}: {found} named {name!r}; give it as schema.table")
         chosen += matches
