@@ -854,26 +854,30 @@ def test_a_write_calling_a_users_volatile_function_flags_its_table(env: Env) -> 
     assert journal.resync_tables("app") == ["vf_a"]
 
 
-def test_a_write_reading_another_table_flags_its_table(env: Env) -> None:
-    """READ COMMITTED: the UPDATE counted orders before another session's INSERT committed, and committed after it.
-    Replay in commit order runs the INSERT first, so the target counts one more, with the same command tag."""
+def test_a_write_reading_a_table_flags_its_table(env: Env) -> None:
+    """READ COMMITTED: each UPDATE read a table before another session's INSERT there committed, and committed
+    after it. Replay in commit order runs the INSERT first, so the target reads one more, with the same tag."""
     on_both(
         env,
         "CREATE TABLE orders (id int PRIMARY KEY); CREATE TABLE stats (id int PRIMARY KEY, total int); "
-        "INSERT INTO stats VALUES (1, 0); CREATE TABLE own (id int PRIMARY KEY, n int); INSERT INTO own VALUES (1, 0)",
+        "INSERT INTO stats VALUES (1, 0); CREATE TABLE own (id int PRIMARY KEY, n int); INSERT INTO own VALUES (1, 0); "
+        "CREATE TABLE plain (id int PRIMARY KEY, n int); INSERT INTO plain VALUES (1, 0)",
     )
     snapshot = env.snapshot()
     with psycopg.connect(env.proxy.dsn()) as counting, psycopg.connect(env.proxy.dsn(), autocommit=True) as other:
         counting.execute("UPDATE stats SET total = (SELECT count(*) FROM orders) WHERE id = 1")
-        counting.execute("UPDATE own SET n = (SELECT max(id) FROM own) WHERE id = 1")  # reads only what it writes
+        counting.execute("UPDATE own SET n = (SELECT max(id) FROM own) WHERE id = 1")  # its own table, read
+        counting.execute("UPDATE plain SET n = n + 1 WHERE id = 1")  # only the rows it writes, locked
         other.execute("INSERT INTO orders VALUES (1)")
+        other.execute("INSERT INTO own VALUES (2, 0)")
         counting.commit()
     env.drain()
     status, journal = replay_flagging(env, snapshot)
-    assert status.applied == 2 and status.divergences == 0 and status.paused is None
-    query = "SELECT total FROM stats"
-    assert (env.source.psql(query, dbname=env.dbname), env.target.psql(query, dbname=env.dbname)) == ("0", "1")
-    assert journal.resync_tables("app") == ["stats"]  # found by its re-sync; without the flag, by a round at best
+    assert status.applied == 3 and status.divergences == 0 and status.paused is None
+    query = "SELECT (SELECT total FROM stats), (SELECT n FROM own WHERE id = 1), (SELECT n FROM plain)"
+    source, target = (server.psql(query, dbname=env.dbname) for server in (env.source, env.target))
+    assert (source, target) == ("0|1|1", "1|2|1")
+    assert journal.resync_tables("app") == ["own", "stats"]  # found by their re-sync, not left to a round
 
 
 def test_replay_refuses_a_target_database_created_again_under_it(env: Env) -> None:

@@ -286,34 +286,42 @@ CREATE TABLE readings (id int NOT NULL, at date NOT NULL, v int) PARTITION BY RA
 CREATE TABLE readings_2024 PARTITION OF readings FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
 CREATE TABLE readings_2025 PARTITION OF readings FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
 INSERT INTO readings SELECT g, date '2024-06-01' + g, g FROM generate_series(1, 400) g;
+CREATE TABLE base (id int PRIMARY KEY); CREATE TABLE child () INHERITS (base);
+INSERT INTO base VALUES (1); INSERT INTO child VALUES (2);
 CREATE VIEW cheap AS SELECT * FROM items WHERE price < 10;
+CREATE SCHEMA shop; CREATE VIEW shop.items AS SELECT * FROM public.items;
 """
 
 
 def test_re_sync_flags_on_a_partitioned_table_or_a_view_can_be_cleared(
     tmp_path: Path, pg_old: LabServer, target18: LabServer
 ) -> None:
-    """A flag names what a statement wrote: a partitioned parent stands for its partitions, a view (no table)
-    for every table. FORCE RESYNC TABLE on the parent copies each partition and clears the parent's flag; a
-    clean VERIFY ALL TABLES clears the view's. Without this, only INITIATE CUTOVER FORCE got past them."""
+    """A flag names what a statement wrote: a parent stands for its partitions or children, a view for every
+    table. FORCE RESYNC TABLE on the parent copies them all and clears its flag; a clean VERIFY ALL TABLES
+    clears the view's. A bare name that is a table in one schema and a view in another is the view's too.
+    Before, only INITIATE CUTOVER FORCE got past a flag on a partitioned parent or a view."""
     no_watcher = "[auto_upgrade.sync]\nresync_on_error = false"
     with replaying(tmp_path, pg_old, target18, upgrade_extra=no_watcher, sql=READINGS) as env:
         assert env.proxy.proxy is not None and env.proxy.proxy.replay is not None
         journal = env.proxy.proxy.replay.journal
-        env.target.psql("DELETE FROM readings_2025 WHERE id = 300", dbname=env.dbname)
-        for name in ("readings", "cheap", "public.readings"):
+        env.target.psql("DELETE FROM readings_2025 WHERE id = 300; DELETE FROM child", dbname=env.dbname)
+        for name in ("readings", "cheap", "public.readings", "base", "items"):
             journal.mark_resync("app", (name,), 1, "stands in for a skipped txid", required=True)
         with env.admin() as admin:
             rows = show(admin, "FORCE RESYNC TABLE 'readings'")
             assert sorted(r["table"] for r in rows) == ["public.readings_2024", "public.readings_2025"]
-            assert journal.required_resyncs("app") == ["cheap"]
-            query = "SELECT count(*) FROM readings_2025"
-            assert env.target.psql(query, dbname=env.dbname) == env.source.psql(query, dbname=env.dbname)
+            rows = show(admin, "FORCE RESYNC TABLE 'base'")
+            assert sorted(r["table"] for r in rows) == ["public.base", "public.child"]
+            assert journal.required_resyncs("app") == ["cheap", "items"]
+            for query in ("SELECT count(*) FROM readings_2025", "SELECT count(*) FROM child"):
+                assert env.target.psql(query, dbname=env.dbname) == env.source.psql(query, dbname=env.dbname)
+            show(admin, "VERIFY TABLE 'public.items'")  # clean, but shop.items is a view: "items" stays
+            assert journal.required_resyncs("app") == ["cheap", "items"]
             env.target.psql("DELETE FROM readings_2024 WHERE id = 5", dbname=env.dbname)
-            first = show(admin, "VERIFY ALL TABLES")  # no repair: readings_2024 differs, so the view's flag stays
+            first = show(admin, "VERIFY ALL TABLES")  # no repair: readings_2024 differs, so the views' flags stay
             assert [r["table"] for r in first if r["clean"] != "t"] == ["public.readings_2024"]
-            assert journal.required_resyncs("app") == ["cheap"]
+            assert journal.required_resyncs("app") == ["cheap", "items"]
             show(admin, "FORCE RESYNC TABLE 'readings_2024'")
             second = show(admin, "VERIFY ALL TABLES")
-            assert all(r["clean"] == "t" for r in second) and len(second) == len(TABLES) + 2
+            assert all(r["clean"] == "t" for r in second) and len(second) == len(TABLES) + 4
             assert journal.required_resyncs("app") == []

@@ -117,11 +117,15 @@ def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time
     async def connect(_upgrade: object) -> object:
         return source
 
+    async def jobs(*_args: object, **_kwargs: object) -> list[object]:
+        return [SimpleNamespace(oid=1, label="public.jobs")]
+
     monkeypatch.setattr(service, "_prepared", lambda _database: (None, None))
     monkeypatch.setattr(service, "_source", connect)
     monkeypatch.setattr(service, "_tables", nothing)
-    monkeypatch.setattr(service, "_flagged_tables", nothing)
     monkeypatch.setattr(service, "_check", check)
+    monkeypatch.setattr(verify_service, "stands_for", jobs)
+    monkeypatch.setattr(verify_service, "clear_covered", nothing)
     for position in range(1, 40):
         journal.mark_resync("app", ("public.jobs",), position, "flagged again")
         asyncio.run(service.resync_flagged("app", journal))

@@ -57,7 +57,7 @@ async def verify_all_tables(proxy: Proxy, _session: Session) -> Result:
 
 @command_with_argument("FORCE RESYNC TABLE")
 async def force_resync_table(proxy: Proxy, _session: Session, name: str) -> Result:
-    """Copy one whole table (each partition of a partitioned one) again from the source at a point of the change
+    """Copy one whole table (with its partitions and inheritors) again from the source at a point of the change
     stream, replay going on."""
     database, table = _database_and_table(proxy, name, "FORCE RESYNC TABLE")
     try:

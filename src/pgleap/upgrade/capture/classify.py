@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import enum
 import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from pglast import ast, parse_sql
-from pglast.enums import GrantTargetType, LockWaitPolicy, ObjectType, SQLValueFunctionOp, TransactionStmtKind
+from pglast.enums import (
+    DropBehavior,
+    GrantTargetType,
+    LockWaitPolicy,
+    ObjectType,
+    SQLValueFunctionOp,
+    TransactionStmtKind,
+)
 from pglast.parser import ParseError
 from pglast.visitors import Visitor
 
@@ -100,12 +108,13 @@ READ_ONLY_FUNCTIONS = frozenset(
     to_timestamp transaction_timestamp translate trim trunc txid_current txid_current_snapshot
     txid_snapshot_xmax txid_snapshot_xmin txid_visible_in_snapshot unnest upper version dense_rank
     lag lead first_value last_value ntile percent_rank cume_dist stddev variance array_remove
-    array_append array_prepend array_cat cardinality
+    array_append array_prepend array_cat cardinality pg_get_serial_sequence hashtext hashtextextended
     """.split()
 )
 
 # Functions that change something other than a table's rows (sequences, settings, locks, notifications,
-# large objects): a `SELECT nextval(...)` writes no table a re-sync must look at.
+# large objects): a `SELECT nextval(...)` writes no table a re-sync must look at. UNREPEATABLE_FUNCTIONS
+# write none either.
 WRITES_NO_TABLE = frozenset(
     """
     nextval setval set_config pg_advisory_lock pg_advisory_xact_lock pg_advisory_lock_shared
@@ -176,16 +185,27 @@ class _Scan(Visitor):
     def __init__(self) -> None:
         self.functions: list[str] = []
         self.writes: list[str] = []
-        self.relations: list[str] = []  # every relation named, written or read
+        self.relations: list[str] = []  # every RangeVar: written, read, or only named
+        self.only_named: list[str] = []  # RangeVars that read nothing written: FOR UPDATE OF's, RETURNING's
         self.ctes: set[str] = set()
         self.unrepeatable = False
 
-    def reads_other_tables(self) -> bool:
-        """Whether it reads a relation it does not write (a WITH query's name is none)."""
-        return any(r not in self.writes and r not in self.ctes for r in self.relations)
+    def reads_tables(self) -> bool:
+        """Whether it reads a table besides the rows it writes (a subquery, FROM, USING; its own table too)."""
+        left = Counter(self.relations)
+        left.subtract(self.writes)  # each write target appears once as a RangeVar of its own
+        left.subtract(self.only_named)
+        return any(n > 0 for name, n in left.items() if name not in self.ctes)
 
     def visit_RangeVar(self, _ancestors: object, node: ast.RangeVar) -> None:
         self.relations.append(_relation_name(node))
+
+    def _returning(self, node: ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt) -> None:
+        returning = node.returningClause  # its subqueries read, but change nothing written
+        if returning is not None:
+            inner = _Scan()
+            inner(returning)
+            self.only_named += inner.relations
 
     def visit_CommonTableExpr(self, _ancestors: object, node: ast.CommonTableExpr) -> None:
         self.ctes.add(node.ctename or "")
@@ -208,6 +228,7 @@ class _Scan(Visitor):
             self.unrepeatable = True
         if any(c.waitPolicy == LockWaitPolicy.LockWaitSkip for c in node.lockingClause or ()):
             self.unrepeatable = True  # SKIP LOCKED: which rows depends on what others held then
+        self.only_named += [_relation_name(r) for c in node.lockingClause or () for r in c.lockedRels or ()]
 
     def visit_RangeTableSample(self, _ancestors: object, node: ast.RangeTableSample) -> None:
         self.unrepeatable = True
@@ -219,16 +240,20 @@ class _Scan(Visitor):
 
     def visit_InsertStmt(self, _ancestors: object, node: ast.InsertStmt) -> None:
         self.writes.append(_relation_name(node.relation))
+        self._returning(node)
 
     def visit_UpdateStmt(self, _ancestors: object, node: ast.UpdateStmt) -> None:
         self.writes.append(_relation_name(node.relation))
+        self._returning(node)
 
     def visit_DeleteStmt(self, _ancestors: object, node: ast.DeleteStmt) -> None:
         self.writes.append(_relation_name(node.relation))
+        self._returning(node)
 
     def visit_MergeStmt(self, _ancestors: object, node: ast.MergeStmt) -> None:
         # Without its target, re-sync flags and the copy stitch (a table copied at its own snapshot) miss it.
         self.writes.append(_relation_name(node.relation))
+        self._returning(node)
 
 
 def _write(command: str, text: str, scan: _Scan) -> StatementInfo:
@@ -238,9 +263,9 @@ def _write(command: str, text: str, scan: _Scan) -> StatementInfo:
         command,
         text,
         tuple(dict.fromkeys(scan.writes)),
-        # Reading another table, a statement sees the rows of its own snapshot, but replay in commit order runs
-        # it after every transaction that committed before its own: one committed meanwhile is seen there.
-        unrepeatable=scan.unrepeatable or scan.reads_other_tables(),
+        # A statement reading a table sees the rows of its own snapshot, but replay in commit order runs it after
+        # every transaction that committed before its own: one that committed meanwhile is seen there.
+        unrepeatable=scan.unrepeatable or scan.reads_tables(),
         calls=tuple(dict.fromkeys(unknown)),
     )
 
@@ -297,8 +322,11 @@ def _classify_node(node: ast.Node, text: str) -> StatementInfo:
         return StatementInfo(Kind.MAYBE_WRITE, command, text)
     if isinstance(node, ast.TruncateStmt):
         # DDL to the `ddl` setting, but it empties tables: a skip must flag them, the copy stitch must place it.
-        names = tuple(dict.fromkeys(_relation_name(r) for r in node.relations or ()))
-        return StatementInfo(Kind.DDL, command, text, names, reshapes=())
+        # CASCADE empties tables it does not name: "" stands for them.
+        names = [_relation_name(r) for r in node.relations or ()]
+        if node.behavior == DropBehavior.DROP_CASCADE:
+            names.append("")
+        return StatementInfo(Kind.DDL, command, text, tuple(dict.fromkeys(names)), reshapes=())
     # CREATE/ALTER/DROP/GRANT/COMMENT... all change what the target must hold.
     return _ddl(node, command, text)
 

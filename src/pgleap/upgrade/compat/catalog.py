@@ -89,13 +89,16 @@ def volatile_functions_sql() -> str:
 
 
 def inheritors_sql() -> str:
-    """Oids of the relations named $1 ("schema.name", or a bare name, all schemas) and of every table that
-    inherits from them or is one of their partitions, at any depth; the same in every version."""
+    """The relations named $1 ("schema.name", or a bare name in any schema; temporary ones left out) and every
+    table inheriting from them or one of their partitions, at any depth: oid, relkind, whether $1 names it
+    itself. The same in every version."""
     return (
-        "WITH RECURSIVE tree(oid) AS (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relname = $1::text OR n.nspname || '.' || c.relname = $1::text "
-        "UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid) "
-        "SELECT oid::bigint FROM tree"
+        "WITH RECURSIVE tree(oid, named) AS (SELECT c.oid, true FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE (c.relname = $1::text OR n.nspname || '.' || c.relname = $1::text) "
+        "AND n.nspname !~ '^pg_(toast_)?temp_' AND c.relkind IN ('r', 'p', 'v', 'f', 'm') "
+        "UNION SELECT i.inhrelid, false FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid) "
+        "SELECT t.oid::bigint, c.relkind::text, t.named FROM tree t JOIN pg_class c ON c.oid = t.oid"
     )
 
 

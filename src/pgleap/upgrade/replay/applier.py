@@ -29,7 +29,7 @@ from pgleap.config import ServerConfig, UpgradeConfig
 from pgleap.protocol.messages import ServerError
 from pgleap.store.changelog import ChangeLog
 from pgleap.store.records import CapturedCheck, CapturedStatement, LoggedTransaction, decode_image
-from pgleap.upgrade.capture.classify import WRITES_NO_TABLE, Kind, StatementInfo, classify
+from pgleap.upgrade.capture.classify import UNREPEATABLE_FUNCTIONS, WRITES_NO_TABLE, Kind, StatementInfo, classify
 from pgleap.upgrade.capture.pinning import pin_time, reads_the_clock_as_input
 from pgleap.upgrade.capture.probe import is_settings_statement, settings_statement
 from pgleap.upgrade.compat.adapters import VersionAdapter, adapter_for
@@ -871,7 +871,7 @@ class Replayer:
         assert record.position is not None
         tables = touched_tables(record)
         reason = f"position {record.position} has no txid and was captured while the copy ran: it may be applied twice"
-        self._flag(tables or (EVERY_TABLE,), record.position, reason, required=True)
+        self._flag(tables, record.position, reason, required=True)
 
     def _committed(self, plans: list[_Planned]) -> None:
         divergences = []
@@ -960,7 +960,7 @@ class Replayer:
 
     async def _skip(self, record: LoggedTransaction, error: ApplyError) -> None:
         """Move the position past a refused transaction, recording it and flagging its tables for re-sync."""
-        tables = touched_tables(record) or (EVERY_TABLE,)
+        tables = touched_tables(record)
         assert record.position is not None
         skipped = ApplyError(
             error.database,
@@ -1122,10 +1122,12 @@ def touched_tables(record: LoggedTransaction) -> tuple[str, ...]:
 
 
 def _writes_unnamed_tables(info: StatementInfo) -> bool:
-    if info.kind is Kind.WRITE:
-        return not info.relations or not all(info.relations)  # unparseable, or a target it could not name
+    if "" in info.relations or (info.kind is Kind.WRITE and not info.relations):
+        return True  # unparseable, a target it could not name, TRUNCATE ... CASCADE
+    if info.kind is not Kind.MAYBE_WRITE:
+        return False
     # SELECT f(), CALL, DO, EXECUTE: unless every function it calls is known to write no table.
-    return info.kind is Kind.MAYBE_WRITE and not (info.calls and WRITES_NO_TABLE.issuperset(info.calls))
+    return not info.calls or any(f not in WRITES_NO_TABLE and f not in UNREPEATABLE_FUNCTIONS for f in info.calls)
 
 
 def _statement_tags(planned: _Planned) -> list[tuple[int, str, str | None]]:

@@ -19,7 +19,6 @@ import asyncpg
 
 from pgleap.config import UpgradeConfig
 from pgleap.errors import PgleapError
-from pgleap.upgrade.compat.catalog import inheritors_sql
 from pgleap.upgrade.compat.facts import facts_for
 from pgleap.upgrade.copy.connect import connect, version_num
 from pgleap.upgrade.copy.model import Table
@@ -28,6 +27,7 @@ from pgleap.upgrade.replay.applier import Replayer
 from pgleap.upgrade.replay.journal import EVERY_TABLE, ApplyJournal
 from pgleap.upgrade.replay.point import WORK_SETTINGS
 from pgleap.upgrade.verify.checksums import Key
+from pgleap.upgrade.verify.flags import clear_covered, resolve, stands_for
 from pgleap.upgrade.verify.resync import ResyncResult, resync_keys, resync_table
 from pgleap.upgrade.verify.table import RowDifference, TableVerification, TableVerifier
 
@@ -89,31 +89,18 @@ class VerifyService:
         upgrade, replayer = self._prepared(database)
         source = await self._source(upgrade)
         try:
+            # Flags first: every table a flagged write reached existed then, so the load lists it (when it lists it at
+            # all); and one set during the check may be past its point.
+            flags = replayer.journal.resync_flags(database)
             every = await self._tables(source, database, None)
             tables = every if names is None else _named(every, database, names)
-            flags = replayer.journal.resync_flags(database)  # before: one set during the check may be past its point
             do_repair = upgrade.sync.resync_on_error if repair is None else repair
             reports = await self._check(upgrade, replayer, source, tables, do_repair)
             clean = {t.oid for t, report in zip(tables, reports, strict=True) if report.clean}
-            await self._clear_flags(source, every, replayer.journal, database, flags, clean)
+            await clear_covered(source, every, replayer.journal, database, flags, clean)
             return reports
         finally:
             await source.close()
-
-    async def _clear_flags(
-        self,
-        source: asyncpg.Connection,
-        tables: list[Table],
-        journal: ApplyJournal,
-        database: str,
-        flags: dict[str, int],
-        clean: set[int],
-    ) -> None:
-        """Clear each of `flags` (as they stood before the check) whose tables are all among the `clean` oids."""
-        for key, at in flags.items():
-            stands_for = await self._flagged_tables(source, tables, database, key)
-            if stands_for and clean.issuperset(t.oid for t in stands_for):
-                journal.clear_resync(database, key, through=at)
 
     async def _check(
         self, upgrade: UpgradeConfig, replayer: Replayer, source: asyncpg.Connection, tables: list[Table], repair: bool
@@ -130,12 +117,14 @@ class VerifyService:
         return reports
 
     async def resync_flagged(self, database: str, journal: ApplyJournal) -> list[TableReport]:
-        """Verify and repair the tables replay flagged for re-sync (a skipped transaction); unflag the clean ones."""
-        due = {
-            name: flagged_at
-            for name, flagged_at in journal.resync_flags(database).items()
-            if time.monotonic() >= self._resync_due.get((database, name), 0.0)  # else verified a moment ago
-        }
+        """Verify and repair the tables replay flagged for re-sync (a skipped transaction); unflag the clean ones.
+
+        Each table is checked once however many flags stand for it (each flag naming no table stands for
+        every table); a flag checked is not due again for nine times as long as the pass took.
+        """
+        now = time.monotonic()
+        flags = journal.resync_flags(database)
+        due = {name: at for name, at in flags.items() if now >= self._resync_due.get((database, name), 0.0)}
         if not due:
             return []
         try:
@@ -144,44 +133,39 @@ class VerifyService:
         except PgleapError as exc:
             log.error("re-sync of the flagged tables of %s cannot start: %s; they stay flagged", database, exc)
             return []
-        reports = []
+        reports: list[TableReport] = []
         try:
             tables = await self._tables(source, database, None)
-            for name, flagged_at in due.items():
-                started = time.monotonic()
-                try:
-                    found = await self._check(
-                        upgrade, replayer, source, await self._flagged_tables(source, tables, database, name), True
+            required = set(journal.required_resyncs(database))
+            checked: dict[int, Table] = {}
+            for name in due:
+                needed = await stands_for(source, tables, name, required=name in required)
+                if name != EVERY_TABLE and needed is tables:  # widened to every table
+                    log.warning(
+                        "%s: re-sync flag %r reaches what verification cannot check (a view, a foreign table, a "
+                        "table it does not list, or nothing): every table is verified for it",
+                        database,
+                        name,
                     )
+                checked.update((t.oid, t) for t in needed)
+            started = time.monotonic()
+            clean: set[int] = set()
+            for table in checked.values():
+                try:
+                    reports += await self._check(upgrade, replayer, source, [table], True)
                 except PgleapError as exc:
-                    log.error("re-sync of flagged table %s.%s failed: %s; it stays flagged", database, name, exc)
+                    log.error("re-sync of flagged table %s.%s failed: %s; it stays flagged", database, table.label, exc)
                     continue
-                finally:
-                    spent = time.monotonic() - started
-                    self._resync_due[(database, name)] = time.monotonic() + spent * (1 / FLAGGED_DUTY - 1)
-                reports += found
-                if all(report.clean for report in found):
-                    # Flagged again while it was verified (a later position): that write may be after the point.
-                    journal.clear_resync(database, name, through=flagged_at)
+                if reports[-1].clean:
+                    clean.add(table.oid)
+            # Flags read before the pass: one set again meanwhile (a later position) may be past the point.
+            await clear_covered(source, tables, journal, database, due, clean)
+            spent = time.monotonic() - started
+            for name in due:
+                self._resync_due[(database, name)] = time.monotonic() + spent * (1 / FLAGGED_DUTY - 1)
         finally:
             await source.close()
         return reports
-
-    async def _flagged_tables(
-        self, source: asyncpg.Connection, tables: list[Table], database: str, name: str
-    ) -> list[Table]:
-        """The tables a re-sync flag stands for (see _resolve); every table for EVERY_TABLE or a name none has."""
-        if name != EVERY_TABLE:
-            chosen = await self._resolve(source, tables, name)
-            if chosen:
-                return chosen
-            log.warning(
-                "%s: re-sync flag %r names no table verification lists (a view, or a table dropped or renamed "
-                "since): it stands for every table",
-                database,
-                name,
-            )
-        return tables
 
     async def watch_flagged(self, databases: Callable[[], list[str]], journal: ApplyJournal) -> None:
         """Until stop_watching(): re-sync flagged tables of `databases()` whose resync_on_error is on."""
@@ -199,22 +183,24 @@ class VerifyService:
         self._stop_watching.set()
 
     async def force_resync(self, database: str, name: str) -> list[ResyncResult]:
-        """Copy one whole table again at a point (each partition of a partitioned one), whatever verification
-        would say; the re-sync flags standing for no other table are cleared."""
+        """Copy one whole table again at a point (with its partitions and inheritors), whatever verification
+        would say; the re-sync flags standing only for tables copied are cleared."""
         upgrade, replayer = self._prepared(database)
         source = await self._source(upgrade)
         try:
+            flags = replayer.journal.resync_flags(database)  # before the load and the copy, as in verify()
             tables = await self._tables(source, database, None)
-            try:
-                chosen = _named(tables, database, [name])
-            except VerifyError:
-                chosen = await self._resolve(source, tables, name)
-                if not chosen or any(name in (t.label, t.name) for t in chosen):
-                    raise  # no such table, or a bare name several schemas have
+            found = await resolve(source, tables, name)
+            if not found.tables:
+                raise VerifyError(f"database {database!r}: no table named {name!r}; give it as schema.table")
+            if found.named > 1:
+                raise VerifyError(
+                    f"database {database!r}: {found.named} relations named {name!r} (in several schemas); "
+                    "give it as schema.table"
+                )
             journal = replayer.journal
-            flags = journal.resync_flags(database)  # before: one set during the copy may be past its point
             results = []
-            for table in chosen:
+            for table in found.tables:
                 results.append(await resync_table(replayer, source, table))
                 log.info(
                     "re-sync of %s.%s: %d rows copied, %d removed",
@@ -223,7 +209,7 @@ class VerifyService:
                     results[-1].copied,
                     results[-1].deleted,
                 )
-            await self._clear_flags(source, tables, journal, database, flags, {t.oid for t in chosen})
+            await clear_covered(source, tables, journal, database, flags, {t.oid for t in found.tables})
             return results
         finally:
             await source.close()
@@ -320,12 +306,6 @@ class VerifyService:
         # against, and unlogged tables cannot be read on a standby.
         settings = {"application_name": "pgleap_verify", **WORK_SETTINGS}
         return await connect(upgrade.source, role="source", settings=settings)
-
-    async def _resolve(self, source: asyncpg.Connection, tables: list[Table], name: str) -> list[Table]:
-        """The `tables` a name stands for: those of that name in any schema when it is bare (flags name tables as
-        statements wrote them), with their partitions and inheritors."""
-        oids = {int(oid) for (oid,) in await source.fetch(inheritors_sql(), name)}
-        return [t for t in tables if t.oid in oids]
 
     async def _tables(self, source: asyncpg.Connection, database: str, names: list[str] | None) -> list[Table]:
         tables = await load_tables(source, facts_for(await version_num(source)), allow_binary=False)
