@@ -593,6 +593,45 @@ def test_a_setting_changed_between_two_writes_of_a_transaction_holds_for_the_wri
     assert_equal(env)
 
 
+def test_a_setting_changed_in_a_string_that_recovers_a_failed_block_holds_for_the_writes_after_it(env: Env) -> None:
+    """`ROLLBACK TO SAVEPOINT a; UPDATE ...; SET search_path = s2; UPDATE ...` sent in a failed block: the
+    settings probes go after the ROLLBACK TO (before it they would fail with the block)."""
+    for server in (env.source, env.target):
+        server.psql(
+            "CREATE SCHEMA s1; CREATE SCHEMA s2; "
+            + "".join(
+                f"CREATE TABLE {s}.t (id int PRIMARY KEY, note text); INSERT INTO {s}.t VALUES (1), (2), (3); "
+                for s in ("s1", "s2")
+            ),
+            dbname=env.dbname,
+        )
+    snapshot = env.snapshot()
+    touch = "update t set note = current_schema where id = {}"
+    commands = [
+        "set search_path = s1",
+        "begin",
+        touch.format(1),
+        "savepoint a",
+        "select 1/0",  # the block fails
+        f"rollback to savepoint a; {touch.format(2)}; set search_path = s2; {touch.format(3)}",
+        "commit",
+    ]
+    argv = [tool("psql"), env.proxy.dsn(), "-X", "-q", "-v", "ON_ERROR_STOP=0"]
+    for command in commands:
+        argv += ["-c", command]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "division by zero" in done.stderr, done.stderr
+    env.drain()
+    query = (
+        "SELECT string_agg(note || ':' || id, ' ' ORDER BY note, id) "
+        "FROM (SELECT * FROM s1.t UNION ALL SELECT * FROM s2.t) u"
+    )
+    assert env.source.psql(query, dbname=env.dbname) == "s1:1 s1:2 s2:3"
+    status, _ = replay(env, snapshot)
+    assert status.paused is None and status.divergences == 0
+    assert env.target.psql(query, dbname=env.dbname) == "s1:1 s1:2 s2:3"
+
+
 def test_set_constraints_deferred_is_replayed_with_its_transaction(env: Env) -> None:
     """A child row inserted before its parent under SET CONSTRAINTS ALL DEFERRED replays as on the source."""
     schema = (

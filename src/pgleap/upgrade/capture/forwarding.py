@@ -549,7 +549,7 @@ class CapturingForwarder(Forwarder):
         writes = any(i.writes for i in infos)
         no_block = any(map(self._refuses_block, infos))
         wrote = in_block and a.has_writes
-        around = _settings_points(infos, wrote) if parseable and not no_block and self._probe_allowed() else []
+        around = self._settings_probes(infos, wrote) if parseable and not no_block else []
         if not in_block and writes and parseable and not control and not no_block and self._probe_allowed():
             self._send_wrapped(sql, infos, images, starts, around, sample)
             return False
@@ -890,6 +890,16 @@ class CapturingForwarder(Forwarder):
         """Seen from the sending side: the open transaction may have written, and has not failed."""
         a = self.assembler
         return (a.has_writes or self._batch_writes) and self.tx_status != _FAILED and not a.failed
+
+    def _settings_probes(self, infos: tuple[StatementInfo, ...], wrote: bool) -> list[tuple[int, str]]:
+        """_settings_points for a string; in a failed block, those after the string's first ROLLBACK (TO
+        SAVEPOINT), which lets the transaction go on: a probe before it would fail."""
+        if self._probe_allowed():
+            return _settings_points(infos, wrote)
+        for k, info in enumerate(infos):
+            if info.kind is Kind.ROLLBACK_TO or info.kind is Kind.ROLLBACK:
+                return [(k + i, marker) for i, marker in _settings_points(infos[k:], wrote)]
+        return []
 
     def _probe_allowed(self) -> bool:
         """The probe may only run in a transaction that has not failed."""
