@@ -99,6 +99,16 @@ def test_statement_texts_and_relations_in_multi_statement_strings() -> None:
         ("insert into t select g from generate_series(1, 3) g", False),
         ("insert into t (a) values (1) returning (select max(x) from u)", False),
         ("insert into t values (1) on conflict (id) do update set a = excluded.a", False),
+        ("with orders as (select * from orders where s = 1) update stats set n = (select count(*) from orders)", True),
+        (
+            "with i as (insert into t values (1) returning (select max(x) from u) m) insert into log select m from i",
+            True,
+        ),
+        (
+            "with recursive r(n) as (select 1 union all select n + 1 from r where n < 5) insert into t select n from r",
+            False,
+        ),
+        ("with x as (select 1 as a), y as (select a from x) insert into t select a from y", False),
     ],
 )
 def test_writes_replay_cannot_repeat_exactly(sql: str, unrepeatable: bool) -> None:

@@ -223,6 +223,26 @@ def test_stitch_uses_the_snapshot_of_tables_copied_apart() -> None:
     assert not s.visible(150) and scratch.visible(150)
 
 
+def test_a_write_naming_no_table_is_placed_by_every_copy_snapshot() -> None:
+    """`SELECT f()` may write a table copied at a snapshot of its own: when the copies disagree, it is flagged."""
+    from pgleap.store.records import CapturedStatement, CapturedTransaction, LoggedTransaction, LogState
+    from pgleap.upgrade.replay import make_stitch
+    from pgleap.upgrade.replay.applier import Replayer
+
+    stitch = make_stitch("100:110:", {"public.scratch": "200:210:"})
+    replayer = object.__new__(Replayer)  # only what _in_copy reads
+    replayer.stitch, replayer.snapshot, replayer._flags = stitch, stitch.default, {}
+
+    def in_copy(txid: int, sql: str) -> bool:
+        tx = CapturedTransaction("app", txid, None, (), (CapturedStatement(sql),), 1)
+        return replayer._in_copy(LoggedTransaction(1, 7, LogState.COMMITTED, tx), 0, sql)
+
+    assert in_copy(99, "SELECT f()") is True and replayer._flags == {}  # every copy holds it
+    assert in_copy(150, "UPDATE items SET a = 1") is False and replayer._flags == {}  # items: copied at S
+    assert in_copy(150, "SELECT f()") is False  # S lacks it, scratch's copy holds it
+    assert replayer._flags["*"][2] is True  # required: cutover waits for every table verified
+
+
 @pytest.mark.parametrize(
     ("sql", "txid", "alone"),
     [
@@ -326,3 +346,18 @@ def test_a_required_flag_stays_required_until_cleared_and_an_older_journal_gains
         assert journal.required_resyncs("app") == []
     finally:
         journal.close()
+
+
+def test_a_check_past_a_required_flag_clears_it_though_lesser_flags_came_during_the_check() -> None:
+    """Triggers flag a busy table at every batch: the skip's flag must still clear once checked past it."""
+    journal = ApplyJournal()
+    journal.mark_resync("app", ("orders",), 5, "txid 7 skipped", required=True)
+    seen = journal.resync_flags("app")  # read before the check, as the verifier does
+    journal.mark_resync("app", ("orders",), 9, "triggers fired again")  # during the check
+    journal.clear_resync("app", "orders", through=seen["orders"])
+    assert journal.required_resyncs("app") == [] and journal.resync_flags("app") == {"orders": 9}
+    journal.mark_resync("app", ("orders",), 12, "txid 9 skipped", required=True)
+    journal.clear_resync("app", "orders", through=11)  # a check before that skip: it stays required
+    assert journal.required_resyncs("app") == ["orders"]
+    journal.clear_resync("app", "orders", through=12)
+    assert journal.resync_flags("app") == {}

@@ -24,7 +24,7 @@ from pglast.enums import (
     TransactionStmtKind,
 )
 from pglast.parser import ParseError
-from pglast.visitors import Visitor
+from pglast.visitors import Ancestor, Visitor
 
 _CACHE_SIZE = 16_384
 # By whole text: simple-protocol texts differ in their literals, so few repeat, and each entry is a few objects
@@ -182,12 +182,14 @@ _USER_VALUES = frozenset(
 class _Scan(Visitor):
     """Collects what a statement tree contains that matters for capture."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, top: bool = True) -> None:
         self.functions: list[str] = []
         self.writes: list[str] = []
         self.relations: list[str] = []  # every RangeVar: written, read, or only named
         self.only_named: list[str] = []  # RangeVars that read nothing written: FOR UPDATE OF's, RETURNING's
         self.ctes: set[str] = set()
+        self.cte_reads = False  # a WITH query reads a table (its name may hide the table's outside)
+        self.top = top  # the statement itself, whose RETURNING rows go to the client
         self.unrepeatable = False
 
     def reads_tables(self) -> bool:
@@ -195,20 +197,35 @@ class _Scan(Visitor):
         left = Counter(self.relations)
         left.subtract(self.writes)  # each write target appears once as a RangeVar of its own
         left.subtract(self.only_named)
-        return any(n > 0 for name, n in left.items() if name not in self.ctes)
+        return self.cte_reads or any(n > 0 for name, n in left.items() if name not in self.ctes)
 
     def visit_RangeVar(self, _ancestors: object, node: ast.RangeVar) -> None:
         self.relations.append(_relation_name(node))
 
-    def _returning(self, node: ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt) -> None:
-        returning = node.returningClause  # its subqueries read, but change nothing written
-        if returning is not None:
-            inner = _Scan()
+    def _returning(
+        self, ancestors: Ancestor, node: ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt
+    ) -> None:
+        returning = node.returningClause
+        if returning is not None and self.top and ancestors.parent is None:
+            # The client's rows: their subqueries change nothing written. A WITH query's RETURNING feeds the rest.
+            inner = _Scan(top=False)
             inner(returning)
-            self.only_named += inner.relations
+            named = Counter(inner.relations)
+            named.subtract(inner.only_named)  # FOR UPDATE OF in there: this scan's SelectStmt counts it too
+            self.only_named += named.elements()
 
-    def visit_CommonTableExpr(self, _ancestors: object, node: ast.CommonTableExpr) -> None:
-        self.ctes.add(node.ctename or "")
+    def visit_WithClause(self, _ancestors: object, node: ast.WithClause) -> None:
+        for cte in node.ctes or ():
+            if not isinstance(cte, ast.CommonTableExpr) or cte.ctequery is None:
+                continue
+            name = cte.ctename or ""
+            inner = _Scan(top=False)
+            inner.ctes |= self.ctes  # the WITH queries before it
+            if node.recursive:
+                inner.ctes.add(name)  # WITH RECURSIVE reads itself; otherwise its name there is the table
+            inner(cte.ctequery)
+            self.cte_reads = self.cte_reads or inner.reads_tables()
+            self.ctes.add(name)
 
     def visit_FuncCall(self, _ancestors: object, node: ast.FuncCall) -> None:
         if node.funcname:
@@ -238,22 +255,22 @@ class _Scan(Visitor):
         if isinstance(last, ast.String) and last.sval == "ctid":  # a copy lays rows out anew
             self.unrepeatable = True
 
-    def visit_InsertStmt(self, _ancestors: object, node: ast.InsertStmt) -> None:
+    def visit_InsertStmt(self, ancestors: Ancestor, node: ast.InsertStmt) -> None:
         self.writes.append(_relation_name(node.relation))
-        self._returning(node)
+        self._returning(ancestors, node)
 
-    def visit_UpdateStmt(self, _ancestors: object, node: ast.UpdateStmt) -> None:
+    def visit_UpdateStmt(self, ancestors: Ancestor, node: ast.UpdateStmt) -> None:
         self.writes.append(_relation_name(node.relation))
-        self._returning(node)
+        self._returning(ancestors, node)
 
-    def visit_DeleteStmt(self, _ancestors: object, node: ast.DeleteStmt) -> None:
+    def visit_DeleteStmt(self, ancestors: Ancestor, node: ast.DeleteStmt) -> None:
         self.writes.append(_relation_name(node.relation))
-        self._returning(node)
+        self._returning(ancestors, node)
 
-    def visit_MergeStmt(self, _ancestors: object, node: ast.MergeStmt) -> None:
+    def visit_MergeStmt(self, ancestors: Ancestor, node: ast.MergeStmt) -> None:
         # Without its target, re-sync flags and the copy stitch (a table copied at its own snapshot) miss it.
         self.writes.append(_relation_name(node.relation))
-        self._returning(node)
+        self._returning(ancestors, node)
 
 
 def _write(command: str, text: str, scan: _Scan) -> StatementInfo:
@@ -408,7 +425,8 @@ def _classify_select(node: ast.SelectStmt, command: str, text: str) -> Statement
 
 
 # Statements PostgreSQL refuses inside a transaction block (or that may end the transaction themselves:
-# CALL and DO can COMMIT from 11 on), so capture never wraps them in BEGIN nor appends its probe to them.
+# CALL and DO can COMMIT from 11 on), so capture never wraps them in BEGIN nor appends its probe to them
+# (a DO on a source before 11 excepted: Forwarder._refuses_block).
 _NO_BLOCK_NODES = tuple(
     getattr(ast, n)
     for n in (

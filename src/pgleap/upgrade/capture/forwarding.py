@@ -270,11 +270,13 @@ class CapturingForwarder(Forwarder):
         self._catalog_waited = False  # the held message comes back from waiting for the catalog
         try:
             facts = facts_for(version_num_of(self.backend.server_version))
+            self._do_in_block = not facts.do_may_commit
         except UnsupportedVersionError:
-            # An unreadable server_version: the oldest supported major's probe runs on every major.
+            # An unreadable server_version: the oldest supported major's probe runs on every major, and a DO
+            # stays out of a block (it may COMMIT inside, for all capture knows).
             facts = facts_for(PG90)
+            self._do_in_block = False
         self._probe_sql = probe_sql(facts)
-        self._do_in_block = not facts.do_may_commit
         self._adapt = self._adapter_for_route()
         if self.server_transport is not None:
             # Statements prepared before capture started are Bound later: learn them, or their writes go unseen.

@@ -8,9 +8,7 @@ of a 9.x catalog (tests/test_check_rules.py) without a 9.x server.
 from __future__ import annotations
 
 from pgleap.upgrade.compat.catalog import _SYSTEM_SCHEMAS, _not_extension_member
-from pgleap.upgrade.compat.facts import PG10, PG12, PG91, PG94, Facts
-
-PG11 = 110000
+from pgleap.upgrade.compat.facts import PG10, PG11, PG12, PG91, PG94, Facts
 
 _USER_NSP = _SYSTEM_SCHEMAS.replace("nspname", "n.nspname")
 

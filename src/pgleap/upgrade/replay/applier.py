@@ -803,7 +803,12 @@ class Replayer:
         if not self.stitch.tables:
             return self.snapshot.visible(txid)
         relations = touched_relations(sql)
-        seen = {s.visible(txid) for s in self.stitch.all_for(relations)}
+        snapshots = self.stitch.all_for(relations)
+        if any(_writes_unnamed_tables(info) for info in classify(sql)):
+            # SELECT f(), DO, TRUNCATE ... CASCADE: it may write any table, copied at any of the snapshots.
+            snapshots = {self.stitch.default, *self.stitch.tables.values()}
+            relations = (*relations, EVERY_TABLE)
+        seen = {s.visible(txid) for s in snapshots}
         if len(seen) == 1:  # one snapshot, or every one of those copies holds it, or none does: no question
             return seen.pop()
         # In some of the tables' copies and not in others: one statement cannot be stitched exactly.
@@ -1050,8 +1055,8 @@ def _literal(value: str | None) -> str:
     return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
 
 
-# CALL and DO may COMMIT (so capture never wraps them), but most do not: they stay in the batch's transaction,
-# with their position, so a retry never runs their writes twice.
+# CALL and DO may COMMIT from 11 on (so capture does not wrap them there), but most do not: they stay in the
+# batch's transaction, with their position, so a retry never runs their writes twice.
 _IN_BLOCK_ALL_THE_SAME = frozenset(["CallStmt", "DoStmt"])
 
 

@@ -28,12 +28,12 @@ CREATE TABLE IF NOT EXISTS divergence (
 );
 CREATE TABLE IF NOT EXISTS resync_table (
     database TEXT NOT NULL, table_name TEXT NOT NULL, position INTEGER NOT NULL, reason TEXT NOT NULL,
-    required INTEGER NOT NULL DEFAULT 0,
+    required INTEGER NOT NULL DEFAULT 0, required_position INTEGER,
     PRIMARY KEY (database, table_name)
 );
 """
-# The flag of a transaction whose writes name no table (`SELECT f()`, DO, or a skipped DDL statement): only
-# every table verified clean clears it.
+# The flag of a transaction with a write that names no table (`SELECT f()`, CALL, DO): only every table
+# verified clean clears it.
 EVERY_TABLE = "*"
 
 
@@ -44,7 +44,8 @@ def flag_label(name: str) -> str:
 
 # `required`: the target is known to lack or repeat a transaction there (one skipped, one without a txid
 # applied over the copy, a statement across tables copied at different snapshots), not only that it may
-# compute other values: cutover waits for the re-sync of such a table.
+# compute other values: cutover waits for the re-sync of such a table. `required_position`: the latest
+# position that flagged it so; a check past it clears that, though flags that are not required came since.
 
 
 class ApplyJournal:
@@ -61,6 +62,9 @@ class ApplyJournal:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(resync_table)")}
         if "required" not in columns:  # a journal written before the column
             self._db.execute("ALTER TABLE resync_table ADD COLUMN required INTEGER NOT NULL DEFAULT 0")
+        if "required_position" not in columns:  # ... or before this one: required as of its position
+            self._db.execute("ALTER TABLE resync_table ADD COLUMN required_position INTEGER")
+            self._db.execute("UPDATE resync_table SET required_position = position WHERE required <> 0")
 
     def close(self) -> None:
         """Close the file."""
@@ -121,9 +125,11 @@ class ApplyJournal:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(
-                    "INSERT INTO resync_table VALUES (?, ?, ?, ?, ?) ON CONFLICT (database, table_name) "
-                    "DO UPDATE SET position = max(position, excluded.position), "
-                    "required = max(required, excluded.required)",
+                    "INSERT INTO resync_table VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 THEN ?3 END) "
+                    "ON CONFLICT (database, table_name) DO UPDATE SET position = max(position, excluded.position), "
+                    "required = max(required, excluded.required), "
+                    "required_position = nullif(max(coalesce(required_position, 0), "
+                    "coalesce(excluded.required_position, 0)), 0)",
                     [(database, table, *flag[:2], int(flag[2])) for table, flag in flags.items()],
                 )
             except BaseException:
@@ -161,12 +167,25 @@ class ApplyJournal:
         return [Divergence(*r) for r in rows]
 
     def clear_resync(self, database: str, table: str, through: int | None = None) -> None:
-        """The table was re-synced and verified equal: no longer flagged, unless flagged after `through` since."""
+        """The table was re-synced and verified equal: no longer flagged, unless flagged after `through` since
+        (then no longer required, unless flagged so after `through`)."""
         with self._lock:
-            self._db.execute(
-                "DELETE FROM resync_table WHERE database = ? AND table_name = ? AND (? IS NULL OR position <= ?)",
-                (database, table, through, through),
-            )
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "DELETE FROM resync_table WHERE database = ?1 AND table_name = ?2 "
+                    "AND (?3 IS NULL OR position <= ?3)",
+                    (database, table, through),
+                )
+                self._db.execute(
+                    "UPDATE resync_table SET required = 0, required_position = NULL "
+                    "WHERE database = ? AND table_name = ? AND required_position <= ?",
+                    (database, table, through),
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def required_resyncs(self, database: str) -> list[str]:
         """Tables of `database` whose re-sync cutover waits for (see the schema), by name."""

@@ -57,13 +57,17 @@ async def clear_covered(
     database: str,
     flags: dict[str, int],
     clean: set[int],
+    known: dict[str, list[Table]] | None = None,
 ) -> list[str]:
     """Clear each of `flags` (as they stood before the check began) whose tables are all among the `clean`
-    oids; the names cleared. A flag set again since (a later position) stays."""
+    oids (`known`: what some of them stand for, read already); the names cleared. A flag set again since (a
+    later position) stays."""
     required = set(journal.required_resyncs(database))
     cleared = []
     for name, at in flags.items():
-        needed = await stands_for(source, tables, name, required=name in required)
+        needed = (known or {}).get(name)
+        if needed is None:
+            needed = await stands_for(source, tables, name, required=name in required)
         if clean.issuperset(t.oid for t in needed):
             journal.clear_resync(database, name, through=at)
             cleared.append(name)

@@ -72,7 +72,7 @@ class VerifyService:
         self.replayer_of = replayer_of
         self.reports: list[TableReport] = []
         self._stop_watching = asyncio.Event()
-        self._resync_due: dict[tuple[str, str], float] = {}  # (database, table) -> when it may be verified again
+        self._resync_due: dict[tuple[str, str], float] = {}  # (database, flag) -> when it may be checked again
 
     def last_reports(self) -> dict[tuple[str, str], TableReport]:
         """The latest report per (database, table)."""
@@ -119,8 +119,8 @@ class VerifyService:
     async def resync_flagged(self, database: str, journal: ApplyJournal) -> list[TableReport]:
         """Verify and repair the tables replay flagged for re-sync (a skipped transaction); unflag the clean ones.
 
-        Each table is checked once however many flags stand for it (each flag naming no table stands for
-        every table); a flag checked is not due again for nine times as long as the pass took.
+        Each table is checked once however many flags stand for it (each flag naming no table stands for every
+        table). A flag whose tables were just checked is due again after nine times as long as they took.
         """
         now = time.monotonic()
         flags = journal.resync_flags(database)
@@ -137,34 +137,36 @@ class VerifyService:
         try:
             tables = await self._tables(source, database, None)
             required = set(journal.required_resyncs(database))
-            checked: dict[int, Table] = {}
-            for name in due:
-                needed = await stands_for(source, tables, name, required=name in required)
-                if name != EVERY_TABLE and needed is tables:  # widened to every table
+            needed = {name: await stands_for(source, tables, name, required=name in required) for name in due}
+            for name, stands in needed.items():
+                if name != EVERY_TABLE and stands is tables:  # widened to every table
                     log.warning(
                         "%s: re-sync flag %r reaches what verification cannot check (a view, a foreign table, a "
                         "table it does not list, or nothing): every table is verified for it",
                         database,
                         name,
                     )
-                checked.update((t.oid, t) for t in needed)
-            started = time.monotonic()
+            spent: dict[int, float] = {}
             clean: set[int] = set()
-            for table in checked.values():
+            for table in {t.oid: t for stands in needed.values() for t in stands}.values():
+                started = time.monotonic()
                 try:
                     reports += await self._check(upgrade, replayer, source, [table], True)
-                except PgleapError as exc:
+                    if reports[-1].clean:
+                        clean.add(table.oid)
+                except (PgleapError, asyncpg.PostgresError) as exc:  # dropped since the load, say
                     log.error("re-sync of flagged table %s.%s failed: %s; it stays flagged", database, table.label, exc)
-                    continue
-                if reports[-1].clean:
-                    clean.add(table.oid)
+                spent[table.oid] = time.monotonic() - started
             # Flags read before the pass: one set again meanwhile (a later position) may be past the point.
-            await clear_covered(source, tables, journal, database, due, clean)
-            spent = time.monotonic() - started
-            for name in due:
-                self._resync_due[(database, name)] = time.monotonic() + spent * (1 / FLAGGED_DUTY - 1)
+            cleared = await clear_covered(source, tables, journal, database, due, clean, needed)
         finally:
             await source.close()
+        for name, stands in needed.items():
+            if name in cleared:
+                self._resync_due.pop((database, name), None)  # flagged anew, it is due at once
+            else:
+                took = sum(spent.get(t.oid, 0.0) for t in stands)
+                self._resync_due[(database, name)] = time.monotonic() + took * (1 / FLAGGED_DUTY - 1)
         return reports
 
     async def watch_flagged(self, databases: Callable[[], list[str]], journal: ApplyJournal) -> None:
@@ -174,7 +176,11 @@ class VerifyService:
             for database in databases():
                 upgrade = self.upgrade_of(database)
                 if upgrade is not None and upgrade.sync.resync_on_error and journal.resync_tables(database):
-                    await self.resync_flagged(database, journal)
+                    try:
+                        await self.resync_flagged(database, journal)
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                        # The source went away mid-pass: the flags stay, and the next look tries again.
+                        log.error("re-sync of the flagged tables of %s stopped: %s; they stay flagged", database, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_watching.wait(), FLAGGED_INTERVAL)
 
