@@ -594,13 +594,13 @@ def test_a_setting_changed_between_two_writes_of_a_transaction_holds_for_the_wri
 
 
 def test_a_setting_changed_in_a_string_that_recovers_a_failed_block_holds_for_the_writes_after_it(env: Env) -> None:
-    """`ROLLBACK TO SAVEPOINT a; UPDATE ...; SET search_path = s2; UPDATE ...` sent in a failed block: the
-    settings probes go after the ROLLBACK TO (before it they would fail with the block)."""
+    """`ROLLBACK TO SAVEPOINT a; UPDATE ...; SET search_path = s2; UPDATE ...` sent in a failed block (or
+    `COMMIT; BEGIN; ...`): the settings probes go after the ROLLBACK TO or COMMIT (before, they would fail)."""
     for server in (env.source, env.target):
         server.psql(
             "CREATE SCHEMA s1; CREATE SCHEMA s2; "
             + "".join(
-                f"CREATE TABLE {s}.t (id int PRIMARY KEY, note text); INSERT INTO {s}.t VALUES (1), (2), (3); "
+                f"CREATE TABLE {s}.t (id int PRIMARY KEY, note text); INSERT INTO {s}.t SELECT generate_series(1, 5); "
                 for s in ("s1", "s2")
             ),
             dbname=env.dbname,
@@ -615,6 +615,11 @@ def test_a_setting_changed_in_a_string_that_recovers_a_failed_block_holds_for_th
         "select 1/0",  # the block fails
         f"rollback to savepoint a; {touch.format(2)}; set search_path = s2; {touch.format(3)}",
         "commit",
+        "set search_path = s1",
+        "begin",
+        "select 1/0",
+        # The COMMIT of a failed block rolls it back, and the string goes on.
+        f"commit; begin; {touch.format(4)}; set search_path = s2; {touch.format(5)}; commit",
     ]
     argv = [tool("psql"), env.proxy.dsn(), "-X", "-q", "-v", "ON_ERROR_STOP=0"]
     for command in commands:
@@ -626,10 +631,10 @@ def test_a_setting_changed_in_a_string_that_recovers_a_failed_block_holds_for_th
         "SELECT string_agg(note || ':' || id, ' ' ORDER BY note, id) "
         "FROM (SELECT * FROM s1.t UNION ALL SELECT * FROM s2.t) u"
     )
-    assert env.source.psql(query, dbname=env.dbname) == "s1:1 s1:2 s2:3"
+    assert env.source.psql(query, dbname=env.dbname) == "s1:1 s1:2 s1:4 s2:3 s2:5"
     status, _ = replay(env, snapshot)
     assert status.paused is None and status.divergences == 0
-    assert env.target.psql(query, dbname=env.dbname) == "s1:1 s1:2 s2:3"
+    assert env.target.psql(query, dbname=env.dbname) == "s1:1 s1:2 s1:4 s2:3 s2:5"
 
 
 def test_set_constraints_deferred_is_replayed_with_its_transaction(env: Env) -> None:

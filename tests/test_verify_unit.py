@@ -92,10 +92,12 @@ def test_row_differences_name_each_kind() -> None:
 def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Triggers or SKIP LOCKED flag a busy table at every batch: each verification scans it whole."""
+    """Triggers or SKIP LOCKED flag a busy table at every batch, during each check too: it stays flagged, and
+    each check scans it whole. A flag that is gone is forgotten: a new one is looked at on the next round."""
     from types import SimpleNamespace
 
     from pgleap.upgrade.replay import ApplyJournal
+    from pgleap.upgrade.verify import flags as verify_flags
     from pgleap.upgrade.verify import service as verify_service
 
     service = verify_service.VerifyService(lambda _: None, lambda _: None)
@@ -103,10 +105,18 @@ def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time
     clock = [100.0]
     monkeypatch.setattr(verify_service.time, "monotonic", lambda: clock[0])
     runs: list[float] = []
+    busy = [True]
+    position = [0]
+
+    def flag() -> None:
+        position[0] += 1
+        journal.mark_resync("app", ("public.jobs",), position[0], "triggers fired again")
 
     async def check(*_args: object) -> list[object]:
         runs.append(clock[0])
         clock[0] += 2.0  # a two-second scan
+        if busy[0]:
+            flag()  # a batch replayed meanwhile
         return [SimpleNamespace(clean=True)]
 
     async def nothing(*_args: object) -> list[object]:
@@ -125,13 +135,20 @@ def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time
     monkeypatch.setattr(service, "_tables", nothing)
     monkeypatch.setattr(service, "_check", check)
     monkeypatch.setattr(verify_service, "stands_for", jobs)
-    monkeypatch.setattr(verify_service, "clear_covered", nothing)
-    for position in range(1, 40):
-        journal.mark_resync("app", ("public.jobs",), position, "flagged again")
+    monkeypatch.setattr(verify_flags, "stands_for", jobs)
+    for _ in range(39):
+        flag()
         asyncio.run(service.resync_flagged("app", journal))
         clock[0] += 1.0
     # Each scan of 2 s is followed by 18 s of rest: 90% of the time neither server scans it.
-    assert runs[:3] == [100.0, 120.0, 140.0]
+    assert runs[:3] == [100.0, 120.0, 140.0] and journal.resync_flags("app")
+    busy[0] = False
+    clock[0] = runs[-1] + 20.0
+    asyncio.run(service.resync_flagged("app", journal))  # quiet now: checked clean, and gone
+    assert journal.resync_flags("app") == {}
+    flag()
+    asyncio.run(service.resync_flagged("app", journal))  # a new flag: looked at at once
+    assert runs[-1] == clock[0] - 2.0 and journal.resync_flags("app") == {}
 
 
 def test_a_table_is_named_by_schema_and_name_or_by_a_name_only_one_table_has() -> None:
@@ -146,3 +163,46 @@ def test_a_table_is_named_by_schema_and_name_or_by_a_name_only_one_table_has() -
         _named(tables, "app", ["orders"])
     with pytest.raises(VerifyError, match="no table named 'gone'"):
         _named(tables, "app", ["gone"])
+
+
+def test_a_flag_made_required_during_the_flagged_re_sync_is_not_cleared_by_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A view's flag stands for nothing to check until a skip makes it required: then for every table. A skip
+    landing while the pass checks another table must not be cleared on the strength of the earlier answer."""
+    from types import SimpleNamespace
+
+    from pgleap.upgrade.replay import ApplyJournal
+    from pgleap.upgrade.verify import flags as verify_flags
+    from pgleap.upgrade.verify import service as verify_service
+
+    service = verify_service.VerifyService(lambda _: None, lambda _: None)
+    journal = ApplyJournal()
+    orders, items = SimpleNamespace(oid=1, label="public.orders"), SimpleNamespace(oid=2, label="public.items")
+
+    async def stands_for(_source: object, tables: list[object], name: str, *, required: bool) -> list[object]:
+        if name == "orders":
+            return [orders]
+        return tables if required else []  # "v", a view
+
+    async def check(*_args: object) -> list[object]:
+        journal.mark_resync("app", ("v",), 8, "txid 7 skipped", required=True)  # replay, meanwhile
+        return [SimpleNamespace(clean=True)]
+
+    async def nothing(*_args: object) -> list[object]:
+        return []
+
+    async def every(*_args: object) -> list[object]:
+        return [orders, items]
+
+    async def connect(_upgrade: object) -> object:
+        return SimpleNamespace(close=nothing)
+
+    monkeypatch.setattr(service, "_prepared", lambda _database: (None, None))
+    monkeypatch.setattr(service, "_source", connect)
+    monkeypatch.setattr(service, "_tables", every)
+    monkeypatch.setattr(service, "_check", check)
+    monkeypatch.setattr(verify_service, "stands_for", stands_for)
+    monkeypatch.setattr(verify_flags, "stands_for", stands_for)
+    journal.mark_resync("app", ("orders",), 9, "triggers fired again")
+    journal.mark_resync("app", ("v",), 10, "written through the view, computed again")
+    asyncio.run(service.resync_flagged("app", journal))
+    assert journal.required_resyncs("app") == ["v"]  # items was never checked

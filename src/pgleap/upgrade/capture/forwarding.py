@@ -895,11 +895,11 @@ class CapturingForwarder(Forwarder):
 
     def _settings_probes(self, infos: tuple[StatementInfo, ...], wrote: bool) -> list[tuple[int, str]]:
         """_settings_points for a string; in a failed block, those after the string's first ROLLBACK (TO
-        SAVEPOINT), which lets the transaction go on: a probe before it would fail."""
+        SAVEPOINT) or COMMIT (which rolls back), after which the string goes on: a probe before would fail."""
         if self._probe_allowed():
             return _settings_points(infos, wrote)
         for k, info in enumerate(infos):
-            if info.kind is Kind.ROLLBACK_TO or info.kind is Kind.ROLLBACK:
+            if info.kind is Kind.ROLLBACK_TO or info.kind is Kind.ROLLBACK or info.kind is Kind.COMMIT:
                 return [(k + i, marker) for i, marker in _settings_points(infos[k:], wrote)]
         return []
 

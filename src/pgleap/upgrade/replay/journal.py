@@ -60,11 +60,13 @@ class ApplyJournal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(resync_table)")}
+        self._db.execute("BEGIN")  # all or nothing: a crash in between must not leave `required` without a position
         if "required" not in columns:  # a journal written before the column
             self._db.execute("ALTER TABLE resync_table ADD COLUMN required INTEGER NOT NULL DEFAULT 0")
         if "required_position" not in columns:  # ... or before this one: required as of its position
             self._db.execute("ALTER TABLE resync_table ADD COLUMN required_position INTEGER")
             self._db.execute("UPDATE resync_table SET required_position = position WHERE required <> 0")
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the file."""
@@ -166,17 +168,17 @@ class ApplyJournal:
         ).fetchall()
         return [Divergence(*r) for r in rows]
 
-    def clear_resync(self, database: str, table: str, through: int | None = None) -> None:
+    def clear_resync(self, database: str, table: str, through: int | None = None) -> bool:
         """The table was re-synced and verified equal: no longer flagged, unless flagged after `through` since
-        (then no longer required, unless flagged so after `through`)."""
+        (then no longer required, unless flagged so after `through`); whether the flag is gone."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.execute(
+                deleted = self._db.execute(
                     "DELETE FROM resync_table WHERE database = ?1 AND table_name = ?2 "
                     "AND (?3 IS NULL OR position <= ?3)",
                     (database, table, through),
-                )
+                ).rowcount
                 self._db.execute(
                     "UPDATE resync_table SET required = 0, required_position = NULL "
                     "WHERE database = ? AND table_name = ? AND required_position <= ?",
@@ -186,6 +188,7 @@ class ApplyJournal:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+        return deleted > 0
 
     def required_resyncs(self, database: str) -> list[str]:
         """Tables of `database` whose re-sync cutover waits for (see the schema), by name."""

@@ -57,18 +57,17 @@ async def clear_covered(
     database: str,
     flags: dict[str, int],
     clean: set[int],
-    known: dict[str, list[Table]] | None = None,
 ) -> list[str]:
     """Clear each of `flags` (as they stood before the check began) whose tables are all among the `clean`
-    oids (`known`: what some of them stand for, read already); the names cleared. A flag set again since (a
-    later position) stays."""
+    oids; the names no longer flagged at all. A flag set again since (a later position) stays.
+
+    What a flag stands for is read again here, not taken from before the check: replay may have made it
+    required meanwhile (a skip), and a required view stands for every table, not for nothing.
+    """
     required = set(journal.required_resyncs(database))
-    cleared = []
+    gone = []
     for name, at in flags.items():
-        needed = (known or {}).get(name)
-        if needed is None:
-            needed = await stands_for(source, tables, name, required=name in required)
-        if clean.issuperset(t.oid for t in needed):
-            journal.clear_resync(database, name, through=at)
-            cleared.append(name)
-    return cleared
+        needed = await stands_for(source, tables, name, required=name in required)
+        if clean.issuperset(t.oid for t in needed) and journal.clear_resync(database, name, through=at):
+            gone.append(name)
+    return gone

@@ -120,7 +120,7 @@ class VerifyService:
         """Verify and repair the tables replay flagged for re-sync (a skipped transaction); unflag the clean ones.
 
         Each table is checked once however many flags stand for it (each flag naming no table stands for every
-        table). A flag whose tables were just checked is due again after nine times as long as they took.
+        table). A flag still there after a pass is due again after nine times as long as the pass took.
         """
         now = time.monotonic()
         flags = journal.resync_flags(database)
@@ -146,27 +146,27 @@ class VerifyService:
                         database,
                         name,
                     )
-            spent: dict[int, float] = {}
+            started = time.monotonic()
             clean: set[int] = set()
             for table in {t.oid: t for stands in needed.values() for t in stands}.values():
-                started = time.monotonic()
                 try:
                     reports += await self._check(upgrade, replayer, source, [table], True)
                     if reports[-1].clean:
                         clean.add(table.oid)
                 except (PgleapError, asyncpg.PostgresError) as exc:  # dropped since the load, say
                     log.error("re-sync of flagged table %s.%s failed: %s; it stays flagged", database, table.label, exc)
-                spent[table.oid] = time.monotonic() - started
             # Flags read before the pass: one set again meanwhile (a later position) may be past the point.
-            cleared = await clear_covered(source, tables, journal, database, due, clean, needed)
+            gone = set(await clear_covered(source, tables, journal, database, due, clean))
         finally:
             await source.close()
-        for name, stands in needed.items():
-            if name in cleared:
-                self._resync_due.pop((database, name), None)  # flagged anew, it is due at once
+        # The whole pass's time for every flag still there, so all of them together keep to FLAGGED_DUTY; a flag
+        # that is gone is forgotten (flagged anew, by another skip, it is due at once).
+        wait = (time.monotonic() - started) * (1 / FLAGGED_DUTY - 1)
+        for name in due:
+            if name in gone:
+                self._resync_due.pop((database, name), None)
             else:
-                took = sum(spent.get(t.oid, 0.0) for t in stands)
-                self._resync_due[(database, name)] = time.monotonic() + took * (1 / FLAGGED_DUTY - 1)
+                self._resync_due[(database, name)] = time.monotonic() + wait
         return reports
 
     async def watch_flagged(self, databases: Callable[[], list[str]], journal: ApplyJournal) -> None:
