@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from pgleap.upgrade.copy.model import Column, Table
 from pgleap.upgrade.verify import checksums as sql
 from pgleap.upgrade.verify.checksums import KeyRange
+from pgleap.upgrade.verify.service import VerifyService
 from pgleap.upgrade.verify.table import RowDifference, batches, row_differences
 
 INT = Column("id", "int4", "pg_catalog", None)
@@ -89,6 +91,38 @@ def test_row_differences_name_each_kind() -> None:
     ]
 
 
+def offline_service(
+    monkeypatch: pytest.MonkeyPatch,
+    tables: list[object],
+    check: Callable[..., Awaitable[list[object]]],
+    stands_for: Callable[..., Awaitable[list[object]]],
+) -> VerifyService:
+    """A VerifyService whose source, tables, checks and flag resolution are these stand-ins (no server)."""
+    from types import SimpleNamespace
+
+    from pgleap.upgrade.verify import flags as verify_flags
+    from pgleap.upgrade.verify import service as verify_service
+
+    service = verify_service.VerifyService(lambda _: None, lambda _: None)
+
+    async def listed(*_args: object) -> list[object]:
+        return tables
+
+    async def nothing() -> None:
+        return None
+
+    async def connect(_upgrade: object) -> object:
+        return SimpleNamespace(close=nothing)
+
+    monkeypatch.setattr(service, "_prepared", lambda _database: (None, None))
+    monkeypatch.setattr(service, "_source", connect)
+    monkeypatch.setattr(service, "_tables", listed)
+    monkeypatch.setattr(service, "_check", check)
+    monkeypatch.setattr(verify_service, "stands_for", stands_for)
+    monkeypatch.setattr(verify_flags, "stands_for", stands_for)
+    return service
+
+
 def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -97,10 +131,8 @@ def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time
     from types import SimpleNamespace
 
     from pgleap.upgrade.replay import ApplyJournal
-    from pgleap.upgrade.verify import flags as verify_flags
     from pgleap.upgrade.verify import service as verify_service
 
-    service = verify_service.VerifyService(lambda _: None, lambda _: None)
     journal = ApplyJournal()
     clock = [100.0]
     monkeypatch.setattr(verify_service.time, "monotonic", lambda: clock[0])
@@ -119,23 +151,10 @@ def test_a_table_flagged_again_and_again_is_verified_at_most_a_tenth_of_the_time
             flag()  # a batch replayed meanwhile
         return [SimpleNamespace(clean=True)]
 
-    async def nothing(*_args: object) -> list[object]:
-        return []
-
-    source = SimpleNamespace(close=nothing)
-
-    async def connect(_upgrade: object) -> object:
-        return source
-
     async def jobs(*_args: object, **_kwargs: object) -> list[object]:
         return [SimpleNamespace(oid=1, label="public.jobs")]
 
-    monkeypatch.setattr(service, "_prepared", lambda _database: (None, None))
-    monkeypatch.setattr(service, "_source", connect)
-    monkeypatch.setattr(service, "_tables", nothing)
-    monkeypatch.setattr(service, "_check", check)
-    monkeypatch.setattr(verify_service, "stands_for", jobs)
-    monkeypatch.setattr(verify_flags, "stands_for", jobs)
+    service = offline_service(monkeypatch, [], check, jobs)
     for _ in range(39):
         flag()
         asyncio.run(service.resync_flagged("app", journal))
@@ -171,10 +190,7 @@ def test_a_flag_made_required_during_the_flagged_re_sync_is_not_cleared_by_it(mo
     from types import SimpleNamespace
 
     from pgleap.upgrade.replay import ApplyJournal
-    from pgleap.upgrade.verify import flags as verify_flags
-    from pgleap.upgrade.verify import service as verify_service
 
-    service = verify_service.VerifyService(lambda _: None, lambda _: None)
     journal = ApplyJournal()
     orders, items = SimpleNamespace(oid=1, label="public.orders"), SimpleNamespace(oid=2, label="public.items")
 
@@ -187,21 +203,7 @@ def test_a_flag_made_required_during_the_flagged_re_sync_is_not_cleared_by_it(mo
         journal.mark_resync("app", ("v",), 8, "txid 7 skipped", required=True)  # replay, meanwhile
         return [SimpleNamespace(clean=True)]
 
-    async def nothing(*_args: object) -> list[object]:
-        return []
-
-    async def every(*_args: object) -> list[object]:
-        return [orders, items]
-
-    async def connect(_upgrade: object) -> object:
-        return SimpleNamespace(close=nothing)
-
-    monkeypatch.setattr(service, "_prepared", lambda _database: (None, None))
-    monkeypatch.setattr(service, "_source", connect)
-    monkeypatch.setattr(service, "_tables", every)
-    monkeypatch.setattr(service, "_check", check)
-    monkeypatch.setattr(verify_service, "stands_for", stands_for)
-    monkeypatch.setattr(verify_flags, "stands_for", stands_for)
+    service = offline_service(monkeypatch, [orders, items], check, stands_for)
     journal.mark_resync("app", ("orders",), 9, "triggers fired again")
     journal.mark_resync("app", ("v",), 10, "written through the view, computed again")
     asyncio.run(service.resync_flagged("app", journal))
