@@ -338,7 +338,8 @@ def _classify_node(node: ast.Node, text: str) -> StatementInfo:
     if isinstance(node, (ast.CallStmt, ast.DoStmt, ast.ExecuteStmt)):
         return StatementInfo(Kind.MAYBE_WRITE, command, text)
     if isinstance(node, ast.TruncateStmt):
-        # DDL to the `ddl` setting, but it empties tables: a skip must flag them, the copy stitch must place it.
+        # DDL, though no schema change (`ddl` leaves it alone); it empties tables a skip must flag and the copy
+        # stitch must place.
         # CASCADE empties tables it does not name: "" stands for them.
         names = [_relation_name(r) for r in node.relations or ()]
         if node.behavior == DropBehavior.DROP_CASCADE:
