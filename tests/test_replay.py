@@ -468,6 +468,63 @@ def test_apply_error_skip_and_resync(env: Env) -> None:
     assert rows.split("\n") == ["1|2", "3|3", "99|1"]  # row 2 was in the skipped transaction
 
 
+INDIRECT_SCHEMA = """
+CREATE TABLE parent (id int PRIMARY KEY);
+CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent ON DELETE CASCADE);
+CREATE TABLE grandchild (id int PRIMARY KEY, child_id int REFERENCES child ON DELETE SET NULL);
+CREATE TABLE audit_log (id serial PRIMARY KEY, note text);
+CREATE TABLE audited (id int PRIMARY KEY, n int);
+CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS
+  $$ BEGIN INSERT INTO audit_log (note) VALUES (TG_OP); RETURN NEW; END $$;
+CREATE TRIGGER audit AFTER UPDATE ON audited FOR EACH ROW EXECUTE PROCEDURE audit();
+CREATE TABLE counters (id int PRIMARY KEY, n int);
+CREATE FUNCTION next_no() RETURNS int LANGUAGE sql AS $$ UPDATE counters SET n = n + 1 WHERE id = 1 RETURNING n $$;
+CREATE TABLE plain (id int PRIMARY KEY, n int);
+INSERT INTO parent VALUES (1), (2);
+INSERT INTO child VALUES (10, 1), (20, 2);
+INSERT INTO grandchild VALUES (100, 10);
+INSERT INTO audited VALUES (1, 0);
+INSERT INTO counters VALUES (1, 0);
+INSERT INTO plain VALUES (1, 0);
+"""
+
+
+def test_a_skipped_transaction_flags_what_its_writes_changed_beyond_the_tables_they_name(env: Env) -> None:
+    """ON DELETE CASCADE and SET NULL reach their tables at any depth; a trigger or a function that writes may
+    have changed any table. Skipped, the transaction is missing there too, and cutover waits for their re-sync."""
+    on_both(env, INDIRECT_SCHEMA)
+    env.source.psql("CREATE TABLE only_src (id int PRIMARY KEY)", dbname=env.dbname)
+    snapshot = env.snapshot()
+    with psycopg.connect(env.proxy.dsn(), autocommit=True) as conn:
+        for i, write in enumerate(
+            (
+                "delete from parent where id = 1",
+                "update audited set n = n + 1",
+                "update plain set n = next_no() where id = 1",
+                "update plain set n = n + 1 where id = 1",
+            ),
+            start=1,
+        ):
+            with conn.transaction():
+                conn.execute(write)
+                conn.execute("insert into only_src values (%s)", (i,))  # the target has no such table
+    env.drain()
+    journal = ApplyJournal()
+    status, _ = replay(env, snapshot, batch_size=10, on_apply_error="skip_and_resync", journal=journal)
+    assert status.paused is None and status.skipped_on_error == 4
+    cascaded, triggered, called, plain = sorted(journal.errors("app"), key=lambda e: e.position)
+    assert set(cascaded.resync_tables) == {"parent", "only_src", "public.child", "public.grandchild"}
+    assert set(triggered.resync_tables) == {"audited", "only_src", "*"}  # audit_log, but a trigger may write any
+    assert set(called.resync_tables) == {"plain", "only_src", "*"}  # next_no() wrote counters
+    assert set(plain.resync_tables) == {"plain", "only_src"}  # nothing beyond what it names
+    assert {"public.child", "public.grandchild", "*"} <= set(journal.required_resyncs("app"))
+    # What the flags stand for really differs: the source cascaded, the target never saw the DELETE.
+    assert env.source.psql("SELECT count(*) FROM child", dbname=env.dbname) == "1"
+    assert env.target.psql("SELECT count(*) FROM child", dbname=env.dbname) == "2"
+    assert env.source.psql("SELECT n FROM counters", dbname=env.dbname) == "1"
+    assert env.target.psql("SELECT n FROM counters", dbname=env.dbname) == "0"
+
+
 def test_a_target_in_trouble_pauses_replay_even_under_skip_and_resync(env: Env) -> None:
     """A full disk on the target would fail every later transaction too: replay pauses instead of skipping."""
     snapshot = env.snapshot()

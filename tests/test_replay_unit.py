@@ -228,10 +228,12 @@ def test_a_write_naming_no_table_is_placed_by_every_copy_snapshot() -> None:
     from pgleap.store.records import CapturedStatement, CapturedTransaction, LoggedTransaction, LogState
     from pgleap.upgrade.replay import make_stitch
     from pgleap.upgrade.replay.applier import Replayer
+    from pgleap.upgrade.replay.indirect import IndirectWrites
 
     stitch = make_stitch("100:110:", {"public.scratch": "200:210:"})
     replayer = object.__new__(Replayer)  # only what _in_copy reads
     replayer.stitch, replayer.snapshot, replayer._flags = stitch, stitch.default, {}
+    replayer._indirect = IndirectWrites()
 
     def in_copy(txid: int, sql: str) -> bool:
         tx = CapturedTransaction("app", txid, None, (), (CapturedStatement(sql),), 1)
@@ -241,6 +243,15 @@ def test_a_write_naming_no_table_is_placed_by_every_copy_snapshot() -> None:
     assert in_copy(150, "UPDATE items SET a = 1") is False and replayer._flags == {}  # items: copied at S
     assert in_copy(150, "SELECT f()") is False  # S lacks it, scratch's copy holds it
     assert replayer._flags["*"][2] is True  # required: cutover waits for every table verified
+    # A write reaching scratch through a foreign key's ON DELETE CASCADE, or a trigger that may write it.
+    replayer._indirect = IndirectWrites({"public.items": frozenset({"public.scratch"})}, frozenset({"public.logged"}))
+    replayer._flags = {}
+    assert in_copy(150, "DELETE FROM items WHERE id = 1") is False
+    assert set(replayer._flags) == {"items", "public.scratch"} and replayer._flags["public.scratch"][2] is True
+    replayer._flags = {}
+    assert in_copy(150, "UPDATE logged SET a = 1") is False and set(replayer._flags) == {"logged", "*"}
+    replayer._flags = {}
+    assert in_copy(99, "DELETE FROM items WHERE id = 1") is True and replayer._flags == {}  # both copies hold it
 
 
 @pytest.mark.parametrize(
@@ -288,6 +299,40 @@ def test_the_tables_a_transaction_writes_and_every_table_when_a_write_names_none
 
     tx = CapturedTransaction("app", 7, None, (), tuple(CapturedStatement(sql) for sql in statements), 1)
     assert sorted(touched_tables(LoggedTransaction(1, 1, LogState.COMMITTED, tx))) == sorted(tables)
+
+
+def test_what_a_write_changes_beyond_the_tables_it_names() -> None:
+    """Foreign keys' actions reach their tables at any depth; a trigger, a rule or a function that may write
+    anywhere stands for every table."""
+    from pgleap.upgrade.replay.indirect import IndirectWrites
+
+    indirect = IndirectWrites(
+        cascades={
+            "public.orders": frozenset({"public.lines"}),
+            "public.lines": frozenset({"public.notes", "audit.line_refs"}),
+            "b.orders": frozenset({"b.lines"}),
+            "public.audited_parent": frozenset({"public.audited"}),
+        },
+        spreading=frozenset({"public.audited", "public.ruled"}),
+        read_only_functions=frozenset({"lower", "tax_rate"}),
+    )
+    reached = {"public.lines", "public.notes", "audit.line_refs"}
+    assert set(indirect.widen(["public.orders"])) == {"public.orders", *reached}
+    # A bare name may be any schema's table of that name.
+    assert set(indirect.widen(["orders"])) == {"orders", "b.lines", *reached}
+    widened = indirect.widen(["public.lines", "public.items"])
+    assert widened[:2] == ("public.lines", "public.items")  # what it names first, as it names them
+    assert set(widened[2:]) == {"public.notes", "audit.line_refs"}
+    assert indirect.widen(["public.items"]) == ("public.items",)
+    assert indirect.widen(["audited"]) == ("audited", "*")  # its trigger may write any table
+    assert indirect.widen(["public.ruled"]) == ("public.ruled", "*")
+    assert indirect.widen(["public.audited_parent"])[-1] == "*"  # the cascade fires the child's trigger
+    assert indirect.widen(["t"], ["lower", "tax_rate", "nextval", "clock_timestamp"]) == ("t",)
+    assert indirect.widen(["t"], ["next_order_no"]) == ("t", "*")  # volatile, or unknown: it may write
+    assert indirect.widen(["*", "t"], ["next_order_no"]) == ("*", "t")
+    # Nothing read from a catalog: any function may write; tables reach nothing more.
+    assert IndirectWrites().widen(["t"], ["lower"]) == ("t", "*")
+    assert IndirectWrites().widen(["public.orders"]) == ("public.orders",)
 
 
 def test_a_table_flagged_again_while_it_was_verified_stays_flagged() -> None:

@@ -88,6 +88,34 @@ def volatile_functions_sql() -> str:
     )
 
 
+def cascading_foreign_keys_sql() -> str:
+    """Foreign keys whose action changes the referencing table when the referenced one is written (ON DELETE or
+    ON UPDATE CASCADE, SET NULL, SET DEFAULT): "schema.table" referenced, "schema.table" referencing. The same
+    in every version."""
+    return (
+        "SELECT DISTINCT pn.nspname || '.' || p.relname, rn.nspname || '.' || r.relname FROM pg_constraint k "
+        "JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace "
+        "JOIN pg_class r ON r.oid = k.conrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace "
+        "WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))"
+    )
+
+
+def ruled_relations_sql() -> str:
+    """ "schema.table" of every relation with an enabled rule of its own (a view's _RETURN rule is not one),
+    the same in every version."""
+    return (
+        "SELECT DISTINCT n.nspname || '.' || c.relname FROM pg_rewrite r "
+        "JOIN pg_class c ON c.oid = r.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE r.rulename <> '_RETURN' AND r.ev_enabled <> 'D'"
+    )
+
+
+def non_volatile_functions_sql() -> str:
+    """Names of functions with no volatile overload in any schema (such a function cannot write), the same in
+    every version."""
+    return "SELECT proname FROM pg_proc GROUP BY proname HAVING bool_and(provolatile <> 'v')"
+
+
 def inheritors_sql() -> str:
     """The relations named $1 ("schema.name", or a bare name in any schema; temporary ones left out) and every
     table inheriting from them or one of their partitions, at any depth: oid, relkind, whether $1 names it

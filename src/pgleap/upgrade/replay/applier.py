@@ -45,6 +45,7 @@ from pgleap.upgrade.replay.errors import (
     classify_sqlstate,
 )
 from pgleap.upgrade.replay.images import combined_tag, image_statements
+from pgleap.upgrade.replay.indirect import IndirectWrites, read_indirect_writes
 from pgleap.upgrade.replay.journal import EVERY_TABLE, ApplyJournal
 from pgleap.upgrade.replay.lag import RateMeter, ReplayLag
 from pgleap.upgrade.replay.point import WORK_SETTINGS, PointRequest, SourcePoint, Work
@@ -200,6 +201,7 @@ class Replayer:
         self._triggered: frozenset[str] = frozenset()  # tables with triggers on the target, read at each connect
         self._defaulted: frozenset[str] = frozenset()  # and tables with defaults the target computes
         self._volatile: frozenset[str] = frozenset()  # and its volatile functions outside pg_catalog
+        self._indirect = IndirectWrites()  # and what a write changes beyond the tables it names
         self._flags: dict[str, tuple[int, str, bool]] = {}  # re-sync flags of the batch being planned
         self._failures = 0
         self._skip_paused: ApplyError | None = None
@@ -387,6 +389,7 @@ class Replayer:
                 ", ".join(sorted(triggered)),
             )
         self._triggered = triggered
+        self._indirect = await read_indirect_writes(session, triggered)
 
     async def _check_same_database(self, session: TargetSession) -> None:
         oid = await database_oid(session)
@@ -802,12 +805,13 @@ class Replayer:
             return False  # no probe answer: applying it is the only way it is not lost; verification checks it
         if not self.stitch.tables:
             return self.snapshot.visible(txid)
-        relations = touched_relations(sql)
+        infos = classify(sql)
+        relations = self._indirect.widen(touched_relations(sql), _calls(infos))
         snapshots = self.stitch.all_for(relations)
-        if any(_writes_unnamed_tables(info) for info in classify(sql)):
+        if EVERY_TABLE in relations or any(_writes_unnamed_tables(info) for info in infos):
             # SELECT f(), DO, TRUNCATE ... CASCADE: it may write any table, copied at any of the snapshots.
             snapshots = {self.stitch.default, *self.stitch.tables.values()}
-            relations = (*relations, EVERY_TABLE)
+            relations = tuple(dict.fromkeys((*relations, EVERY_TABLE)))
         seen = {s.visible(txid) for s in snapshots}
         if len(seen) == 1:  # one snapshot, or every one of those copies holds it, or none does: no question
             return seen.pop()
@@ -874,9 +878,14 @@ class Replayer:
         if self.copied_until is None or record.transaction.captured_at >= self.copied_until:
             return
         assert record.position is not None
-        tables = touched_tables(record)
+        tables = self._reached_tables(record)
         reason = f"position {record.position} has no txid and was captured while the copy ran: it may be applied twice"
         self._flag(tables, record.position, reason, required=True)
+
+    def _reached_tables(self, record: LoggedTransaction) -> tuple[str, ...]:
+        """The tables the transaction names (touched_tables) and what writing them changed too (indirect.py)."""
+        calls = (f for statement in record.transaction.statements for f in _calls(classify(statement.sql)))
+        return self._indirect.widen(touched_tables(record), calls)
 
     def _committed(self, plans: list[_Planned]) -> None:
         divergences = []
@@ -965,7 +974,7 @@ class Replayer:
 
     async def _skip(self, record: LoggedTransaction, error: ApplyError) -> None:
         """Move the position past a refused transaction, recording it and flagging its tables for re-sync."""
-        tables = touched_tables(record)
+        tables = self._reached_tables(record)
         assert record.position is not None
         skipped = ApplyError(
             error.database,
@@ -1124,6 +1133,11 @@ def touched_tables(record: LoggedTransaction) -> tuple[str, ...]:
                 names[EVERY_TABLE] = None
             names.update(dict.fromkeys(r for r in info.relations if r))
     return tuple(names)
+
+
+def _calls(infos: tuple[StatementInfo, ...]) -> list[str]:
+    """Functions capture knows nothing of that the writes among `infos` call."""
+    return [f for info in infos if info.kind is Kind.WRITE for f in info.calls]
 
 
 def _writes_unnamed_tables(info: StatementInfo) -> bool:
