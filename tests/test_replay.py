@@ -652,7 +652,8 @@ def test_a_setting_changed_between_two_writes_of_a_transaction_holds_for_the_wri
 
 def test_a_setting_changed_in_a_string_that_recovers_a_failed_block_holds_for_the_writes_after_it(env: Env) -> None:
     """`ROLLBACK TO SAVEPOINT a; UPDATE ...; SET search_path = s2; UPDATE ...` sent in a failed block (or
-    `COMMIT; BEGIN; ...`): the settings probes go after the ROLLBACK TO or COMMIT (before, they would fail)."""
+    `COMMIT; BEGIN; ...`): the settings probes, and the txid probe, go after the ROLLBACK TO or COMMIT (before,
+    they would fail)."""
     for server in (env.source, env.target):
         server.psql(
             "CREATE SCHEMA s1; CREATE SCHEMA s2; "
@@ -677,6 +678,10 @@ def test_a_setting_changed_in_a_string_that_recovers_a_failed_block_holds_for_th
         "select 1/0",
         # The COMMIT of a failed block rolls it back, and the string goes on.
         f"commit; begin; {touch.format(4)}; set search_path = s2; {touch.format(5)}; commit",
+        "set search_path = s1",
+        "begin",
+        "select 1/0",
+        f"rollback; begin; {touch.format(1)}; commit",  # the same row again: only its record is new
     ]
     argv = [tool("psql"), env.proxy.dsn(), "-X", "-q", "-v", "ON_ERROR_STOP=0"]
     for command in commands:
@@ -689,6 +694,9 @@ def test_a_setting_changed_in_a_string_that_recovers_a_failed_block_holds_for_th
         "FROM (SELECT * FROM s1.t UNION ALL SELECT * FROM s2.t) u"
     )
     assert env.source.psql(query, dbname=env.dbname) == "s1:1 s1:2 s1:4 s2:3 s2:5"
+    # The txid probe too runs once the failed block is over: each record can be placed by the copy's snapshot.
+    records = env.changelog.read_committed("app", 0, 10)
+    assert len(records) == 3 and all(r.transaction.txid is not None for r in records)
     status, _ = replay(env, snapshot)
     assert status.paused is None and status.divergences == 0
     assert env.target.psql(query, dbname=env.dbname) == "s1:1 s1:2 s1:4 s2:3 s2:5"

@@ -564,8 +564,8 @@ class CapturingForwarder(Forwarder):
                 self._copy_target = pending
             parts.append(pending)
         points = around
-        may_probe = parseable and not no_block and self._probe_allowed() and not self._probe_inflight
-        if may_probe and in_block and writes and not control and a.needs_probe():
+        may_probe = parseable and not no_block and not self._probe_inflight
+        if may_probe and in_block and writes and not control and a.needs_probe() and self._probe_allowed():
             points = [*around, (len(infos), _PROBE)]  # learn the txid now, so the COMMIT need not wait for it
             self._probe_inflight = True
         elif may_probe and control:
@@ -612,20 +612,26 @@ class CapturingForwarder(Forwarder):
         self._block_when_run = in_block
 
     def _late_probe_point(self, infos: tuple[StatementInfo, ...], in_block: bool) -> int | None:
-        """A string with transaction control inside: probe before its COMMIT, or at its end; logged late."""
+        """A string with transaction control inside: probe before its COMMIT, or at its end; logged late. In a
+        failed block, only after the ROLLBACK (TO SAVEPOINT) or COMMIT that ends it: a probe before would fail."""
         a = self.assembler
         # A held COMMIT released with every answer in knows its transaction's txid already: no probe for it.
-        may_write = a.may_write and in_block and not (self._pass_one and a.txid is not None)
+        block_writes = a.may_write and in_block and not (self._pass_one and a.txid is not None)
+        # A failed block's COMMIT commits nothing (it rolls back); a ROLLBACK TO SAVEPOINT lets it go on.
+        failed = not self._probe_allowed()
+        may_write = block_writes and not failed
         explicit = in_block
         for i, info in enumerate(infos):
             if info.kind is Kind.BEGIN:
                 explicit = True
+            elif info.kind is Kind.ROLLBACK_TO and failed:
+                may_write, failed = block_writes, False
             elif info.kind in (Kind.COMMIT, Kind.ROLLBACK):
                 if info.kind is Kind.COMMIT and may_write:
                     return i
                 explicit = False
-                may_write = False
-            if info.writes:
+                may_write = failed = False
+            if info.writes and not failed:  # in a failed block it runs only after a ROLLBACK TO, or not at all
                 may_write = True
         if may_write and not explicit:
             return len(infos)
