@@ -56,11 +56,8 @@ class IndirectWrites:
         return tuple(reached)
 
     def _may_write(self, function: str) -> bool:
-        return (
-            function not in WRITES_NO_TABLE
-            and function not in UNREPEATABLE_FUNCTIONS
-            and (function not in self.read_only_functions)
-        )
+        known = function in WRITES_NO_TABLE or function in UNREPEATABLE_FUNCTIONS
+        return not known and function not in self.read_only_functions
 
     def _referencing(self, name: str) -> frozenset[str]:
         if "." in name:
