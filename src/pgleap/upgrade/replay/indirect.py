@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pgleap.upgrade.capture.classify import UNREPEATABLE_FUNCTIONS, WRITES_NO_TABLE
 from pgleap.upgrade.compat.catalog import cascading_foreign_keys_sql, non_volatile_functions_sql, ruled_relations_sql
@@ -63,11 +64,15 @@ class IndirectWrites:
         if "." in name:
             return self.cascades.get(name, frozenset())
         # A bare name, as the statement wrote it (its search_path is not known here): every schema's table of it.
-        found: set[str] = set()
+        return self._by_bare_name.get(name, frozenset())
+
+    @cached_property
+    def _by_bare_name(self) -> dict[str, frozenset[str]]:
+        # Built once: _in_copy widens every statement while a table has a copy snapshot of its own.
+        index: dict[str, set[str]] = {}
         for table, referencing in self.cascades.items():
-            if table.rsplit(".", 1)[-1] == name:
-                found |= referencing
-        return frozenset(found)
+            index.setdefault(table.rsplit(".", 1)[-1], set()).update(referencing)
+        return {name: frozenset(tables) for name, tables in index.items()}
 
 
 async def read_indirect_writes(session: TargetSession, triggered: frozenset[str]) -> IndirectWrites:
